@@ -1,0 +1,174 @@
+//! THE stack, assembled in one place, top to bottom, with the reason each layer sits where it is.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use tokio::sync::Semaphore;
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceBuilder};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+
+use crate::body::{Body, full};
+use crate::config::Config;
+use crate::edit::form::FormRules;
+use crate::edit::png_check::PngRules;
+use crate::edits::EditsService;
+use crate::error::GatewayError;
+use crate::middleware::BoxFuture;
+use crate::middleware::auth::{AuthLayer, KeyTable};
+use crate::middleware::overload::OverloadLayer;
+use crate::middleware::request_id::RequestIdLayer;
+use crate::upstream::Upstream;
+
+/// Everything a request may need, built once at start.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub keys: KeyTable,
+    pub upstream: Upstream,
+    pub form_rules: FormRules,
+    pub png_rules: PngRules,
+    pub decode_permits: Semaphore,
+    pub body_cap: usize,
+    pub body_timeout: Duration,
+}
+
+impl AppState {
+    pub fn new(config: Config) -> Result<AppState, String> {
+        let v = &config.validation;
+        Ok(AppState {
+            keys: KeyTable::from_config(&config)?,
+            upstream: Upstream::new(&config)?,
+            form_rules: FormRules {
+                max_prompt_chars: v.max_prompt_chars,
+                max_user_chars: v.max_user_chars,
+                models: v.models.clone(),
+                max_parts: v.max_parts,
+            },
+            png_rules: PngRules {
+                max_bytes: v.max_image_bytes,
+                max_dimension: v.max_dimension,
+                transparency: v.transparency.into(),
+            },
+            decode_permits: Semaphore::new(config.server.max_concurrent_decodes),
+            body_cap: v.body_cap(),
+            body_timeout: config.server.body_read_timeout,
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// The service handed to hyper for every connection. `Error = Infallible`: every failure is a
+/// response, because an error reaching hyper closes the connection without an answer.
+pub type AppService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
+
+pub fn build(state: Arc<AppState>) -> AppService {
+    let edits = ServiceBuilder::new()
+        // Authentication is cheap and needs only headers: it runs before the body is read.
+        .layer(AuthLayer::new(state.keys.clone()))
+        .service(EditsService::new(state.clone()));
+    let router = Router {
+        edits: BoxCloneSyncService::new(edits),
+        state: state.clone(),
+    };
+    let stack = ServiceBuilder::new()
+        // Outermost: ids and the span, so every response (panics and shedding included) carries
+        // `x-request-id` and every log line below has the request id.
+        .layer(RequestIdLayer)
+        // tower-http boxes bodies in its own type; box them back into ours.
+        .map_response(|r: Response<_>| r.map(Body::new))
+        // A panic anywhere below becomes a JSON 500 instead of a dropped connection.
+        .layer(CatchPanicLayer::custom(
+            |_panic: Box<dyn std::any::Any + Send>| {
+                tracing::error!("a request handler panicked");
+                GatewayError::Internal.into_response()
+            },
+        ))
+        // Mark the caller's key sensitive before anything below could log headers.
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+        ]))
+        // Shed load before doing any work for a request.
+        .layer(OverloadLayer::new(state.config.server.max_in_flight))
+        .service(router);
+    BoxCloneSyncService::new(stack)
+}
+
+/// Routes by path, then method: `POST /v1/images/edits`, `GET /healthz`, `GET /readyz`; other
+/// paths 404 and other methods 405, both in the JSON envelope.
+#[derive(Clone)]
+struct Router {
+    edits: BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>,
+    state: Arc<AppState>,
+}
+
+impl Service<Request<Incoming>> for Router {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let path = req.uri().path().to_owned();
+        let method = req.method().clone();
+        let refuse =
+            |e: GatewayError| -> Self::Future { Box::pin(async move { Ok(e.into_response()) }) };
+        let not_allowed = |allowed: &'static str| GatewayError::MethodNotAllowed {
+            method: method.to_string(),
+            path: path.clone(),
+            allowed,
+        };
+        match path.as_str() {
+            "/v1/images/edits" | "/v1/images/edits/" => {
+                if method == Method::POST {
+                    let mut edits = self.edits.clone();
+                    Box::pin(async move { edits.call(req).await })
+                } else {
+                    refuse(not_allowed("POST"))
+                }
+            }
+            "/healthz" | "/readyz" if method != Method::GET && method != Method::HEAD => {
+                refuse(not_allowed("GET, HEAD"))
+            }
+            "/healthz" => Box::pin(async { Ok(json(StatusCode::OK, r#"{"status":"ok"}"#)) }),
+            "/readyz" => {
+                let ready = self.state.upstream.has_key();
+                Box::pin(async move {
+                    Ok(if ready {
+                        json(StatusCode::OK, r#"{"status":"ready"}"#)
+                    } else {
+                        json(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            r#"{"status":"not ready","reason":"no upstream key configured"}"#,
+                        )
+                    })
+                })
+            }
+            _ => refuse(GatewayError::UnknownUrl {
+                method: method.to_string(),
+                path,
+            }),
+        }
+    }
+}
+
+fn json(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Wrap each connection's service so handlers know the peer address.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);

@@ -1,0 +1,466 @@
+//! Typed configuration: read once at start, validated once, every problem reported together.
+//!
+//! The file is TOML (`config/imagegate.toml` documents every key and its default). Unknown keys
+//! are errors, collected with their full path. Secrets are [`Secret`], whose `Debug` and
+//! `Display` print `[redacted]`. Environment overrides: `IMAGEGATE_UPSTREAM_URL` (upstream base
+//! URL) and the variable named by `upstream.api_key_env` (default `OPENAI_API_KEY`).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::edit::png_check::Transparency;
+
+/// A value that must never be printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    pub fn new(value: T) -> Self {
+        Secret(value)
+    }
+    /// The only way to read the value; grep for it to audit every use.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl<T> fmt::Display for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub validation: ValidationConfig,
+    pub log: LogConfig,
+    pub clients: Vec<ClientConfig>,
+    /// The upstream key, loaded from the environment or `upstream.api_key_file`; never from the
+    /// TOML itself, so the config file can be committed.
+    #[serde(skip)]
+    pub upstream_key: Option<Secret<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ServerConfig {
+    /// Address of the API listener.
+    pub listen: SocketAddr,
+    /// Time allowed for a client to send the request head.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time allowed for the whole request body to arrive.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// How long in-flight requests may run after SIGTERM/SIGINT before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Requests handled at once across all connections; more are answered 503 at once.
+    pub max_in_flight: usize,
+    /// PNG checks that may run at once on the blocking pool.
+    pub max_concurrent_decodes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+            max_in_flight: 256,
+            max_concurrent_decodes: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct UpstreamConfig {
+    /// Base URL; `/images/edits` is appended.
+    pub base_url: String,
+    /// Allow a plain `http://` base URL (tests, local OpenAI-compatible servers).
+    pub allow_http: bool,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time from sending the request to receiving the response head.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Idle pooled connections are closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// Environment variable holding the upstream key.
+    pub api_key_env: String,
+    /// A file holding the upstream key (takes precedence over the environment variable).
+    pub api_key_file: Option<PathBuf>,
+    /// Sent as `OpenAI-Organization` when set.
+    pub organization: Option<String>,
+    /// Sent as `OpenAI-Project` when set.
+    pub project: Option<String>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            base_url: "https://api.openai.com/v1".into(),
+            allow_http: false,
+            connect_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(180),
+            pool_idle_timeout: Duration::from_secs(90),
+            api_key_env: "OPENAI_API_KEY".into(),
+            api_key_file: None,
+            organization: None,
+            project: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransparencyPolicy {
+    Strict,
+    Compatible,
+}
+
+impl From<TransparencyPolicy> for Transparency {
+    fn from(p: TransparencyPolicy) -> Self {
+        match p {
+            TransparencyPolicy::Strict => Transparency::Strict,
+            TransparencyPolicy::Compatible => Transparency::Compatible,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ValidationConfig {
+    /// An image or mask must be strictly smaller than this many bytes.
+    pub max_image_bytes: usize,
+    /// Largest accepted width and height, read from IHDR before any decoding.
+    pub max_dimension: u32,
+    /// `strict`: an image without a mask needs a pixel with alpha 0; `compatible`: only the
+    /// upstream's mode check.
+    pub transparency: TransparencyPolicy,
+    /// Cap on the whole request body; default: two images plus 1 MiB for fields and framing.
+    pub max_body_bytes: Option<usize>,
+    /// Longest prompt, in Unicode code points.
+    pub max_prompt_chars: usize,
+    /// Longest `user`, in Unicode code points.
+    pub max_user_chars: usize,
+    /// Accepted values of `model`; the first is the default written into forwarded requests.
+    pub models: Vec<String>,
+    /// Most multipart parts accepted in one request.
+    pub max_parts: usize,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        ValidationConfig {
+            max_image_bytes: 4 * 1024 * 1024,
+            max_dimension: 4096,
+            transparency: TransparencyPolicy::Strict,
+            max_body_bytes: None,
+            max_prompt_chars: 1000,
+            max_user_chars: 256,
+            models: vec!["dall-e-2".into()],
+            max_parts: 16,
+        }
+    }
+}
+
+impl ValidationConfig {
+    pub fn body_cap(&self) -> usize {
+        self.max_body_bytes
+            .unwrap_or(2 * self.max_image_bytes + 1024 * 1024)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `imagegate=debug,hyper=info`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClientConfig {
+    /// Name used in logs, the ledger and reports.
+    pub name: String,
+    /// `sha256:<64 hex>` as printed by `imagegate hash-key`.
+    pub key_hash: String,
+}
+
+/// The stored form of a gateway key.
+pub fn hash_key(key: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
+}
+
+/// Parse a stored key hash into its 32 digest bytes.
+pub fn parse_key_hash(s: &str) -> Result<[u8; 32], String> {
+    let hex_part = s
+        .strip_prefix("sha256:")
+        .ok_or_else(|| "must start with 'sha256:' (use `imagegate hash-key`)".to_string())?;
+    let bytes =
+        hex::decode(hex_part).map_err(|_| "is not valid hex after 'sha256:'".to_string())?;
+    bytes
+        .try_into()
+        .map_err(|_| "must hold 64 hex digits after 'sha256:'".to_string())
+}
+
+/// The config file path to use when none is given.
+pub const DEFAULT_PATH: &str = "config/imagegate.toml";
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            upstream: UpstreamConfig::default(),
+            validation: ValidationConfig::default(),
+            log: LogConfig::default(),
+            clients: Vec::new(),
+            upstream_key: None,
+        }
+    }
+}
+
+impl Config {
+    /// Parse TOML text. Every unknown key and every invalid value is reported at once.
+    pub fn from_toml(text: &str) -> Result<Config, Vec<String>> {
+        let de = toml::Deserializer::parse(text).map_err(|e| vec![e.to_string()])?;
+        let mut unknown = Vec::new();
+        let parsed: Result<Config, _> =
+            serde_ignored::deserialize(de, |path| unknown.push(format!("unknown key: {path}")));
+        let config = match parsed {
+            Ok(c) => c,
+            Err(e) => {
+                unknown.push(e.to_string());
+                return Err(unknown);
+            }
+        };
+        let mut problems = unknown;
+        problems.extend(config.problems());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Load from a file, apply environment overrides, load the upstream key.
+    ///
+    /// When `path` is the default path and the file does not exist, the embedded defaults are
+    /// used, so `imagegate serve` works on a fresh checkout.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, Vec<String>> {
+        let mut config = match std::fs::read_to_string(path) {
+            Ok(text) => Config::from_toml(&text).map_err(|errs| {
+                errs.into_iter()
+                    .map(|e| format!("{}: {e}", path.display()))
+                    .collect::<Vec<_>>()
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Config::default(),
+            Err(e) => return Err(vec![format!("{}: cannot read: {e}", path.display())]),
+        };
+        config.apply_env()?;
+        Ok(config)
+    }
+
+    fn apply_env(&mut self) -> Result<(), Vec<String>> {
+        if let Ok(url) = std::env::var("IMAGEGATE_UPSTREAM_URL") {
+            self.upstream.base_url = url;
+        }
+        let mut problems = self.problems();
+        self.upstream_key = match &self.upstream.api_key_file {
+            Some(file) => match std::fs::read_to_string(file) {
+                Ok(s) if !s.trim().is_empty() => Some(Secret::new(s.trim().to_string())),
+                Ok(_) => {
+                    problems.push(format!(
+                        "upstream.api_key_file {}: is empty",
+                        file.display()
+                    ));
+                    None
+                }
+                Err(e) => {
+                    problems.push(format!("upstream.api_key_file {}: {e}", file.display()));
+                    None
+                }
+            },
+            None => std::env::var(&self.upstream.api_key_env)
+                .ok()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| Secret::new(s.trim().to_string())),
+        };
+        if let Some(key) = &self.upstream_key
+            && http::HeaderValue::from_str(&format!("Bearer {}", key.expose())).is_err()
+        {
+            problems.push("the upstream key contains characters not allowed in a header".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Semantic checks that serde cannot express.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let s = &self.server;
+        for (name, d) in [
+            ("server.header_read_timeout", s.header_read_timeout),
+            ("server.body_read_timeout", s.body_read_timeout),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.response_timeout", self.upstream.response_timeout),
+        ] {
+            if d.is_zero() {
+                p.push(format!("{name}: must be greater than zero"));
+            }
+        }
+        if s.max_in_flight == 0 {
+            p.push("server.max_in_flight: must be at least 1".into());
+        }
+        if s.max_concurrent_decodes == 0 {
+            p.push("server.max_concurrent_decodes: must be at least 1".into());
+        }
+        let u = &self.upstream;
+        match http::Uri::try_from(u.base_url.as_str()) {
+            Ok(uri) => match uri.scheme_str() {
+                Some("https") => {}
+                Some("http") if u.allow_http => {}
+                Some("http") => p.push(format!(
+                    "upstream.base_url: '{}' is plain http; set upstream.allow_http = true to allow it",
+                    u.base_url
+                )),
+                _ => p.push(format!("upstream.base_url: '{}' must be an http(s) URL", u.base_url)),
+            },
+            Err(e) => p.push(format!("upstream.base_url: '{}' is not a URL: {e}", u.base_url)),
+        }
+        for (name, v) in [("organization", &u.organization), ("project", &u.project)] {
+            if let Some(v) = v
+                && http::HeaderValue::from_str(v).is_err()
+            {
+                p.push(format!("upstream.{name}: not a valid header value"));
+            }
+        }
+        let v = &self.validation;
+        if v.max_image_bytes < 64 {
+            p.push("validation.max_image_bytes: must be at least 64".into());
+        }
+        if v.max_dimension == 0 || v.max_dimension > 16384 {
+            p.push("validation.max_dimension: must be between 1 and 16384".into());
+        }
+        if v.body_cap() < v.max_image_bytes {
+            p.push("validation.max_body_bytes: must be at least validation.max_image_bytes".into());
+        }
+        if v.max_prompt_chars == 0 {
+            p.push("validation.max_prompt_chars: must be at least 1".into());
+        }
+        if v.max_user_chars == 0 {
+            p.push("validation.max_user_chars: must be at least 1".into());
+        }
+        if v.models.is_empty() {
+            p.push("validation.models: must list at least one model".into());
+        }
+        if v.max_parts < 2 {
+            p.push("validation.max_parts: must be at least 2".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut hashes = std::collections::HashSet::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            if c.name.trim().is_empty() {
+                p.push(format!("clients[{i}].name: must not be empty"));
+            } else if !names.insert(c.name.clone()) {
+                p.push(format!("clients[{i}].name: '{}' is used twice", c.name));
+            }
+            match parse_key_hash(&c.key_hash) {
+                Ok(h) => {
+                    if !hashes.insert(h) {
+                        p.push(format!(
+                            "clients[{i}].key_hash: the same key is used by two clients"
+                        ));
+                    }
+                }
+                Err(e) => p.push(format!("clients[{i}].key_hash: {e}")),
+            }
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert!(Config::default().problems().is_empty());
+        assert_eq!(Config::default().validation.body_cap(), 9 * 1024 * 1024);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            bogus = 1
+            [server]
+            max_in_flight = 0
+            nope = "x"
+            [upstream]
+            base_url = "http://example.invalid/v1"
+            [[clients]]
+            name = "a"
+            key_hash = "md5:abc"
+        "#;
+        let errs = Config::from_toml(text).unwrap_err();
+        let all = errs.join("\n");
+        assert!(all.contains("unknown key: bogus"), "{all}");
+        assert!(all.contains("unknown key: server.nope"), "{all}");
+        assert!(all.contains("server.max_in_flight"), "{all}");
+        assert!(all.contains("allow_http"), "{all}");
+        assert!(all.contains("clients[0].key_hash"), "{all}");
+        assert_eq!(errs.len(), 5, "{all}");
+    }
+
+    #[test]
+    fn key_hash_round_trips() {
+        let h = hash_key("ig-test");
+        assert!(h.starts_with("sha256:") && h.len() == 7 + 64);
+        assert!(parse_key_hash(&h).is_ok());
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let s = Secret::new("sk-live-123".to_string());
+        assert_eq!(format!("{s:?} {s}"), "[redacted] [redacted]");
+    }
+}

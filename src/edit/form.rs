@@ -1,0 +1,676 @@
+//! The multipart form of an edit request, parsed once from the capped body, and its field rules.
+//!
+//! Order of checks (`../shared/spec/openai-behaviour.md`, "Order of checks"): content type →
+//! multipart parse of the whole body → field names (unknown, arrays, duplicates) → required fields
+//! → values (prompt, model, n, size, response_format, user) → declared part types. The image bytes
+//! are kept as `Bytes` slices of multer's buffer and never copied again.
+
+use bytes::Bytes;
+use futures_util::stream;
+
+use super::{FilePart, ImageEdit, ResponseFormat, Size};
+use crate::error::GatewayError;
+
+/// Limits the form rules need, taken from the validation config.
+#[derive(Debug, Clone)]
+pub struct FormRules {
+    pub max_prompt_chars: usize,
+    pub max_user_chars: usize,
+    pub models: Vec<String>,
+    pub max_parts: usize,
+}
+
+const TEXT_FIELDS: [&str; 6] = ["prompt", "model", "n", "size", "response_format", "user"];
+const FILE_FIELDS: [&str; 2] = ["image", "mask"];
+/// Text parts are small; a larger one is refused while parsing.
+const MAX_TEXT_PART_BYTES: u64 = 64 * 1024;
+
+/// The boundary of a `multipart/form-data` content type, or the OpenAI-shaped refusal.
+pub fn boundary(content_type: Option<&http::HeaderValue>) -> Result<String, GatewayError> {
+    let shown = content_type
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let refuse = || GatewayError::UnsupportedContentType {
+        content_type: shown.clone(),
+    };
+    let value = content_type
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(refuse)?;
+    let mime: mime::Mime = value.parse().map_err(|_| refuse())?;
+    if mime.type_() != mime::MULTIPART || mime.subtype() != mime::FORM_DATA {
+        return Err(refuse());
+    }
+    match mime.get_param(mime::BOUNDARY) {
+        Some(b) if !b.as_str().is_empty() && b.as_str().len() <= 200 => Ok(b.as_str().to_owned()),
+        _ => Err(refuse()),
+    }
+}
+
+struct RawPart {
+    name: String,
+    file_name: Option<String>,
+    content_type: Option<String>,
+    data: Bytes,
+}
+
+/// Parse the whole body into parts. Any framing fault is `invalid_multipart`.
+async fn parse_parts(
+    boundary: &str,
+    body: Bytes,
+    max_parts: usize,
+) -> Result<Vec<RawPart>, GatewayError> {
+    let limits = multer::SizeLimit::new()
+        .for_field("prompt", MAX_TEXT_PART_BYTES)
+        .for_field("model", MAX_TEXT_PART_BYTES)
+        .for_field("n", MAX_TEXT_PART_BYTES)
+        .for_field("size", MAX_TEXT_PART_BYTES)
+        .for_field("response_format", MAX_TEXT_PART_BYTES)
+        .for_field("user", MAX_TEXT_PART_BYTES);
+    let constraints = multer::Constraints::new().size_limit(limits);
+    let input = stream::once(async move { Ok::<Bytes, std::convert::Infallible>(body) });
+    let mut mp = multer::Multipart::with_constraints(input, boundary, constraints);
+    let mut parts = Vec::new();
+    loop {
+        let field = match mp.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(multipart_error(e)),
+        };
+        if parts.len() >= max_parts {
+            return Err(GatewayError::InvalidMultipart {
+                detail: format!(
+                    "more than {max_parts} parts; an edit request has at most 8 fields"
+                ),
+            });
+        }
+        let name = match field.name() {
+            Some(n) if !n.is_empty() => n.to_owned(),
+            _ => {
+                return Err(GatewayError::InvalidMultipart {
+                    detail: "a part has no field name in its Content-Disposition header".into(),
+                });
+            }
+        };
+        let file_name = field.file_name().map(str::to_owned);
+        let content_type = field.content_type().map(|m| m.essence_str().to_owned());
+        let data = field.bytes().await.map_err(multipart_error)?;
+        parts.push(RawPart {
+            name,
+            file_name,
+            content_type,
+            data,
+        });
+    }
+    if parts.is_empty() {
+        return Err(GatewayError::InvalidMultipart {
+            detail: "the body holds no parts".into(),
+        });
+    }
+    Ok(parts)
+}
+
+fn multipart_error(e: multer::Error) -> GatewayError {
+    let detail = match e {
+        multer::Error::FieldSizeExceeded { field_name, .. } => format!(
+            "the field '{}' is larger than {MAX_TEXT_PART_BYTES} bytes",
+            field_name.unwrap_or_default()
+        ),
+        multer::Error::IncompleteStream => "the body ended before the final boundary".into(),
+        multer::Error::IncompleteFieldData { .. } => {
+            "a part ended before its closing boundary".into()
+        }
+        multer::Error::IncompleteHeaders => "a part's headers are incomplete".into(),
+        multer::Error::ReadHeaderFailed(_) => "a part's headers could not be read".into(),
+        multer::Error::NoMultipart | multer::Error::NoBoundary => {
+            "no multipart boundary found".into()
+        }
+        other => other.to_string().trim_end_matches('.').to_owned(),
+    };
+    GatewayError::InvalidMultipart { detail }
+}
+
+fn array_error(field: &str) -> GatewayError {
+    let expected = if FILE_FIELDS.contains(&field) {
+        "a file"
+    } else {
+        "a string"
+    };
+    GatewayError::field(
+        field,
+        "invalid_type",
+        format!("Invalid type for '{field}': expected {expected}, but got an array instead."),
+    )
+}
+
+/// `'a'`, `'a' and 'b'`, `'a', 'b', and 'c'`: OpenAI's list wording.
+fn quoted_list(values: &[&str]) -> String {
+    let q: Vec<String> = values.iter().map(|v| format!("'{v}'")).collect();
+    match q.len() {
+        0 => String::new(),
+        1 => q[0].clone(),
+        2 => format!("{} and {}", q[0], q[1]),
+        n => format!("{}, and {}", q[..n - 1].join(", "), q[n - 1]),
+    }
+}
+
+fn invalid_value(param: &str, value: &str, supported: &[&str]) -> GatewayError {
+    GatewayError::field(
+        param,
+        "invalid_value",
+        format!(
+            "Invalid value: '{value}'. Supported values are: {}.",
+            quoted_list(supported)
+        ),
+    )
+}
+
+fn too_long(param: &str, max: usize, got: usize) -> GatewayError {
+    GatewayError::field(
+        param,
+        "string_above_max_length",
+        format!(
+            "Invalid '{param}': string too long. Expected a string with maximum length {max}, but got a string with length {got} instead."
+        ),
+    )
+}
+
+/// `n`: optional surrounding whitespace, an optional sign, ASCII digits.
+pub fn parse_n(raw: &str) -> Result<u8, GatewayError> {
+    let invalid_type = || {
+        GatewayError::field(
+            "n",
+            "invalid_type",
+            "Invalid type for 'n': expected an integer, but got a string value that could not be converted into an integer.",
+        )
+    };
+    let t = raw.trim();
+    let (negative, digits) = match t.as_bytes().first() {
+        Some(b'+') => (false, &t[1..]),
+        Some(b'-') => (true, &t[1..]),
+        _ => (false, t),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid_type());
+    }
+    let trimmed = digits.trim_start_matches('0');
+    // Anything longer than 18 digits is certainly out of range; keep the shown value exact.
+    let shown = if negative && !trimmed.is_empty() {
+        format!("-{trimmed}")
+    } else if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed.to_owned()
+    };
+    let value: i128 = if trimmed.len() > 30 {
+        if negative { i128::MIN } else { i128::MAX }
+    } else {
+        let v: i128 = if trimmed.is_empty() {
+            0
+        } else {
+            trimmed.parse().map_err(|_| invalid_type())?
+        };
+        if negative { -v } else { v }
+    };
+    if value < 1 {
+        return Err(GatewayError::field(
+            "n",
+            "integer_below_min_value",
+            format!(
+                "Invalid 'n': integer below minimum value. Expected a value >= 1, but got {shown} instead."
+            ),
+        ));
+    }
+    if value > 10 {
+        return Err(GatewayError::field(
+            "n",
+            "integer_above_max_value",
+            format!(
+                "Invalid 'n': integer above maximum value. Expected a value <= 10, but got {shown} instead."
+            ),
+        ));
+    }
+    Ok(value as u8)
+}
+
+fn text(part: &RawPart) -> Result<String, GatewayError> {
+    String::from_utf8(part.data.to_vec()).map_err(|_| {
+        GatewayError::field(
+            part.name.clone(),
+            "invalid_type",
+            format!("Invalid type for '{}': expected a UTF-8 string, but got bytes that are not valid UTF-8.", part.name),
+        )
+    })
+}
+
+/// Content types accepted on a file part: the policy in openai-behaviour.md.
+fn check_part_type(field: &'static str, part: &RawPart) -> Result<(), GatewayError> {
+    match part.content_type.as_deref() {
+        None | Some("image/png") | Some("application/octet-stream") => Ok(()),
+        Some(other) => Err(GatewayError::field(
+            field,
+            "unsupported_file_mimetype",
+            format!(
+                "Invalid file '{field}': unsupported mimetype ('{other}'). Supported file formats are 'image/png'."
+            ),
+        )),
+    }
+}
+
+/// Parse and check the form. The returned edit has every default filled in.
+pub async fn parse(
+    boundary: &str,
+    body: Bytes,
+    rules: &FormRules,
+) -> Result<ImageEdit, GatewayError> {
+    let parts = parse_parts(boundary, body, rules.max_parts).await?;
+
+    // Field names: unknown, arrays and duplicates, in the order they were sent.
+    let mut seen: Vec<&str> = Vec::with_capacity(parts.len());
+    for p in &parts {
+        let name = p.name.as_str();
+        if let Some(base) = name.strip_suffix("[]")
+            && (TEXT_FIELDS.contains(&base) || FILE_FIELDS.contains(&base))
+        {
+            return Err(array_error(base));
+        }
+        if !TEXT_FIELDS.contains(&name) && !FILE_FIELDS.contains(&name) {
+            return Err(GatewayError::field(
+                name,
+                "unknown_parameter",
+                format!("Unknown parameter: '{name}'."),
+            ));
+        }
+        if seen.contains(&name) {
+            return Err(array_error(name));
+        }
+        seen.push(name);
+    }
+    let get = |name: &str| parts.iter().find(|p| p.name == name);
+    let missing = |name: &str| {
+        GatewayError::field(
+            name,
+            "missing_required_parameter",
+            format!("Missing required parameter: '{name}'."),
+        )
+    };
+    let prompt_part = get("prompt").ok_or_else(|| missing("prompt"))?;
+    let image_part = get("image").ok_or_else(|| missing("image"))?;
+
+    let prompt = text(prompt_part)?;
+    let prompt_len = prompt.chars().count();
+    if prompt_len == 0 {
+        return Err(GatewayError::field(
+            "prompt",
+            "empty_string",
+            "Invalid 'prompt': empty string. Expected a string with minimum length 1, but got an empty string instead.",
+        ));
+    }
+    if prompt_len > rules.max_prompt_chars {
+        return Err(too_long("prompt", rules.max_prompt_chars, prompt_len));
+    }
+
+    let model = match get("model") {
+        Some(p) => {
+            let m = text(p)?;
+            if !rules.models.iter().any(|allowed| *allowed == m) {
+                let supported: Vec<&str> = rules.models.iter().map(String::as_str).collect();
+                return Err(invalid_value("model", &m, &supported));
+            }
+            m
+        }
+        None => rules.models[0].clone(),
+    };
+    let n = match get("n") {
+        Some(p) => parse_n(&text(p)?)?,
+        None => 1,
+    };
+    let size = match get("size") {
+        Some(p) => {
+            let s = text(p)?;
+            Size::parse(&s)
+                .ok_or_else(|| invalid_value("size", &s, &Size::ALL.map(Size::as_str)))?
+        }
+        None => Size::S1024,
+    };
+    let response_format = match get("response_format") {
+        Some(p) => {
+            let s = text(p)?;
+            ResponseFormat::parse(&s)
+                .ok_or_else(|| invalid_value("response_format", &s, &["url", "b64_json"]))?
+        }
+        None => ResponseFormat::Url,
+    };
+    let user = match get("user") {
+        Some(p) => {
+            let u = text(p)?;
+            let len = u.chars().count();
+            if len > rules.max_user_chars {
+                return Err(too_long("user", rules.max_user_chars, len));
+            }
+            Some(u)
+        }
+        None => None,
+    };
+
+    check_part_type("image", image_part)?;
+    let mask_part = get("mask");
+    if let Some(m) = mask_part {
+        check_part_type("mask", m)?;
+    }
+    let file = |p: &RawPart| FilePart {
+        bytes: p.data.clone(),
+        file_name: p.file_name.clone(),
+        declared_type: p.content_type.clone(),
+    };
+    Ok(ImageEdit {
+        prompt,
+        model,
+        n,
+        size,
+        response_format,
+        user,
+        image: file(image_part),
+        mask: mask_part.map(file),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> FormRules {
+        FormRules {
+            max_prompt_chars: 1000,
+            max_user_chars: 256,
+            models: vec!["dall-e-2".into()],
+            max_parts: 16,
+        }
+    }
+
+    fn body(parts: &[(&str, Option<&str>, Option<&str>, &[u8])]) -> Bytes {
+        let mut out = Vec::new();
+        for (name, file, ct, data) in parts {
+            out.extend_from_slice(b"--XyZ\r\n");
+            match file {
+                Some(f) => out.extend_from_slice(
+                    format!(
+                        "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n"
+                    )
+                    .as_bytes(),
+                ),
+                None => out.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n").as_bytes(),
+                ),
+            }
+            if let Some(ct) = ct {
+                out.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(data);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"--XyZ--\r\n");
+        Bytes::from(out)
+    }
+
+    async fn run(
+        parts: &[(&str, Option<&str>, Option<&str>, &[u8])],
+    ) -> Result<ImageEdit, GatewayError> {
+        parse("XyZ", body(parts), &rules()).await
+    }
+
+    fn code(r: Result<ImageEdit, GatewayError>) -> (String, String) {
+        match r.expect_err("should be rejected") {
+            GatewayError::Field { param, code, .. } => (param, code.to_owned()),
+            other => panic!("not a field error: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn defaults_are_filled() {
+        let e = run(&[
+            ("prompt", None, None, b"a cat"),
+            ("image", Some("a.png"), Some("image/png"), b"PNG"),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(
+            (e.model.as_str(), e.n, e.size, e.response_format),
+            ("dall-e-2", 1, Size::S1024, ResponseFormat::Url)
+        );
+        assert!(e.user.is_none() && e.mask.is_none());
+    }
+
+    #[tokio::test]
+    async fn name_rules() {
+        let img: (&str, Option<&str>, Option<&str>, &[u8]) = ("image", Some("a.png"), None, b"x");
+        assert_eq!(
+            code(
+                run(&[
+                    ("prompt", None, None, b"p"),
+                    img,
+                    ("quality", None, None, b"hd")
+                ])
+                .await
+            ),
+            ("quality".into(), "unknown_parameter".into())
+        );
+        assert_eq!(
+            code(
+                run(&[
+                    ("prompt", None, None, b"p"),
+                    ("image[]", Some("a.png"), None, b"x")
+                ])
+                .await
+            ),
+            ("image".into(), "invalid_type".into())
+        );
+        assert_eq!(
+            code(run(&[("prompt", None, None, b"p"), img, img]).await),
+            ("image".into(), "invalid_type".into())
+        );
+        assert_eq!(
+            code(run(&[img]).await),
+            ("prompt".into(), "missing_required_parameter".into())
+        );
+        assert_eq!(
+            code(run(&[("prompt", None, None, b"p")]).await),
+            ("image".into(), "missing_required_parameter".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn prompt_is_counted_in_code_points() {
+        let img: (&str, Option<&str>, Option<&str>, &[u8]) = ("image", Some("a.png"), None, b"x");
+        let ok = "é".repeat(1000);
+        assert!(
+            run(&[("prompt", None, None, ok.as_bytes()), img])
+                .await
+                .is_ok()
+        );
+        let long = "é".repeat(1001);
+        let err = run(&[("prompt", None, None, long.as_bytes()), img])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.parts().message,
+            "Invalid 'prompt': string too long. Expected a string with maximum length 1000, but got a string with length 1001 instead."
+        );
+        assert_eq!(
+            code(run(&[("prompt", None, None, b""), img]).await),
+            ("prompt".into(), "empty_string".into())
+        );
+        assert!(run(&[("prompt", None, None, b"   "), img]).await.is_ok());
+    }
+
+    #[test]
+    fn n_parsing() {
+        for (raw, want) in [("1", 1), (" 10 ", 10), ("03", 3), ("+3", 3)] {
+            assert_eq!(parse_n(raw).unwrap(), want, "{raw}");
+        }
+        let c = |raw: &str| match parse_n(raw).unwrap_err() {
+            GatewayError::Field { code, message, .. } => (code, message),
+            _ => unreachable!(),
+        };
+        for raw in ["abc", "2.5", "", " ", "+", "1e1", "٣"] {
+            assert_eq!(c(raw).0, "invalid_type", "{raw:?}");
+        }
+        assert_eq!(
+            c("0").1,
+            "Invalid 'n': integer below minimum value. Expected a value >= 1, but got 0 instead."
+        );
+        assert_eq!(c("-2").0, "integer_below_min_value");
+        assert_eq!(
+            c("11").1,
+            "Invalid 'n': integer above maximum value. Expected a value <= 10, but got 11 instead."
+        );
+        assert_eq!(
+            c("99999999999999999999999999999999999999999").0,
+            "integer_above_max_value"
+        );
+    }
+
+    #[tokio::test]
+    async fn enums_are_case_sensitive() {
+        let img: (&str, Option<&str>, Option<&str>, &[u8]) = ("image", Some("a.png"), None, b"x");
+        let err = run(&[
+            ("prompt", None, None, b"p"),
+            img,
+            ("size", None, None, b"1024X1024"),
+        ])
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err.parts().message,
+            "Invalid value: '1024X1024'. Supported values are: '256x256', '512x512', and '1024x1024'."
+        );
+        assert_eq!(
+            code(
+                run(&[
+                    ("prompt", None, None, b"p"),
+                    img,
+                    ("response_format", None, None, b"URL")
+                ])
+                .await
+            ),
+            ("response_format".into(), "invalid_value".into())
+        );
+        assert_eq!(
+            code(
+                run(&[
+                    ("prompt", None, None, b"p"),
+                    img,
+                    ("model", None, None, b"gpt-image-1")
+                ])
+                .await
+            ),
+            ("model".into(), "invalid_value".into())
+        );
+        let long_user = "u".repeat(257);
+        assert_eq!(
+            code(
+                run(&[
+                    ("prompt", None, None, b"p"),
+                    img,
+                    ("user", None, None, long_user.as_bytes())
+                ])
+                .await
+            ),
+            ("user".into(), "string_above_max_length".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn part_types() {
+        let bad = run(&[
+            ("prompt", None, None, b"p"),
+            ("image", Some("a.jpg"), Some("image/jpeg"), b"x"),
+        ])
+        .await
+        .unwrap_err();
+        assert_eq!(
+            bad.parts().message,
+            "Invalid file 'image': unsupported mimetype ('image/jpeg'). Supported file formats are 'image/png'."
+        );
+        assert!(
+            run(&[
+                ("prompt", None, None, b"p"),
+                (
+                    "image",
+                    Some("upload"),
+                    Some("application/octet-stream"),
+                    b"x"
+                )
+            ])
+            .await
+            .is_ok()
+        );
+        assert!(
+            run(&[("prompt", None, None, b"p"), ("image", None, None, b"x")])
+                .await
+                .is_ok()
+        );
+        assert_eq!(
+            code(
+                run(&[
+                    ("prompt", None, None, b"p"),
+                    ("image", None, None, b"x"),
+                    ("mask", Some("m"), Some("text/plain"), b"x")
+                ])
+                .await
+            ),
+            ("mask".into(), "unsupported_file_mimetype".into())
+        );
+    }
+
+    #[test]
+    fn content_type_rules() {
+        let hv = |s: &str| http::HeaderValue::from_str(s).unwrap();
+        assert_eq!(
+            boundary(Some(&hv("multipart/form-data; boundary=abc"))).unwrap(),
+            "abc"
+        );
+        assert_eq!(
+            boundary(Some(&hv("Multipart/Form-Data; boundary=\"a b\""))).unwrap(),
+            "a b"
+        );
+        for bad in [
+            "text/plain",
+            "multipart/form-data",
+            "multipart/mixed; boundary=x",
+            "application/json",
+        ] {
+            let err = boundary(Some(&hv(bad))).unwrap_err();
+            assert!(
+                matches!(err, GatewayError::UnsupportedContentType { .. }),
+                "{bad}"
+            );
+        }
+        assert!(boundary(None).is_err());
+        assert!(boundary(Some(&hv("text/plain"))).unwrap_err().parts().message.starts_with("Unsupported content type: 'text/plain'. This API method only accepts 'multipart/form-data' requests, but you specified the header 'Content-Type: text/plain'."));
+    }
+
+    #[tokio::test]
+    async fn malformed_bodies_are_invalid_multipart() {
+        let good = body(&[("prompt", None, None, b"p"), ("image", None, None, b"x")]);
+        let truncated = good.slice(..good.len() - 12);
+        for b in [
+            Bytes::from_static(b""),
+            Bytes::from_static(b"garbage"),
+            truncated,
+        ] {
+            let err = parse("XyZ", b, &rules()).await.unwrap_err();
+            assert!(
+                matches!(err, GatewayError::InvalidMultipart { .. }),
+                "{err:?}"
+            );
+        }
+        let many: Vec<(&str, Option<&str>, Option<&str>, &[u8])> = (0..1000)
+            .map(|_| ("prompt", None, None, b"p" as &[u8]))
+            .collect();
+        assert!(matches!(
+            run(&many).await.unwrap_err(),
+            GatewayError::InvalidMultipart { .. }
+        ));
+    }
+}

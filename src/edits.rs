@@ -1,0 +1,346 @@
+//! The edits service: the leaf behind authentication for `POST /v1/images/edits`.
+//!
+//! In order: content type (before the body is read) → declared length against the body cap →
+//! the capped body under a deadline → the multipart form and its field rules → the PNG checks on
+//! the blocking pool → the canonical body → the upstream call. The upstream call runs in its own
+//! task, so it finishes (and the answer is read to the end) even when the caller disconnects.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use tokio::sync::{mpsc, oneshot};
+use tower::Service;
+
+use crate::app::AppState;
+use crate::body::{Body, BoxError};
+use crate::edit::canonical::{self, CanonicalBody};
+use crate::edit::png_check::{self, CheckedPng};
+use crate::edit::{ImageEdit, form};
+use crate::error::GatewayError;
+use crate::middleware::BoxFuture;
+use crate::middleware::auth::Caller;
+use crate::upstream::{error_chain, passed_headers};
+
+#[derive(Clone)]
+pub struct EditsService {
+    state: Arc<AppState>,
+}
+
+impl EditsService {
+    pub fn new(state: Arc<AppState>) -> Self {
+        EditsService { state }
+    }
+}
+
+impl Service<Request<Incoming>> for EditsService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let state = self.state.clone();
+        Box::pin(async move {
+            Ok(match handle(state, req).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    let p = e.parts();
+                    tracing::info!(status = p.status.as_u16(), code = ?p.code, param = ?p.param, "request refused");
+                    e.into_response()
+                }
+            })
+        })
+    }
+}
+
+async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, GatewayError> {
+    let caller = req.extensions().get::<Caller>().cloned().ok_or_else(|| {
+        tracing::error!("edits service reached without an authenticated caller");
+        GatewayError::Internal
+    })?;
+    let boundary = form::boundary(req.headers().get(header::CONTENT_TYPE))?;
+    let body = read_body(&state, req).await?;
+    let edit = form::parse(&boundary, body, &state.form_rules).await?;
+    if let Some(user) = &edit.user {
+        tracing::Span::current().record("user", user.as_str());
+    }
+    tracing::debug!(client = %caller.client, n = edit.n, size = edit.size.as_str(), "form accepted");
+    let (image, mask) = check_images(&state, &edit).await?;
+    let canonical = canonical::encode(&edit, image.bytes, mask.map(|m| m.bytes));
+    forward(state, canonical).await
+}
+
+/// Read the whole body under the cap and the deadline. A declared length over the cap is refused
+/// before a single body byte is read.
+async fn read_body(state: &AppState, req: Request<Incoming>) -> Result<Bytes, GatewayError> {
+    let cap = state.body_cap;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > cap as u64) {
+        return Err(GatewayError::BodyTooLarge { limit: cap });
+    }
+    let limited = Limited::new(req.into_body(), cap);
+    match tokio::time::timeout(state.body_timeout, limited.collect()).await {
+        Err(_) => Err(GatewayError::BodyTimeout {
+            after: state.body_timeout,
+        }),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(GatewayError::BodyTooLarge { limit: cap })
+        }
+        Ok(Err(e)) => {
+            tracing::info!(error = %error_chain(&*e), "request body could not be read");
+            Err(GatewayError::BodyIncomplete)
+        }
+    }
+}
+
+/// Run the PNG checks on the blocking pool, at most `server.max_concurrent_decodes` at once.
+async fn check_images(
+    state: &AppState,
+    edit: &ImageEdit,
+) -> Result<(CheckedPng, Option<CheckedPng>), GatewayError> {
+    let _permit = state
+        .decode_permits
+        .acquire()
+        .await
+        .map_err(|_| GatewayError::Internal)?;
+    let rules = state.png_rules.clone();
+    let image = edit.image.bytes.clone();
+    let mask = edit.mask.as_ref().map(|m| m.bytes.clone());
+    let job = tokio::task::spawn_blocking(move || {
+        let image = png_check::check_image(image, mask.is_some(), &rules).map_err(|rejection| {
+            GatewayError::Png {
+                part: "image",
+                rejection,
+            }
+        })?;
+        let mask = match mask {
+            Some(m) => Some(
+                png_check::check_mask(m, (image.width, image.height), &rules).map_err(
+                    |rejection| GatewayError::Png {
+                        part: "mask",
+                        rejection,
+                    },
+                )?,
+            ),
+            None => None,
+        };
+        Ok((image, mask))
+    });
+    job.await.map_err(|e| {
+        tracing::error!(error = %e, "PNG check task failed");
+        GatewayError::Internal
+    })?
+}
+
+/// Forward in a task of its own and stream the answer back.
+async fn forward(
+    state: Arc<AppState>,
+    canonical: CanonicalBody,
+) -> Result<Response<Body>, GatewayError> {
+    let (head_tx, head_rx) = oneshot::channel();
+    let span = tracing::Span::current();
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            match state.upstream.send(canonical).await {
+                Err(e) => {
+                    let _ = head_tx.send(Err(e));
+                }
+                Ok(resp) => {
+                    let (parts, body) = resp.into_parts();
+                    let (tx, rx) = mpsc::channel(8);
+                    let hint = http_body::Body::size_hint(&body).exact();
+                    let ok = parts.status.is_success();
+                    let _ = head_tx.send(Ok((
+                        parts,
+                        ChannelBody {
+                            rx,
+                            remaining: hint,
+                        },
+                    )));
+                    let outcome = pump(body, tx, ok).await;
+                    tracing::info!(
+                        images = outcome.images,
+                        caller_gone = outcome.caller_gone,
+                        complete = outcome.complete,
+                        "upstream answer relayed"
+                    );
+                }
+            }
+        },
+        span,
+    ));
+    let (parts, body) = head_rx.await.map_err(|_| GatewayError::Internal)??;
+    let mut resp = Response::new(Body::new(body));
+    *resp.status_mut() = parts.status;
+    *resp.headers_mut() = passed_headers(&parts.headers);
+    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, len.clone());
+    }
+    if !resp.headers().contains_key(header::CONTENT_TYPE) {
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    Ok(resp)
+}
+
+/// What relaying an answer observed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RelayOutcome {
+    /// Image items seen in a successful answer.
+    pub images: usize,
+    /// The caller stopped reading before the end.
+    pub caller_gone: bool,
+    /// The upstream body ended cleanly.
+    pub complete: bool,
+}
+
+/// Copy the upstream body to the caller; when the caller is gone keep reading to the end, so the
+/// images returned are known.
+async fn pump(
+    mut body: Incoming,
+    tx: mpsc::Sender<Result<Bytes, BoxError>>,
+    count: bool,
+) -> RelayOutcome {
+    let mut counter = ImageCounter::default();
+    let mut outcome = RelayOutcome::default();
+    loop {
+        match body.frame().await {
+            None => {
+                outcome.complete = true;
+                break;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %error_chain(&e), "upstream body failed");
+                if !outcome.caller_gone {
+                    let _ = tx.send(Err(Box::new(e))).await;
+                }
+                break;
+            }
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if count {
+                    counter.feed(&data);
+                }
+                if !outcome.caller_gone && tx.send(Ok(data)).await.is_err() {
+                    outcome.caller_gone = true;
+                }
+            }
+        }
+    }
+    outcome.images = counter.count;
+    outcome
+}
+
+/// Counts the image items of an OpenAI images answer as it streams by: each item has exactly one
+/// `"url"` or `"b64_json"` key, and neither sequence can occur unescaped inside a JSON string.
+#[derive(Debug, Default)]
+pub struct ImageCounter {
+    tail: Vec<u8>,
+    pub count: usize,
+}
+
+impl ImageCounter {
+    const KEYS: [&'static [u8]; 2] = [b"\"url\"", b"\"b64_json\""];
+    const KEEP: usize = 9; // longest key minus one
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        // Matches that straddle the previous chunk and this one.
+        let head = &chunk[..chunk.len().min(Self::KEEP)];
+        let mut seam = self.tail.clone();
+        seam.extend_from_slice(head);
+        for key in Self::KEYS {
+            let seam_hits = memchr::memmem::find_iter(&seam, key)
+                .filter(|&i| i < self.tail.len())
+                .count();
+            self.count += seam_hits + memchr::memmem::find_iter(chunk, key).count();
+        }
+        // Keep the last KEEP bytes seen.
+        seam.extend_from_slice(&chunk[head.len()..]);
+        let start = seam.len().saturating_sub(Self::KEEP);
+        self.tail = seam.split_off(start);
+    }
+}
+
+/// The caller-facing body of a relayed answer.
+struct ChannelBody {
+    rx: mpsc::Receiver<Result<Bytes, BoxError>>,
+    remaining: Option<u64>,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                if let Some(r) = self.remaining.as_mut() {
+                    *r = r.saturating_sub(data.len() as u64);
+                }
+                Poll::Ready(Some(Ok(http_body::Frame::data(data))))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.remaining {
+            Some(n) => http_body::SizeHint::with_exact(n),
+            None => http_body::SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_items_across_chunk_seams() {
+        let answer = br#"{"created": 1, "data": [{"url": "https://x/1"}, {"url":"https://x/2"}, {"b64_json": "QUJD"}]}"#;
+        for split in 0..answer.len() {
+            let mut c = ImageCounter::default();
+            c.feed(&answer[..split]);
+            c.feed(&answer[split..]);
+            assert_eq!(c.count, 3, "split at {split}");
+        }
+        let mut bytewise = ImageCounter::default();
+        for b in answer.iter() {
+            bytewise.feed(std::slice::from_ref(b));
+        }
+        assert_eq!(bytewise.count, 3);
+    }
+
+    #[test]
+    fn escaped_keys_inside_strings_do_not_count() {
+        let mut c = ImageCounter::default();
+        c.feed(br#"{"data": [{"url": "a\"url\"b", "revised_prompt": "say \"b64_json\""}]}"#);
+        assert_eq!(c.count, 1);
+    }
+}

@@ -1,0 +1,15 @@
+//! imagegate: a validating, re-keying gateway for OpenAI's image-edit API.
+//!
+//! The binary (`src/main.rs`) and the integration tests share this library.
+
+pub mod app;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod edit;
+pub mod edits;
+pub mod error;
+pub mod middleware;
+pub mod server;
+pub mod telemetry;
+pub mod upstream;

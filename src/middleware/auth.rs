@@ -1,0 +1,184 @@
+//! Caller authentication: `Authorization: Bearer <gateway key>`.
+//!
+//! The presented key is hashed (SHA-256) and compared in constant time against every configured
+//! client's stored hash (no early exit, so timing does not reveal which or how many clients
+//! matched a prefix). Missing key → 401 with code null; unknown key → 401 `invalid_api_key`
+//! with a masked key. On success the [`Caller`] is stored as a request extension, the span gets
+//! the client's name, and the caller's `Authorization` header is removed so no later stage can
+//! forward it.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response, header};
+use sha2::{Digest, Sha256};
+use subtle::{ConditionallySelectable, ConstantTimeEq};
+use tower::{Layer, Service};
+
+use super::BoxFuture;
+use crate::body::Body;
+use crate::config::{Config, parse_key_hash};
+use crate::error::{GatewayError, mask_key};
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub client: Arc<str>,
+}
+
+/// The configured clients, keyed by the SHA-256 of their gateway key.
+#[derive(Debug, Clone)]
+pub struct KeyTable {
+    entries: Arc<Vec<([u8; 32], Caller)>>,
+}
+
+impl KeyTable {
+    pub fn from_config(config: &Config) -> Result<KeyTable, String> {
+        let mut entries = Vec::new();
+        for c in &config.clients {
+            let hash = parse_key_hash(&c.key_hash)
+                .map_err(|e| format!("client '{}': key_hash {e}", c.name))?;
+            entries.push((
+                hash,
+                Caller {
+                    client: c.name.as_str().into(),
+                },
+            ));
+        }
+        Ok(KeyTable {
+            entries: Arc::new(entries),
+        })
+    }
+
+    /// Constant-time lookup of a presented key.
+    pub fn authenticate(&self, key: &str) -> Option<Caller> {
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let mut found = subtle::Choice::from(0);
+        let mut index = 0u64;
+        for (i, (hash, _)) in self.entries.iter().enumerate() {
+            let hit = hash.ct_eq(&digest);
+            index = u64::conditional_select(&index, &(i as u64), hit);
+            found |= hit;
+        }
+        bool::from(found).then(|| self.entries[index as usize].1.clone())
+    }
+}
+
+/// The bearer token of a request, if any.
+fn bearer<B>(req: &Request<B>) -> Option<&str> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    keys: KeyTable,
+}
+
+impl AuthLayer {
+    pub fn new(keys: KeyTable) -> Self {
+        AuthLayer { keys }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Auth {
+            inner,
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Auth<S> {
+    inner: S,
+    keys: KeyTable,
+}
+
+impl<S, B> Service<Request<B>> for Auth<S>
+where
+    S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let caller = match bearer(&req) {
+            None => Err(GatewayError::MissingKey),
+            Some(key) => self
+                .keys
+                .authenticate(key)
+                .ok_or_else(|| GatewayError::InvalidKey {
+                    masked: mask_key(key),
+                }),
+        };
+        match caller {
+            Err(e) => {
+                tracing::info!(reason = ?e.parts().code, "authentication failed");
+                Box::pin(async move { Ok(e.into_response()) })
+            }
+            Ok(caller) => {
+                tracing::Span::current().record("client", &*caller.client);
+                req.headers_mut().remove(header::AUTHORIZATION);
+                req.extensions_mut().insert(caller);
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                Box::pin(async move { inner.call(req).await })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClientConfig, hash_key};
+
+    fn table() -> KeyTable {
+        let mut c = Config::default();
+        for (name, key) in [("a", "key-a"), ("b", "key-b")] {
+            c.clients.push(ClientConfig {
+                name: name.into(),
+                key_hash: hash_key(key),
+            });
+        }
+        KeyTable::from_config(&c).unwrap()
+    }
+
+    #[test]
+    fn finds_the_right_client() {
+        let t = table();
+        assert_eq!(&*t.authenticate("key-a").unwrap().client, "a");
+        assert_eq!(&*t.authenticate("key-b").unwrap().client, "b");
+        assert!(t.authenticate("key-c").is_none());
+        assert!(t.authenticate("").is_none());
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let r = |v: &str| {
+            Request::builder()
+                .header("authorization", v)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(bearer(&r("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(&r("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer(&r("Basic abc")), None);
+        assert_eq!(bearer(&r("Bearer ")), None);
+    }
+}

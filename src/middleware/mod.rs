@@ -1,0 +1,12 @@
+//! One layer per file. Each module doc says what the layer does, what it rejects with which
+//! status, and what request data it reads and writes. The stack itself is built in `app.rs`.
+
+pub mod auth;
+pub mod overload;
+pub mod request_id;
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// The future type of the gateway's services: boxed, `Send`, never failing (errors are responses).
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

@@ -1,0 +1,236 @@
+//! The upstream: one pooled hyper client (rustls with webpki roots, HTTP/1.1 and h2 by ALPN) and
+//! the forwarding call.
+//!
+//! The caller's headers never go upstream: the request is built from scratch with the injected
+//! upstream key (a sensitive header value built once at start). Only an allowlist of response
+//! headers comes back, so hop-by-hop headers are dropped by construction. A POST is never
+//! retried by the gateway once it was sent (hyper only re-sends a request that never left
+//! because its pooled connection was already closed).
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, header};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::ChunkedBody;
+use crate::config::Config;
+use crate::edit::canonical::CanonicalBody;
+use crate::error::GatewayError;
+
+/// Response headers passed back to the caller (names are lowercase; `x-ratelimit-` is a prefix).
+const PASS_THROUGH: [&str; 9] = [
+    "content-type",
+    "x-request-id",
+    "openai-processing-ms",
+    "openai-version",
+    "openai-organization",
+    "openai-model",
+    "retry-after",
+    "retry-after-ms",
+    "x-should-retry",
+];
+
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, ChunkedBody>,
+    edits_uri: Uri,
+    authorization: Option<HeaderValue>,
+    organization: Option<HeaderValue>,
+    project: Option<HeaderValue>,
+    user_agent: HeaderValue,
+    response_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(config: &Config) -> Result<Upstream, String> {
+        let u = &config.upstream;
+        let edits_uri: Uri = format!("{}/images/edits", u.base_url.trim_end_matches('/'))
+            .parse()
+            .map_err(|e| format!("upstream.base_url: {e}"))?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(u.connect_timeout));
+        http.set_nodelay(true);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots();
+        let https = if u.allow_http {
+            builder
+                .https_or_http()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(http)
+        } else {
+            builder
+                .https_only()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(http)
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(u.pool_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(https);
+        let sensitive = |v: String| {
+            HeaderValue::from_str(&v).map(|mut h| {
+                h.set_sensitive(true);
+                h
+            })
+        };
+        let authorization = match &config.upstream_key {
+            Some(k) => Some(
+                sensitive(format!("Bearer {}", k.expose()))
+                    .map_err(|_| "the upstream key is not a valid header value".to_string())?,
+            ),
+            None => None,
+        };
+        let plain = |v: &Option<String>, name: &str| -> Result<Option<HeaderValue>, String> {
+            v.as_deref()
+                .map(HeaderValue::from_str)
+                .transpose()
+                .map_err(|_| format!("upstream.{name}: not a valid header value"))
+        };
+        Ok(Upstream {
+            client,
+            edits_uri,
+            authorization,
+            organization: plain(&u.organization, "organization")?,
+            project: plain(&u.project, "project")?,
+            user_agent: HeaderValue::from_str(&format!("imagegate/{}", env!("CARGO_PKG_VERSION")))
+                .expect("the crate version is a valid header value"),
+            response_timeout: u.response_timeout,
+        })
+    }
+
+    pub fn has_key(&self) -> bool {
+        self.authorization.is_some()
+    }
+
+    /// Send a canonical edit upstream and wait for the response head.
+    pub async fn send(&self, canonical: CanonicalBody) -> Result<Response<Incoming>, GatewayError> {
+        let auth = self
+            .authorization
+            .clone()
+            .ok_or(GatewayError::UpstreamKeyMissing)?;
+        let mut req = Request::post(self.edits_uri.clone())
+            .header(header::CONTENT_TYPE, canonical.content_type())
+            .header(header::CONTENT_LENGTH, canonical.body.len())
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, self.user_agent.clone())
+            .body(canonical.body)
+            .expect("a request built from valid parts");
+        let h = req.headers_mut();
+        h.insert(header::AUTHORIZATION, auth);
+        if let Some(org) = &self.organization {
+            h.insert("openai-organization", org.clone());
+        }
+        if let Some(project) = &self.project {
+            h.insert("openai-project", project.clone());
+        }
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %error_chain(&e), "upstream request failed");
+                if is_timeout(&e) {
+                    Err(GatewayError::UpstreamTimeout {
+                        after: self.response_timeout,
+                    })
+                } else {
+                    Err(GatewayError::UpstreamUnreachable)
+                }
+            }
+            Err(_) => Err(GatewayError::UpstreamTimeout {
+                after: self.response_timeout,
+            }),
+        }
+    }
+}
+
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return true;
+        }
+        if err.to_string().contains("timed out") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// An error and its sources on one line, for logs.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        out.push_str(": ");
+        out.push_str(&err.to_string());
+        cur = err.source();
+    }
+    out
+}
+
+/// The upstream response headers that go back to the caller.
+pub fn passed_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, value) in upstream {
+        let n = name.as_str();
+        if PASS_THROUGH.contains(&n) || n.starts_with("x-ratelimit-") {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// Header name the gateway uses for its own request id when the upstream's is passed back.
+pub static GATEWAY_REQUEST_ID: HeaderName = HeaderName::from_static("x-imagegate-request-id");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_allowlisted_headers_pass() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("x-request-id", "req_1"),
+            ("openai-version", "2020-10-01"),
+            ("x-ratelimit-remaining-images", "4"),
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("set-cookie", "a=b"),
+            ("content-type", "application/json"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        let out = passed_headers(&h);
+        let mut names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "content-type",
+                "openai-version",
+                "x-ratelimit-remaining-images",
+                "x-request-id"
+            ]
+        );
+    }
+
+    #[test]
+    fn plain_http_needs_opt_in() {
+        let mut c = Config::default();
+        c.upstream.base_url = "http://127.0.0.1:1/v1".into();
+        assert!(c.problems().iter().any(|p| p.contains("allow_http")));
+        c.upstream.allow_http = true;
+        assert!(c.problems().is_empty());
+        assert!(Upstream::new(&c).is_ok());
+    }
+}
