@@ -265,20 +265,24 @@ impl ImageCounter {
     const KEEP: usize = 9; // longest key minus one
 
     pub fn feed(&mut self, chunk: &[u8]) {
-        // Matches that straddle the previous chunk and this one.
-        let head = &chunk[..chunk.len().min(Self::KEEP)];
+        // Matches that start in the kept tail and end in this chunk.
         let mut seam = self.tail.clone();
-        seam.extend_from_slice(head);
+        seam.extend_from_slice(&chunk[..chunk.len().min(Self::KEEP)]);
+        let tail_len = self.tail.len();
         for key in Self::KEYS {
-            let seam_hits = memchr::memmem::find_iter(&seam, key)
-                .filter(|&i| i < self.tail.len())
+            self.count += memchr::memmem::find_iter(&seam, key)
+                .filter(|&i| i < tail_len && i + key.len() > tail_len)
                 .count();
-            self.count += seam_hits + memchr::memmem::find_iter(chunk, key).count();
+            self.count += memchr::memmem::find_iter(chunk, key).count();
         }
         // Keep the last KEEP bytes seen.
-        seam.extend_from_slice(&chunk[head.len()..]);
-        let start = seam.len().saturating_sub(Self::KEEP);
-        self.tail = seam.split_off(start);
+        if chunk.len() >= Self::KEEP {
+            self.tail.clear();
+            self.tail.extend_from_slice(&chunk[chunk.len() - Self::KEEP..]);
+        } else {
+            let start = seam.len().saturating_sub(Self::KEEP);
+            self.tail = seam.split_off(start);
+        }
     }
 }
 
