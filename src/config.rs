@@ -377,8 +377,8 @@ impl Config {
         if v.max_image_bytes < 64 {
             p.push("validation.max_image_bytes: must be at least 64".into());
         }
-        if v.max_dimension == 0 || v.max_dimension > 16384 {
-            p.push("validation.max_dimension: must be between 1 and 16384".into());
+        if v.max_dimension == 0 || v.max_dimension > 8192 {
+            p.push("validation.max_dimension: must be between 1 and 8192".into());
         }
         if v.body_cap() < v.max_image_bytes {
             p.push("validation.max_body_bytes: must be at least validation.max_image_bytes".into());

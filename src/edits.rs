@@ -122,11 +122,13 @@ async fn check_images(
     let rules = state.png_rules.clone();
     let image = edit.image.bytes.clone();
     let mask = edit.mask.as_ref().map(|m| m.bytes.clone());
+    let max_bytes = rules.max_bytes;
     let job = tokio::task::spawn_blocking(move || {
         let image = png_check::check_image(image, mask.is_some(), &rules).map_err(|rejection| {
             GatewayError::Png {
                 part: "image",
                 rejection,
+                max_bytes,
             }
         })?;
         let mask = match mask {
@@ -135,6 +137,7 @@ async fn check_images(
                     |rejection| GatewayError::Png {
                         part: "mask",
                         rejection,
+                        max_bytes,
                     },
                 )?,
             ),
@@ -278,7 +281,8 @@ impl ImageCounter {
         // Keep the last KEEP bytes seen.
         if chunk.len() >= Self::KEEP {
             self.tail.clear();
-            self.tail.extend_from_slice(&chunk[chunk.len() - Self::KEEP..]);
+            self.tail
+                .extend_from_slice(&chunk[chunk.len() - Self::KEEP..]);
         } else {
             let start = seam.len().saturating_sub(Self::KEEP);
             self.tail = seam.split_off(start);

@@ -50,6 +50,8 @@ pub enum GatewayError {
     Png {
         part: &'static str,
         rejection: PngRejection,
+        /// The configured byte limit, for the "less than N MB" wording.
+        max_bytes: usize,
     },
     /// A per-minute rate limit is exhausted.
     RateLimited {
@@ -179,12 +181,12 @@ impl GatewayError {
             Field { param, code, message } => {
                 p(StatusCode::BAD_REQUEST, INVALID, Some(param), Some(code), message.clone())
             }
-            Png { part, rejection } => p(
+            Png { part, rejection, max_bytes } => p(
                 StatusCode::BAD_REQUEST,
                 INVALID,
                 Some(part),
                 Some(rejection.code()),
-                rejection.message(part),
+                rejection.message_with_limit(part, *max_bytes),
             ),
             RateLimited { message, .. } => p(
                 StatusCode::TOO_MANY_REQUESTS,
