@@ -14,6 +14,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::edit::png_check::Transparency;
+use crate::limits::spec::{
+    ClientKind, LimitsConfig, Prices, QuotaSpec, QuotasConfig, RateSpec, UserOverride,
+    default_prices,
+};
 
 /// A value that must never be printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -48,6 +52,10 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub validation: ValidationConfig,
     pub log: LogConfig,
+    pub limits: LimitsConfig,
+    pub quotas: QuotasConfig,
+    pub prices: Prices,
+    pub ledger: LedgerConfig,
     pub clients: Vec<ClientConfig>,
     /// The upstream key, loaded from the environment or `upstream.api_key_file`; never from the
     /// TOML itself, so the config file can be committed.
@@ -214,12 +222,64 @@ impl Default for LogConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Default)]
 pub struct ClientConfig {
     /// Name used in logs, the ledger and reports.
     pub name: String,
     /// `sha256:<64 hex>` as printed by `imagegate hash-key`.
     pub key_hash: String,
+    /// `app` (passes its end users in `user`) or `personal` (one person's key).
+    #[serde(default)]
+    pub kind: ClientKind,
+    /// For `personal` clients: the person's user name, charged for every request.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// This client's own limits (over `[limits.per_client]`).
+    #[serde(default)]
+    pub limits: RateSpec,
+    /// Limits of each of this client's users (over `[limits.per_user]`).
+    #[serde(default)]
+    pub user_limits: RateSpec,
+    /// This client's own quotas (over `[quotas.per_client]`).
+    #[serde(default)]
+    pub quotas: QuotaSpec,
+    /// Quotas of each of this client's users (over `[quotas.per_user]`).
+    #[serde(default)]
+    pub user_quotas: QuotaSpec,
+    /// Overrides for single users of this client.
+    #[serde(default)]
+    pub users: Vec<UserOverride>,
+}
+
+/// What the ledger keeps of the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptPolicyConfig {
+    None,
+    #[default]
+    Sha256,
+    Full,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LedgerConfig {
+    /// SQLite database holding the usage ledger and quota use.
+    pub path: PathBuf,
+    /// `none`, `sha256` or `full`.
+    pub prompt: PromptPolicyConfig,
+    /// Records waiting for the writer; when full, requests wait (nothing is dropped).
+    pub queue: usize,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            path: PathBuf::from("data/imagegate.db"),
+            prompt: PromptPolicyConfig::Sha256,
+            queue: 1024,
+        }
+    }
 }
 
 /// The stored form of a gateway key.
@@ -249,6 +309,10 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             validation: ValidationConfig::default(),
             log: LogConfig::default(),
+            limits: LimitsConfig::default(),
+            quotas: QuotasConfig::default(),
+            prices: default_prices(),
+            ledger: LedgerConfig::default(),
             clients: Vec::new(),
             upstream_key: None,
         }
@@ -395,6 +459,42 @@ impl Config {
         if v.max_parts < 2 {
             p.push("validation.max_parts: must be at least 2".into());
         }
+        p.extend(self.limits.per_user.problems("limits.per_user"));
+        p.extend(self.limits.per_client.problems("limits.per_client"));
+        if self.limits.max_tracked_users_per_client == 0 {
+            p.push("limits.max_tracked_users_per_client: must be at least 1".into());
+        }
+        p.extend(self.quotas.per_user.problems("quotas.per_user"));
+        p.extend(self.quotas.per_client.problems("quotas.per_client"));
+        if jiff::tz::TimeZone::get(&self.quotas.time_zone).is_err() {
+            p.push(format!(
+                "quotas.time_zone: unknown time zone '{}'",
+                self.quotas.time_zone
+            ));
+        }
+        for model in &v.models {
+            match self.prices.get(model) {
+                None => p.push(format!("prices: no prices for model '{model}'")),
+                Some(sizes) => {
+                    for size in crate::edit::Size::ALL {
+                        match sizes.get(size.as_str()) {
+                            Some(usd) if usd.is_finite() && *usd >= 0.0 => {}
+                            Some(_) => p.push(format!(
+                                "prices.{model}.{}: must be a non-negative number",
+                                size.as_str()
+                            )),
+                            None => p.push(format!(
+                                "prices.{model}: no price for size {}",
+                                size.as_str()
+                            )),
+                        }
+                    }
+                }
+            }
+        }
+        if self.ledger.queue == 0 {
+            p.push("ledger.queue: must be at least 1".into());
+        }
         let mut names = std::collections::HashSet::new();
         let mut hashes = std::collections::HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {
@@ -412,6 +512,29 @@ impl Config {
                     }
                 }
                 Err(e) => p.push(format!("clients[{i}].key_hash: {e}")),
+            }
+            match (c.kind, &c.user) {
+                (ClientKind::Personal, None) => p.push(format!(
+                    "clients[{i}].user: a personal client needs its user's name"
+                )),
+                (ClientKind::Personal, Some(u))
+                    if crate::limits::normalize_user(u, v.max_user_chars).is_err() =>
+                {
+                    p.push(format!("clients[{i}].user: not a valid user name"))
+                }
+                (ClientKind::App, Some(_)) => p.push(format!(
+                    "clients[{i}].user: only personal clients have a user"
+                )),
+                _ => {}
+            }
+            let at = format!("clients[{i}]");
+            p.extend(c.limits.problems(&format!("{at}.limits")));
+            p.extend(c.user_limits.problems(&format!("{at}.user_limits")));
+            p.extend(c.quotas.problems(&format!("{at}.quotas")));
+            p.extend(c.user_quotas.problems(&format!("{at}.user_quotas")));
+            for (j, u) in c.users.iter().enumerate() {
+                p.extend(u.limits.problems(&format!("{at}.users[{j}].limits")));
+                p.extend(u.quotas.problems(&format!("{at}.users[{j}].quotas")));
             }
         }
         p

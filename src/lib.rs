@@ -5,10 +5,12 @@
 pub mod app;
 pub mod body;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod edit;
 pub mod edits;
 pub mod error;
+pub mod limits;
 pub mod middleware;
 pub mod server;
 pub mod telemetry;

@@ -154,6 +154,7 @@ mod tests {
             c.clients.push(ClientConfig {
                 name: name.into(),
                 key_hash: hash_key(key),
+                ..Default::default()
             });
         }
         KeyTable::from_config(&c).unwrap()

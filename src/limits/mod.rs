@@ -1,0 +1,222 @@
+//! Who pays for a request, and whether they may: end-user identity, per-minute rate limits
+//! (in memory, governor) and daily/monthly quotas (persisted beside the ledger).
+//!
+//! The end user is the pair (client, `user`). `app` clients pass their own end users; a
+//! `personal` client's end user is its configured person, whatever `user` says.
+
+pub mod quota;
+pub mod rate;
+pub mod spec;
+
+use crate::config::ClientConfig;
+use crate::error::GatewayError;
+use spec::{ClientKind, MissingUser, UserMismatch};
+
+/// The party a request is charged to. `user` is `None` when an `app` client's request without
+/// `user` is charged to the client itself (policy `missing_user = "client"`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EndUser {
+    pub client: std::sync::Arc<str>,
+    pub user: Option<String>,
+}
+
+impl EndUser {
+    /// How the end user is named in messages and reports.
+    pub fn label(&self) -> String {
+        match &self.user {
+            Some(u) => format!("user '{u}' of client '{}'", self.client),
+            None => format!("client '{}' (no user)", self.client),
+        }
+    }
+}
+
+/// Trim, bound the length, refuse control characters. Empty after trimming is "absent".
+pub fn normalize_user(raw: &str, max_chars: usize) -> Result<Option<String>, GatewayError> {
+    let t = raw.trim();
+    if t.is_empty() {
+        return Ok(None);
+    }
+    if t.chars().any(char::is_control) {
+        return Err(GatewayError::field(
+            "user",
+            "invalid_value",
+            "Invalid 'user': control characters are not allowed in an end-user id.",
+        ));
+    }
+    let len = t.chars().count();
+    if len > max_chars {
+        return Err(GatewayError::field(
+            "user",
+            "string_above_max_length",
+            format!(
+                "Invalid 'user': string too long. Expected a string with maximum length {max_chars}, but got a string with length {len} instead."
+            ),
+        ));
+    }
+    Ok(Some(t.to_owned()))
+}
+
+/// Decide the end user of a request from the client's configuration and the sent `user`.
+/// Returns the end user and the `user` value to forward upstream.
+pub fn resolve_end_user(
+    client: &ClientConfig,
+    sent: Option<&str>,
+    missing: MissingUser,
+    mismatch: UserMismatch,
+    max_chars: usize,
+) -> Result<EndUser, GatewayError> {
+    let sent = match sent {
+        Some(s) => normalize_user(s, max_chars)?,
+        None => None,
+    };
+    let name: std::sync::Arc<str> = client.name.as_str().into();
+    match client.kind {
+        ClientKind::App => match (sent, missing) {
+            (Some(u), _) => Ok(EndUser {
+                client: name,
+                user: Some(u),
+            }),
+            (None, MissingUser::Client) => Ok(EndUser {
+                client: name,
+                user: None,
+            }),
+            (None, MissingUser::Reject) => Err(GatewayError::field(
+                "user",
+                "missing_required_parameter",
+                "Missing required parameter: 'user'. This gateway charges every request to an end user; send the end user's id in 'user'.",
+            )),
+        },
+        ClientKind::Personal => {
+            let own = client
+                .user
+                .clone()
+                .expect("config validation: personal clients have a user");
+            match sent {
+                Some(u) if u != own && mismatch == UserMismatch::Reject => {
+                    Err(GatewayError::field(
+                        "user",
+                        "invalid_value",
+                        format!(
+                            "Invalid 'user': this key belongs to '{own}'; send 'user' as '{own}' or leave it out."
+                        ),
+                    ))
+                }
+                Some(u) if u != own => {
+                    tracing::info!(sent = %u, charged = %own, "personal key sent another user; overwritten");
+                    Ok(EndUser {
+                        client: name,
+                        user: Some(own),
+                    })
+                }
+                _ => Ok(EndUser {
+                    client: name,
+                    user: Some(own),
+                }),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> ClientConfig {
+        ClientConfig {
+            name: "web".into(),
+            ..Default::default()
+        }
+    }
+
+    fn personal() -> ClientConfig {
+        ClientConfig {
+            name: "alice-laptop".into(),
+            kind: ClientKind::Personal,
+            user: Some("alice".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn app_users_are_normalized() {
+        let e = resolve_end_user(
+            &app(),
+            Some("  u-1 "),
+            MissingUser::Reject,
+            UserMismatch::Reject,
+            256,
+        )
+        .unwrap();
+        assert_eq!(e.user.as_deref(), Some("u-1"));
+        assert!(
+            resolve_end_user(
+                &app(),
+                Some("a\u{0}b"),
+                MissingUser::Reject,
+                UserMismatch::Reject,
+                256
+            )
+            .is_err()
+        );
+        assert!(
+            resolve_end_user(
+                &app(),
+                Some("abc"),
+                MissingUser::Reject,
+                UserMismatch::Reject,
+                2
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn missing_user_policies() {
+        let err = resolve_end_user(&app(), None, MissingUser::Reject, UserMismatch::Reject, 256)
+            .unwrap_err();
+        assert_eq!(err.parts().code, Some("missing_required_parameter"));
+        assert_eq!(err.parts().param.as_deref(), Some("user"));
+        let blank = resolve_end_user(
+            &app(),
+            Some("   "),
+            MissingUser::Reject,
+            UserMismatch::Reject,
+            256,
+        );
+        assert!(blank.is_err(), "a blank user is a missing user");
+        let e =
+            resolve_end_user(&app(), None, MissingUser::Client, UserMismatch::Reject, 256).unwrap();
+        assert_eq!(e.user, None);
+    }
+
+    #[test]
+    fn personal_keys_cannot_spend_for_others() {
+        let e = resolve_end_user(
+            &personal(),
+            Some("bob"),
+            MissingUser::Reject,
+            UserMismatch::Overwrite,
+            256,
+        )
+        .unwrap();
+        assert_eq!(e.user.as_deref(), Some("alice"));
+        let e = resolve_end_user(
+            &personal(),
+            None,
+            MissingUser::Reject,
+            UserMismatch::Reject,
+            256,
+        )
+        .unwrap();
+        assert_eq!(e.user.as_deref(), Some("alice"));
+        let err = resolve_end_user(
+            &personal(),
+            Some("bob"),
+            MissingUser::Reject,
+            UserMismatch::Reject,
+            256,
+        )
+        .unwrap_err();
+        assert_eq!(err.parts().code, Some("invalid_value"));
+    }
+}

@@ -1,0 +1,524 @@
+//! Daily and monthly quotas (images and USD), per end user and per client, persisted in SQLite
+//! beside the usage ledger so they survive restarts.
+//!
+//! `reserve` charges `n × price` before forwarding, in one `BEGIN IMMEDIATE` transaction under a
+//! mutex: it reads the current use of every scope the request touches, refuses if any quota
+//! would be exceeded, else adds the reservation everywhere. Concurrent requests therefore can
+//! never overspend. `settle` adjusts the same periods once the answer is known (a refund when
+//! the upstream failed or returned fewer images). Periods are days and months in the
+//! configured time zone.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use jiff::tz::TimeZone;
+use jiff::{ToSpan, ZonedDateTime as Zoned};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::EndUser;
+use super::spec::{QuotaSpec, micros_to_usd, usd_to_micros};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::GatewayError;
+
+/// A charge held against the quotas, to be settled once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    scopes: Vec<String>,
+    day: String,
+    month: String,
+    pub images: u32,
+    pub micros: i64,
+}
+
+/// Limits of one scope, in stored units; `None` = unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScopeLimits {
+    pub images_day: Option<u64>,
+    pub images_month: Option<u64>,
+    pub micros_day: Option<i64>,
+    pub micros_month: Option<i64>,
+}
+
+impl From<QuotaSpec> for ScopeLimits {
+    fn from(q: QuotaSpec) -> Self {
+        let pos = |v: Option<u64>| v.filter(|&v| v > 0);
+        let usd = |v: Option<f64>| v.filter(|&v| v > 0.0).map(usd_to_micros);
+        ScopeLimits {
+            images_day: pos(q.images_per_day),
+            images_month: pos(q.images_per_month),
+            micros_day: usd(q.usd_per_day),
+            micros_month: usd(q.usd_per_month),
+        }
+    }
+}
+
+/// Use of one scope in the current periods.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ScopeUse {
+    pub scope: String,
+    pub day: String,
+    pub month: String,
+    pub images_day: u64,
+    pub images_month: u64,
+    pub micros_day: i64,
+    pub micros_month: i64,
+}
+
+pub struct QuotaStore {
+    conn: Mutex<Connection>,
+    tz: TimeZone,
+    clock: Clock,
+    config: std::sync::Arc<Config>,
+}
+
+/// Scope key of a client.
+pub fn client_scope(client: &str) -> String {
+    format!("client:{client}")
+}
+
+/// Scope key of an end user (`\u{1f}` cannot appear in a normalized user).
+pub fn user_scope(who: &EndUser) -> Option<String> {
+    who.user
+        .as_ref()
+        .map(|u| format!("user:{}\u{1f}{u}", who.client))
+}
+
+impl QuotaStore {
+    pub fn open(
+        path: &Path,
+        config: std::sync::Arc<Config>,
+        clock: Clock,
+    ) -> Result<QuotaStore, String> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let conn = Connection::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::with_connection(conn, config, clock)
+    }
+
+    pub fn open_in_memory(
+        config: std::sync::Arc<Config>,
+        clock: Clock,
+    ) -> Result<QuotaStore, String> {
+        Self::with_connection(
+            Connection::open_in_memory().map_err(|e| e.to_string())?,
+            config,
+            clock,
+        )
+    }
+
+    fn with_connection(
+        conn: Connection,
+        config: std::sync::Arc<Config>,
+        clock: Clock,
+    ) -> Result<QuotaStore, String> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=NORMAL;
+             CREATE TABLE IF NOT EXISTS quota_usage (
+                 scope TEXT NOT NULL,
+                 period TEXT NOT NULL,
+                 images INTEGER NOT NULL DEFAULT 0,
+                 micros INTEGER NOT NULL DEFAULT 0,
+                 PRIMARY KEY (scope, period)
+             ) WITHOUT ROWID;",
+        )
+        .map_err(|e| format!("quota store: {e}"))?;
+        let tz = TimeZone::get(&config.quotas.time_zone)
+            .map_err(|e| format!("quotas.time_zone: {e}"))?;
+        Ok(QuotaStore {
+            conn: Mutex::new(conn),
+            tz,
+            clock,
+            config,
+        })
+    }
+
+    fn now(&self) -> Zoned {
+        self.clock.now_wall().to_zoned_datetime(self.tz.clone())
+    }
+
+    fn periods(now: &Zoned) -> (String, String) {
+        (
+            format!("day:{}", now.strftime("%Y-%m-%d")),
+            format!("month:{}", now.strftime("%Y-%m")),
+        )
+    }
+
+    /// The effective limits of a client and of an end user.
+    pub fn limits_for(&self, who: &EndUser) -> (ScopeLimits, ScopeLimits) {
+        let q = &self.config.quotas;
+        let Some(c) = self.config.clients.iter().find(|c| *c.name == *who.client) else {
+            return (ScopeLimits::default(), ScopeLimits::default());
+        };
+        let client = c.quotas.over(q.per_client);
+        let user_base = c.user_quotas.over(q.per_user);
+        let user = match &who.user {
+            Some(u) => c
+                .users
+                .iter()
+                .find(|o| &o.user == u)
+                .map_or(user_base, |o| o.quotas.over(user_base)),
+            None => QuotaSpec::default(),
+        };
+        (client.into(), user.into())
+    }
+
+    /// Price of `n` images of `size` with `model`, in micro-dollars.
+    pub fn price(&self, model: &str, size: &str, images: u32) -> i64 {
+        let each = self
+            .config
+            .prices
+            .get(model)
+            .and_then(|s| s.get(size))
+            .copied()
+            .unwrap_or(0.0);
+        usd_to_micros(each) * i64::from(images)
+    }
+
+    /// Reserve `images` and `micros` for `who` and its client, or refuse with the exhausted quota.
+    pub fn reserve(
+        &self,
+        who: &EndUser,
+        images: u32,
+        micros: i64,
+    ) -> Result<Reservation, GatewayError> {
+        let now = self.now();
+        let (day, month) = Self::periods(&now);
+        let (client_limits, user_limits) = self.limits_for(who);
+        let mut scopes: Vec<(String, ScopeLimits, String)> = Vec::new();
+        if let Some(s) = user_scope(who) {
+            scopes.push((s, user_limits, who.label()));
+        }
+        scopes.push((
+            client_scope(&who.client),
+            client_limits,
+            format!("client '{}'", who.client),
+        ));
+        let mut conn = self
+            .conn
+            .lock()
+            .expect("quota store lock poisoned by a panic");
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| store_error(&e))?;
+        for (scope, limits, label) in &scopes {
+            let (img_day, mic_day) = read(&tx, scope, &day).map_err(|e| store_error(&e))?;
+            let (img_month, mic_month) = read(&tx, scope, &month).map_err(|e| store_error(&e))?;
+            let checks: [(Option<i128>, i128, i128, &str, bool); 4] = [
+                (
+                    limits.images_day.map(i128::from),
+                    i128::from(img_day),
+                    i128::from(images),
+                    "images per day",
+                    false,
+                ),
+                (
+                    limits.images_month.map(i128::from),
+                    i128::from(img_month),
+                    i128::from(images),
+                    "images per month",
+                    true,
+                ),
+                (
+                    limits.micros_day.map(i128::from),
+                    i128::from(mic_day),
+                    i128::from(micros),
+                    "spend per day",
+                    false,
+                ),
+                (
+                    limits.micros_month.map(i128::from),
+                    i128::from(mic_month),
+                    i128::from(micros),
+                    "spend per month",
+                    true,
+                ),
+            ];
+            for (limit, used, add, name, monthly) in checks {
+                if let Some(limit) = limit
+                    && used + add > limit
+                {
+                    drop(tx);
+                    return Err(self.exhausted(label, name, limit, used, monthly, &now));
+                }
+            }
+        }
+        for (scope, _, _) in &scopes {
+            for period in [&day, &month] {
+                add(&tx, scope, period, i64::from(images), micros).map_err(|e| store_error(&e))?;
+            }
+        }
+        tx.commit().map_err(|e| store_error(&e))?;
+        Ok(Reservation {
+            scopes: scopes.into_iter().map(|s| s.0).collect(),
+            day,
+            month,
+            images,
+            micros,
+        })
+    }
+
+    fn exhausted(
+        &self,
+        label: &str,
+        name: &str,
+        limit: i128,
+        used: i128,
+        monthly: bool,
+        now: &Zoned,
+    ) -> GatewayError {
+        let start = if monthly {
+            now.first_of_month()
+                .and_then(|d| d.start_of_day())
+                .and_then(|d| d.checked_add(1.month()))
+        } else {
+            now.start_of_day().and_then(|d| d.checked_add(1.day()))
+        };
+        let (reset, retry_after) = match start {
+            Ok(r) => {
+                let secs = (r.timestamp().as_second() - now.timestamp().as_second()).max(1) as u64;
+                (
+                    r.timestamp().to_string(),
+                    Some(std::time::Duration::from_secs(secs)),
+                )
+            }
+            Err(_) => ("the start of the next period".into(), None),
+        };
+        let (limit_s, used_s) = if name.starts_with("spend") {
+            (
+                format!("${}", micros_to_usd(limit as i64)),
+                format!("${}", micros_to_usd(used as i64)),
+            )
+        } else {
+            (limit.to_string(), used.to_string())
+        };
+        GatewayError::QuotaExceeded {
+            message: format!(
+                "You exceeded your current quota: the {name} quota of {label} on this gateway is {limit_s} and {used_s} is already used. It resets at {reset}."
+            ),
+            retry_after,
+        }
+    }
+
+    /// Settle a reservation: the actual images and cost replace the reserved ones.
+    pub fn settle(&self, r: &Reservation, images: u32, micros: i64) -> Result<(), String> {
+        let d_images = i64::from(images) - i64::from(r.images);
+        let d_micros = micros - r.micros;
+        if d_images == 0 && d_micros == 0 {
+            return Ok(());
+        }
+        let mut conn = self
+            .conn
+            .lock()
+            .expect("quota store lock poisoned by a panic");
+        let tx = conn.transaction().map_err(|e| e.to_string())?;
+        for scope in &r.scopes {
+            for period in [&r.day, &r.month] {
+                add(&tx, scope, period, d_images, d_micros).map_err(|e| e.to_string())?;
+            }
+        }
+        tx.commit().map_err(|e| e.to_string())
+    }
+
+    /// Use of a scope in the current day and month.
+    pub fn usage(&self, scope: &str) -> Result<ScopeUse, String> {
+        let (day, month) = Self::periods(&self.now());
+        let conn = self
+            .conn
+            .lock()
+            .expect("quota store lock poisoned by a panic");
+        let (images_day, micros_day) = read(&conn, scope, &day).map_err(|e| e.to_string())?;
+        let (images_month, micros_month) = read(&conn, scope, &month).map_err(|e| e.to_string())?;
+        Ok(ScopeUse {
+            scope: scope.to_owned(),
+            day,
+            month,
+            images_day,
+            images_month,
+            micros_day,
+            micros_month,
+        })
+    }
+
+    /// Every user scope of a client seen this month.
+    pub fn users_of(&self, client: &str) -> Result<Vec<String>, String> {
+        let (_, month) = Self::periods(&self.now());
+        let conn = self
+            .conn
+            .lock()
+            .expect("quota store lock poisoned by a panic");
+        let mut stmt = conn
+            .prepare("SELECT scope FROM quota_usage WHERE period = ?1 AND scope LIKE ?2 ESCAPE '\\' ORDER BY scope")
+            .map_err(|e| e.to_string())?;
+        let pattern = format!(
+            "user:{}\u{1f}%",
+            client
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        let rows = stmt
+            .query_map(params![month, pattern], |r| r.get::<_, String>(0))
+            .map_err(|e| e.to_string())?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn read(conn: &Connection, scope: &str, period: &str) -> rusqlite::Result<(u64, i64)> {
+    conn.query_row(
+        "SELECT images, micros FROM quota_usage WHERE scope = ?1 AND period = ?2",
+        params![scope, period],
+        |r| Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, i64>(1)?)),
+    )
+    .optional()
+    .map(|o| o.unwrap_or((0, 0)))
+}
+
+fn add(
+    conn: &Connection,
+    scope: &str,
+    period: &str,
+    images: i64,
+    micros: i64,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO quota_usage (scope, period, images, micros) VALUES (?1, ?2, MAX(?3, 0), MAX(?4, 0))
+         ON CONFLICT (scope, period) DO UPDATE SET images = MAX(images + ?3, 0), micros = MAX(micros + ?4, 0)",
+        params![scope, period, images, micros],
+    )
+    .map(|_| ())
+}
+
+fn store_error(e: &rusqlite::Error) -> GatewayError {
+    tracing::error!(error = %e, "quota store failed");
+    GatewayError::LedgerUnavailable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClientConfig, hash_key};
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    fn store(spec: QuotaSpec) -> (Arc<QuotaStore>, Clock) {
+        let mut c = Config::default();
+        c.quotas.per_user = spec;
+        c.clients.push(ClientConfig {
+            name: "a".into(),
+            key_hash: hash_key("a"),
+            ..Default::default()
+        });
+        // 2026-11-24T23:00:00Z
+        let clock = Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_993_200));
+        (
+            Arc::new(QuotaStore::open_in_memory(Arc::new(c), clock.clone()).unwrap()),
+            clock,
+        )
+    }
+
+    fn who(u: &str) -> EndUser {
+        EndUser {
+            client: "a".into(),
+            user: Some(u.into()),
+        }
+    }
+
+    #[test]
+    fn reserve_refuse_refund() {
+        let (s, _) = store(QuotaSpec {
+            images_per_day: Some(10),
+            ..Default::default()
+        });
+        let r = s.reserve(&who("u"), 8, 160_000).unwrap();
+        let err = s.reserve(&who("u"), 3, 60_000).unwrap_err();
+        let GatewayError::QuotaExceeded {
+            message,
+            retry_after,
+        } = err
+        else {
+            panic!()
+        };
+        assert!(
+            message.contains("images per day quota of user 'u' of client 'a'"),
+            "{message}"
+        );
+        assert!(message.contains("is 10 and 8 is already used"), "{message}");
+        assert_eq!(
+            retry_after,
+            Some(Duration::from_secs(3600)),
+            "resets at midnight UTC"
+        );
+        s.settle(&r, 5, 100_000).unwrap(); // fewer images returned: refund 3
+        assert!(s.reserve(&who("u"), 3, 60_000).is_ok());
+        assert!(
+            s.reserve(&who("other"), 10, 0).is_ok(),
+            "users are isolated"
+        );
+        let u = s.usage(&client_scope("a")).unwrap();
+        assert_eq!((u.images_day, u.micros_day), (18, 160_000));
+    }
+
+    #[test]
+    fn spend_quota_and_rollover() {
+        let (s, clock) = store(QuotaSpec {
+            usd_per_day: Some(0.05),
+            ..Default::default()
+        });
+        assert!(
+            s.reserve(&who("u"), 2, s.price("dall-e-2", "1024x1024", 2))
+                .is_ok()
+        );
+        let err = s
+            .reserve(&who("u"), 1, s.price("dall-e-2", "1024x1024", 1))
+            .unwrap_err();
+        assert!(
+            err.parts().message.contains("spend per day"),
+            "{}",
+            err.parts().message
+        );
+        assert!(
+            s.reserve(&who("u"), 1, s.price("dall-e-2", "256x256", 1))
+                .is_err(),
+            "0.04 + 0.016 > 0.05"
+        );
+        clock.advance(Duration::from_secs(3600));
+        assert!(
+            s.reserve(&who("u"), 2, s.price("dall-e-2", "1024x1024", 2))
+                .is_ok(),
+            "a new day"
+        );
+    }
+
+    #[test]
+    fn parallel_reservations_never_overspend() {
+        let (s, _) = store(QuotaSpec {
+            images_per_month: Some(100),
+            ..Default::default()
+        });
+        let admitted = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|t| {
+            for _ in 0..8 {
+                t.spawn(|| {
+                    for _ in 0..20 {
+                        if s.reserve(&who("u"), 3, 0).is_ok() {
+                            admitted.fetch_add(3, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.into_inner(), 99, "33 reservations of 3 fit in 100");
+        assert_eq!(
+            s.usage(&user_scope(&who("u")).unwrap())
+                .unwrap()
+                .images_month,
+            99
+        );
+    }
+}

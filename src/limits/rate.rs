@@ -1,0 +1,528 @@
+//! Per-minute rate limits, in memory, with governor's GCRA limiters.
+//!
+//! Per client: requests per minute, checked before the body is read. Per end user: requests per
+//! minute and images per minute, where a request costs `n` images (`check_n`), checked right
+//! after the form is parsed and before any PNG decoding. Every limit has a burst.
+//!
+//! Memory is bounded: each client tracks at most `limits.max_tracked_users_per_client` end
+//! users. When a new user arrives at the cap, users idle long enough for their buckets to be
+//! full again (indistinguishable from new ones) are evicted; if the cap is still reached, the
+//! new user shares one overflow bucket pair with every other untracked user of that client, so
+//! a client spraying distinct `user` values only limits itself.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+
+use super::EndUser;
+use super::spec::RateSpec;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::GatewayError;
+
+type Direct = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
+
+/// One limit: a limiter and the numbers it was built from.
+struct Limit {
+    limiter: Direct,
+    per_minute: u32,
+    burst: u32,
+}
+
+impl Limit {
+    fn new(per_minute: Option<u32>, burst: Option<u32>, clock: &Clock) -> Option<Limit> {
+        let per_minute = per_minute.filter(|&v| v > 0)?;
+        let burst = burst.filter(|&b| b > 0).unwrap_or(per_minute);
+        let quota =
+            Quota::per_minute(NonZeroU32::new(per_minute)?).allow_burst(NonZeroU32::new(burst)?);
+        let limiter = RateLimiter::direct_with_clock(quota, clock.clone())
+            .with_middleware::<StateInformationMiddleware>();
+        Some(Limit {
+            limiter,
+            per_minute,
+            burst,
+        })
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_secs(60) / self.per_minute
+    }
+
+    /// Time for an emptied bucket to be full again.
+    fn refill(&self) -> Duration {
+        self.interval() * self.burst
+    }
+
+    /// Take `cost` cells. Ok: the window after; Err: the window and how long to wait.
+    fn take(&self, cost: u32, clock: &Clock) -> Result<Window, (Window, Duration)> {
+        let cells = NonZeroU32::new(cost.max(1)).expect("cost is at least 1");
+        match self.limiter.check_n(cells) {
+            Ok(Ok(snapshot)) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                Ok(Window {
+                    limit: self.per_minute,
+                    remaining,
+                    reset: self.interval() * (self.burst - remaining),
+                })
+            }
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(clock));
+                let reset = wait + self.interval() * self.burst.saturating_sub(1);
+                Err((
+                    Window {
+                        limit: self.per_minute,
+                        remaining: 0,
+                        reset,
+                    },
+                    wait,
+                ))
+            }
+            // More cells than the burst: this request can never pass (config validation keeps
+            // image bursts >= 10, the largest n).
+            Err(_) => Err((
+                Window {
+                    limit: self.per_minute,
+                    remaining: 0,
+                    reset: self.refill(),
+                },
+                self.refill(),
+            )),
+        }
+    }
+}
+
+/// The state of one limit after a check, for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub limit: u32,
+    pub remaining: u32,
+    pub reset: Duration,
+}
+
+/// What the per-user check saw, for the response headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateStatus {
+    pub requests: Option<Window>,
+    pub images: Option<Window>,
+}
+
+impl RateStatus {
+    /// The gateway's own `x-ratelimit-*` headers.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut h = Vec::new();
+        if let Some(w) = self.requests {
+            h.push(("x-ratelimit-limit-requests", w.limit.to_string()));
+            h.push(("x-ratelimit-remaining-requests", w.remaining.to_string()));
+            h.push(("x-ratelimit-reset-requests", format_reset(w.reset)));
+        }
+        if let Some(w) = self.images {
+            h.push(("x-ratelimit-limit-images", w.limit.to_string()));
+            h.push(("x-ratelimit-remaining-images", w.remaining.to_string()));
+            h.push(("x-ratelimit-reset-images", format_reset(w.reset)));
+        }
+        h
+    }
+}
+
+/// OpenAI's duration style: `12ms`, `1.5s`, `6m0s`.
+pub fn format_reset(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        let s = format!("{:.3}", d.as_secs_f64());
+        format!("{}s", s.trim_end_matches('0').trim_end_matches('.'))
+    } else {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+fn human(d: Duration) -> String {
+    let ms = d.as_millis().max(1);
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// The buckets of one end user.
+struct Buckets {
+    requests: Option<Limit>,
+    images: Option<Limit>,
+    last_seen: Duration,
+}
+
+impl Buckets {
+    fn new(spec: &RateSpec, clock: &Clock) -> Buckets {
+        Buckets {
+            requests: Limit::new(spec.requests_per_minute, spec.requests_burst, clock),
+            images: Limit::new(spec.images_per_minute, spec.images_burst, clock),
+            last_seen: clock.elapsed(),
+        }
+    }
+
+    /// Idle this long, the buckets are full again and can be forgotten.
+    fn idle_after(&self) -> Duration {
+        let r = self.requests.as_ref().map_or(Duration::ZERO, Limit::refill);
+        let i = self.images.as_ref().map_or(Duration::ZERO, Limit::refill);
+        r.max(i)
+    }
+
+    fn check(
+        &mut self,
+        who: &EndUser,
+        n: u32,
+        clock: &Clock,
+    ) -> Result<RateStatus, (GatewayError, RateStatus)> {
+        self.last_seen = clock.elapsed();
+        let mut status = RateStatus::default();
+        if let Some(l) = &self.requests {
+            match l.take(1, clock) {
+                Ok(w) => status.requests = Some(w),
+                Err((w, wait)) => {
+                    status.requests = Some(w);
+                    status.images = self.images.as_ref().map(|i| Window {
+                        limit: i.per_minute,
+                        remaining: 0,
+                        reset: Duration::ZERO,
+                    });
+                    let message = format!(
+                        "Rate limit reached for requests per minute for {} on this gateway. Limit: {}/1min (burst {}). Current: {}/1min. Please try again in {}.",
+                        who.label(),
+                        l.per_minute,
+                        l.burst,
+                        l.burst + 1,
+                        human(wait)
+                    );
+                    return Err((
+                        GatewayError::RateLimited {
+                            message,
+                            retry_after: wait,
+                        },
+                        status,
+                    ));
+                }
+            }
+        }
+        if let Some(l) = &self.images {
+            match l.take(n, clock) {
+                Ok(w) => status.images = Some(w),
+                Err((w, wait)) => {
+                    status.images = Some(w);
+                    let message = format!(
+                        "Rate limit reached for images per minute for {} on this gateway. Limit: {}/1min (burst {}). Requested: {n} images. Please try again in {}.",
+                        who.label(),
+                        l.per_minute,
+                        l.burst,
+                        human(wait)
+                    );
+                    return Err((
+                        GatewayError::RateLimited {
+                            message,
+                            retry_after: wait,
+                        },
+                        status,
+                    ));
+                }
+            }
+        }
+        Ok(status)
+    }
+}
+
+/// The limits of one client and its users.
+struct ClientRates {
+    own: Option<Limit>,
+    user_spec: RateSpec,
+    overrides: HashMap<String, RateSpec>,
+    users: Mutex<Users>,
+}
+
+struct Users {
+    tracked: HashMap<Arc<str>, Buckets>,
+    overflow: Buckets,
+}
+
+/// All rate limits of the gateway.
+pub struct RateLimits {
+    clock: Clock,
+    clients: HashMap<Arc<str>, ClientRates>,
+    max_users: usize,
+}
+
+/// Key under which a client-charged request (no user) is tracked.
+const NO_USER: &str = "";
+
+impl RateLimits {
+    pub fn new(config: &Config, clock: Clock) -> RateLimits {
+        let l = &config.limits;
+        let clients = config
+            .clients
+            .iter()
+            .map(|c| {
+                let own_spec = c.limits.over(l.per_client);
+                let user_spec = c.user_limits.over(l.per_user);
+                let overrides = c
+                    .users
+                    .iter()
+                    .map(|u| (u.user.clone(), u.limits.over(user_spec)))
+                    .collect();
+                let rates = ClientRates {
+                    own: Limit::new(
+                        own_spec.requests_per_minute,
+                        own_spec.requests_burst,
+                        &clock,
+                    ),
+                    user_spec,
+                    overrides,
+                    users: Mutex::new(Users {
+                        tracked: HashMap::new(),
+                        overflow: Buckets::new(&user_spec, &clock),
+                    }),
+                };
+                (Arc::<str>::from(c.name.as_str()), rates)
+            })
+            .collect();
+        RateLimits {
+            clock,
+            clients,
+            max_users: l.max_tracked_users_per_client,
+        }
+    }
+
+    /// The per-client request limit, checked before the body is read.
+    pub fn check_client(&self, client: &str) -> Result<Option<Window>, GatewayError> {
+        let Some(rates) = self.clients.get(client) else {
+            return Ok(None);
+        };
+        let Some(own) = &rates.own else {
+            return Ok(None);
+        };
+        match own.take(1, &self.clock) {
+            Ok(w) => Ok(Some(w)),
+            Err((_, wait)) => Err(GatewayError::RateLimited {
+                message: format!(
+                    "Rate limit reached for requests per minute for client '{client}' on this gateway. Limit: {}/1min (burst {}). Current: {}/1min. Please try again in {}.",
+                    own.per_minute,
+                    own.burst,
+                    own.burst + 1,
+                    human(wait)
+                ),
+                retry_after: wait,
+            }),
+        }
+    }
+
+    /// The per-user limits: one request and `n` images.
+    pub fn check_user(
+        &self,
+        who: &EndUser,
+        n: u8,
+    ) -> Result<RateStatus, (GatewayError, RateStatus)> {
+        let Some(rates) = self.clients.get(&who.client) else {
+            return Ok(RateStatus::default());
+        };
+        let key = who.user.as_deref().unwrap_or(NO_USER);
+        let mut users = rates
+            .users
+            .lock()
+            .expect("rate-limit map lock poisoned by a panic");
+        let users = &mut *users;
+        if !users.tracked.contains_key(key) && users.tracked.len() >= self.max_users {
+            self.evict_idle(users);
+        }
+        let buckets = if let Some(b) = users.tracked.get_mut(key) {
+            b
+        } else if users.tracked.len() < self.max_users {
+            let spec = rates.overrides.get(key).copied().unwrap_or(rates.user_spec);
+            users
+                .tracked
+                .entry(Arc::from(key))
+                .or_insert_with(|| Buckets::new(&spec, &self.clock))
+        } else {
+            tracing::warn!(client = %who.client, cap = self.max_users, "tracked-user cap reached; user shares the overflow bucket");
+            &mut users.overflow
+        };
+        buckets.check(who, u32::from(n), &self.clock)
+    }
+
+    fn evict_idle(&self, users: &mut Users) {
+        let now = self.clock.elapsed();
+        users
+            .tracked
+            .retain(|_, b| now.saturating_sub(b.last_seen) < b.idle_after());
+        users.tracked.shrink_to_fit();
+    }
+
+    /// Evict idle users of every client (run periodically).
+    pub fn sweep(&self) {
+        for rates in self.clients.values() {
+            let mut users = rates
+                .users
+                .lock()
+                .expect("rate-limit map lock poisoned by a panic");
+            self.evict_idle(&mut users);
+        }
+    }
+
+    /// End users tracked for a client.
+    pub fn tracked_users(&self, client: &str) -> usize {
+        self.clients.get(client).map_or(0, |r| {
+            r.users
+                .lock()
+                .expect("rate-limit map lock poisoned by a panic")
+                .tracked
+                .len()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClientConfig, hash_key};
+    use crate::limits::spec::UserOverride;
+    use std::time::SystemTime;
+
+    fn setup(max_users: usize) -> (RateLimits, Clock) {
+        let mut c = Config::default();
+        c.limits.max_tracked_users_per_client = max_users;
+        c.limits.per_user = RateSpec {
+            requests_per_minute: Some(6),
+            requests_burst: Some(3),
+            images_per_minute: Some(20),
+            images_burst: Some(10),
+        };
+        c.limits.per_client = RateSpec {
+            requests_per_minute: Some(60),
+            requests_burst: Some(5),
+            ..Default::default()
+        };
+        c.clients.push(ClientConfig {
+            name: "a".into(),
+            key_hash: hash_key("a"),
+            users: vec![UserOverride {
+                user: "vip".into(),
+                limits: RateSpec {
+                    requests_burst: Some(6),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        c.clients.push(ClientConfig {
+            name: "b".into(),
+            key_hash: hash_key("b"),
+            ..Default::default()
+        });
+        let clock = Clock::manual(SystemTime::UNIX_EPOCH);
+        (RateLimits::new(&c, clock.clone()), clock)
+    }
+
+    fn who(client: &str, user: &str) -> EndUser {
+        EndUser {
+            client: client.into(),
+            user: Some(user.into()),
+        }
+    }
+
+    fn admitted(r: &RateLimits, w: &EndUser, n: u8, tries: usize) -> usize {
+        (0..tries).filter(|_| r.check_user(w, n).is_ok()).count()
+    }
+
+    #[test]
+    fn burst_then_recovery() {
+        let (r, clock) = setup(100);
+        assert_eq!(
+            admitted(&r, &who("a", "u"), 1, 10),
+            3,
+            "burst of 3 requests"
+        );
+        let (err, status) = r.check_user(&who("a", "u"), 1).unwrap_err();
+        let GatewayError::RateLimited { retry_after, .. } = err else {
+            panic!("not a rate limit")
+        };
+        assert_eq!(
+            retry_after,
+            Duration::from_secs(10),
+            "6/min: one request every 10 s"
+        );
+        assert_eq!(status.requests.unwrap().remaining, 0);
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(admitted(&r, &who("a", "u"), 1, 10), 1);
+        clock.advance(Duration::from_secs(30));
+        assert_eq!(admitted(&r, &who("a", "u"), 1, 10), 3);
+    }
+
+    #[test]
+    fn images_are_weighted_by_n() {
+        let (r, clock) = setup(100);
+        let w = who("a", "painter");
+        let s = r.check_user(&w, 8).unwrap();
+        assert_eq!(s.images.unwrap().remaining, 2);
+        assert!(r.check_user(&w, 3).is_err(), "8 + 3 > burst 10");
+        clock.advance(Duration::from_secs(3)); // 20/min: one image every 3 s
+        let s = r.check_user(&w, 3).unwrap();
+        assert_eq!(s.images.unwrap().remaining, 0);
+    }
+
+    #[test]
+    fn users_and_clients_are_isolated() {
+        let (r, _) = setup(100);
+        assert_eq!(admitted(&r, &who("a", "u1"), 1, 5), 3);
+        assert_eq!(admitted(&r, &who("a", "u2"), 1, 5), 3);
+        assert_eq!(admitted(&r, &who("b", "u1"), 1, 5), 3);
+        assert_eq!(
+            admitted(&r, &who("a", "vip"), 1, 10),
+            6,
+            "per-user override"
+        );
+    }
+
+    #[test]
+    fn client_limit() {
+        let (r, clock) = setup(100);
+        assert_eq!((0..10).filter(|_| r.check_client("a").is_ok()).count(), 5);
+        assert!(r.check_client("b").is_ok());
+        clock.advance(Duration::from_secs(1));
+        assert!(r.check_client("a").is_ok());
+    }
+
+    #[test]
+    fn tracked_users_stay_at_the_cap() {
+        let (r, clock) = setup(50);
+        for i in 0..1000 {
+            let _ = r.check_user(&who("a", &format!("spray-{i}")), 1);
+        }
+        assert_eq!(r.tracked_users("a"), 50);
+        // The overflow bucket is shared by the untracked users: its burst is long gone.
+        assert!(r.check_user(&who("a", "spray-new"), 1).is_err());
+        // A tracked user keeps its own bucket.
+        assert!(r.check_user(&who("a", "spray-0"), 1).is_ok());
+        // Once idle users' buckets are full again they are evicted and new users get their own.
+        clock.advance(Duration::from_secs(60));
+        assert!(r.check_user(&who("a", "fresh"), 1).is_ok());
+        assert!(r.tracked_users("a") <= 50);
+        r.sweep();
+        assert_eq!(
+            r.tracked_users("a"),
+            1,
+            "only 'fresh' was seen in the last minute"
+        );
+    }
+
+    #[test]
+    fn reset_format() {
+        assert_eq!(format_reset(Duration::from_millis(12)), "12ms");
+        assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_reset(Duration::from_secs(20)), "20s");
+        assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
+    }
+}
