@@ -14,7 +14,11 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::body::{Body, full};
+use crate::clock::Clock;
 use crate::config::Config;
+use crate::limits::quota::QuotaStore;
+use crate::limits::rate::RateLimits;
+use crate::middleware::client_limit::ClientLimitLayer;
 use crate::edit::form::FormRules;
 use crate::edit::png_check::PngRules;
 use crate::edits::EditsService;
@@ -35,12 +39,19 @@ pub struct AppState {
     pub decode_permits: Semaphore,
     pub body_cap: usize,
     pub body_timeout: Duration,
+    pub clock: Clock,
+    pub rates: Arc<RateLimits>,
+    pub quotas: Arc<QuotaStore>,
 }
 
 impl AppState {
-    pub fn new(config: Config) -> Result<AppState, String> {
+    pub fn new(config: Config, clock: Clock) -> Result<AppState, String> {
+        let config = Arc::new(config);
         let v = &config.validation;
         Ok(AppState {
+            rates: Arc::new(RateLimits::new(&config, clock.clone())),
+            quotas: Arc::new(QuotaStore::open(&config.ledger.path, config.clone(), clock.clone())?),
+            clock,
             keys: KeyTable::from_config(&config)?,
             upstream: Upstream::new(&config)?,
             form_rules: FormRules {
@@ -57,7 +68,7 @@ impl AppState {
             decode_permits: Semaphore::new(config.server.max_concurrent_decodes),
             body_cap: v.body_cap(),
             body_timeout: config.server.body_read_timeout,
-            config: Arc::new(config),
+            config,
         })
     }
 }
@@ -70,6 +81,8 @@ pub fn build(state: Arc<AppState>) -> AppService {
     let edits = ServiceBuilder::new()
         // Authentication is cheap and needs only headers: it runs before the body is read.
         .layer(AuthLayer::new(state.keys.clone()))
+        // The per-client limit needs only the caller: also before the body is read.
+        .layer(ClientLimitLayer::new(state.rates.clone()))
         .service(EditsService::new(state.clone()));
     let router = Router {
         edits: BoxCloneSyncService::new(edits),

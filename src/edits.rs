@@ -21,6 +21,9 @@ use crate::body::{Body, BoxError};
 use crate::edit::canonical::{self, CanonicalBody};
 use crate::edit::png_check::{self, CheckedPng};
 use crate::edit::{ImageEdit, form};
+use crate::limits::quota::{QuotaStore, Reservation};
+use crate::limits::rate::RateStatus;
+use crate::limits::{EndUser, resolve_end_user};
 use crate::error::GatewayError;
 use crate::middleware::BoxFuture;
 use crate::middleware::auth::Caller;
@@ -49,21 +52,50 @@ impl Service<Request<Incoming>> for EditsService {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let state = self.state.clone();
         Box::pin(async move {
-            Ok(match handle(state, req).await {
+            let mut rate = None;
+            let result = handle(state, req, &mut rate).await;
+            let mut resp = match result {
                 Ok(resp) => resp,
                 Err(e) => {
                     let p = e.parts();
                     tracing::info!(status = p.status.as_u16(), code = ?p.code, param = ?p.param, "request refused");
                     e.into_response()
                 }
-            })
+            };
+            if let Some(status) = rate {
+                set_rate_headers(resp.headers_mut(), &status);
+            }
+            Ok(resp)
         })
+    }
+}
+
+/// The gateway's own `x-ratelimit-*` headers replace the upstream's, which are kept under
+/// `x-upstream-ratelimit-*`.
+fn set_rate_headers(headers: &mut http::HeaderMap, status: &RateStatus) {
+    let upstream: Vec<(http::HeaderName, HeaderValue)> = headers
+        .iter()
+        .filter(|(k, _)| k.as_str().starts_with("x-ratelimit-"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (name, value) in upstream {
+        headers.remove(&name);
+        let renamed = format!("x-upstream-{}", name.as_str());
+        if let Ok(renamed) = http::HeaderName::from_bytes(renamed.as_bytes()) {
+            headers.append(renamed, value);
+        }
+    }
+    for (name, value) in status.headers() {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
     }
 }
 
 async fn handle(
     state: Arc<AppState>,
     req: Request<Incoming>,
+    rate: &mut Option<RateStatus>,
 ) -> Result<Response<Body>, GatewayError> {
     let caller = req.extensions().get::<Caller>().cloned().ok_or_else(|| {
         tracing::error!("edits service reached without an authenticated caller");
@@ -71,14 +103,89 @@ async fn handle(
     })?;
     let boundary = form::boundary(req.headers().get(header::CONTENT_TYPE))?;
     let body = read_body(&state, req).await?;
-    let edit = form::parse(&boundary, body, &state.form_rules).await?;
-    if let Some(user) = &edit.user {
+    let mut edit = form::parse(&boundary, body, &state.form_rules).await?;
+
+    // Who pays: decided right after the fields are parsed, before any decoding.
+    let limits = &state.config.limits;
+    let who = resolve_end_user(
+        &state.config.clients[caller.index],
+        edit.user.as_deref(),
+        limits.missing_user,
+        limits.personal_user_mismatch,
+        state.config.validation.max_user_chars,
+    )?;
+    if let Some(user) = &who.user {
         tracing::Span::current().record("user", user.as_str());
     }
-    tracing::debug!(client = %caller.client, n = edit.n, size = edit.size.as_str(), "form accepted");
+    // The normalized id goes upstream, so OpenAI sees the id the gateway charged.
+    edit.user = who.user.clone();
+    match state.rates.check_user(&who, edit.n) {
+        Ok(status) => *rate = Some(status),
+        Err((e, status)) => {
+            *rate = Some(status);
+            return Err(e);
+        }
+    }
+    let reservation = reserve(&state, &who, &edit).await?;
+
     let (image, mask) = check_images(&state, &edit).await?;
     let canonical = canonical::encode(&edit, image.bytes, mask.map(|m| m.bytes));
-    forward(state, canonical).await
+    forward(state, canonical, reservation, &edit).await
+}
+
+/// Reserve `n × price` against the quotas on the blocking pool. The guard refunds the whole
+/// reservation if the request ends before it is settled (a PNG rejection, a disconnect).
+async fn reserve(state: &Arc<AppState>, who: &EndUser, edit: &ImageEdit) -> Result<ReservationGuard, GatewayError> {
+    let quotas = state.quotas.clone();
+    let n = u32::from(edit.n);
+    let cost = quotas.price(&edit.model, edit.size.as_str(), n);
+    let who = who.clone();
+    let reservation = tokio::task::spawn_blocking(move || quotas.reserve(&who, n, cost))
+        .await
+        .map_err(|_| GatewayError::Internal)??;
+    Ok(ReservationGuard { quotas: state.quotas.clone(), reservation: Some(reservation) })
+}
+
+/// A quota reservation that is settled exactly once: explicitly, or as a full refund on drop.
+pub struct ReservationGuard {
+    quotas: Arc<QuotaStore>,
+    reservation: Option<Reservation>,
+}
+
+impl ReservationGuard {
+    /// Settle with what was actually delivered.
+    pub async fn settle(mut self, images: u32, micros: i64) {
+        if let Some(r) = self.reservation.take() {
+            let quotas = self.quotas.clone();
+            let done = tokio::task::spawn_blocking(move || quotas.settle(&r, images, micros)).await;
+            if !matches!(done, Ok(Ok(()))) {
+                tracing::error!("settling a quota reservation failed");
+            }
+        }
+    }
+
+    pub fn reserved_micros(&self) -> i64 {
+        self.reservation.as_ref().map_or(0, |r| r.micros)
+    }
+}
+
+impl Drop for ReservationGuard {
+    fn drop(&mut self) {
+        if let Some(r) = self.reservation.take() {
+            let quotas = self.quotas.clone();
+            let refund = move || {
+                if let Err(e) = quotas.settle(&r, 0, 0) {
+                    tracing::error!(error = %e, "refunding a quota reservation failed");
+                }
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn_blocking(refund);
+                }
+                Err(_) => refund(),
+            }
+        }
+    }
 }
 
 /// Read the whole body under the cap and the deadline. A declared length over the cap is refused
@@ -151,32 +258,33 @@ async fn check_images(
     })?
 }
 
-/// Forward in a task of its own and stream the answer back.
+/// Forward in a task of its own and stream the answer back. The task settles the quota
+/// reservation once the answer has been read to its end, even if the caller left.
 async fn forward(
     state: Arc<AppState>,
     canonical: CanonicalBody,
+    reservation: ReservationGuard,
+    edit: &ImageEdit,
 ) -> Result<Response<Body>, GatewayError> {
     let (head_tx, head_rx) = oneshot::channel();
     let span = tracing::Span::current();
+    let price_each = state.quotas.price(&edit.model, edit.size.as_str(), 1);
     tokio::spawn(tracing::Instrument::instrument(
         async move {
             match state.upstream.send(canonical).await {
                 Err(e) => {
                     let _ = head_tx.send(Err(e));
+                    reservation.settle(0, 0).await;
                 }
                 Ok(resp) => {
                     let (parts, body) = resp.into_parts();
                     let (tx, rx) = mpsc::channel(8);
                     let hint = http_body::Body::size_hint(&body).exact();
                     let ok = parts.status.is_success();
-                    let _ = head_tx.send(Ok((
-                        parts,
-                        ChannelBody {
-                            rx,
-                            remaining: hint,
-                        },
-                    )));
+                    let _ = head_tx.send(Ok((parts, ChannelBody { rx, remaining: hint })));
                     let outcome = pump(body, tx, ok).await;
+                    let images = outcome.images as u32;
+                    reservation.settle(images, price_each * i64::from(images)).await;
                     tracing::info!(
                         images = outcome.images,
                         caller_gone = outcome.caller_gone,
@@ -193,14 +301,10 @@ async fn forward(
     *resp.status_mut() = parts.status;
     *resp.headers_mut() = passed_headers(&parts.headers);
     if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
-        resp.headers_mut()
-            .insert(header::CONTENT_LENGTH, len.clone());
+        resp.headers_mut().insert(header::CONTENT_LENGTH, len.clone());
     }
     if !resp.headers().contains_key(header::CONTENT_TYPE) {
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
     Ok(resp)
 }

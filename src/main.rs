@@ -73,7 +73,7 @@ async fn serve(config: config::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let state = match imagegate::app::AppState::new(config) {
+    let state = match imagegate::app::AppState::new(config, imagegate::clock::Clock::system()) {
         Ok(s) => std::sync::Arc::new(s),
         Err(e) => {
             tracing::error!(error = %e, "cannot start");

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
 use crate::app::{self, AppState, ClientAddr};
+use crate::clock::Clock;
 use crate::config::Config;
 
 /// A gateway running in the background (used by `main` and by the tests).
@@ -42,13 +43,18 @@ impl Drop for RunningServer {
     }
 }
 
-/// Bind the configured address and serve in a background task.
+/// Bind the configured address and serve in a background task, on the system clock.
 pub async fn spawn(config: Config) -> Result<RunningServer, String> {
+    spawn_with_clock(config, Clock::system()).await
+}
+
+/// Like [`spawn`] with a given clock (tests use a manual one).
+pub async fn spawn_with_clock(config: Config, clock: Clock) -> Result<RunningServer, String> {
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let state = Arc::new(AppState::new(config)?);
+    let state = Arc::new(AppState::new(config, clock)?);
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(serve(listener, state.clone(), async {
         let _ = rx.await;

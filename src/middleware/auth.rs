@@ -25,6 +25,8 @@ use crate::error::{GatewayError, mask_key};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub client: Arc<str>,
+    /// Index of the client in `config.clients`.
+    pub index: usize,
 }
 
 /// The configured clients, keyed by the SHA-256 of their gateway key.
@@ -36,13 +38,14 @@ pub struct KeyTable {
 impl KeyTable {
     pub fn from_config(config: &Config) -> Result<KeyTable, String> {
         let mut entries = Vec::new();
-        for c in &config.clients {
+        for (index, c) in config.clients.iter().enumerate() {
             let hash = parse_key_hash(&c.key_hash)
                 .map_err(|e| format!("client '{}': key_hash {e}", c.name))?;
             entries.push((
                 hash,
                 Caller {
                     client: c.name.as_str().into(),
+                    index,
                 },
             ));
         }

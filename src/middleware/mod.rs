@@ -2,6 +2,7 @@
 //! status, and what request data it reads and writes. The stack itself is built in `app.rs`.
 
 pub mod auth;
+pub mod client_limit;
 pub mod overload;
 pub mod request_id;
 

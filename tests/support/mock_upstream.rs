@@ -1,0 +1,561 @@
+//! A real hyper server on 127.0.0.1:0 standing in for api.openai.com.
+//!
+//! Serves HTTP/1.1 and h2c (prior knowledge) through hyper-util's auto builder. Every request
+//! whose body was read completely is recorded (method, path, headers, body, multipart parts)
+//! *before* its response is sent, so once a client has an answer, [`MockUpstream::count`]
+//! already includes that request. Dropping the [`MockUpstream`] aborts the accept loop and
+//! every connection task and releases all hanging handlers, so calls stuck on it end.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// How the mock answers the requests that arrive after [`MockUpstream::set_behavior`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Behavior {
+    /// 200 `{"created": <unix secs>, "data": [...]}` with `n` items (the received `n` field,
+    /// default 1, clamped to 1..=100). Items are `{"url": "https://example.invalid/img-<i>.png"}`
+    /// or, when `response_format=b64_json`, `{"b64_json": "<base64 of a tiny PNG>"}`.
+    /// Headers (also on `Status` and `SlowBody` answers): content-type application/json,
+    /// x-request-id `req_mock_<k>` (k counts answers from 1), openai-processing-ms 123,
+    /// openai-version 2020-10-01, openai-organization org-mock, x-ratelimit-limit-requests 50,
+    /// x-ratelimit-remaining-requests 49, x-ratelimit-reset-requests 1.2s, and on HTTP/1.x
+    /// only the hop-by-hop trouble makers connection: keep-alive, keep-alive: timeout=5,
+    /// proxy-connection: x (HTTP/2 forbids them).
+    #[default]
+    Success,
+    /// Like `Success` but with exactly this many items (whatever `n` said).
+    FewerImages(usize),
+    /// Reads and records the request, answers `status` with `body` verbatim as
+    /// `application/json`, with the same OpenAI headers as `Success`.
+    Status { status: u16, body: String },
+    /// Reads and records the whole request, then never answers (until the mock is dropped).
+    Hang,
+    /// Accepts the request head but never reads the body nor answers. Not recorded in
+    /// `received()` (the body never arrives); counted by [`MockUpstream::heads`].
+    HangBeforeReading,
+    /// Like `Success`, but the JSON body (no content-length, chunked on HTTP/1.1) is sent in
+    /// `chunks` pieces (at most one per byte), yielding to the scheduler between pieces
+    /// (same mechanism as `tokio::task::yield_now`; no sleeps).
+    SlowBody { chunks: usize },
+    /// Extra: reads and records the request, answers exactly this status, these headers and
+    /// this body (content-length added by hyper), nothing else added.
+    Custom {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
+}
+
+impl Behavior {
+    /// Extra: `Status` with an OpenAI error envelope
+    /// `{"error":{"message","type","param","code"}}` (`param`/`code` become `null` when `None`).
+    pub fn openai_error(
+        status: u16,
+        message: &str,
+        kind: &str,
+        param: Option<&str>,
+        code: Option<&str>,
+    ) -> Behavior {
+        Behavior::Status {
+            status,
+            body: openai_error_body(message, kind, param, code),
+        }
+    }
+}
+
+/// Extra: the OpenAI error envelope as a JSON string.
+pub fn openai_error_body(
+    message: &str,
+    kind: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> String {
+    serde_json::json!({
+        "error": { "message": message, "type": kind, "param": param, "code": code }
+    })
+    .to_string()
+}
+
+/// One multipart part as parsed by multer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub name: String,
+    pub file_name: Option<String>,
+    pub content_type: Option<String>,
+    pub data: Bytes,
+}
+
+/// One request that the mock received completely.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: Method,
+    /// The URI path only (e.g. `/v1/images/edits`); see `query`.
+    pub path: String,
+    /// Extra: the query string, if any.
+    pub query: Option<String>,
+    /// Extra: HTTP version the request came in with (HTTP/1.1 or HTTP/2).
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Parts in wire order; empty when the body was not parseable multipart/form-data.
+    pub parts: Vec<Part>,
+}
+
+impl Recorded {
+    /// The first part named `name`, as (lossy) UTF-8 text.
+    pub fn field(&self, name: &str) -> Option<String> {
+        self.part(name)
+            .map(|p| String::from_utf8_lossy(&p.data).into_owned())
+    }
+
+    /// The first part named `name`.
+    pub fn part(&self, name: &str) -> Option<&Part> {
+        self.parts.iter().find(|p| p.name == name)
+    }
+
+    /// Part names in wire order (duplicates kept).
+    pub fn field_names(&self) -> Vec<String> {
+        self.parts.iter().map(|p| p.name.clone()).collect()
+    }
+
+    /// Extra: a request header as (lossy) text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+}
+
+struct Shared {
+    recorded: Mutex<Vec<Recorded>>,
+    count_tx: watch::Sender<usize>,
+    heads_tx: watch::Sender<usize>,
+    behavior: Mutex<Behavior>,
+    responses: AtomicU64,
+    connections: AtomicUsize,
+    /// Its sender lives in `MockUpstream`; it closes when the mock is dropped.
+    shutdown_rx: watch::Receiver<()>,
+}
+
+pub struct MockUpstream {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: JoinHandle<()>,
+    _shutdown_tx: watch::Sender<()>,
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        // Aborting the accept task drops its JoinSet, which aborts every connection task;
+        // dropping `_shutdown_tx` (right after) releases handlers parked in HTTP/2 stream tasks.
+        self.accept.abort();
+    }
+}
+
+impl MockUpstream {
+    /// Binds 127.0.0.1:0 and spawns the accept loop on the current tokio runtime.
+    pub async fn start() -> MockUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("mock upstream: bind");
+        let addr = listener.local_addr().expect("mock upstream: local_addr");
+        let (shutdown_tx, shutdown_rx) = watch::channel(());
+        let shared = Arc::new(Shared {
+            recorded: Mutex::new(Vec::new()),
+            count_tx: watch::Sender::new(0),
+            heads_tx: watch::Sender::new(0),
+            behavior: Mutex::new(Behavior::Success),
+            responses: AtomicU64::new(0),
+            connections: AtomicUsize::new(0),
+            shutdown_rx,
+        });
+        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        MockUpstream {
+            addr,
+            shared,
+            accept,
+            _shutdown_tx: shutdown_tx,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT/v1`
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every request fully received so far, in arrival order.
+    pub fn received(&self) -> Vec<Recorded> {
+        self.shared.recorded.lock().unwrap().clone()
+    }
+
+    /// Extra: the last request fully received, if any.
+    pub fn last(&self) -> Option<Recorded> {
+        self.shared.recorded.lock().unwrap().last().cloned()
+    }
+
+    pub fn count(&self) -> usize {
+        self.shared.recorded.lock().unwrap().len()
+    }
+
+    /// Resolves once at least `n` requests were fully received (no polling).
+    pub async fn wait_for(&self, n: usize) {
+        let mut rx = self.shared.count_tx.subscribe();
+        let _ = rx.wait_for(|c| *c >= n).await;
+    }
+
+    /// Extra: number of request heads seen (every request, including `HangBeforeReading`
+    /// ones and ones whose body never completed).
+    pub fn heads(&self) -> usize {
+        *self.shared.heads_tx.borrow()
+    }
+
+    /// Extra: resolves once at least `n` request heads were seen.
+    pub async fn wait_for_heads(&self, n: usize) {
+        let mut rx = self.shared.heads_tx.subscribe();
+        let _ = rx.wait_for(|c| *c >= n).await;
+    }
+
+    /// Extra: number of TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Sets the behaviour for all following requests (a request uses the behaviour in force
+    /// when its head arrived). Panics on an invalid status code.
+    pub fn set_behavior(&self, b: Behavior) {
+        if let Behavior::Status { status, .. } | Behavior::Custom { status, .. } = &b {
+            StatusCode::from_u16(*status).expect("set_behavior: invalid status code");
+        }
+        if let Behavior::Custom { headers, .. } = &b {
+            for (k, v) in headers {
+                HeaderName::from_bytes(k.as_bytes()).expect("set_behavior: bad header name");
+                HeaderValue::from_str(v).expect("set_behavior: bad header value");
+            }
+        }
+        *self.shared.behavior.lock().unwrap() = b;
+    }
+
+    /// Extra: the behaviour currently in force.
+    pub fn behavior(&self) -> Behavior {
+        self.shared.behavior.lock().unwrap().clone()
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            res = listener.accept() => match res {
+                Ok((stream, _)) => {
+                    shared.connections.fetch_add(1, Ordering::SeqCst);
+                    conns.spawn(serve(stream, shared.clone()));
+                }
+                Err(_) => tokio::task::yield_now().await,
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn serve(stream: TcpStream, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let svc = service_fn(move |req| handle(req, shared.clone()));
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+}
+
+async fn wait_shutdown(shared: &Shared) -> std::io::Error {
+    let mut rx = shared.shutdown_rx.clone();
+    // Never changes; resolves with Err once the sender (in MockUpstream) is dropped.
+    while rx.changed().await.is_ok() {}
+    std::io::Error::other("mock upstream shut down")
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+) -> Result<Response<MockBody>, std::io::Error> {
+    shared.heads_tx.send_modify(|n| *n += 1);
+    let behavior = shared.behavior.lock().unwrap().clone();
+    if behavior == Behavior::HangBeforeReading {
+        let _unread = req; // keep the request and its unread body alive
+        return Err(wait_shutdown(&shared).await);
+    }
+
+    let (head, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    let parts = parse_multipart(&head.headers, &body).await;
+    let rec = Recorded {
+        method: head.method,
+        path: head.uri.path().to_string(),
+        query: head.uri.query().map(str::to_string),
+        version: head.version,
+        headers: head.headers,
+        body,
+        parts,
+    };
+
+    let items = match &behavior {
+        Behavior::FewerImages(k) => *k,
+        _ => rec
+            .field("n")
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .map(|n| n.clamp(1, 100) as usize)
+            .unwrap_or(1),
+    };
+    let b64 = rec.field("response_format").as_deref() == Some("b64_json");
+    let version = rec.version;
+
+    {
+        let mut recorded = shared.recorded.lock().unwrap();
+        recorded.push(rec);
+        let len = recorded.len();
+        shared.count_tx.send_replace(len);
+    }
+
+    let id = shared.responses.fetch_add(1, Ordering::SeqCst) + 1;
+    let (status, body, extra) = match behavior {
+        Behavior::Hang => return Err(wait_shutdown(&shared).await),
+        Behavior::HangBeforeReading => unreachable!(),
+        Behavior::Success | Behavior::FewerImages(_) => (
+            StatusCode::OK,
+            MockBody::full(success_json(items, b64)),
+            true,
+        ),
+        Behavior::SlowBody { chunks } => (
+            StatusCode::OK,
+            MockBody::chunked(success_json(items, b64), chunks),
+            true,
+        ),
+        Behavior::Status { status, body } => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            MockBody::full(body),
+            true,
+        ),
+        Behavior::Custom {
+            status,
+            headers,
+            body,
+        } => {
+            let mut resp = Response::new(MockBody::full(body));
+            *resp.status_mut() =
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            for (k, v) in headers {
+                if let (Ok(k), Ok(v)) = (
+                    HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_str(&v),
+                ) {
+                    resp.headers_mut().append(k, v);
+                }
+            }
+            return Ok(resp);
+        }
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    if extra {
+        openai_headers(resp.headers_mut(), id, version);
+    }
+    Ok(resp)
+}
+
+/// The headers of `Success` / `Status` / `SlowBody` answers.
+fn openai_headers(h: &mut HeaderMap, id: u64, version: Version) {
+    let mut put = |k: &'static str, v: String| {
+        h.insert(k, HeaderValue::from_str(&v).expect("header value"));
+    };
+    put("content-type", "application/json".into());
+    put("x-request-id", format!("req_mock_{id}"));
+    put("openai-processing-ms", "123".into());
+    put("openai-version", "2020-10-01".into());
+    put("openai-organization", "org-mock".into());
+    put("x-ratelimit-limit-requests", "50".into());
+    put("x-ratelimit-remaining-requests", "49".into());
+    put("x-ratelimit-reset-requests", "1.2s".into());
+    // Hop-by-hop trouble makers the gateway must strip. HTTP/2 forbids them (hyper would
+    // drop them anyway), so they are only sent on HTTP/1.x.
+    if version < Version::HTTP_2 {
+        put("connection", "keep-alive".into());
+        put("keep-alive", "timeout=5".into());
+        put("proxy-connection", "x".into());
+    }
+}
+
+fn success_json(items: usize, b64: bool) -> String {
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let data: Vec<serde_json::Value> = (0..items)
+        .map(|i| {
+            if b64 {
+                serde_json::json!({ "b64_json": base64(&tiny_png()) })
+            } else {
+                serde_json::json!({ "url": format!("https://example.invalid/img-{i}.png") })
+            }
+        })
+        .collect();
+    serde_json::json!({ "created": created, "data": data }).to_string()
+}
+
+/// The image behind every `b64_json` item: a 2x2 RGBA PNG.
+pub fn tiny_png() -> Vec<u8> {
+    super::fixtures::rgba_png(2, true)
+}
+
+/// Standard base64 with padding.
+pub fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        out.push(ALPHABET[(n >> 18) as usize & 63] as char);
+        out.push(ALPHABET[(n >> 12) as usize & 63] as char);
+        out.push(if c.len() > 1 {
+            ALPHABET[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if c.len() > 2 {
+            ALPHABET[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+async fn parse_multipart(headers: &HeaderMap, body: &Bytes) -> Vec<Part> {
+    let Some(ct) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return Vec::new();
+    };
+    let Ok(boundary) = multer::parse_boundary(ct) else {
+        return Vec::new();
+    };
+    let stream = Full::new(body.clone()).into_data_stream();
+    let mut mp = multer::Multipart::new(stream, boundary);
+    let mut out = Vec::new();
+    loop {
+        match mp.next_field().await {
+            Ok(Some(field)) => {
+                let name = field.name().unwrap_or_default().to_string();
+                let file_name = field.file_name().map(str::to_string);
+                let content_type = field.content_type().map(|m| m.to_string());
+                match field.bytes().await {
+                    Ok(data) => out.push(Part {
+                        name,
+                        file_name,
+                        content_type,
+                        data,
+                    }),
+                    Err(_) => return Vec::new(),
+                }
+            }
+            Ok(None) => return out,
+            Err(_) => return Vec::new(),
+        }
+    }
+}
+
+/// Response body: whole, or in pieces with a scheduler yield between them.
+pub struct MockBody {
+    chunks: VecDeque<Bytes>,
+    exact_len: Option<u64>,
+    slow: bool,
+    yield_next: bool,
+}
+
+impl MockBody {
+    fn full(s: String) -> Self {
+        let b = Bytes::from(s);
+        MockBody {
+            exact_len: Some(b.len() as u64),
+            chunks: VecDeque::from([b]),
+            slow: false,
+            yield_next: false,
+        }
+    }
+
+    fn chunked(s: String, pieces: usize) -> Self {
+        let b = Bytes::from(s);
+        let pieces = pieces.clamp(1, b.len().max(1));
+        let size = b.len().div_ceil(pieces).max(1);
+        let mut chunks = VecDeque::new();
+        let mut start = 0;
+        while start < b.len() {
+            let end = (start + size).min(b.len());
+            chunks.push_back(b.slice(start..end));
+            start = end;
+        }
+        MockBody {
+            chunks,
+            exact_len: None,
+            slow: true,
+            yield_next: false,
+        }
+    }
+}
+
+impl Body for MockBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        if this.yield_next {
+            // Equivalent of tokio::task::yield_now(): reschedule, let others run.
+            this.yield_next = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        match this.chunks.pop_front() {
+            Some(c) => {
+                this.yield_next = this.slow && !this.chunks.is_empty();
+                Poll::Ready(Some(Ok(Frame::data(c))))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.exact_len {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
