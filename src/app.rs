@@ -16,15 +16,15 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use crate::body::{Body, full};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::limits::quota::QuotaStore;
-use crate::limits::rate::RateLimits;
-use crate::middleware::client_limit::ClientLimitLayer;
 use crate::edit::form::FormRules;
 use crate::edit::png_check::PngRules;
 use crate::edits::EditsService;
 use crate::error::GatewayError;
+use crate::limits::quota::QuotaStore;
+use crate::limits::rate::RateLimits;
 use crate::middleware::BoxFuture;
 use crate::middleware::auth::{AuthLayer, KeyTable};
+use crate::middleware::client_limit::ClientLimitLayer;
 use crate::middleware::overload::OverloadLayer;
 use crate::middleware::request_id::RequestIdLayer;
 use crate::upstream::Upstream;
@@ -50,7 +50,11 @@ impl AppState {
         let v = &config.validation;
         Ok(AppState {
             rates: Arc::new(RateLimits::new(&config, clock.clone())),
-            quotas: Arc::new(QuotaStore::open(&config.ledger.path, config.clone(), clock.clone())?),
+            quotas: Arc::new(QuotaStore::open(
+                &config.ledger.path,
+                config.clone(),
+                clock.clone(),
+            )?),
             clock,
             keys: KeyTable::from_config(&config)?,
             upstream: Upstream::new(&config)?,

@@ -21,10 +21,10 @@ use crate::body::{Body, BoxError};
 use crate::edit::canonical::{self, CanonicalBody};
 use crate::edit::png_check::{self, CheckedPng};
 use crate::edit::{ImageEdit, form};
+use crate::error::GatewayError;
 use crate::limits::quota::{QuotaStore, Reservation};
 use crate::limits::rate::RateStatus;
 use crate::limits::{EndUser, resolve_end_user};
-use crate::error::GatewayError;
 use crate::middleware::BoxFuture;
 use crate::middleware::auth::Caller;
 use crate::upstream::{error_chain, passed_headers};
@@ -135,7 +135,11 @@ async fn handle(
 
 /// Reserve `n × price` against the quotas on the blocking pool. The guard refunds the whole
 /// reservation if the request ends before it is settled (a PNG rejection, a disconnect).
-async fn reserve(state: &Arc<AppState>, who: &EndUser, edit: &ImageEdit) -> Result<ReservationGuard, GatewayError> {
+async fn reserve(
+    state: &Arc<AppState>,
+    who: &EndUser,
+    edit: &ImageEdit,
+) -> Result<ReservationGuard, GatewayError> {
     let quotas = state.quotas.clone();
     let n = u32::from(edit.n);
     let cost = quotas.price(&edit.model, edit.size.as_str(), n);
@@ -143,7 +147,10 @@ async fn reserve(state: &Arc<AppState>, who: &EndUser, edit: &ImageEdit) -> Resu
     let reservation = tokio::task::spawn_blocking(move || quotas.reserve(&who, n, cost))
         .await
         .map_err(|_| GatewayError::Internal)??;
-    Ok(ReservationGuard { quotas: state.quotas.clone(), reservation: Some(reservation) })
+    Ok(ReservationGuard {
+        quotas: state.quotas.clone(),
+        reservation: Some(reservation),
+    })
 }
 
 /// A quota reservation that is settled exactly once: explicitly, or as a full refund on drop.
@@ -281,10 +288,18 @@ async fn forward(
                     let (tx, rx) = mpsc::channel(8);
                     let hint = http_body::Body::size_hint(&body).exact();
                     let ok = parts.status.is_success();
-                    let _ = head_tx.send(Ok((parts, ChannelBody { rx, remaining: hint })));
+                    let _ = head_tx.send(Ok((
+                        parts,
+                        ChannelBody {
+                            rx,
+                            remaining: hint,
+                        },
+                    )));
                     let outcome = pump(body, tx, ok).await;
                     let images = outcome.images as u32;
-                    reservation.settle(images, price_each * i64::from(images)).await;
+                    reservation
+                        .settle(images, price_each * i64::from(images))
+                        .await;
                     tracing::info!(
                         images = outcome.images,
                         caller_gone = outcome.caller_gone,
@@ -301,10 +316,14 @@ async fn forward(
     *resp.status_mut() = parts.status;
     *resp.headers_mut() = passed_headers(&parts.headers);
     if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
-        resp.headers_mut().insert(header::CONTENT_LENGTH, len.clone());
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, len.clone());
     }
     if !resp.headers().contains_key(header::CONTENT_TYPE) {
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
     }
     Ok(resp)
 }

@@ -81,9 +81,10 @@ impl QuotaSpec {
 #[serde(rename_all = "lowercase")]
 pub enum MissingUser {
     /// 400 `missing_required_parameter`, param `user`.
-    #[default]
     Reject,
-    /// Charge the request to the client itself.
+    /// Charge the request to the client itself (the default: SDK code that never sets `user`
+    /// keeps working).
+    #[default]
     Client,
 }
 
@@ -115,7 +116,7 @@ pub struct LimitsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
-            missing_user: MissingUser::Reject,
+            missing_user: MissingUser::Client,
             personal_user_mismatch: UserMismatch::Overwrite,
             max_tracked_users_per_client: 10_000,
             per_user: RateSpec {

@@ -29,7 +29,10 @@ impl ClientLimitLayer {
 impl<S> Layer<S> for ClientLimitLayer {
     type Service = ClientLimit<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        ClientLimit { inner, rates: self.rates.clone() }
+        ClientLimit {
+            inner,
+            rates: self.rates.clone(),
+        }
     }
 }
 

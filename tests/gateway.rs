@@ -1,0 +1,385 @@
+//! The gateway end to end: real server on 127.0.0.1:0, mock upstream on 127.0.0.1:0.
+
+mod support;
+
+use std::time::Duration;
+
+use support::fixtures::*;
+use support::gateway::*;
+use support::mock_upstream::Behavior;
+use support::multipart::{Multipart, edit_request};
+use support::send;
+
+#[tokio::test]
+async fn forwards_a_canonical_body_with_the_injected_key() {
+    let gw = Gateway::start().await;
+    let image = rgba_png(64, true);
+    // Fields in an unusual order, a client file name, user set.
+    let form = Multipart::new()
+        .file(
+            "image",
+            Some("../../etc/passwd"),
+            Some("application/octet-stream"),
+            &image,
+        )
+        .text("n", "2")
+        .text("user", "u-42")
+        .text("prompt", "an otter");
+    let resp = gw.edit(APP_KEY, &form).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["data"].as_array().unwrap().len(), 2);
+    assert!(
+        resp.header("x-request-id")
+            .unwrap()
+            .starts_with("req_mock_"),
+        "upstream id passed back"
+    );
+    assert!(
+        resp.header("x-imagegate-request-id")
+            .unwrap()
+            .starts_with("req_")
+    );
+    assert_eq!(resp.header("openai-version").as_deref(), Some("2020-10-01"));
+    assert_eq!(resp.header("openai-processing-ms").as_deref(), Some("123"));
+    assert!(
+        resp.header("keep-alive").is_none() && resp.header("proxy-connection").is_none(),
+        "hop-by-hop stripped"
+    );
+
+    let rec = gw.mock.last().expect("the upstream got the request");
+    assert_eq!(rec.path, "/v1/images/edits");
+    assert_eq!(
+        rec.header("authorization").as_deref(),
+        Some(format!("Bearer {UPSTREAM_KEY}").as_str())
+    );
+    let raw = String::from_utf8_lossy(&rec.body);
+    assert!(
+        !raw.contains(APP_KEY) && !format!("{:?}", rec.headers).contains(APP_KEY),
+        "caller key never forwarded"
+    );
+    assert_eq!(
+        rec.field_names(),
+        [
+            "prompt",
+            "model",
+            "n",
+            "size",
+            "response_format",
+            "user",
+            "image"
+        ]
+    );
+    assert_eq!(rec.field("model").as_deref(), Some("dall-e-2"));
+    assert_eq!(rec.field("size").as_deref(), Some("1024x1024"));
+    assert_eq!(rec.field("response_format").as_deref(), Some("url"));
+    assert_eq!(rec.field("n").as_deref(), Some("2"));
+    assert_eq!(rec.field("user").as_deref(), Some("u-42"));
+    let part = rec.part("image").unwrap();
+    assert_eq!(part.content_type.as_deref(), Some("image/png"));
+    assert_eq!(part.file_name.as_deref(), Some("image.png"));
+    assert_eq!(
+        &part.data[..],
+        &image[..],
+        "image bytes forwarded unchanged"
+    );
+}
+
+#[tokio::test]
+async fn success_paths() {
+    let gw = Gateway::start().await;
+    let cases: Vec<(&str, Multipart, usize)> = vec![
+        (
+            "256",
+            edit_request(&rgba_png(32, true), "p").text("size", "256x256"),
+            1,
+        ),
+        (
+            "512",
+            edit_request(&rgba_png(32, true), "p").text("size", "512x512"),
+            1,
+        ),
+        (
+            "1024",
+            edit_request(&rgba_png(32, true), "p").text("size", "1024x1024"),
+            1,
+        ),
+        (
+            "b64",
+            edit_request(&rgba_png(32, true), "p").text("response_format", "b64_json"),
+            1,
+        ),
+        (
+            "n=10",
+            edit_request(&rgba_png(32, true), "p").text("n", "10"),
+            10,
+        ),
+        (
+            "mask",
+            edit_request(&rgba_png(32, true), "p").file(
+                "mask",
+                Some("m.png"),
+                Some("image/png"),
+                &rgba_png(32, true),
+            ),
+            1,
+        ),
+        (
+            "rgb+mask",
+            edit_request(&rgb_png(32), "p").file(
+                "mask",
+                Some("m.png"),
+                Some("image/png"),
+                &rgba_png(32, true),
+            ),
+            1,
+        ),
+        ("gray+alpha", edit_request(&gray_alpha_png(32), "p"), 1),
+        ("interlaced", edit_request(&interlaced_rgba_png(32), "p"), 1),
+        ("rgba16", edit_request(&rgba16_png(32), "p"), 1),
+        (
+            "no type",
+            Multipart::new()
+                .text("prompt", "p")
+                .file("image", None, None, &rgba_png(32, true)),
+            1,
+        ),
+    ];
+    for (i, (name, form, n)) in cases.into_iter().enumerate() {
+        let resp = gw.edit(APP_KEY, &form).await;
+        assert_eq!(resp.status, 200, "{name}: {}", resp.text());
+        let data = resp.json()["data"].as_array().unwrap().clone();
+        assert_eq!(data.len(), n, "{name}");
+        if name == "b64" {
+            assert!(data[0]["b64_json"].is_string(), "{name}");
+        }
+        assert_eq!(gw.mock.count(), i + 1, "{name} reached the upstream once");
+    }
+    let mask = gw.mock.received()[6]
+        .part("mask")
+        .cloned()
+        .expect("mask forwarded");
+    assert_eq!(mask.content_type.as_deref(), Some("image/png"));
+    assert_eq!(
+        gw.mock.received()[6]
+            .field_names()
+            .last()
+            .map(String::as_str),
+        Some("mask")
+    );
+}
+
+#[tokio::test]
+async fn palette_transparency_is_converted_to_rgba() {
+    let gw = Gateway::start().await;
+    let palette = vec![255, 0, 0, 0, 255, 0];
+    let image = png_with(
+        16,
+        16,
+        png::ColorType::Indexed,
+        png::BitDepth::Eight,
+        false,
+        Some(vec![0]),
+        Some(palette),
+        |x, _| vec![u8::from(x > 3)],
+    );
+    let resp = gw.edit(APP_KEY, &edit_request(&image, "p")).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let forwarded = gw.mock.last().unwrap().part("image").unwrap().data.clone();
+    let decoded = decode(&forwarded).expect("the forwarded image is a PNG");
+    assert_eq!(decoded.color_type, png::ColorType::Rgba);
+    assert_eq!(decoded.bit_depth, png::BitDepth::Eight);
+}
+
+#[tokio::test]
+async fn authentication() {
+    let gw = Gateway::start().await;
+    let form = edit_request(&rgba_png(16, true), "p");
+    let none = send(
+        gw.addr(),
+        "POST",
+        "/v1/images/edits",
+        &[("content-type", &form.content_type())],
+        form.body(),
+    )
+    .await;
+    assert_error(&none, 401, "invalid_request_error", None, None);
+    let wrong = gw.edit("ig-not-a-real-key-9999", &form).await;
+    let msg = assert_error(
+        &wrong,
+        401,
+        "invalid_request_error",
+        None,
+        Some("invalid_api_key"),
+    );
+    assert!(
+        !msg.contains("ig-not-a-real-key-9999") && msg.contains("9999"),
+        "masked: {msg}"
+    );
+    let basic = send(
+        gw.addr(),
+        "POST",
+        "/v1/images/edits",
+        &[("authorization", &format!("Basic {APP_KEY}"))],
+        vec![],
+    )
+    .await;
+    assert_eq!(basic.status, 401);
+    assert_eq!(gw.mock.count(), 0, "nothing reached the upstream");
+    assert_eq!(gw.edit(OTHER_KEY, &form).await.status, 200);
+}
+
+#[tokio::test]
+async fn routes_health_and_methods() {
+    let gw = Gateway::start().await;
+    let r = send(gw.addr(), "GET", "/v1/images/generations", &[], vec![]).await;
+    assert_error(&r, 404, "invalid_request_error", None, Some("unknown_url"));
+    let r = send(gw.addr(), "GET", "/v1/images/edits", &[], vec![]).await;
+    assert_error(
+        &r,
+        405,
+        "invalid_request_error",
+        None,
+        Some("method_not_allowed"),
+    );
+    assert_eq!(r.header("allow").as_deref(), Some("POST"));
+    let r = send(gw.addr(), "GET", "/healthz", &[], vec![]).await;
+    assert_eq!((r.status, r.json()["status"].as_str()), (200, Some("ok")));
+    assert!(r.header("x-request-id").is_some());
+    let r = send(gw.addr(), "GET", "/readyz", &[], vec![]).await;
+    assert_eq!(r.status, 200);
+    let r = send(gw.addr(), "DELETE", "/healthz", &[], vec![]).await;
+    assert_eq!(r.status, 405);
+}
+
+#[tokio::test]
+async fn readyz_without_an_upstream_key_and_503_on_forward() {
+    let gw = Gateway::start_with(|c| c.upstream_key = None).await;
+    let r = send(gw.addr(), "GET", "/readyz", &[], vec![]).await;
+    assert_eq!(r.status, 503);
+    let resp = gw
+        .edit(APP_KEY, &edit_request(&rgba_png(16, true), "p"))
+        .await;
+    assert_error(
+        &resp,
+        503,
+        "server_error",
+        None,
+        Some("upstream_key_missing"),
+    );
+    // Validation still answers locally.
+    let bad = gw
+        .edit(APP_KEY, &edit_request(&rgba_png(16, true), ""))
+        .await;
+    assert_eq!(bad.status, 400);
+}
+
+#[tokio::test]
+async fn upstream_errors_pass_through_and_failures_map_to_502_504() {
+    let gw =
+        Gateway::start_with(|c| c.upstream.response_timeout = Duration::from_millis(1500)).await;
+    let form = edit_request(&rgba_png(16, true), "p");
+    gw.mock.set_behavior(Behavior::openai_error(
+        500,
+        "The server had an error",
+        "server_error",
+        None,
+        None,
+    ));
+    let r = gw.edit(APP_KEY, &form).await;
+    assert_eq!(r.status, 500);
+    assert_eq!(r.json()["error"]["message"], "The server had an error");
+    assert_eq!(gw.mock.count(), 1, "a POST is never retried by the gateway");
+
+    gw.mock.set_behavior(Behavior::Hang);
+    let r = gw.edit(APP_KEY, &form).await;
+    assert_error(&r, 504, "server_error", None, Some("upstream_timeout"));
+    assert_eq!(gw.mock.count(), 2, "sent once, not retried");
+
+    // A port with nothing listening.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gw2 = Gateway::start_with(move |c| c.upstream.base_url = format!("http://{free}/v1")).await;
+    let r = gw2.edit(APP_KEY, &form).await;
+    assert_error(&r, 502, "server_error", None, Some("upstream_unreachable"));
+}
+
+#[tokio::test]
+async fn in_flight_requests_finish_during_graceful_shutdown() {
+    let gw = Gateway::start_with(|c| {
+        c.upstream.response_timeout = Duration::from_secs(2);
+        c.server.shutdown_grace = Duration::from_secs(20);
+    })
+    .await;
+    gw.mock.set_behavior(Behavior::Hang);
+    let addr = gw.addr();
+    let form = edit_request(&rgba_png(16, true), "p");
+    let ct = form.content_type();
+    let body = form.body();
+    let in_flight = tokio::spawn(async move {
+        let auth = format!("Bearer {APP_KEY}");
+        send(
+            addr,
+            "POST",
+            "/v1/images/edits",
+            &[
+                ("authorization", auth.as_str()),
+                ("content-type", ct.as_str()),
+            ],
+            body,
+        )
+        .await
+    });
+    gw.mock.wait_for(1).await;
+    let Gateway { server, mock, .. } = gw;
+    let shutdown = tokio::spawn(server.shutdown());
+    let resp = in_flight.await.unwrap();
+    assert_eq!(
+        resp.status, 504,
+        "the in-flight request got its answer during the drain"
+    );
+    tokio::time::timeout(Duration::from_secs(20), shutdown)
+        .await
+        .expect("shutdown completes")
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed"
+    );
+    drop(mock);
+}
+
+#[tokio::test]
+async fn the_bomb_is_refused_from_its_header() {
+    let gw = Gateway::start().await;
+    let resp = gw.edit(APP_KEY, &edit_request(&bomb_png(30000), "p")).await;
+    let msg = assert_error(
+        &resp,
+        400,
+        "invalid_request_error",
+        Some("image"),
+        Some("invalid_image_dimensions"),
+    );
+    assert!(msg.contains("30000x30000"), "{msg}");
+    assert_eq!(gw.mock.count(), 0);
+}
+
+#[tokio::test]
+async fn h2_prior_knowledge_is_served() {
+    let gw = Gateway::start().await;
+    let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/healthz", gw.addr()))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+}
