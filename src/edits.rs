@@ -80,7 +80,7 @@ fn set_rate_headers(headers: &mut http::HeaderMap, status: &RateStatus) {
         .collect();
     for (name, value) in upstream {
         headers.remove(&name);
-        let renamed = format!("x-upstream-{}", name.as_str());
+        let renamed = format!("x-upstream-{}", &name.as_str()[2..]);
         if let Ok(renamed) = http::HeaderName::from_bytes(renamed.as_bytes()) {
             headers.append(renamed, value);
         }
