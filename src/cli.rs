@@ -38,6 +38,35 @@ pub enum Command {
     },
     /// Read a gateway key on stdin and print the form `clients[].key_hash` stores.
     HashKey,
+    /// Quotas: use and remaining per period.
+    Quota {
+        #[command(subcommand)]
+        command: QuotaCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuotaCommand {
+    /// Show use and remaining quota per day and month.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this client.
+        #[arg(long)]
+        client: Option<String>,
+        /// Only this end user (of every client, or of --client).
+        #[arg(long)]
+        user: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: TableOrJson,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TableOrJson {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Args)]

@@ -5,13 +5,22 @@ use std::io::Read;
 use std::process::ExitCode;
 
 use clap::Parser;
-use imagegate::cli::{Cli, Command, warnings};
+use imagegate::cli::{Cli, Command, ConfigArg, QuotaCommand, TableOrJson, warnings};
 use imagegate::{config, server, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::HashKey => hash_key(),
+        Command::Quota {
+            command:
+                QuotaCommand::Show {
+                    config,
+                    client,
+                    user,
+                    format,
+                },
+        } => quota_show(&config, client.as_deref(), user.as_deref(), format),
         Command::CheckConfig { config } => match config.load() {
             Ok(c) => {
                 for w in warnings(&c) {
@@ -35,12 +44,7 @@ fn main() -> ExitCode {
         } => {
             let mut c = match config.load() {
                 Ok(c) => c,
-                Err(problems) => {
-                    for p in &problems {
-                        eprintln!("error: {p}");
-                    }
-                    return ExitCode::from(2);
-                }
+                Err(problems) => return config_problems(&problems),
             };
             if let Some(addr) = listen {
                 c.server.listen = addr;
@@ -112,4 +116,52 @@ fn hash_key() -> ExitCode {
     }
     println!("{}", config::hash_key(key));
     ExitCode::SUCCESS
+}
+
+/// Print every problem of a configuration that failed to load.
+fn config_problems(problems: &[String]) -> ExitCode {
+    for p in problems {
+        eprintln!("error: {p}");
+    }
+    ExitCode::from(2)
+}
+
+fn quota_show(
+    config: &ConfigArg,
+    client: Option<&str>,
+    user: Option<&str>,
+    format: TableOrJson,
+) -> ExitCode {
+    let c = match config.load() {
+        Ok(c) => c,
+        Err(problems) => return config_problems(&problems),
+    };
+    let path = c.ledger.path.clone();
+    let store = match imagegate::limits::quota::QuotaStore::open(
+        &path,
+        std::sync::Arc::new(c),
+        imagegate::clock::Clock::system(),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match store.show(client, user) {
+        Ok(lines) => {
+            match format {
+                TableOrJson::Table => print!("{}", imagegate::limits::quota::render_table(&lines)),
+                TableOrJson::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&lines).expect("quota lines serialize")
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -43,25 +43,55 @@ async fn burst_admission_headers_and_recovery() {
     let gw = Gateway::start_with(|c| c.limits.per_user = user_limits(6, 3, 1000, 1000)).await;
     let first = gw.edit(APP_KEY, &form(Some("u"), 1)).await;
     assert_eq!(first.status, 200);
-    assert_eq!(first.header("x-ratelimit-limit-requests").as_deref(), Some("6"));
-    assert_eq!(first.header("x-ratelimit-remaining-requests").as_deref(), Some("2"));
-    assert_eq!(first.header("x-ratelimit-reset-requests").as_deref(), Some("10s"));
-    assert_eq!(first.header("x-ratelimit-limit-images").as_deref(), Some("1000"));
+    assert_eq!(
+        first.header("x-ratelimit-limit-requests").as_deref(),
+        Some("6")
+    );
+    assert_eq!(
+        first.header("x-ratelimit-remaining-requests").as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        first.header("x-ratelimit-reset-requests").as_deref(),
+        Some("10s")
+    );
+    assert_eq!(
+        first.header("x-ratelimit-limit-images").as_deref(),
+        Some("1000")
+    );
     // The upstream's own headers of the same names are kept under another name.
-    assert_eq!(first.header("x-upstream-ratelimit-limit-requests").as_deref(), Some("50"));
+    assert_eq!(
+        first
+            .header("x-upstream-ratelimit-limit-requests")
+            .as_deref(),
+        Some("50")
+    );
     assert_eq!(statuses(&gw, APP_KEY, Some("u"), 1, 2).await, [200, 200]);
     let refused = gw.edit(APP_KEY, &form(Some("u"), 1)).await;
     let msg = assert_error(&refused, 429, "requests", None, Some("rate_limit_exceeded"));
-    assert!(msg.contains("requests per minute") && msg.contains("user 'u' of client 'app'"), "{msg}");
+    assert!(
+        msg.contains("requests per minute") && msg.contains("user 'u' of client 'app'"),
+        "{msg}"
+    );
     assert!(msg.contains("Limit: 6/1min"), "{msg}");
     assert_eq!(refused.header("retry-after").as_deref(), Some("10"));
     assert_eq!(refused.header("retry-after-ms").as_deref(), Some("10000"));
-    assert_eq!(refused.header("x-ratelimit-remaining-requests").as_deref(), Some("0"));
-    assert_eq!(gw.mock.count(), 3, "the refused request never reached the upstream");
+    assert_eq!(
+        refused.header("x-ratelimit-remaining-requests").as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        gw.mock.count(),
+        3,
+        "the refused request never reached the upstream"
+    );
     gw.clock.advance(Duration::from_secs(10));
     assert_eq!(statuses(&gw, APP_KEY, Some("u"), 1, 2).await, [200, 429]);
     gw.clock.advance(Duration::from_secs(60));
-    assert_eq!(statuses(&gw, APP_KEY, Some("u"), 1, 4).await, [200, 200, 200, 429]);
+    assert_eq!(
+        statuses(&gw, APP_KEY, Some("u"), 1, 4).await,
+        [200, 200, 200, 429]
+    );
 }
 
 #[tokio::test]
@@ -69,11 +99,18 @@ async fn images_are_counted_by_n() {
     let gw = Gateway::start_with(|c| c.limits.per_user = user_limits(1000, 1000, 20, 10)).await;
     let r = gw.edit(APP_KEY, &form(Some("u"), 7)).await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("x-ratelimit-remaining-images").as_deref(), Some("3"));
+    assert_eq!(
+        r.header("x-ratelimit-remaining-images").as_deref(),
+        Some("3")
+    );
     let refused = gw.edit(APP_KEY, &form(Some("u"), 4)).await;
     let msg = assert_error(&refused, 429, "requests", None, Some("rate_limit_exceeded"));
     assert!(msg.contains("images per minute"), "{msg}");
-    assert_eq!(refused.header("retry-after").as_deref(), Some("3"), "one image every 3 s");
+    assert_eq!(
+        refused.header("retry-after").as_deref(),
+        Some("3"),
+        "one image every 3 s"
+    );
     assert_eq!(gw.edit(APP_KEY, &form(Some("u"), 3)).await.status, 200);
     gw.clock.advance(Duration::from_secs(30));
     assert_eq!(gw.edit(APP_KEY, &form(Some("u"), 10)).await.status, 200);
@@ -82,9 +119,19 @@ async fn images_are_counted_by_n() {
 #[tokio::test]
 async fn users_and_clients_are_isolated() {
     let gw = Gateway::start_with(|c| c.limits.per_user = user_limits(2, 2, 1000, 1000)).await;
-    assert_eq!(statuses(&gw, APP_KEY, Some("a"), 1, 3).await, [200, 200, 429]);
-    assert_eq!(statuses(&gw, APP_KEY, Some("b"), 1, 3).await, [200, 200, 429]);
-    assert_eq!(statuses(&gw, OTHER_KEY, Some("a"), 1, 3).await, [200, 200, 429], "same user name, other client");
+    assert_eq!(
+        statuses(&gw, APP_KEY, Some("a"), 1, 3).await,
+        [200, 200, 429]
+    );
+    assert_eq!(
+        statuses(&gw, APP_KEY, Some("b"), 1, 3).await,
+        [200, 200, 429]
+    );
+    assert_eq!(
+        statuses(&gw, OTHER_KEY, Some("a"), 1, 3).await,
+        [200, 200, 429],
+        "same user name, other client"
+    );
 }
 
 fn with_alice(c: &mut imagegate::config::Config) {
@@ -106,10 +153,21 @@ async fn personal_keys_cannot_spend_for_someone_else() {
     .await;
     // Alice pretends to be bob: charged to alice, and alice goes upstream.
     assert_eq!(gw.edit(ALICE_KEY, &form(Some("bob"), 1)).await.status, 200);
-    assert_eq!(gw.mock.last().unwrap().field("user").as_deref(), Some("alice"));
+    assert_eq!(
+        gw.mock.last().unwrap().field("user").as_deref(),
+        Some("alice")
+    );
     assert_eq!(gw.edit(ALICE_KEY, &form(None, 1)).await.status, 200);
-    assert_eq!(gw.mock.last().unwrap().field("user").as_deref(), Some("alice"), "filled in when absent");
-    assert_eq!(gw.edit(ALICE_KEY, &form(Some("alice"), 1)).await.status, 429, "alice's budget is spent");
+    assert_eq!(
+        gw.mock.last().unwrap().field("user").as_deref(),
+        Some("alice"),
+        "filled in when absent"
+    );
+    assert_eq!(
+        gw.edit(ALICE_KEY, &form(Some("alice"), 1)).await.status,
+        429,
+        "alice's budget is spent"
+    );
     // An app's user named alice is another end user.
     assert_eq!(gw.edit(APP_KEY, &form(Some("alice"), 1)).await.status, 200);
 
@@ -119,7 +177,13 @@ async fn personal_keys_cannot_spend_for_someone_else() {
     })
     .await;
     let r = strict.edit(ALICE_KEY, &form(Some("bob"), 1)).await;
-    assert_error(&r, 400, "invalid_request_error", Some("user"), Some("invalid_value"));
+    assert_error(
+        &r,
+        400,
+        "invalid_request_error",
+        Some("user"),
+        Some("invalid_value"),
+    );
     assert_eq!(strict.mock.count(), 0);
 }
 
@@ -127,28 +191,71 @@ async fn personal_keys_cannot_spend_for_someone_else() {
 async fn missing_user_policies_and_normalization() {
     let reject = Gateway::start_with(|c| c.limits.missing_user = MissingUser::Reject).await;
     let r = reject.edit(APP_KEY, &form(None, 1)).await;
-    assert_error(&r, 400, "invalid_request_error", Some("user"), Some("missing_required_parameter"));
+    assert_error(
+        &r,
+        400,
+        "invalid_request_error",
+        Some("user"),
+        Some("missing_required_parameter"),
+    );
     let r = reject.edit(APP_KEY, &form(Some("   "), 1)).await;
-    assert_error(&r, 400, "invalid_request_error", Some("user"), Some("missing_required_parameter"));
-    assert_eq!(reject.edit(APP_KEY, &form(Some("  padded  "), 1)).await.status, 200);
-    assert_eq!(reject.mock.last().unwrap().field("user").as_deref(), Some("padded"), "normalized id goes upstream");
+    assert_error(
+        &r,
+        400,
+        "invalid_request_error",
+        Some("user"),
+        Some("missing_required_parameter"),
+    );
+    assert_eq!(
+        reject
+            .edit(APP_KEY, &form(Some("  padded  "), 1))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        reject.mock.last().unwrap().field("user").as_deref(),
+        Some("padded"),
+        "normalized id goes upstream"
+    );
     let r = reject.edit(APP_KEY, &form(Some("bad\u{7}user"), 1)).await;
-    assert_error(&r, 400, "invalid_request_error", Some("user"), Some("invalid_value"));
+    assert_error(
+        &r,
+        400,
+        "invalid_request_error",
+        Some("user"),
+        Some("invalid_value"),
+    );
 
     let charge_client = Gateway::start_with(|c| {
         c.limits.missing_user = MissingUser::Client;
         c.limits.per_user = user_limits(1, 1, 1000, 1000);
     })
     .await;
-    assert_eq!(statuses(&charge_client, APP_KEY, None, 1, 2).await, [200, 429], "charged to the client's own bucket");
+    assert_eq!(
+        statuses(&charge_client, APP_KEY, None, 1, 2).await,
+        [200, 429],
+        "charged to the client's own bucket"
+    );
     assert_eq!(charge_client.mock.last().unwrap().field("user"), None);
-    assert_eq!(charge_client.edit(APP_KEY, &form(Some("u"), 1)).await.status, 200, "users have their own buckets");
+    assert_eq!(
+        charge_client
+            .edit(APP_KEY, &form(Some("u"), 1))
+            .await
+            .status,
+        200,
+        "users have their own buckets"
+    );
 }
 
 #[tokio::test]
 async fn client_limit_is_checked_before_the_body() {
     let gw = Gateway::start_with(|c| {
-        c.limits.per_client = RateSpec { requests_per_minute: Some(60), requests_burst: Some(2), ..Default::default() };
+        c.limits.per_client = RateSpec {
+            requests_per_minute: Some(60),
+            requests_burst: Some(2),
+            ..Default::default()
+        };
     })
     .await;
     assert_eq!(statuses(&gw, APP_KEY, Some("u"), 1, 2).await, [200, 200]);
@@ -156,7 +263,11 @@ async fn client_limit_is_checked_before_the_body() {
     let r = gw.edit_raw(APP_KEY, "text/plain", b"x".to_vec()).await;
     let msg = assert_error(&r, 429, "requests", None, Some("rate_limit_exceeded"));
     assert!(msg.contains("client 'app'"), "{msg}");
-    assert_eq!(gw.edit(OTHER_KEY, &form(Some("u"), 1)).await.status, 200, "other clients unaffected");
+    assert_eq!(
+        gw.edit(OTHER_KEY, &form(Some("u"), 1)).await.status,
+        200,
+        "other clients unaffected"
+    );
 }
 
 fn quota(spec: QuotaSpec) -> impl FnOnce(&mut imagegate::config::Config) {
@@ -165,11 +276,19 @@ fn quota(spec: QuotaSpec) -> impl FnOnce(&mut imagegate::config::Config) {
 
 #[tokio::test]
 async fn parallel_requests_never_overspend_a_quota() {
-    let gw = std::sync::Arc::new(Gateway::start_with(quota(QuotaSpec { images_per_day: Some(10), ..Default::default() })).await);
+    let gw = std::sync::Arc::new(
+        Gateway::start_with(quota(QuotaSpec {
+            images_per_day: Some(10),
+            ..Default::default()
+        }))
+        .await,
+    );
     let mut tasks = Vec::new();
     for _ in 0..24 {
         let gw = gw.clone();
-        tasks.push(tokio::spawn(async move { gw.edit(APP_KEY, &form(Some("u"), 1)).await }));
+        tasks.push(tokio::spawn(async move {
+            gw.edit(APP_KEY, &form(Some("u"), 1)).await
+        }));
     }
     let mut ok = 0;
     for t in tasks {
@@ -177,8 +296,17 @@ async fn parallel_requests_never_overspend_a_quota() {
         match r.status {
             200 => ok += 1,
             429 => {
-                let msg = assert_error(&r, 429, "insufficient_quota", None, Some("insufficient_quota"));
-                assert!(msg.contains("images per day") && msg.contains("resets at"), "{msg}");
+                let msg = assert_error(
+                    &r,
+                    429,
+                    "insufficient_quota",
+                    None,
+                    Some("insufficient_quota"),
+                );
+                assert!(
+                    msg.contains("images per day") && msg.contains("resets at"),
+                    "{msg}"
+                );
                 assert!(r.header("retry-after").is_some());
             }
             s => panic!("unexpected status {s}"),
@@ -191,36 +319,72 @@ async fn parallel_requests_never_overspend_a_quota() {
 #[tokio::test]
 async fn spend_quota_refunds_failures_and_partial_answers() {
     // $0.06 per day = three 1024x1024 images.
-    let gw = Gateway::start_with(quota(QuotaSpec { usd_per_day: Some(0.06), ..Default::default() })).await;
-    gw.mock.set_behavior(Behavior::openai_error(500, "boom", "server_error", None, None));
+    let gw = Gateway::start_with(quota(QuotaSpec {
+        usd_per_day: Some(0.06),
+        ..Default::default()
+    }))
+    .await;
+    gw.mock.set_behavior(Behavior::openai_error(
+        500,
+        "boom",
+        "server_error",
+        None,
+        None,
+    ));
     assert_eq!(gw.edit(APP_KEY, &form(Some("u"), 3)).await.status, 500);
     gw.mock.set_behavior(Behavior::FewerImages(1));
     assert_eq!(gw.edit(APP_KEY, &form(Some("u"), 3)).await.status, 200); // reserved 3, charged 1
     gw.mock.set_behavior(Behavior::Success);
     assert_eq!(gw.edit(APP_KEY, &form(Some("u"), 2)).await.status, 200);
     let r = gw.edit(APP_KEY, &form(Some("u"), 1)).await;
-    let msg = assert_error(&r, 429, "insufficient_quota", None, Some("insufficient_quota"));
-    assert!(msg.contains("spend per day") && msg.contains("$0.060000"), "{msg}");
+    let msg = assert_error(
+        &r,
+        429,
+        "insufficient_quota",
+        None,
+        Some("insufficient_quota"),
+    );
+    assert!(
+        msg.contains("spend per day") && msg.contains("$0.060000"),
+        "{msg}"
+    );
     // A PNG rejection after the reservation refunds it too.
     let mut gw = gw;
     gw.clock.advance(Duration::from_secs(86_400));
-    let opaque = edit_request(&rgba_png(16, false), "p").text("n", "3").text("user", "u");
+    let opaque = edit_request(&rgba_png(16, false), "p")
+        .text("n", "3")
+        .text("user", "u");
     assert_eq!(gw.edit(APP_KEY, &opaque).await.status, 400);
-    assert_eq!(gw.edit(APP_KEY, &form(Some("u"), 3)).await.status, 200, "the rejected request's reservation was refunded");
+    assert_eq!(
+        gw.edit(APP_KEY, &form(Some("u"), 3)).await.status,
+        200,
+        "the rejected request's reservation was refunded"
+    );
     gw = gw.restart(|_| {}).await;
     drop(gw);
 }
 
 #[tokio::test]
 async fn quotas_survive_a_restart_and_roll_over() {
-    let spec = QuotaSpec { images_per_day: Some(4), ..Default::default() };
+    let spec = QuotaSpec {
+        images_per_day: Some(4),
+        ..Default::default()
+    };
     let gw = Gateway::start_with(quota(spec)).await;
     assert_eq!(gw.edit(APP_KEY, &form(Some("u"), 3)).await.status, 200);
     let gw = gw.restart(quota(spec)).await;
     assert_eq!(gw.edit(APP_KEY, &form(Some("u"), 1)).await.status, 200);
-    assert_eq!(gw.edit(APP_KEY, &form(Some("u"), 1)).await.status, 429, "use persisted across the restart");
+    assert_eq!(
+        gw.edit(APP_KEY, &form(Some("u"), 1)).await.status,
+        429,
+        "use persisted across the restart"
+    );
     gw.clock.advance(Duration::from_secs(86_400));
-    assert_eq!(gw.edit(APP_KEY, &form(Some("u"), 4)).await.status, 200, "a new day");
+    assert_eq!(
+        gw.edit(APP_KEY, &form(Some("u"), 4)).await.status,
+        200,
+        "a new day"
+    );
 }
 
 #[tokio::test]
