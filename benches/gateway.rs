@@ -1,0 +1,235 @@
+//! Benchmarks reported in the issue notes (never asserted by tests). Loopback only, bounded.
+//!
+//!   cargo bench --bench gateway                 # all
+//!   cargo bench --bench gateway -- latency      # one: latency | bomb | limits
+//!
+//! latency: median added latency of the gateway for a valid 1024x1024 RGBA edit (~1.5 MB):
+//!          the same request sent N times straight to the mock upstream and N times through
+//!          the gateway, interleaved; added = median(gateway) - median(direct).
+//! bomb:    peak RSS (VmHWM) of this process while the gateway refuses a 30000x30000 PNG.
+//! limits:  cost of the per-user rate-limit check and of a quota reserve+settle, and memory per
+//!          tracked end user.
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::fixtures::{bomb_png, rgba_png_noisy};
+use support::gateway::{APP_KEY, Gateway};
+use support::multipart::edit_request;
+use support::send;
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn pct(v: &[Duration], p: f64) -> Duration {
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn vm_hwm_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn vm_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn latency(n: usize) {
+    let gw = Gateway::start().await;
+    let image = rgba_png_noisy(1024);
+    let form = edit_request(&image, "bench").text("user", "bench");
+    let ct = form.content_type();
+    let body = form.body();
+    let auth = format!("Bearer {APP_KEY}");
+    let mock = gw.mock.addr();
+    // Warm up both paths (connection setup, allocator).
+    for _ in 0..5 {
+        send(
+            mock,
+            "POST",
+            "/v1/images/edits",
+            &[("content-type", &ct)],
+            body.clone(),
+        )
+        .await;
+        send(
+            gw.addr(),
+            "POST",
+            "/v1/images/edits",
+            &[("authorization", &auth), ("content-type", &ct)],
+            body.clone(),
+        )
+        .await;
+    }
+    let mut direct = Vec::with_capacity(n);
+    let mut via = Vec::with_capacity(n);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    for _ in 0..n {
+        if Instant::now() > deadline {
+            break;
+        }
+        let t = Instant::now();
+        let r = send(
+            mock,
+            "POST",
+            "/v1/images/edits",
+            &[("content-type", &ct)],
+            body.clone(),
+        )
+        .await;
+        direct.push(t.elapsed());
+        assert_eq!(r.status, 200);
+        let t = Instant::now();
+        let r = send(
+            gw.addr(),
+            "POST",
+            "/v1/images/edits",
+            &[("authorization", &auth), ("content-type", &ct)],
+            body.clone(),
+        )
+        .await;
+        via.push(t.elapsed());
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let (md, mv) = (median(&mut direct), median(&mut via));
+    println!(
+        "latency: {} requests, body {} bytes (image {} bytes)\n  direct to mock: median {:?} p90 {:?}\n  via gateway:    median {:?} p90 {:?}\n  added (median difference): {:?}",
+        via.len(),
+        body.len(),
+        image.len(),
+        md,
+        pct(&direct, 0.9),
+        mv,
+        pct(&via, 0.9),
+        mv.saturating_sub(md)
+    );
+}
+
+async fn bomb(n: usize) {
+    let gw = Gateway::start().await;
+    let bomb = edit_request(&bomb_png(30000), "bench").text("user", "bench");
+    // Baseline: the gateway started and served one small valid request.
+    let small = edit_request(&support::fixtures::rgba_png(64, true), "warm").text("user", "bench");
+    assert_eq!(gw.edit(APP_KEY, &small).await.status, 200);
+    let before = vm_hwm_kib();
+    for _ in 0..n {
+        let r = gw.edit(APP_KEY, &bomb).await;
+        assert_eq!(r.status, 400);
+    }
+    let after = vm_hwm_kib();
+    println!(
+        "bomb: {n} refusals of a {}-byte 30000x30000 PNG; peak RSS before {} KiB, after {} KiB (+{} KiB); a decoded frame would be {} MiB",
+        bomb_png(30000).len(),
+        before,
+        after,
+        after - before,
+        30000u64 * 30000 * 4 / 1024 / 1024
+    );
+}
+
+fn limits(users: usize, iterations: usize) {
+    use imagegate::clock::Clock;
+    use imagegate::config::{ClientConfig, Config, hash_key};
+    use imagegate::limits::EndUser;
+    use imagegate::limits::quota::QuotaStore;
+    use imagegate::limits::rate::RateLimits;
+    use imagegate::limits::spec::QuotaSpec;
+
+    let mut c = Config::default();
+    c.limits.max_tracked_users_per_client = users + 10;
+    c.limits.per_user.requests_per_minute = Some(1_000_000_000);
+    c.limits.per_user.requests_burst = Some(1_000_000_000);
+    c.limits.per_user.images_per_minute = Some(1_000_000_000);
+    c.limits.per_user.images_burst = Some(1_000_000_000);
+    c.quotas.per_user = QuotaSpec {
+        images_per_day: Some(u64::MAX / 4),
+        usd_per_month: Some(1e9),
+        ..Default::default()
+    };
+    c.clients.push(ClientConfig {
+        name: "app".into(),
+        key_hash: hash_key("k"),
+        ..Default::default()
+    });
+    let rates = RateLimits::new(&c, Clock::system());
+    let who = EndUser {
+        client: "app".into(),
+        user: Some("hot".into()),
+    };
+    let t = Instant::now();
+    for _ in 0..iterations {
+        let _ = rates.check_user(&who, 3);
+    }
+    let per_check = t.elapsed() / iterations as u32;
+
+    let rss0 = vm_rss_kib();
+    let names: Vec<String> = (0..users).map(|i| format!("user-{i:08}")).collect();
+    let rss_names = vm_rss_kib();
+    for name in &names {
+        let _ = rates.check_user(
+            &EndUser {
+                client: "app".into(),
+                user: Some(name.clone()),
+            },
+            1,
+        );
+    }
+    let rss1 = vm_rss_kib();
+    let per_user = (rss1.saturating_sub(rss_names)) as f64 * 1024.0 / users as f64;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = QuotaStore::open(
+        &dir.path().join("q.db"),
+        std::sync::Arc::new(c),
+        Clock::system(),
+    )
+    .unwrap();
+    let q_iter = iterations.min(5000);
+    let t = Instant::now();
+    for _ in 0..q_iter {
+        let r = store.reserve(&who, 2, 40_000).unwrap();
+        store.settle(&r, 1, 20_000).unwrap();
+    }
+    let per_quota = t.elapsed() / q_iter as u32;
+    println!(
+        "limits: per-user rate check {per_check:?} (mean of {iterations}); quota reserve+settle {per_quota:?} (mean of {q_iter}, SQLite WAL on {}); memory per tracked user {per_user:.0} B ({users} users, RSS {rss0} -> {rss1} KiB)",
+        dir.path().display()
+    );
+}
+
+fn main() {
+    let which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let want = |name: &str| which.is_empty() || which.iter().any(|w| w == name);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if want("latency") {
+        rt.block_on(latency(300));
+    }
+    if want("bomb") {
+        rt.block_on(bomb(50));
+    }
+    if want("limits") {
+        limits(100_000, 200_000);
+    }
+}

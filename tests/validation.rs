@@ -1,0 +1,1587 @@
+//! Every field, content-type and PNG rule of `POST /v1/images/edits`, end to end through the real
+//! server (`../shared/spec/openai-behaviour.md`, "Field rules", "Image rules" and "Decisions
+//! where the record is silent"). Each rejection asserts status, type, param, code, the message
+//! (exactly where the contract words it) and that the mock upstream saw nothing; every test ends
+//! with a valid request on the same gateway, so no rejection leaves state behind.
+
+mod support;
+
+use std::time::Duration;
+
+use imagegate::config::TransparencyPolicy;
+use png::{BitDepth, ColorType};
+use support::fixtures::*;
+use support::gateway::*;
+use support::mock_upstream::Recorded;
+use support::multipart::{Multipart, edit_request};
+use support::{Resp, send};
+
+/// The contract's message for a file that is not a PNG, is corrupt, or is 4 MiB or larger.
+const BAD_FORMAT: &str = "Uploaded image must be a PNG and less than 4 MB.";
+const BAD_MASK_FORMAT: &str = "Uploaded mask must be a PNG and less than 4 MB.";
+const FOUR_MIB: usize = 4 * 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Table machinery
+// ---------------------------------------------------------------------------------------------
+
+/// How a case's message is checked.
+#[derive(Debug, Clone)]
+enum Msg {
+    /// The contract gives the wording: byte for byte.
+    Exact(String),
+    /// The contract gives the start of the wording (the gateway may add a detail).
+    Prefix(String),
+    /// The contract gives no wording; the message must at least name this.
+    Contains(String),
+}
+
+fn exact(s: impl Into<String>) -> Msg {
+    Msg::Exact(s.into())
+}
+
+fn prefix(s: impl Into<String>) -> Msg {
+    Msg::Prefix(s.into())
+}
+
+fn contains(s: impl Into<String>) -> Msg {
+    Msg::Contains(s.into())
+}
+
+/// What is sent.
+enum Req {
+    Form(Multipart),
+    /// A body with a chosen `Content-Type` (`None`: no Content-Type header at all).
+    Raw {
+        content_type: Option<String>,
+        body: Vec<u8>,
+    },
+}
+
+/// One expected 400 rejection.
+struct Reject {
+    name: &'static str,
+    req: Req,
+    param: Option<&'static str>,
+    code: &'static str,
+    msg: Msg,
+}
+
+fn reject(
+    name: &'static str,
+    form: Multipart,
+    param: Option<&'static str>,
+    code: &'static str,
+    msg: Msg,
+) -> Reject {
+    Reject {
+        name,
+        req: Req::Form(form),
+        param,
+        code,
+        msg,
+    }
+}
+
+async fn post(gw: &Gateway, req: &Req) -> Resp {
+    match req {
+        Req::Form(form) => gw.edit(APP_KEY, form).await,
+        Req::Raw {
+            content_type: Some(ct),
+            body,
+        } => gw.edit_raw(APP_KEY, ct, body.clone()).await,
+        Req::Raw {
+            content_type: None,
+            body,
+        } => {
+            let auth = format!("Bearer {APP_KEY}");
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                send(
+                    gw.addr(),
+                    "POST",
+                    "/v1/images/edits",
+                    &[("authorization", auth.as_str())],
+                    body.clone(),
+                ),
+            )
+            .await
+            .expect("the gateway answers within 60 s")
+        }
+    }
+}
+
+fn check_message(name: &str, got: &str, want: &Msg) {
+    match want {
+        Msg::Exact(m) => assert_eq!(got, m, "{name}: message"),
+        Msg::Prefix(p) => assert!(
+            got.starts_with(p.as_str()),
+            "{name}: message {got:?} does not start with {p:?}"
+        ),
+        Msg::Contains(c) => assert!(
+            got.contains(c.as_str()),
+            "{name}: message {got:?} does not contain {c:?}"
+        ),
+    }
+}
+
+/// Sends every case; each must be a 400 `invalid_request_error` with the expected param, code and
+/// message, and nothing may have reached the upstream. Run these before any accepted request of
+/// the same gateway (the upstream count must still be zero).
+async fn expect_rejections(gw: &Gateway, cases: Vec<Reject>) {
+    for c in cases {
+        let resp = post(gw, &c.req).await;
+        assert_eq!(
+            resp.status,
+            400,
+            "{}: status; body: {}",
+            c.name,
+            resp.text()
+        );
+        let body = resp.json();
+        assert_eq!(
+            (
+                body["error"]["param"].as_str(),
+                body["error"]["code"].as_str()
+            ),
+            (c.param, Some(c.code)),
+            "{}: param/code; body: {body}",
+            c.name
+        );
+        let msg = assert_error(&resp, 400, "invalid_request_error", c.param, Some(c.code));
+        check_message(c.name, &msg, &c.msg);
+        assert_eq!(
+            gw.mock.count(),
+            0,
+            "{}: nothing reaches the upstream",
+            c.name
+        );
+        assert_eq!(gw.mock.heads(), 0, "{}: not even a request head", c.name);
+    }
+}
+
+/// Sends a form that must be accepted and forwarded once; returns what the upstream got.
+async fn accept(gw: &Gateway, name: &str, form: &Multipart) -> Recorded {
+    let before = gw.mock.count();
+    let resp = gw.edit(APP_KEY, form).await;
+    assert_eq!(resp.status, 200, "{name}: {}", resp.text());
+    assert_eq!(
+        gw.mock.count(),
+        before + 1,
+        "{name}: forwarded exactly once"
+    );
+    gw.mock.last().expect("a recorded request")
+}
+
+/// The state did not change: a plain valid request still succeeds.
+async fn still_serves(gw: &Gateway) {
+    let rec = accept(gw, "valid request after the rejections", &valid()).await;
+    assert_eq!(rec.field("prompt").as_deref(), Some("an otter"));
+}
+
+fn valid() -> Multipart {
+    edit_request(&rgba_png(32, true), "an otter")
+}
+
+fn png_part(form: Multipart, name: &str, data: &[u8]) -> Multipart {
+    form.file(name, Some(&format!("{name}.png")), Some("image/png"), data)
+}
+
+/// A compatible-policy gateway.
+async fn compatible() -> Gateway {
+    Gateway::start_with(|c| c.validation.transparency = TransparencyPolicy::Compatible).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------------
+
+/// A valid, transparent 64x64 RGBA PNG of exactly `total` bytes: a private ancillary `prVt`
+/// chunk right after IHDR pads it.
+fn png_of_size(total: usize) -> Vec<u8> {
+    let base = rgba_png(64, true);
+    let parts = chunks(&base);
+    let after_ihdr = parts[0].offset + parts[0].framed_len();
+    assert_eq!(&parts[0].kind, b"IHDR");
+    let pad = total - base.len() - 12;
+    let mut out = base[..after_ihdr].to_vec();
+    out.extend_from_slice(&chunk(b"prVt", &vec![0x5A; pad]));
+    out.extend_from_slice(&base[after_ihdr..]);
+    assert_eq!(out.len(), total);
+    decode(&out).expect("the padded fixture is a valid PNG");
+    out
+}
+
+/// The start of a JFIF file: not a PNG.
+fn jpeg_bytes() -> Vec<u8> {
+    let mut v = vec![
+        0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x10, b'J', b'F', b'I', b'F', 0x00, 0x01, 0x01, 0x00,
+    ];
+    v.extend(std::iter::repeat_n(0x42, 2000));
+    v.extend_from_slice(&[0xFF, 0xD9]);
+    v
+}
+
+/// 64x32 RGBA with a transparent pixel.
+fn rgba_64x32() -> Vec<u8> {
+    png_with(
+        64,
+        32,
+        ColorType::Rgba,
+        BitDepth::Eight,
+        false,
+        None,
+        None,
+        |x, y| vec![x as u8, y as u8, 7, if x == 0 && y == 0 { 0 } else { 255 }],
+    )
+}
+
+/// 64x32 RGB, no transparency.
+fn rgb_64x32() -> Vec<u8> {
+    png_with(
+        64,
+        32,
+        ColorType::Rgb,
+        BitDepth::Eight,
+        false,
+        None,
+        None,
+        |x, y| vec![x as u8, y as u8, 9],
+    )
+}
+
+/// Gray 8-bit without alpha or tRNS (Pillow mode L).
+fn gray_png(side: u32) -> Vec<u8> {
+    png_with(
+        side,
+        side,
+        ColorType::Grayscale,
+        BitDepth::Eight,
+        false,
+        None,
+        None,
+        |x, y| vec![(x * 3 + y) as u8],
+    )
+}
+
+/// Palette 8-bit without tRNS (Pillow mode P).
+fn palette_png(side: u32) -> Vec<u8> {
+    png_with(
+        side,
+        side,
+        ColorType::Indexed,
+        BitDepth::Eight,
+        false,
+        None,
+        Some(vec![255, 0, 0, 0, 255, 0]),
+        |x, _| vec![u8::from(x > 3)],
+    )
+}
+
+/// A header-only RGBA PNG of `w` x `h` (IHDR, a tiny IDAT, IEND): refused from IHDR alone.
+fn header_only(w: u32, h: u32) -> Vec<u8> {
+    assemble(&[
+        ihdr(w, h, 8, ColorType::Rgba as u8, 0),
+        chunk(b"IDAT", &zlib(&[0u8; 257])),
+        chunk(b"IEND", &[]),
+    ])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Content type
+// ---------------------------------------------------------------------------------------------
+
+fn unsupported(ct: &str) -> String {
+    format!(
+        "Unsupported content type: '{ct}'. This API method only accepts 'multipart/form-data' requests, but you specified the header 'Content-Type: {ct}'. Please try again with a supported content type."
+    )
+}
+
+#[tokio::test]
+async fn content_type_must_be_multipart_with_a_boundary() {
+    let gw = Gateway::start().await;
+    let body = valid().body();
+    let raw = |ct: Option<&str>, body: &[u8]| Req::Raw {
+        content_type: ct.map(str::to_owned),
+        body: body.to_vec(),
+    };
+    let case = |name, req, msg| Reject {
+        name,
+        req,
+        param: None,
+        code: "unsupported_content_type",
+        msg,
+    };
+    expect_rejections(
+        &gw,
+        vec![
+            case(
+                "text/plain",
+                raw(Some("text/plain"), b"an otter"),
+                exact(unsupported("text/plain")),
+            ),
+            case(
+                "application/json",
+                raw(Some("application/json"), br#"{"prompt": "an otter"}"#),
+                exact(unsupported("application/json")),
+            ),
+            case(
+                "multipart without boundary",
+                raw(Some("multipart/form-data"), &body),
+                exact(unsupported("multipart/form-data")),
+            ),
+            case(
+                "multipart with an empty boundary",
+                raw(Some("multipart/form-data; boundary="), &body),
+                prefix("Unsupported content type: 'multipart/form-data; boundary="),
+            ),
+            case(
+                "multipart/mixed",
+                raw(Some("multipart/mixed; boundary=abc"), &body),
+                exact(unsupported("multipart/mixed; boundary=abc")),
+            ),
+            case(
+                "no Content-Type header",
+                raw(None, &body),
+                prefix("Unsupported content type: "),
+            ),
+        ],
+    )
+    .await;
+    still_serves(&gw).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// prompt and image presence, prompt length
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn prompt_and_image_rules() {
+    let gw = Gateway::start().await;
+    let img = rgba_png(32, true);
+    let too_long = "é".repeat(1001);
+    expect_rejections(
+        &gw,
+        vec![
+            reject(
+                "prompt missing",
+                png_part(Multipart::new(), "image", &img),
+                Some("prompt"),
+                "missing_required_parameter",
+                exact("Missing required parameter: 'prompt'."),
+            ),
+            reject(
+                "image missing",
+                Multipart::new().text("prompt", "an otter"),
+                Some("image"),
+                "missing_required_parameter",
+                exact("Missing required parameter: 'image'."),
+            ),
+            reject(
+                "prompt empty",
+                edit_request(&img, ""),
+                Some("prompt"),
+                "empty_string",
+                exact(
+                    "Invalid 'prompt': empty string. Expected a string with minimum length 1, but got an empty string instead.",
+                ),
+            ),
+            reject(
+                "prompt of 1001 two-byte code points",
+                edit_request(&img, &too_long),
+                Some("prompt"),
+                "string_above_max_length",
+                exact(
+                    "Invalid 'prompt': string too long. Expected a string with maximum length 1000, but got a string with length 1001 instead.",
+                ),
+            ),
+            reject(
+                "prompt of 1001 four-byte code points",
+                edit_request(&img, &"🦦".repeat(1001)),
+                Some("prompt"),
+                "string_above_max_length",
+                exact(
+                    "Invalid 'prompt': string too long. Expected a string with maximum length 1000, but got a string with length 1001 instead.",
+                ),
+            ),
+        ],
+    )
+    .await;
+
+    // 1000 code points (2000 / 4000 bytes) are fine and forwarded as sent.
+    for (name, prompt) in [
+        ("1000 x é", "é".repeat(1000)),
+        ("1000 x 🦦", "🦦".repeat(1000)),
+        ("whitespace only", "   \t  ".to_string()),
+        ("one space", " ".to_string()),
+    ] {
+        let rec = accept(&gw, name, &edit_request(&img, &prompt)).await;
+        assert_eq!(
+            rec.field("prompt").as_deref(),
+            Some(prompt.as_str()),
+            "{name}: forwarded unchanged"
+        );
+    }
+    still_serves(&gw).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// n
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn n_rules() {
+    let gw = Gateway::start().await;
+    let img = rgba_png(32, true);
+    let with_n = |v: &str| edit_request(&img, "p").text("n", v);
+    let not_int = "Invalid type for 'n': expected an integer, but got a string value that could not be converted into an integer.";
+    let mut cases = Vec::new();
+    for (name, v) in [
+        ("n=abc", "abc"),
+        ("n=2.5", "2.5"),
+        ("n empty", ""),
+        ("n=1e1", "1e1"),
+        ("n=0x3", "0x3"),
+        ("n=+", "+"),
+        ("n=- 3", "- 3"),
+        ("n=٣ (Arabic-Indic digit)", "٣"),
+    ] {
+        cases.push(reject(
+            name,
+            with_n(v),
+            Some("n"),
+            "invalid_type",
+            exact(not_int),
+        ));
+    }
+    cases.extend([
+        reject(
+            "n=0",
+            with_n("0"),
+            Some("n"),
+            "integer_below_min_value",
+            exact(
+                "Invalid 'n': integer below minimum value. Expected a value >= 1, but got 0 instead.",
+            ),
+        ),
+        reject(
+            "n=-1",
+            with_n("-1"),
+            Some("n"),
+            "integer_below_min_value",
+            exact(
+                "Invalid 'n': integer below minimum value. Expected a value >= 1, but got -1 instead.",
+            ),
+        ),
+        reject(
+            "n=11",
+            with_n("11"),
+            Some("n"),
+            "integer_above_max_value",
+            contains("got 11 instead"),
+        ),
+        reject(
+            "n=huge",
+            with_n("123456789012345678901234567890123456789"),
+            Some("n"),
+            "integer_above_max_value",
+            contains("Expected a value <= 10"),
+        ),
+    ]);
+    expect_rejections(&gw, cases).await;
+
+    for (raw, canonical) in [
+        ("03", "3"),
+        ("+3", "3"),
+        (" 7 ", "7"),
+        ("10", "10"),
+        ("1", "1"),
+    ] {
+        let rec = accept(&gw, &format!("n={raw:?}"), &with_n(raw)).await;
+        assert_eq!(
+            rec.field("n").as_deref(),
+            Some(canonical),
+            "n={raw:?} forwarded as canonical digits"
+        );
+    }
+    still_serves(&gw).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// size, response_format, model
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn enumerated_values() {
+    let gw = Gateway::start().await;
+    let img = rgba_png(32, true);
+    let with = |k: &str, v: &str| edit_request(&img, "p").text(k, v);
+    let sizes = |v: &str| {
+        format!(
+            "Invalid value: '{v}'. Supported values are: '256x256', '512x512', and '1024x1024'."
+        )
+    };
+    let mut cases = Vec::new();
+    for v in ["1024X1024", "256", "", "1024x1024 ", "2048x2048"] {
+        cases.push(reject(
+            "size",
+            with("size", v),
+            Some("size"),
+            "invalid_value",
+            exact(sizes(v)),
+        ));
+    }
+    cases.extend([
+        reject(
+            "response_format=URL",
+            with("response_format", "URL"),
+            Some("response_format"),
+            "invalid_value",
+            exact("Invalid value: 'URL'. Supported values are: 'url' and 'b64_json'."),
+        ),
+        reject(
+            "response_format empty",
+            with("response_format", ""),
+            Some("response_format"),
+            "invalid_value",
+            prefix("Invalid value: ''."),
+        ),
+        reject(
+            "model=gpt-image-1",
+            with("model", "gpt-image-1"),
+            Some("model"),
+            "invalid_value",
+            exact("Invalid value: 'gpt-image-1'. Supported values are: 'dall-e-2'."),
+        ),
+        reject(
+            "model=DALL-E-2",
+            with("model", "DALL-E-2"),
+            Some("model"),
+            "invalid_value",
+            prefix("Invalid value: 'DALL-E-2'."),
+        ),
+    ]);
+    expect_rejections(&gw, cases).await;
+
+    let rec = accept(&gw, "model=dall-e-2", &with("model", "dall-e-2")).await;
+    assert_eq!(rec.field("model").as_deref(), Some("dall-e-2"));
+    for size in ["256x256", "512x512", "1024x1024"] {
+        let rec = accept(&gw, size, &with("size", size)).await;
+        assert_eq!(rec.field("size").as_deref(), Some(size));
+    }
+    for rf in ["url", "b64_json"] {
+        let rec = accept(&gw, rf, &with("response_format", rf)).await;
+        assert_eq!(rec.field("response_format").as_deref(), Some(rf));
+    }
+    still_serves(&gw).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// user
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn user_rules() {
+    let gw = Gateway::start().await;
+    let img = rgba_png(32, true);
+    let with_user = |u: &str| edit_request(&img, "p").text("user", u);
+    let long = |len: usize| {
+        format!(
+            "Invalid 'user': string too long. Expected a string with maximum length 256, but got a string with length {len} instead."
+        )
+    };
+    expect_rejections(
+        &gw,
+        vec![
+            reject(
+                "user of 257 ASCII chars",
+                with_user(&"u".repeat(257)),
+                Some("user"),
+                "string_above_max_length",
+                exact(long(257)),
+            ),
+            reject(
+                "user of 257 two-byte chars",
+                with_user(&"ü".repeat(257)),
+                Some("user"),
+                "string_above_max_length",
+                exact(long(257)),
+            ),
+            reject(
+                "user with a control character",
+                with_user("alice\u{1}bob"),
+                Some("user"),
+                "invalid_value",
+                contains("control characters"),
+            ),
+            reject(
+                "user with DEL",
+                with_user("alice\u{7f}"),
+                Some("user"),
+                "invalid_value",
+                contains("control characters"),
+            ),
+        ],
+    )
+    .await;
+
+    let rec = accept(&gw, "user of 256 chars", &with_user(&"ü".repeat(256))).await;
+    assert_eq!(rec.field("user"), Some("ü".repeat(256)));
+    still_serves(&gw).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// field names: unknown, duplicates, arrays
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn field_names() {
+    let gw = Gateway::start().await;
+    let img = rgba_png(32, true);
+    let image_array = "Invalid type for 'image': expected a file, but got an array instead.";
+    expect_rejections(
+        &gw,
+        vec![
+            reject(
+                "unknown field quality",
+                edit_request(&img, "p").text("quality", "hd"),
+                Some("quality"),
+                "unknown_parameter",
+                exact("Unknown parameter: 'quality'."),
+            ),
+            reject(
+                "unknown file field",
+                png_part(edit_request(&img, "p"), "image2", &img),
+                Some("image2"),
+                "unknown_parameter",
+                exact("Unknown parameter: 'image2'."),
+            ),
+            reject(
+                "field names are case-sensitive",
+                edit_request(&img, "p").text("Size", "256x256"),
+                Some("Size"),
+                "unknown_parameter",
+                exact("Unknown parameter: 'Size'."),
+            ),
+            reject(
+                "prompt twice",
+                edit_request(&img, "a").text("prompt", "b"),
+                Some("prompt"),
+                "invalid_type",
+                prefix("Invalid type for 'prompt': expected a string, but got an array instead."),
+            ),
+            reject(
+                "n twice",
+                edit_request(&img, "p").text("n", "1").text("n", "2"),
+                Some("n"),
+                "invalid_type",
+                contains("got an array instead"),
+            ),
+            reject(
+                "image twice",
+                png_part(edit_request(&img, "p"), "image", &img),
+                Some("image"),
+                "invalid_type",
+                exact(image_array),
+            ),
+            reject(
+                "image[]",
+                png_part(Multipart::new().text("prompt", "p"), "image[]", &img),
+                Some("image"),
+                "invalid_type",
+                exact(image_array),
+            ),
+            reject(
+                "prompt[]",
+                png_part(Multipart::new().text("prompt[]", "p"), "image", &img),
+                Some("prompt"),
+                "invalid_type",
+                contains("got an array instead"),
+            ),
+        ],
+    )
+    .await;
+    still_serves(&gw).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// declared part types
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn declared_part_types() {
+    let gw = Gateway::start().await;
+    let img = rgba_png(32, true);
+    let prompt = || Multipart::new().text("prompt", "p");
+    expect_rejections(
+        &gw,
+        vec![
+            reject(
+                "image typed image/jpeg",
+                prompt().file("image", Some("a.jpg"), Some("image/jpeg"), &img),
+                Some("image"),
+                "unsupported_file_mimetype",
+                exact(
+                    "Invalid file 'image': unsupported mimetype ('image/jpeg'). Supported file formats are 'image/png'.",
+                ),
+            ),
+            reject(
+                "image typed image/webp",
+                prompt().file("image", Some("a.webp"), Some("image/webp"), &img),
+                Some("image"),
+                "unsupported_file_mimetype",
+                exact(
+                    "Invalid file 'image': unsupported mimetype ('image/webp'). Supported file formats are 'image/png'.",
+                ),
+            ),
+            reject(
+                "octet-stream that is not a PNG",
+                prompt().file(
+                    "image",
+                    Some("upload"),
+                    Some("application/octet-stream"),
+                    &jpeg_bytes(),
+                ),
+                Some("image"),
+                "invalid_image_format",
+                exact(BAD_FORMAT),
+            ),
+            reject(
+                "mask typed text/plain",
+                png_part(prompt(), "image", &img).file(
+                    "mask",
+                    Some("m.txt"),
+                    Some("text/plain"),
+                    &img,
+                ),
+                Some("mask"),
+                "unsupported_file_mimetype",
+                exact(
+                    "Invalid file 'mask': unsupported mimetype ('text/plain'). Supported file formats are 'image/png'.",
+                ),
+            ),
+            reject(
+                "octet-stream mask that is not a PNG",
+                png_part(prompt(), "image", &img).file(
+                    "mask",
+                    None,
+                    Some("application/octet-stream"),
+                    &jpeg_bytes(),
+                ),
+                Some("mask"),
+                "invalid_image_format",
+                exact(BAD_MASK_FORMAT),
+            ),
+        ],
+    )
+    .await;
+
+    for (name, ct) in [
+        ("octet-stream PNG", Some("application/octet-stream")),
+        ("untyped PNG", None),
+    ] {
+        let form = prompt()
+            .file("image", Some("upload"), ct, &img)
+            .file("mask", None, ct, &img);
+        let rec = accept(&gw, name, &form).await;
+        for part in ["image", "mask"] {
+            let p = rec.part(part).expect("part forwarded");
+            assert_eq!(
+                p.content_type.as_deref(),
+                Some("image/png"),
+                "{name}: {part} forwarded as image/png"
+            );
+            assert_eq!(&p.data[..], &img[..], "{name}: {part} bytes unchanged");
+        }
+    }
+    still_serves(&gw).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// image bytes: size, signature, structure, dimensions
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn image_bytes_and_dimensions() {
+    let gw = Gateway::start().await;
+    let good = rgba_png(64, true);
+    let img = |data: &[u8]| edit_request(data, "p");
+    expect_rejections(
+        &gw,
+        vec![
+            reject(
+                "JPEG bytes declared image/png",
+                img(&jpeg_bytes()),
+                Some("image"),
+                "invalid_image_format",
+                exact(BAD_FORMAT),
+            ),
+            reject(
+                "empty file",
+                img(&[]),
+                Some("image"),
+                "invalid_image_format",
+                exact(BAD_FORMAT),
+            ),
+            reject(
+                "only the signature",
+                img(&PNG_SIGNATURE),
+                Some("image"),
+                "invalid_image_format",
+                prefix(BAD_FORMAT),
+            ),
+            reject(
+                "exactly 4 MiB",
+                img(&png_of_size(FOUR_MIB)),
+                Some("image"),
+                "invalid_image_format",
+                exact(BAD_FORMAT),
+            ),
+            reject(
+                "4 MiB + 1",
+                img(&png_of_size(FOUR_MIB + 1)),
+                Some("image"),
+                "invalid_image_format",
+                exact(BAD_FORMAT),
+            ),
+            reject(
+                "bad CRC",
+                img(&with_bad_crc(&good)),
+                Some("image"),
+                "invalid_image_format",
+                prefix(BAD_FORMAT),
+            ),
+            reject(
+                "truncated IDAT",
+                img(&truncated_idat(&good)),
+                Some("image"),
+                "invalid_image_format",
+                prefix(BAD_FORMAT),
+            ),
+            reject(
+                "file cut in the middle",
+                img(&good[..good.len() / 2]),
+                Some("image"),
+                "invalid_image_format",
+                prefix(BAD_FORMAT),
+            ),
+            reject(
+                "non-square 64x32",
+                img(&rgba_64x32()),
+                Some("image"),
+                "invalid_image_dimensions",
+                exact(
+                    "Invalid input image - expected an image with equal width and height, got 64x32 instead.",
+                ),
+            ),
+            reject(
+                "5000x5000 header",
+                img(&bomb_png(5000)),
+                Some("image"),
+                "invalid_image_dimensions",
+                contains("5000x5000"),
+            ),
+            reject(
+                "4097x4097 header (one over the default limit)",
+                img(&header_only(4097, 4097)),
+                Some("image"),
+                "invalid_image_dimensions",
+                contains("4097x4097"),
+            ),
+        ],
+    )
+    .await;
+
+    // One byte below the limit is fine, and forwarded byte for byte.
+    let just_below = png_of_size(FOUR_MIB - 1);
+    let rec = accept(&gw, "4194303 bytes", &img(&just_below)).await;
+    let part = rec.part("image").expect("image forwarded");
+    assert_eq!(part.data.len(), FOUR_MIB - 1);
+    assert!(part.data[..] == just_below[..], "forwarded unchanged");
+    still_serves(&gw).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// mode check and transparency policy (image without mask)
+// ---------------------------------------------------------------------------------------------
+
+const MODE_RGB: &str = "Invalid input image - format must be in ['RGBA', 'LA', 'L'], got RGB.";
+const MODE_P: &str = "Invalid input image - format must be in ['RGBA', 'LA', 'L'], got P.";
+
+#[tokio::test]
+async fn mode_and_transparency_under_strict() {
+    let gw = Gateway::start().await;
+    let img = |data: &[u8]| edit_request(data, "p");
+    expect_rejections(
+        &gw,
+        vec![
+            reject(
+                "RGB without mask",
+                img(&rgb_png(64)),
+                Some("image"),
+                "invalid_image_mode",
+                exact(MODE_RGB),
+            ),
+            reject(
+                "palette without tRNS",
+                img(&palette_png(16)),
+                Some("image"),
+                "invalid_image_mode",
+                exact(MODE_P),
+            ),
+            reject(
+                "opaque RGBA",
+                img(&rgba_png(64, false)),
+                Some("image"),
+                "image_not_transparent",
+                prefix("Invalid input image"),
+            ),
+            reject(
+                "gray 8-bit without alpha",
+                img(&gray_png(32)),
+                Some("image"),
+                "image_not_transparent",
+                prefix("Invalid input image"),
+            ),
+        ],
+    )
+    .await;
+    // Transparent RGBA and LA pass.
+    accept(&gw, "transparent RGBA", &img(&rgba_png(64, true))).await;
+    accept(&gw, "transparent LA", &img(&gray_alpha_png(32))).await;
+    still_serves(&gw).await;
+}
+
+#[tokio::test]
+async fn mode_and_transparency_under_compatible() {
+    let gw = compatible().await;
+    let img = |data: &[u8]| edit_request(data, "p");
+    expect_rejections(
+        &gw,
+        vec![
+            reject(
+                "RGB without mask",
+                img(&rgb_png(64)),
+                Some("image"),
+                "invalid_image_mode",
+                exact(MODE_RGB),
+            ),
+            reject(
+                "palette without tRNS",
+                img(&palette_png(16)),
+                Some("image"),
+                "invalid_image_mode",
+                exact(MODE_P),
+            ),
+        ],
+    )
+    .await;
+    // Only the mode check applies: nothing to edit, still forwarded, unchanged.
+    for (name, data) in [
+        ("opaque RGBA", rgba_png(64, false)),
+        ("gray 8-bit without alpha", gray_png(32)),
+    ] {
+        let rec = accept(&gw, name, &img(&data)).await;
+        assert!(
+            rec.part("image").unwrap().data[..] == data[..],
+            "{name}: forwarded unchanged"
+        );
+    }
+    still_serves(&gw).await;
+}
+
+#[tokio::test]
+async fn configured_max_image_bytes_shows_in_the_message() {
+    // 1.5 MiB: "less than 1.5 MB".
+    let limit = 3 * 512 * 1024;
+    let gw = Gateway::start_with(move |c| c.validation.max_image_bytes = limit).await;
+    let msg = "Uploaded image must be a PNG and less than 1.5 MB.";
+    expect_rejections(
+        &gw,
+        vec![
+            reject(
+                "exactly the configured limit",
+                edit_request(&png_of_size(limit), "p"),
+                Some("image"),
+                "invalid_image_format",
+                exact(msg),
+            ),
+            reject(
+                "not a PNG",
+                edit_request(&jpeg_bytes(), "p"),
+                Some("image"),
+                "invalid_image_format",
+                exact(msg),
+            ),
+            reject(
+                "corrupt",
+                edit_request(&with_bad_crc(&rgba_png(64, true)), "p"),
+                Some("image"),
+                "invalid_image_format",
+                prefix(msg),
+            ),
+            reject(
+                "mask at the configured limit",
+                png_part(
+                    edit_request(&rgba_png(64, true), "p"),
+                    "mask",
+                    &png_of_size(limit),
+                ),
+                Some("mask"),
+                "invalid_image_format",
+                exact("Uploaded mask must be a PNG and less than 1.5 MB."),
+            ),
+        ],
+    )
+    .await;
+    accept(
+        &gw,
+        "one byte below",
+        &edit_request(&png_of_size(limit - 1), "p"),
+    )
+    .await;
+    still_serves(&gw).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// mask
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn mask_rules() {
+    let gw = Gateway::start().await;
+    // With a mask the image may be any type; the mask carries the alpha.
+    let with_mask = |mask: &[u8]| png_part(edit_request(&rgb_png(64), "p"), "mask", mask);
+    let mismatch = "Invalid mask image format - mask size does not match image size";
+    let no_alpha = "Invalid mask image format - mask image missing alpha channel";
+    expect_rejections(
+        &gw,
+        vec![
+            reject(
+                "mask 32x32 for a 64x64 image",
+                with_mask(&rgba_png(32, true)),
+                Some("mask"),
+                "invalid_image_dimensions",
+                prefix(mismatch),
+            ),
+            reject(
+                "mask 128x128 for a 64x64 image",
+                with_mask(&rgba_png(128, true)),
+                Some("mask"),
+                "invalid_image_dimensions",
+                prefix(mismatch),
+            ),
+            reject(
+                "RGB mask",
+                with_mask(&rgb_png(64)),
+                Some("mask"),
+                "invalid_image_mode",
+                prefix(no_alpha),
+            ),
+            reject(
+                "gray mask without alpha",
+                with_mask(&gray_png(64)),
+                Some("mask"),
+                "invalid_image_mode",
+                prefix(no_alpha),
+            ),
+            reject(
+                "opaque RGBA mask",
+                with_mask(&rgba_png(64, false)),
+                Some("mask"),
+                "image_not_transparent",
+                prefix("Invalid mask image format"),
+            ),
+            reject(
+                "mask with a bad CRC",
+                with_mask(&with_bad_crc(&rgba_png(64, true))),
+                Some("mask"),
+                "invalid_image_format",
+                prefix(BAD_MASK_FORMAT),
+            ),
+            reject(
+                "mask with a truncated IDAT",
+                with_mask(&truncated_idat(&rgba_png(64, true))),
+                Some("mask"),
+                "invalid_image_format",
+                prefix(BAD_MASK_FORMAT),
+            ),
+            reject(
+                "JPEG mask",
+                with_mask(&jpeg_bytes()),
+                Some("mask"),
+                "invalid_image_format",
+                exact(BAD_MASK_FORMAT),
+            ),
+            reject(
+                "non-square mask",
+                png_part(edit_request(&rgba_png(64, true), "p"), "mask", &rgba_64x32()),
+                Some("mask"),
+                "invalid_image_dimensions",
+                exact(
+                    "Invalid input mask - expected an image with equal width and height, got 64x32 instead.",
+                ),
+            ),
+        ],
+    )
+    .await;
+    let rec = accept(
+        &gw,
+        "RGB image + RGBA mask",
+        &with_mask(&rgba_png(64, true)),
+    )
+    .await;
+    assert_eq!(rec.field_names().last().map(String::as_str), Some("mask"));
+    still_serves(&gw).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// order of checks
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn order_of_checks() {
+    let gw = Gateway::start().await;
+    let good = rgba_png(64, true);
+    let cases = vec![
+        Reject {
+            name: "content type before the body: text/plain with a form missing its prompt",
+            req: Req::Raw {
+                content_type: Some("text/plain".into()),
+                body: png_part(Multipart::new(), "image", &good).body(),
+            },
+            param: None,
+            code: "unsupported_content_type",
+            msg: exact(unsupported("text/plain")),
+        },
+        reject(
+            "unknown field before missing prompt",
+            png_part(Multipart::new().text("quality", "hd"), "image", &good),
+            Some("quality"),
+            "unknown_parameter",
+            exact("Unknown parameter: 'quality'."),
+        ),
+        reject(
+            "unknown field sent after the missing-prompt fault",
+            png_part(Multipart::new(), "image", &good).text("quality", "hd"),
+            Some("quality"),
+            "unknown_parameter",
+            exact("Unknown parameter: 'quality'."),
+        ),
+        reject(
+            "duplicate field before missing image",
+            Multipart::new().text("prompt", "a").text("prompt", "b"),
+            Some("prompt"),
+            "invalid_type",
+            contains("got an array instead"),
+        ),
+        reject(
+            "missing prompt before a bad n",
+            png_part(Multipart::new().text("n", "abc"), "image", &good),
+            Some("prompt"),
+            "missing_required_parameter",
+            exact("Missing required parameter: 'prompt'."),
+        ),
+        reject(
+            "field values before image bytes",
+            edit_request(&jpeg_bytes(), "p").text("n", "abc"),
+            Some("n"),
+            "invalid_type",
+            prefix("Invalid type for 'n'"),
+        ),
+        reject(
+            "user before image bytes",
+            edit_request(&jpeg_bytes(), "p").text("user", "a\u{1}b"),
+            Some("user"),
+            "invalid_value",
+            contains("control characters"),
+        ),
+        reject(
+            "declared type before the bytes",
+            Multipart::new().text("prompt", "p").file(
+                "image",
+                None,
+                Some("image/jpeg"),
+                &jpeg_bytes(),
+            ),
+            Some("image"),
+            "unsupported_file_mimetype",
+            prefix("Invalid file 'image': unsupported mimetype ('image/jpeg')."),
+        ),
+        reject(
+            "chunk CRCs before the square check",
+            edit_request(&with_bad_crc(&rgba_64x32()), "p"),
+            Some("image"),
+            "invalid_image_format",
+            prefix(BAD_FORMAT),
+        ),
+        reject(
+            "dimension limit before the square check",
+            edit_request(&header_only(5000, 4000), "p"),
+            Some("image"),
+            "invalid_image_dimensions",
+            contains("5000x4000"),
+        ),
+        reject(
+            "square before the mode check",
+            edit_request(&rgb_64x32(), "p"),
+            Some("image"),
+            "invalid_image_dimensions",
+            exact(
+                "Invalid input image - expected an image with equal width and height, got 64x32 instead.",
+            ),
+        ),
+        reject(
+            "mode check before the full decode: RGB with a truncated IDAT",
+            edit_request(&truncated_idat(&rgb_png(64)), "p"),
+            Some("image"),
+            "invalid_image_mode",
+            exact(MODE_RGB),
+        ),
+        reject(
+            "full decode before the transparency verdict: opaque RGBA, truncated IDAT",
+            edit_request(&truncated_idat(&rgba_png(64, false)), "p"),
+            Some("image"),
+            "invalid_image_format",
+            prefix(BAD_FORMAT),
+        ),
+        reject(
+            "acceptance needs the complete decode: transparent first row, truncated IDAT",
+            edit_request(&truncated_idat(&good), "p"),
+            Some("image"),
+            "invalid_image_format",
+            prefix(BAD_FORMAT),
+        ),
+        reject(
+            "with a mask the image is still decoded completely",
+            png_part(
+                edit_request(&truncated_idat(&rgb_png(64)), "p"),
+                "mask",
+                &good,
+            ),
+            Some("image"),
+            "invalid_image_format",
+            prefix(BAD_FORMAT),
+        ),
+        reject(
+            "image before mask",
+            png_part(
+                edit_request(&with_bad_crc(&good), "p"),
+                "mask",
+                &with_bad_crc(&good),
+            ),
+            Some("image"),
+            "invalid_image_format",
+            prefix(BAD_FORMAT),
+        ),
+        reject(
+            "mask alpha channel before mask dimensions",
+            png_part(edit_request(&good, "p"), "mask", &rgb_png(32)),
+            Some("mask"),
+            "invalid_image_mode",
+            prefix("Invalid mask image format - mask image missing alpha channel"),
+        ),
+        reject(
+            "mask decode before mask dimensions",
+            png_part(
+                edit_request(&good, "p"),
+                "mask",
+                &truncated_idat(&rgba_png(32, true)),
+            ),
+            Some("mask"),
+            "invalid_image_format",
+            prefix(BAD_MASK_FORMAT),
+        ),
+    ];
+    expect_rejections(&gw, cases).await;
+
+    // Under the compatible policy the mode message wins as well.
+    let compat = compatible().await;
+    expect_rejections(
+        &compat,
+        vec![reject(
+            "compatible: RGB with a truncated IDAT gets the mode message",
+            edit_request(&truncated_idat(&rgb_png(64)), "p"),
+            Some("image"),
+            "invalid_image_mode",
+            exact(MODE_RGB),
+        )],
+    )
+    .await;
+    still_serves(&compat).await;
+    still_serves(&gw).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// state after many rejections
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn rejections_leave_no_state_behind() {
+    // A per-client budget of 10 images a day: rejected requests (even those refused after the
+    // quota reservation, by the PNG checks) must not use it up.
+    let gw = Gateway::start_with(|c| c.quotas.per_client.images_per_day = Some(10)).await;
+    let img = rgba_png(32, true);
+    let mut cases = Vec::new();
+    for _ in 0..20 {
+        cases.push(reject(
+            "bad size",
+            edit_request(&img, "p").text("size", "1X1"),
+            Some("size"),
+            "invalid_value",
+            prefix("Invalid value: '1X1'."),
+        ));
+        cases.push(reject(
+            "RGB",
+            edit_request(&rgb_png(32), "p").text("n", "10"),
+            Some("image"),
+            "invalid_image_mode",
+            exact(MODE_RGB),
+        ));
+    }
+    expect_rejections(&gw, cases).await;
+    let rec = accept(&gw, "n=10 after 40 rejections", &valid().text("n", "10")).await;
+    assert_eq!(rec.field("n").as_deref(), Some("10"));
+    // Now the budget is really used up: the quota is live, not merely unconfigured.
+    let over = gw.edit(APP_KEY, &valid()).await;
+    assert_error(
+        &over,
+        429,
+        "insufficient_quota",
+        None,
+        Some("insufficient_quota"),
+    );
+    assert_eq!(gw.mock.count(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pillow modes of the other PNG types, tRNS normalization, 16-bit alpha
+// ---------------------------------------------------------------------------------------------
+
+fn gray16_png(side: u32) -> Vec<u8> {
+    png_with(
+        side,
+        side,
+        ColorType::Grayscale,
+        BitDepth::Sixteen,
+        false,
+        None,
+        None,
+        |x, y| ((x * 1000 + y) as u16).to_be_bytes().to_vec(),
+    )
+}
+
+fn gray_low_depth_png(side: u32, depth: BitDepth) -> Vec<u8> {
+    let max = (1u16 << depth as u8) - 1;
+    png_with(
+        side,
+        side,
+        ColorType::Grayscale,
+        depth,
+        false,
+        None,
+        None,
+        |x, y| vec![((x + y) as u16 % (max + 1)) as u8],
+    )
+}
+
+/// RGB 8-bit whose tRNS colour (1, 2, 3) is used by pixel (0, 0) only.
+fn rgb_trns_png(side: u32) -> Vec<u8> {
+    png_with(
+        side,
+        side,
+        ColorType::Rgb,
+        BitDepth::Eight,
+        false,
+        Some(vec![0, 1, 0, 2, 0, 3]),
+        None,
+        |x, y| {
+            if x == 0 && y == 0 {
+                vec![1, 2, 3]
+            } else {
+                vec![200, (x * 2) as u8, (y * 2) as u8]
+            }
+        },
+    )
+}
+
+/// Gray 8-bit whose tRNS level 0 is used by pixel (0, 0) only.
+fn gray_trns_png(side: u32) -> Vec<u8> {
+    png_with(
+        side,
+        side,
+        ColorType::Grayscale,
+        BitDepth::Eight,
+        false,
+        Some(vec![0, 0]),
+        None,
+        |x, y| {
+            vec![if x == 0 && y == 0 {
+                0
+            } else {
+                100 + (x % 50) as u8
+            }]
+        },
+    )
+}
+
+/// RGBA 16-bit: pixel (0, 0) has alpha `alpha`, every other pixel 0xFFFF.
+fn rgba16_alpha(side: u32, alpha: u16) -> Vec<u8> {
+    png_with(
+        side,
+        side,
+        ColorType::Rgba,
+        BitDepth::Sixteen,
+        false,
+        None,
+        None,
+        |x, y| {
+            let a = if x == 0 && y == 0 { alpha } else { 0xFFFF };
+            [1000u16, (x * 100) as u16, (y * 100) as u16, a]
+                .iter()
+                .flat_map(|v| v.to_be_bytes())
+                .collect()
+        },
+    )
+}
+
+#[tokio::test]
+async fn pillow_modes_and_trns_normalization() {
+    let gw = Gateway::start().await;
+    let img = |data: &[u8]| edit_request(data, "p");
+    let mode =
+        |m: &str| format!("Invalid input image - format must be in ['RGBA', 'LA', 'L'], got {m}.");
+    expect_rejections(
+        &gw,
+        vec![
+            reject(
+                "gray 16-bit is I;16",
+                img(&gray16_png(32)),
+                Some("image"),
+                "invalid_image_mode",
+                exact(mode("I;16")),
+            ),
+            reject(
+                "gray 1-bit is mode 1",
+                img(&gray_low_depth_png(32, BitDepth::One)),
+                Some("image"),
+                "invalid_image_mode",
+                exact(mode("1")),
+            ),
+            reject(
+                "gray 4-bit is L: passes the mode check, nothing transparent under strict",
+                img(&gray_low_depth_png(32, BitDepth::Four)),
+                Some("image"),
+                "image_not_transparent",
+                prefix("Invalid input image"),
+            ),
+            reject(
+                "RGB with a tRNS colour no pixel uses",
+                img(&png_with(
+                    16,
+                    16,
+                    ColorType::Rgb,
+                    BitDepth::Eight,
+                    false,
+                    Some(vec![0, 9, 0, 9, 0, 9]),
+                    None,
+                    |_, _| vec![1, 2, 3],
+                )),
+                Some("image"),
+                "image_not_transparent",
+                prefix("Invalid input image"),
+            ),
+            reject(
+                "16-bit alpha 0x0100 is not transparent (high byte 1)",
+                img(&rgba16_alpha(16, 0x0100)),
+                Some("image"),
+                "image_not_transparent",
+                prefix("Invalid input image"),
+            ),
+        ],
+    )
+    .await;
+
+    // 16-bit alpha below 256 counts as transparent (Pillow keeps the high byte).
+    accept(&gw, "16-bit alpha 0x00FF", &img(&rgba16_alpha(16, 0x00FF))).await;
+
+    // tRNS transparency is converted losslessly to RGBA of the same depth before forwarding.
+    for (name, data, depth) in [
+        ("RGB 8-bit + tRNS", rgb_trns_png(16), BitDepth::Eight),
+        ("gray 8-bit + tRNS", gray_trns_png(16), BitDepth::Eight),
+    ] {
+        let rec = accept(&gw, name, &img(&data)).await;
+        let fwd = decode(&rec.part("image").unwrap().data).expect("forwarded PNG decodes");
+        assert_eq!(
+            (fwd.color_type, fwd.bit_depth),
+            (ColorType::Rgba, depth),
+            "{name}"
+        );
+        assert_eq!((fwd.width, fwd.height), (16, 16), "{name}");
+        let src = decode(&data).unwrap();
+        let channels = src.color_type.samples();
+        for (i, px) in fwd.data.chunks_exact(4).enumerate() {
+            let s = &src.data[i * channels..(i + 1) * channels];
+            let rgb: Vec<u8> = if channels == 1 {
+                vec![s[0]; 3]
+            } else {
+                s.to_vec()
+            };
+            assert_eq!(&px[..3], &rgb[..], "{name}: pixel {i} colour kept");
+            assert_eq!(
+                px[3],
+                if i == 0 { 0 } else { 255 },
+                "{name}: pixel {i} alpha"
+            );
+        }
+    }
+    still_serves(&gw).await;
+}
+
+#[tokio::test]
+async fn conversion_that_outgrows_the_limit_is_refused() {
+    // A 64x64 palette image of 16 colours in noise, one of them transparent: small as palette
+    // indices, several times larger as RGBA.
+    let mut state = 0x9E37_79B9u32;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        (state % 16) as u8
+    };
+    let noise: Vec<u8> = (0..64 * 64).map(|_| next()).collect();
+    let palette: Vec<u8> = (0..16u8)
+        .flat_map(|i| [i * 16, 255 - i * 16, i * 7])
+        .collect();
+    let data = png_with(
+        64,
+        64,
+        ColorType::Indexed,
+        BitDepth::Eight,
+        false,
+        Some(vec![0]),
+        Some(palette),
+        |x, y| vec![noise[(y * 64 + x) as usize]],
+    );
+    let limit = data.len() + 1;
+    let gw = Gateway::start_with(move |c| c.validation.max_image_bytes = limit.max(64)).await;
+    expect_rejections(
+        &gw,
+        vec![reject(
+            "palette + tRNS whose RGBA form is over the limit",
+            edit_request(&data, "p"),
+            Some("image"),
+            "invalid_image_format",
+            contains(&format!("limit of {limit} bytes")),
+        )],
+    )
+    .await;
+    let small = rgba_png(4, true);
+    assert!(small.len() < limit);
+    accept(
+        &gw,
+        "a small image under the limit",
+        &edit_request(&small, "p"),
+    )
+    .await;
+}
