@@ -128,7 +128,14 @@ async fn handle(
     }
     let reservation = reserve(&state, &who, &edit).await?;
 
-    let (image, mask) = check_images(&state, &edit).await?;
+    let (image, mask) = match check_images(&state, &edit).await {
+        Ok(checked) => checked,
+        Err(e) => {
+            // Refund before answering, so the caller's next request sees the quota restored.
+            reservation.settle(0, 0).await;
+            return Err(e);
+        }
+    };
     let canonical = canonical::encode(&edit, image.bytes, mask.map(|m| m.bytes));
     forward(state, canonical, reservation, &edit).await
 }

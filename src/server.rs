@@ -4,8 +4,12 @@
 //! `server.shutdown_grace` whatever is left is dropped.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -106,9 +110,8 @@ pub async fn serve(
             req.extensions_mut().insert(ClientAddr(peer));
             app.clone().oneshot(req)
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
+        let io = FirstBytesDeadline::new(stream, server.header_read_timeout);
+        let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -125,5 +128,93 @@ pub async fn serve(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!("grace period over, dropping remaining connections"),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Enforces `header_read_timeout` on a connection's first bytes. hyper-util's auto builder
+    /// reads up to 24 bytes to tell HTTP/1 from h2 before hyper's own header-read timeout starts,
+    /// so without this a client that connects and sends nothing (or half the h2 preface) would
+    /// hold a connection forever. Once 24 bytes have arrived the guard is off.
+    struct FirstBytesDeadline<T> {
+        #[pin]
+        io: T,
+        deadline: Pin<Box<tokio::time::Sleep>>,
+        seen: usize,
+    }
+}
+
+impl<T> FirstBytesDeadline<T> {
+    const PREFACE: usize = 24;
+
+    fn new(io: T, timeout: std::time::Duration) -> Self {
+        FirstBytesDeadline {
+            io,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            seen: 0,
+        }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for FirstBytesDeadline<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        if *this.seen >= Self::PREFACE {
+            return this.io.poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        match this.io.poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len() - before;
+                *this.seen = if n == 0 {
+                    Self::PREFACE
+                } else {
+                    *this.seen + n
+                };
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request within header_read_timeout",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for FirstBytesDeadline<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }

@@ -274,10 +274,16 @@ pub async fn parse(
             return Err(array_error(base));
         }
         if !TEXT_FIELDS.contains(&name) && !FILE_FIELDS.contains(&name) {
+            // Echo at most 64 characters of a name the caller chose.
+            let shown: String = if name.chars().count() > 64 {
+                name.chars().take(64).chain("…".chars()).collect()
+            } else {
+                name.to_owned()
+            };
             return Err(GatewayError::field(
-                name,
+                shown.clone(),
                 "unknown_parameter",
-                format!("Unknown parameter: '{name}'."),
+                format!("Unknown parameter: '{shown}'."),
             ));
         }
         if seen.contains(&name) {
@@ -312,7 +318,7 @@ pub async fn parse(
     let model = match get("model") {
         Some(p) => {
             let m = text(p)?;
-            if !rules.models.iter().any(|allowed| *allowed == m) {
+            if !rules.models.contains(&m) {
                 let supported: Vec<&str> = rules.models.iter().map(String::as_str).collect();
                 return Err(invalid_value("model", &m, &supported));
             }
@@ -378,6 +384,9 @@ pub async fn parse(
 mod tests {
     use super::*;
 
+    /// (name, file name, content type, data)
+    type TestPart<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a [u8]);
+
     fn rules() -> FormRules {
         FormRules {
             max_prompt_chars: 1000,
@@ -387,7 +396,7 @@ mod tests {
         }
     }
 
-    fn body(parts: &[(&str, Option<&str>, Option<&str>, &[u8])]) -> Bytes {
+    fn body(parts: &[TestPart<'_>]) -> Bytes {
         let mut out = Vec::new();
         for (name, file, ct, data) in parts {
             out.extend_from_slice(b"--XyZ\r\n");
@@ -413,9 +422,7 @@ mod tests {
         Bytes::from(out)
     }
 
-    async fn run(
-        parts: &[(&str, Option<&str>, Option<&str>, &[u8])],
-    ) -> Result<ImageEdit, GatewayError> {
+    async fn run(parts: &[TestPart<'_>]) -> Result<ImageEdit, GatewayError> {
         parse("XyZ", body(parts), &rules()).await
     }
 
@@ -443,7 +450,7 @@ mod tests {
 
     #[tokio::test]
     async fn name_rules() {
-        let img: (&str, Option<&str>, Option<&str>, &[u8]) = ("image", Some("a.png"), None, b"x");
+        let img: TestPart<'_> = ("image", Some("a.png"), None, b"x");
         assert_eq!(
             code(
                 run(&[
@@ -481,7 +488,7 @@ mod tests {
 
     #[tokio::test]
     async fn prompt_is_counted_in_code_points() {
-        let img: (&str, Option<&str>, Option<&str>, &[u8]) = ("image", Some("a.png"), None, b"x");
+        let img: TestPart<'_> = ("image", Some("a.png"), None, b"x");
         let ok = "é".repeat(1000);
         assert!(
             run(&[("prompt", None, None, ok.as_bytes()), img])
@@ -532,7 +539,7 @@ mod tests {
 
     #[tokio::test]
     async fn enums_are_case_sensitive() {
-        let img: (&str, Option<&str>, Option<&str>, &[u8]) = ("image", Some("a.png"), None, b"x");
+        let img: TestPart<'_> = ("image", Some("a.png"), None, b"x");
         let err = run(&[
             ("prompt", None, None, b"p"),
             img,
@@ -665,7 +672,7 @@ mod tests {
                 "{err:?}"
             );
         }
-        let many: Vec<(&str, Option<&str>, Option<&str>, &[u8])> = (0..1000)
+        let many: Vec<TestPart<'_>> = (0..1000)
             .map(|_| ("prompt", None, None, b"p" as &[u8]))
             .collect();
         assert!(matches!(

@@ -202,12 +202,18 @@ impl std::error::Error for PngRejection {}
 /// 4 MiB, the documented default limit.
 const DEFAULT_MAX_BYTES: usize = 4 * 1024 * 1024;
 
-/// `Uploaded {part} must be a PNG and less than {N} MB.` with N = limit in MiB, no trailing zeros.
+/// `Uploaded {part} must be a PNG and less than {N} MB.` with N = limit in MiB, no trailing zeros;
+/// a limit that is not a round number of hundredths of a MiB is stated in bytes instead.
 fn format_message(part: &str, limit: usize) -> String {
-    format!(
-        "Uploaded {part} must be a PNG and less than {} MB.",
-        mib(limit)
-    )
+    let hundredths = limit as f64 / (1024.0 * 1024.0) * 100.0;
+    if (hundredths - hundredths.round()).abs() < 1e-9 {
+        format!(
+            "Uploaded {part} must be a PNG and less than {} MB.",
+            mib(limit)
+        )
+    } else {
+        format!("Uploaded {part} must be a PNG and less than {limit} bytes.")
+    }
 }
 
 /// `limit` in MiB without trailing zeros: 4194304 -> "4", 2621440 -> "2.5". The value is printed
