@@ -7,6 +7,9 @@
 //!          the same request sent N times straight to the mock upstream and N times through
 //!          the gateway, interleaved; added = median(gateway) - median(direct).
 //! bomb:    peak RSS (VmHWM) of this process while the gateway refuses a 30000x30000 PNG.
+//! ledger:  records per second through the ledger (queue, one writer thread, SQLite on disk),
+//!          each request = begin_forwarding + finish(Complete), N concurrent writers, and
+//!          the latency begin_forwarding adds (the commit awaited before forwarding).
 //! limits:  cost of the per-user rate-limit check and of a quota reserve+settle, and memory per
 //!          tracked end user.
 
@@ -213,6 +216,91 @@ fn limits(users: usize, iterations: usize) {
     );
 }
 
+fn ledger(requests: usize) {
+    use imagegate::ledger::sqlite::{SqliteStore, Synchronous};
+    use imagegate::ledger::store::{LedgerOp, LedgerStore};
+    use imagegate::ledger::{Ledger, Outcome, Record};
+
+    let record = |id: String| {
+        let mut r = Record::new(id, jiff::Timestamp::now());
+        r.client = Some("bench".into());
+        r.user = Some("user-1".into());
+        r.model = Some("dall-e-2".into());
+        r.n = Some(1);
+        r.size = Some("1024x1024".into());
+        r.image_sha256 = Some("0".repeat(64));
+        r.prompt = Some(format!("sha256:{}", "0".repeat(64)));
+        r.cost_reserved_micros = 20_000;
+        r
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let base = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
+    println!(
+        "ledger: {requests} requests per row (begin + complete = 2 chain entries each), queue 1024"
+    );
+    for sync in [Synchronous::Full, Synchronous::Normal] {
+        for writers in [1usize, 8, 64] {
+            let dir = tempfile::tempdir_in(&base).unwrap();
+            let path = dir.path().join("bench.db");
+            let store = SqliteStore::open(&path).unwrap();
+            store.set_synchronous(sync).unwrap();
+            let ledger = Ledger::start(Box::new(store), 1024).unwrap();
+            let per = requests / writers;
+            let started = Instant::now();
+            let begins = rt.block_on(async {
+                let mut tasks = Vec::new();
+                for w in 0..writers {
+                    let ledger = ledger.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let mut waits = Vec::with_capacity(per);
+                        for i in 0..per {
+                            let id = format!("req_{w:04}_{i:08}");
+                            let t = Instant::now();
+                            ledger.begin_forwarding(record(id.clone())).await.unwrap();
+                            waits.push(t.elapsed());
+                            let mut done = record(id);
+                            done.outcome = Outcome::Answered;
+                            ledger.finish(LedgerOp::Complete(done)).await.unwrap();
+                        }
+                        waits
+                    }));
+                }
+                let mut all = Vec::new();
+                for t in tasks {
+                    all.extend(t.await.unwrap());
+                }
+                all
+            });
+            let secs = started.elapsed().as_secs_f64();
+            rt.block_on(ledger.close()).unwrap();
+            let mut begins = begins;
+            let p50 = median(&mut begins);
+            let done = (per * writers) as f64;
+            println!(
+                "  {sync:?} writers {writers:>3}: {:>7.0} requests/s ({:>7.0} records/s), begin_forwarding p50 {:?} p90 {:?}",
+                done / secs,
+                2.0 * done / secs,
+                p50,
+                pct(&begins, 0.9)
+            );
+            if writers == 1 && sync == Synchronous::Full {
+                let t = Instant::now();
+                let v = SqliteStore::open_reader(&path).unwrap().verify().unwrap();
+                assert!(v.is_ok());
+                println!(
+                    "  (audit verify of {} entries: {:?})",
+                    v.entries,
+                    t.elapsed()
+                );
+            }
+        }
+    }
+}
+
 fn main() {
     let which: Vec<String> = std::env::args()
         .skip(1)
@@ -228,6 +316,9 @@ fn main() {
     }
     if want("bomb") {
         rt.block_on(bomb(50));
+    }
+    if want("ledger") {
+        ledger(10_000);
     }
     if want("limits") {
         limits(100_000, 200_000);

@@ -20,6 +20,7 @@ use crate::edit::form::FormRules;
 use crate::edit::png_check::PngRules;
 use crate::edits::EditsService;
 use crate::error::GatewayError;
+use crate::ledger::Ledger;
 use crate::limits::quota::QuotaStore;
 use crate::limits::rate::RateLimits;
 use crate::middleware::BoxFuture;
@@ -27,7 +28,9 @@ use crate::middleware::auth::{AuthLayer, KeyTable};
 use crate::middleware::client_limit::ClientLimitLayer;
 use crate::middleware::overload::OverloadLayer;
 use crate::middleware::request_id::RequestIdLayer;
+use crate::middleware::usage::UsageLayer;
 use crate::upstream::Upstream;
+use tokio_util::task::TaskTracker;
 
 /// Everything a request may need, built once at start.
 pub struct AppState {
@@ -42,10 +45,29 @@ pub struct AppState {
     pub clock: Clock,
     pub rates: Arc<RateLimits>,
     pub quotas: Arc<QuotaStore>,
+    pub ledger: Ledger,
+    /// Forwarding tasks, which outlive their connections; shutdown waits for them.
+    pub tasks: TaskTracker,
 }
 
 impl AppState {
+    /// Build the state, opening the SQLite ledger at `ledger.path` (recovering what a crash
+    /// left `forwarding`).
     pub fn new(config: Config, clock: Clock) -> Result<AppState, String> {
+        let (ledger, recovered) = Ledger::open_sqlite(&config.ledger.path, config.ledger.queue)
+            .map_err(|e| format!("ledger {}: {e}", config.ledger.path.display()))?;
+        if recovered > 0 {
+            tracing::warn!(
+                recovered,
+                "ledger: requests left 'forwarding' by a crash are now 'unknown'"
+            );
+        }
+        Self::with_ledger(config, clock, ledger)
+    }
+
+    /// Build the state around a ledger that is already running.
+    pub fn with_ledger(config: Config, clock: Clock, ledger: Ledger) -> Result<AppState, String> {
+        crate::metrics::handle();
         let config = Arc::new(config);
         let v = &config.validation;
         Ok(AppState {
@@ -56,6 +78,8 @@ impl AppState {
                 clock.clone(),
             )?),
             clock,
+            ledger,
+            tasks: TaskTracker::new(),
             keys: KeyTable::from_config(&config)?,
             upstream: Upstream::new(&config)?,
             form_rules: FormRules {
@@ -83,6 +107,9 @@ pub type AppService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Inf
 
 pub fn build(state: Arc<AppState>) -> AppService {
     let edits = ServiceBuilder::new()
+        // Outermost on the route: opens the usage record, so every outcome below (authentication
+        // and limit refusals included) is written to the ledger exactly once.
+        .layer(UsageLayer::new(state.ledger.clone(), state.clock.clone()))
         // Authentication is cheap and needs only headers: it runs before the body is read.
         .layer(AuthLayer::new(state.keys.clone()))
         // The per-client limit needs only the caller: also before the body is read.
@@ -156,14 +183,14 @@ impl Service<Request<Incoming>> for Router {
             }
             "/healthz" => Box::pin(async { Ok(json(StatusCode::OK, r#"{"status":"ok"}"#)) }),
             "/readyz" => {
-                let ready = self.state.upstream.has_key();
+                let ready = self.state.upstream.has_key() && self.state.ledger.healthy();
                 Box::pin(async move {
                     Ok(if ready {
                         json(StatusCode::OK, r#"{"status":"ready"}"#)
                     } else {
                         json(
                             StatusCode::SERVICE_UNAVAILABLE,
-                            r#"{"status":"not ready","reason":"no upstream key configured"}"#,
+                            r#"{"status":"not ready","reason":"no upstream key configured, or the ledger cannot be written"}"#,
                         )
                     })
                 })

@@ -251,23 +251,13 @@ pub struct ClientConfig {
     pub users: Vec<UserOverride>,
 }
 
-/// What the ledger keeps of the prompt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum PromptPolicyConfig {
-    None,
-    #[default]
-    Sha256,
-    Full,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct LedgerConfig {
     /// SQLite database holding the usage ledger and quota use.
     pub path: PathBuf,
     /// `none`, `sha256` or `full`.
-    pub prompt: PromptPolicyConfig,
+    pub prompt: crate::ledger::PromptPolicy,
     /// Records waiting for the writer; when full, requests wait (nothing is dropped).
     pub queue: usize,
 }
@@ -276,7 +266,7 @@ impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
             path: PathBuf::from("data/imagegate.db"),
-            prompt: PromptPolicyConfig::Sha256,
+            prompt: crate::ledger::PromptPolicy::Sha256,
             queue: 1024,
         }
     }

@@ -22,11 +22,14 @@ use crate::edit::canonical::{self, CanonicalBody};
 use crate::edit::png_check::{self, CheckedPng};
 use crate::edit::{ImageEdit, form};
 use crate::error::GatewayError;
+use crate::ledger::store::LedgerOp;
+use crate::ledger::{Outcome, Record};
 use crate::limits::quota::{QuotaStore, Reservation};
 use crate::limits::rate::RateStatus;
 use crate::limits::{EndUser, resolve_end_user};
 use crate::middleware::BoxFuture;
 use crate::middleware::auth::Caller;
+use crate::middleware::usage::Trail;
 use crate::upstream::{error_chain, passed_headers};
 
 #[derive(Clone)]
@@ -101,9 +104,22 @@ async fn handle(
         tracing::error!("edits service reached without an authenticated caller");
         GatewayError::Internal
     })?;
+    let trail = req.extensions().get::<Trail>().cloned().ok_or_else(|| {
+        tracing::error!("edits service reached without a usage record");
+        GatewayError::Internal
+    })?;
+    let validation_started = std::time::Instant::now();
     let boundary = form::boundary(req.headers().get(header::CONTENT_TYPE))?;
     let body = read_body(&state, req).await?;
     let mut edit = form::parse(&boundary, body, &state.form_rules).await?;
+    let prompt_policy = state.config.ledger.prompt;
+    trail.update(|r| {
+        r.model = Some(edit.model.clone());
+        r.n = Some(edit.n);
+        r.size = Some(edit.size.as_str().to_owned());
+        r.response_format = Some(edit.response_format.as_str().to_owned());
+        r.prompt = prompt_policy.apply(&edit.prompt);
+    });
 
     // Who pays: decided right after the fields are parsed, before any decoding.
     let limits = &state.config.limits;
@@ -117,6 +133,7 @@ async fn handle(
     if let Some(user) = &who.user {
         tracing::Span::current().record("user", user.as_str());
     }
+    trail.update(|r| r.user = who.user.clone());
     // The normalized id goes upstream, so OpenAI sees the id the gateway charged.
     edit.user = who.user.clone();
     match state.rates.check_user(&who, edit.n) {
@@ -127,8 +144,27 @@ async fn handle(
         }
     }
     let reservation = reserve(&state, &who, &edit).await?;
+    trail.update(|r| r.cost_reserved_micros = reservation.reserved_micros());
 
-    let (image, mask) = match check_images(&state, &edit).await {
+    let checked = check_images(&state, &edit).await;
+    trail.update(|r| {
+        let (image, mask) = &checked.digests;
+        image.fill(
+            &mut r.image_sha256,
+            &mut r.image_bytes,
+            &mut r.image_width,
+            &mut r.image_height,
+        );
+        if let Some(mask) = mask {
+            mask.fill(
+                &mut r.mask_sha256,
+                &mut r.mask_bytes,
+                &mut r.mask_width,
+                &mut r.mask_height,
+            );
+        }
+    });
+    let (image, mask) = match checked.result {
         Ok(checked) => checked,
         Err(e) => {
             // Refund before answering, so the caller's next request sees the quota restored.
@@ -136,8 +172,10 @@ async fn handle(
             return Err(e);
         }
     };
+    metrics::histogram!("imagegate_validation_duration_seconds")
+        .record(validation_started.elapsed().as_secs_f64());
     let canonical = canonical::encode(&edit, image.bytes, mask.map(|m| m.bytes));
-    forward(state, canonical, reservation, &edit).await
+    forward(state, canonical, reservation, &edit, trail).await
 }
 
 /// Reserve `n × price` against the quotas on the blocking pool. The guard refunds the whole
@@ -230,71 +268,160 @@ async fn read_body(state: &AppState, req: Request<Incoming>) -> Result<Bytes, Ga
     }
 }
 
-/// Run the PNG checks on the blocking pool, at most `server.max_concurrent_decodes` at once.
-async fn check_images(
-    state: &AppState,
-    edit: &ImageEdit,
-) -> Result<(CheckedPng, Option<CheckedPng>), GatewayError> {
-    let _permit = state
-        .decode_permits
-        .acquire()
-        .await
-        .map_err(|_| GatewayError::Internal)?;
-    let rules = state.png_rules.clone();
-    let image = edit.image.bytes.clone();
-    let mask = edit.mask.as_ref().map(|m| m.bytes.clone());
-    let max_bytes = rules.max_bytes;
-    let job = tokio::task::spawn_blocking(move || {
-        let image = png_check::check_image(image, mask.is_some(), &rules).map_err(|rejection| {
-            GatewayError::Png {
-                part: "image",
-                rejection,
-                max_bytes,
-            }
-        })?;
-        let mask = match mask {
-            Some(m) => Some(
-                png_check::check_mask(m, (image.width, image.height), &rules).map_err(
-                    |rejection| GatewayError::Png {
-                        part: "mask",
-                        rejection,
-                        max_bytes,
-                    },
-                )?,
-            ),
-            None => None,
-        };
-        Ok((image, mask))
-    });
-    job.await.map_err(|e| {
-        tracing::error!(error = %e, "PNG check task failed");
-        GatewayError::Internal
-    })?
+/// What the ledger keeps of an uploaded file: digest and size always, dimensions once known.
+#[derive(Debug, Clone, Default)]
+struct FileDigest {
+    sha256: String,
+    bytes: u64,
+    dims: Option<(u32, u32)>,
 }
 
-/// Forward in a task of its own and stream the answer back. The task settles the quota
-/// reservation once the answer has been read to its end, even if the caller left.
+impl FileDigest {
+    fn of(data: &[u8]) -> FileDigest {
+        use sha2::Digest;
+        FileDigest {
+            sha256: hex::encode(sha2::Sha256::digest(data)),
+            bytes: data.len() as u64,
+            dims: None,
+        }
+    }
+
+    fn fill(
+        &self,
+        sha: &mut Option<String>,
+        bytes: &mut Option<u64>,
+        w: &mut Option<u32>,
+        h: &mut Option<u32>,
+    ) {
+        *sha = Some(self.sha256.clone());
+        *bytes = Some(self.bytes);
+        if let Some((width, height)) = self.dims {
+            *w = Some(width);
+            *h = Some(height);
+        }
+    }
+}
+
+struct Checked {
+    digests: (FileDigest, Option<FileDigest>),
+    result: Result<(CheckedPng, Option<CheckedPng>), GatewayError>,
+}
+
+/// Run the PNG checks on the blocking pool, at most `server.max_concurrent_decodes` at once,
+/// and take the digests the ledger records (of the bytes as received).
+async fn check_images(state: &AppState, edit: &ImageEdit) -> Checked {
+    let image = edit.image.bytes.clone();
+    let mask = edit.mask.as_ref().map(|m| m.bytes.clone());
+    let Ok(_permit) = state.decode_permits.acquire().await else {
+        return Checked {
+            digests: Default::default(),
+            result: Err(GatewayError::Internal),
+        };
+    };
+    let rules = state.png_rules.clone();
+    let max_bytes = rules.max_bytes;
+    let job = tokio::task::spawn_blocking(move || {
+        let mut image_digest = FileDigest::of(&image);
+        let mut mask_digest = mask.as_deref().map(FileDigest::of);
+        let result = (|| {
+            let image =
+                png_check::check_image(image, mask.is_some(), &rules).map_err(|rejection| {
+                    GatewayError::Png {
+                        part: "image",
+                        rejection,
+                        max_bytes,
+                    }
+                })?;
+            image_digest.dims = Some((image.width, image.height));
+            let mask = match mask {
+                Some(m) => {
+                    let m = png_check::check_mask(m, (image.width, image.height), &rules).map_err(
+                        |rejection| GatewayError::Png {
+                            part: "mask",
+                            rejection,
+                            max_bytes,
+                        },
+                    )?;
+                    if let Some(d) = mask_digest.as_mut() {
+                        d.dims = Some((m.width, m.height));
+                    }
+                    Some(m)
+                }
+                None => None,
+            };
+            Ok((image, mask))
+        })();
+        Checked {
+            digests: (image_digest, mask_digest),
+            result,
+        }
+    });
+    job.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "PNG check task failed");
+        Checked {
+            digests: Default::default(),
+            result: Err(GatewayError::Internal),
+        }
+    })
+}
+
+/// Forward in a task of its own and stream the answer back.
+///
+/// The `forwarding` record is committed before any byte goes upstream; if the ledger cannot
+/// take it, nothing is forwarded (503). The task then owns the record and the quota
+/// reservation: it reads the answer to its end (even when the caller left), settles the
+/// reservation with the images actually returned, and commits the completed record before the
+/// caller's body ends, so a caller that saw the whole answer can find its record.
 async fn forward(
     state: Arc<AppState>,
     canonical: CanonicalBody,
     reservation: ReservationGuard,
     edit: &ImageEdit,
+    trail: Trail,
 ) -> Result<Response<Body>, GatewayError> {
+    let mut record = trail.hand_off();
+    if let Err(e) = state.ledger.begin_forwarding(record.clone()).await {
+        tracing::error!(error = %e, "ledger refused the forwarding record; not forwarding");
+        trail.take_back();
+        reservation.settle(0, 0).await;
+        return Err(GatewayError::LedgerUnavailable);
+    }
     let (head_tx, head_rx) = oneshot::channel();
     let span = tracing::Span::current();
     let price_each = state.quotas.price(&edit.model, edit.size.as_str(), 1);
-    tokio::spawn(tracing::Instrument::instrument(
+    let task_state = state.clone();
+    state.tasks.spawn(tracing::Instrument::instrument(
         async move {
+            let state = task_state;
+            let sent = std::time::Instant::now();
             match state.upstream.send(canonical).await {
                 Err(e) => {
-                    let _ = head_tx.send(Err(e));
+                    let parts = e.parts();
+                    record.outcome = match e {
+                        GatewayError::UpstreamTimeout { .. } => Outcome::UpstreamTimeout,
+                        _ => Outcome::UpstreamError,
+                    };
+                    record.status = Some(parts.status.as_u16());
+                    record.reason_code = parts.code.map(str::to_owned);
+                    record.reason_message = Some(parts.message.clone());
+                    record.images_returned = Some(0);
+                    record.upstream_ms = Some(sent.elapsed().as_millis() as u64);
                     reservation.settle(0, 0).await;
+                    complete(&state, record, &trail).await;
+                    let _ = head_tx.send(Err(e));
                 }
                 Ok(resp) => {
                     let (parts, body) = resp.into_parts();
+                    let status = parts.status;
+                    record.status = Some(status.as_u16());
+                    record.upstream_status = Some(status.as_u16());
+                    record.upstream_request_id = parts
+                        .headers
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
                     let (tx, rx) = mpsc::channel(8);
                     let hint = http_body::Body::size_hint(&body).exact();
-                    let ok = parts.status.is_success();
                     let _ = head_tx.send(Ok((
                         parts,
                         ChannelBody {
@@ -302,17 +429,31 @@ async fn forward(
                             remaining: hint,
                         },
                     )));
-                    let outcome = pump(body, tx, ok).await;
+                    let (outcome, tx) = pump(body, tx, status.is_success()).await;
                     let images = outcome.images as u32;
-                    reservation
-                        .settle(images, price_each * i64::from(images))
-                        .await;
+                    let cost = price_each * i64::from(images);
+                    reservation.settle(images, cost).await;
+                    record.images_returned = Some(images);
+                    record.cost_settled_micros = cost;
+                    record.upstream_ms = Some(sent.elapsed().as_millis() as u64);
+                    record.outcome = if outcome.caller_gone {
+                        record.reason_message =
+                            Some("the caller disconnected before the whole answer was sent".into());
+                        Outcome::ClientGone
+                    } else if !outcome.complete {
+                        record.reason_message = Some("the upstream answer broke off".into());
+                        Outcome::UpstreamError
+                    } else {
+                        Outcome::Answered
+                    };
                     tracing::info!(
-                        images = outcome.images,
+                        images,
                         caller_gone = outcome.caller_gone,
-                        complete = outcome.complete,
                         "upstream answer relayed"
                     );
+                    complete(&state, record, &trail).await;
+                    // Only now does the caller's body end.
+                    drop(tx);
                 }
             }
         },
@@ -335,6 +476,18 @@ async fn forward(
     Ok(resp)
 }
 
+/// Commit the completed record of a forwarded request.
+async fn complete(state: &AppState, mut record: Record, trail: &Trail) {
+    record.total_ms = Some(trail.elapsed_ms());
+    crate::metrics::request_finished(&record);
+    let started = std::time::Instant::now();
+    if let Err(e) = state.ledger.finish(LedgerOp::Complete(record)).await {
+        tracing::warn!(error = %e, "the completed record is not committed yet");
+    }
+    metrics::histogram!("imagegate_ledger_write_seconds").record(started.elapsed().as_secs_f64());
+    metrics::gauge!("imagegate_ledger_queue_depth").set(state.ledger.queue_depth() as f64);
+}
+
 /// What relaying an answer observed.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RelayOutcome {
@@ -347,12 +500,13 @@ pub struct RelayOutcome {
 }
 
 /// Copy the upstream body to the caller; when the caller is gone keep reading to the end, so the
-/// images returned are known.
+/// images returned are known. Returns the sender so the caller's body ends only when the
+/// record is written.
 async fn pump(
     mut body: Incoming,
     tx: mpsc::Sender<Result<Bytes, BoxError>>,
     count: bool,
-) -> RelayOutcome {
+) -> (RelayOutcome, mpsc::Sender<Result<Bytes, BoxError>>) {
     let mut counter = ImageCounter::default();
     let mut outcome = RelayOutcome::default();
     loop {
@@ -382,7 +536,7 @@ async fn pump(
         }
     }
     outcome.images = counter.count;
-    outcome
+    (outcome, tx)
 }
 
 /// Counts the image items of an OpenAI images answer as it streams by: each item has exactly one

@@ -54,11 +54,18 @@ pub async fn spawn(config: Config) -> Result<RunningServer, String> {
 
 /// Like [`spawn`] with a given clock (tests use a manual one).
 pub async fn spawn_with_clock(config: Config, clock: Clock) -> Result<RunningServer, String> {
-    let listener = TcpListener::bind(config.server.listen)
+    let state = AppState::new(config, clock)?;
+    spawn_state(state).await
+}
+
+/// Serve an already built state in a background task (tests inject their own ledger store).
+pub async fn spawn_state(state: AppState) -> Result<RunningServer, String> {
+    let listen = state.config.server.listen;
+    let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let state = Arc::new(AppState::new(config, clock)?);
+    let state = Arc::new(state);
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(serve(listener, state.clone(), async {
         let _ = rx.await;
@@ -125,9 +132,27 @@ pub async fn serve(
         grace_secs = grace.as_secs(),
         "shutting down: draining in-flight requests"
     );
+    let deadline = tokio::time::Instant::now() + grace;
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(grace) => tracing::warn!("grace period over, dropping remaining connections"),
+        () = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over, dropping remaining connections"),
+    }
+    // Forwarding tasks outlive their connections: let them finish their ledger records.
+    state.tasks.close();
+    if tokio::time::timeout_at(deadline, state.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = state.tasks.len(),
+            "grace period over with upstream calls still running"
+        );
+    }
+    match state.ledger.clone().close().await {
+        Ok(()) => tracing::info!("ledger flushed and closed"),
+        Err(e) => {
+            tracing::error!(error = %e, "ledger closed with records not written (they are logged)")
+        }
     }
 }
 

@@ -136,6 +136,9 @@ where
             }
             Ok(caller) => {
                 tracing::Span::current().record("client", &*caller.client);
+                if let Some(trail) = req.extensions().get::<crate::middleware::usage::Trail>() {
+                    trail.update(|r| r.client = Some(caller.client.to_string()));
+                }
                 req.headers_mut().remove(header::AUTHORIZATION);
                 req.extensions_mut().insert(caller);
                 let clone = self.inner.clone();

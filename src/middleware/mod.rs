@@ -5,6 +5,7 @@ pub mod auth;
 pub mod client_limit;
 pub mod overload;
 pub mod request_id;
+pub mod usage;
 
 use std::future::Future;
 use std::pin::Pin;

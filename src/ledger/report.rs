@@ -1,0 +1,965 @@
+//! Usage reports and record exports.
+//!
+//! - `UsageAggregator` folds records into [`UsageRow`]s; every store feeds it, so grouping
+//!   (including calendar days in any time zone) behaves the same whatever the backend.
+//! - [`render_usage`]: a table for people (USD with 6 decimals), CSV (one `rejected:<code>`
+//!   column per reason seen) or JSON (an array of rows, `spend_micros` and `spend_usd`).
+//! - [`write_export`]: the records themselves, as JSON Lines (one [`Record`] per line, the same
+//!   JSON as the chain entries) or CSV (header = the JSON field names, RFC 4180 quoting, empty
+//!   cell for a missing value, `received_at` in RFC 3339). CSV cells are written as they are:
+//!   a prompt or user name that starts with `=` is not defused for spreadsheets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::str::FromStr;
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use serde::Serialize;
+
+use super::LedgerError;
+use super::record::{Outcome, Record};
+use super::store::{GroupBy, LedgerStore, UsageFact, UsageQuery, UsageRow};
+
+/// Output of [`render_usage`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    #[default]
+    Table,
+    Csv,
+    Json,
+}
+
+impl FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "table" => Ok(Format::Table),
+            "csv" => Ok(Format::Csv),
+            "json" => Ok(Format::Json),
+            other => Err(format!("unknown format {other:?} (table, csv, json)")),
+        }
+    }
+}
+
+/// Output of [`write_export`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExportFormat {
+    #[default]
+    Jsonl,
+    Csv,
+}
+
+impl FromStr for ExportFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "jsonl" => Ok(ExportFormat::Jsonl),
+            "csv" => Ok(ExportFormat::Csv),
+            other => Err(format!("unknown export format {other:?} (jsonl, csv)")),
+        }
+    }
+}
+
+/// `1234567` → `"1.234567"`, `-5` → `"-0.000005"`.
+pub fn micros_to_usd(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let abs = micros.unsigned_abs();
+    format!("{sign}{}.{:06}", abs / 1_000_000, abs % 1_000_000)
+}
+
+/// Parse a report bound (`since`, `until`): an RFC 3339 timestamp (`2025-01-02T03:04:05Z`,
+/// `...+02:00`) or a plain date `YYYY-MM-DD`, meaning midnight at its start in `tz`.
+pub fn parse_time_bound(s: &str, tz: &TimeZone) -> Result<Timestamp, String> {
+    if let Ok(t) = s.parse::<Timestamp>() {
+        return Ok(t);
+    }
+    let bad = || format!("{s:?} is neither an RFC 3339 timestamp nor a YYYY-MM-DD date");
+    // A datetime without an offset also parses as a date; refuse it rather than drop its time.
+    if s.len() != 10 {
+        return Err(bad());
+    }
+    let date: jiff::civil::Date = s.parse().map_err(|_| bad())?;
+    date.to_zoned_datetime(tz.clone())
+        .map(|z| z.timestamp())
+        .map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// Key of records with no client or no user.
+const MISSING: &str = "-";
+/// Key of the single row of `GroupBy::None`.
+const TOTAL: &str = "total";
+/// Rejection reason of a rejected record without a code.
+const UNSPECIFIED: &str = "unspecified";
+
+/// Folds [`UsageFact`]s into rows keyed by the query's grouping.
+pub(crate) struct UsageAggregator {
+    group_by: GroupBy,
+    tz: TimeZone,
+    rows: BTreeMap<String, UsageRow>,
+}
+
+impl UsageAggregator {
+    pub(crate) fn new(q: &UsageQuery) -> UsageAggregator {
+        UsageAggregator {
+            group_by: q.group_by,
+            tz: q.time_zone.clone().unwrap_or(TimeZone::UTC),
+            rows: BTreeMap::new(),
+        }
+    }
+
+    fn key(&self, f: &UsageFact<'_>) -> String {
+        match self.group_by {
+            GroupBy::None => TOTAL.to_owned(),
+            GroupBy::Client => f.client.unwrap_or(MISSING).to_owned(),
+            GroupBy::User => format!(
+                "{}/{}",
+                f.client.unwrap_or(MISSING),
+                f.user.unwrap_or(MISSING)
+            ),
+            GroupBy::Day => match Timestamp::from_microsecond(f.received_at_us) {
+                Ok(t) => self.tz.to_datetime(t).date().to_string(),
+                Err(_) => "invalid-date".to_owned(),
+            },
+        }
+    }
+
+    pub(crate) fn add(&mut self, f: UsageFact<'_>) {
+        let key = self.key(&f);
+        let row = self.rows.entry(key).or_insert_with_key(|k| UsageRow {
+            key: k.clone(),
+            ..UsageRow::default()
+        });
+        row.requests += 1;
+        row.forwarded += u64::from(f.forwarded);
+        row.images += u64::from(f.images);
+        row.spend_micros = row.spend_micros.saturating_add(f.spend_micros);
+        if f.outcome == Outcome::Rejected {
+            let reason = f.reason_code.unwrap_or(UNSPECIFIED);
+            // Look up before allocating: most rejections repeat a known reason.
+            match row.rejections.get_mut(reason) {
+                Some(n) => *n += 1,
+                None => {
+                    row.rejections.insert(reason.to_owned(), 1);
+                }
+            }
+        }
+    }
+
+    /// Rows sorted by key; `GroupBy::None` always yields its one row.
+    pub(crate) fn finish(mut self) -> Vec<UsageRow> {
+        if self.group_by == GroupBy::None && self.rows.is_empty() {
+            self.rows.insert(
+                TOTAL.to_owned(),
+                UsageRow {
+                    key: TOTAL.to_owned(),
+                    ..UsageRow::default()
+                },
+            );
+        }
+        self.rows.into_values().collect()
+    }
+}
+
+fn rejections_text(row: &UsageRow) -> String {
+    if row.rejections.is_empty() {
+        return MISSING.to_owned();
+    }
+    row.rejections
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Render usage rows for people (`Table`) or programs (`Csv`, `Json`).
+pub fn render_usage(rows: &[UsageRow], format: Format) -> String {
+    match format {
+        Format::Table => render_table(rows),
+        Format::Csv => render_csv(rows),
+        Format::Json => {
+            #[derive(Serialize)]
+            struct Out<'a> {
+                #[serde(flatten)]
+                row: &'a UsageRow,
+                spend_usd: String,
+            }
+            let out: Vec<Out<'_>> = rows
+                .iter()
+                .map(|row| Out {
+                    row,
+                    spend_usd: micros_to_usd(row.spend_micros),
+                })
+                .collect();
+            let mut s = serde_json::to_string_pretty(&out).unwrap_or_else(|_| "[]".to_owned());
+            s.push('\n');
+            s
+        }
+    }
+}
+
+fn render_table(rows: &[UsageRow]) -> String {
+    let header = [
+        "KEY",
+        "REQUESTS",
+        "FORWARDED",
+        "IMAGES",
+        "SPEND (USD)",
+        "REJECTED",
+        "REJECTIONS BY REASON",
+    ];
+    let line = |r: &UsageRow| {
+        [
+            r.key.clone(),
+            r.requests.to_string(),
+            r.forwarded.to_string(),
+            r.images.to_string(),
+            micros_to_usd(r.spend_micros),
+            r.rejected().to_string(),
+            rejections_text(r),
+        ]
+    };
+    let mut lines: Vec<[String; 7]> = vec![header.map(str::to_owned)];
+    lines.extend(rows.iter().map(line));
+    if rows.len() > 1 {
+        let mut total = UsageRow {
+            key: "TOTAL".into(),
+            ..UsageRow::default()
+        };
+        for r in rows {
+            total.requests += r.requests;
+            total.forwarded += r.forwarded;
+            total.images += r.images;
+            total.spend_micros = total.spend_micros.saturating_add(r.spend_micros);
+            for (k, v) in &r.rejections {
+                *total.rejections.entry(k.clone()).or_default() += v;
+            }
+        }
+        lines.push(line(&total));
+    }
+    let mut widths = [0usize; 7];
+    for l in &lines {
+        for (w, cell) in widths.iter_mut().zip(l) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for l in &lines {
+        let mut text = String::new();
+        for (i, cell) in l.iter().enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            // Key and reasons left-aligned, numbers right-aligned.
+            if i == 0 || i == 6 {
+                text.push_str(&format!("{cell:<w$}", w = widths[i]));
+            } else {
+                text.push_str(&format!("{cell:>w$}", w = widths[i]));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn render_csv(rows: &[UsageRow]) -> String {
+    let reasons: BTreeSet<&str> = rows
+        .iter()
+        .flat_map(|r| r.rejections.keys().map(String::as_str))
+        .collect();
+    let mut header: Vec<String> = [
+        "key",
+        "requests",
+        "forwarded",
+        "images",
+        "spend_usd",
+        "spend_micros",
+        "rejected",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    header.extend(reasons.iter().map(|r| format!("rejected:{r}")));
+    let mut out = String::new();
+    push_csv_line(&mut out, header.iter().map(String::as_str));
+    for r in rows {
+        let mut cells = vec![
+            r.key.clone(),
+            r.requests.to_string(),
+            r.forwarded.to_string(),
+            r.images.to_string(),
+            micros_to_usd(r.spend_micros),
+            r.spend_micros.to_string(),
+            r.rejected().to_string(),
+        ];
+        cells.extend(
+            reasons
+                .iter()
+                .map(|k| r.rejections.get(*k).copied().unwrap_or(0).to_string()),
+        );
+        push_csv_line(&mut out, cells.iter().map(String::as_str));
+    }
+    out
+}
+
+/// Append one CSV line (RFC 4180: quote cells holding `,`, `"`, CR or LF; CRLF-free `\n` ends).
+fn push_csv_line<'a>(out: &mut String, cells: impl Iterator<Item = &'a str>) {
+    for (i, cell) in cells.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if cell.contains([',', '"', '\n', '\r']) {
+            out.push('"');
+            out.push_str(&cell.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(cell);
+        }
+    }
+    out.push('\n');
+}
+
+/// Header of the CSV export: the record's JSON field names, in order.
+pub const CSV_COLUMNS: [&str; 31] = [
+    "request_id",
+    "received_at",
+    "client",
+    "user",
+    "client_addr",
+    "outcome",
+    "reason_code",
+    "reason_param",
+    "reason_message",
+    "status",
+    "upstream_status",
+    "upstream_request_id",
+    "model",
+    "n",
+    "size",
+    "response_format",
+    "images_returned",
+    "cost_reserved_micros",
+    "cost_settled_micros",
+    "image_sha256",
+    "image_bytes",
+    "image_width",
+    "image_height",
+    "mask_sha256",
+    "mask_bytes",
+    "mask_width",
+    "mask_height",
+    "prompt",
+    "total_ms",
+    "upstream_ms",
+    "forwarded",
+];
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map(T::to_string).unwrap_or_default()
+}
+
+fn csv_cells(r: &Record) -> [String; 31] {
+    [
+        r.request_id.clone(),
+        r.received_at.to_string(),
+        opt(&r.client),
+        opt(&r.user),
+        opt(&r.client_addr),
+        r.outcome.as_str().to_owned(),
+        opt(&r.reason_code),
+        opt(&r.reason_param),
+        opt(&r.reason_message),
+        opt(&r.status),
+        opt(&r.upstream_status),
+        opt(&r.upstream_request_id),
+        opt(&r.model),
+        opt(&r.n),
+        opt(&r.size),
+        opt(&r.response_format),
+        opt(&r.images_returned),
+        r.cost_reserved_micros.to_string(),
+        r.cost_settled_micros.to_string(),
+        opt(&r.image_sha256),
+        opt(&r.image_bytes),
+        opt(&r.image_width),
+        opt(&r.image_height),
+        opt(&r.mask_sha256),
+        opt(&r.mask_bytes),
+        opt(&r.mask_width),
+        opt(&r.mask_height),
+        opt(&r.prompt),
+        opt(&r.total_ms),
+        opt(&r.upstream_ms),
+        r.forwarded.to_string(),
+    ]
+}
+
+/// Write the records matching `q` (see [`LedgerStore::export`]) to `out`. Returns how many.
+pub fn write_export(
+    store: &dyn LedgerStore,
+    q: &UsageQuery,
+    format: ExportFormat,
+    out: &mut dyn Write,
+) -> Result<u64, LedgerError> {
+    let mut n = 0u64;
+    let mut line = String::new();
+    if format == ExportFormat::Csv {
+        push_csv_line(&mut line, CSV_COLUMNS.into_iter());
+        out.write_all(line.as_bytes())?;
+    }
+    store.export(q, &mut |r| {
+        line.clear();
+        match format {
+            ExportFormat::Jsonl => {
+                line = serde_json::to_string(r)
+                    .map_err(|e| LedgerError::Store(format!("cannot serialize a record: {e}")))?;
+                line.push('\n');
+            }
+            ExportFormat::Csv => {
+                let cells = csv_cells(r);
+                push_csv_line(&mut line, cells.iter().map(String::as_str));
+            }
+        }
+        out.write_all(line.as_bytes())?;
+        n += 1;
+        Ok(())
+    })?;
+    out.flush()?;
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::sqlite::SqliteStore;
+    use crate::ledger::store::LedgerOp;
+    use crate::ledger::test_support::{rec, sample};
+
+    /// A tiny RFC 4180 reader for the round trip (quoted cells may hold `,`, `"` and newlines).
+    fn parse_csv(text: &str) -> Vec<Vec<String>> {
+        let mut rows = Vec::new();
+        let mut row = Vec::new();
+        let mut cell = String::new();
+        let mut quoted = false;
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match (quoted, c) {
+                (true, '"') if chars.peek() == Some(&'"') => {
+                    chars.next();
+                    cell.push('"');
+                }
+                (true, '"') => quoted = false,
+                (true, c) => cell.push(c),
+                (false, '"') => quoted = true,
+                (false, ',') => row.push(std::mem::take(&mut cell)),
+                (false, '\n') => {
+                    row.push(std::mem::take(&mut cell));
+                    rows.push(std::mem::take(&mut row));
+                }
+                (false, c) => cell.push(c),
+            }
+        }
+        rows
+    }
+
+    fn record_from_csv(header: &[String], cells: &[String]) -> Record {
+        let mut obj = serde_json::Map::new();
+        for (name, cell) in header.iter().zip(cells) {
+            let v = if cell.is_empty() {
+                serde_json::Value::Null
+            } else if let Ok(n) = cell.parse::<i64>() {
+                // Numeric columns; text columns in the test data are never all digits.
+                serde_json::Value::from(n)
+            } else if let Ok(n) = cell.parse::<u64>() {
+                serde_json::Value::from(n)
+            } else if let Ok(b) = cell.parse::<bool>() {
+                serde_json::Value::from(b)
+            } else {
+                serde_json::Value::from(cell.clone())
+            };
+            obj.insert(name.clone(), v);
+        }
+        serde_json::from_value(serde_json::Value::Object(obj)).unwrap()
+    }
+
+    fn usage_store() -> SqliteStore {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        let answered = |id: &str, at: &str, client: &str, user: Option<&str>, images, usd| Record {
+            images_returned: Some(images),
+            cost_reserved_micros: usd,
+            cost_settled_micros: usd,
+            ..rec(id, at, client, user, Outcome::Answered)
+        };
+        let rejected =
+            |id: &str, at: &str, client: &str, user: Option<&str>, code: Option<&str>| Record {
+                reason_code: code.map(Into::into),
+                ..rec(id, at, client, user, Outcome::Rejected)
+            };
+        let mut ops = Vec::new();
+        for r in [
+            answered(
+                "a1",
+                "2025-01-01T10:00:00Z",
+                "acme",
+                Some("alice"),
+                2,
+                80_000,
+            ),
+            answered(
+                "a2",
+                "2025-01-01T23:30:00Z",
+                "acme",
+                Some("alice"),
+                1,
+                40_000,
+            ),
+            answered("a3", "2025-01-02T01:00:00Z", "acme", Some("bob"), 1, 40_000),
+            answered(
+                "b1",
+                "2025-01-02T12:00:00Z",
+                "beta",
+                Some("alice"),
+                4,
+                160_000,
+            ),
+        ] {
+            ops.push(LedgerOp::Begin(r.clone()));
+            ops.push(LedgerOp::Complete(r));
+        }
+        for r in [
+            rejected(
+                "r1",
+                "2025-01-01T11:00:00Z",
+                "acme",
+                Some("alice"),
+                Some("rate_limit_exceeded"),
+            ),
+            rejected(
+                "r2",
+                "2025-01-01T12:00:00Z",
+                "acme",
+                Some("alice"),
+                Some("rate_limit_exceeded"),
+            ),
+            rejected(
+                "r3",
+                "2025-01-02T02:00:00Z",
+                "acme",
+                Some("bob"),
+                Some("invalid_image"),
+            ),
+            rejected("r4", "2025-01-02T03:00:00Z", "beta", None, None),
+        ] {
+            ops.push(LedgerOp::Final(r));
+        }
+        // Unauthenticated: no client at all.
+        let mut anon = rejected(
+            "r5",
+            "2025-01-03T00:00:00Z",
+            "x",
+            None,
+            Some("invalid_api_key"),
+        );
+        anon.client = None;
+        ops.push(LedgerOp::Final(anon));
+        // In flight: counted as a request, forwarded, no spend yet.
+        ops.push(LedgerOp::Begin(Record {
+            cost_reserved_micros: 40_000,
+            ..rec(
+                "f1",
+                "2025-01-02T13:00:00Z",
+                "beta",
+                Some("carol"),
+                Outcome::Forwarding,
+            )
+        }));
+        for r in s.write_batch(&ops).unwrap() {
+            r.unwrap();
+        }
+        s
+    }
+
+    fn q(group_by: GroupBy) -> UsageQuery {
+        UsageQuery {
+            group_by,
+            ..UsageQuery::default()
+        }
+    }
+
+    fn row(
+        key: &str,
+        requests: u64,
+        forwarded: u64,
+        images: u64,
+        spend: i64,
+        rej: &[(&str, u64)],
+    ) -> UsageRow {
+        UsageRow {
+            key: key.into(),
+            requests,
+            forwarded,
+            images,
+            spend_micros: spend,
+            rejections: rej.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    #[test]
+    fn usage_by_user_client_day_and_total() {
+        let s = usage_store();
+        assert_eq!(
+            s.usage(&q(GroupBy::User)).unwrap(),
+            [
+                row("-/-", 1, 0, 0, 0, &[("invalid_api_key", 1)]),
+                row(
+                    "acme/alice",
+                    4,
+                    2,
+                    3,
+                    120_000,
+                    &[("rate_limit_exceeded", 2)]
+                ),
+                row("acme/bob", 2, 1, 1, 40_000, &[("invalid_image", 1)]),
+                row("beta/-", 1, 0, 0, 0, &[("unspecified", 1)]),
+                row("beta/alice", 1, 1, 4, 160_000, &[]),
+                row("beta/carol", 1, 1, 0, 0, &[]),
+            ]
+        );
+        assert_eq!(
+            s.usage(&q(GroupBy::Client)).unwrap(),
+            [
+                row("-", 1, 0, 0, 0, &[("invalid_api_key", 1)]),
+                row(
+                    "acme",
+                    6,
+                    3,
+                    4,
+                    160_000,
+                    &[("invalid_image", 1), ("rate_limit_exceeded", 2)]
+                ),
+                row("beta", 3, 2, 4, 160_000, &[("unspecified", 1)]),
+            ]
+        );
+        assert_eq!(
+            s.usage(&q(GroupBy::Day)).unwrap(),
+            [
+                row(
+                    "2025-01-01",
+                    4,
+                    2,
+                    3,
+                    120_000,
+                    &[("rate_limit_exceeded", 2)]
+                ),
+                row(
+                    "2025-01-02",
+                    5,
+                    3,
+                    5,
+                    200_000,
+                    &[("invalid_image", 1), ("unspecified", 1)]
+                ),
+                row("2025-01-03", 1, 0, 0, 0, &[("invalid_api_key", 1)]),
+            ]
+        );
+        // Days in another zone: 23:30Z on the 1st is the 2nd in Tokyo (+09:00).
+        let tokyo = UsageQuery {
+            time_zone: Some(TimeZone::fixed(jiff::tz::offset(9))),
+            ..q(GroupBy::Day)
+        };
+        let days: Vec<(String, u64)> = s
+            .usage(&tokyo)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.key, r.requests))
+            .collect();
+        assert_eq!(
+            days,
+            [
+                ("2025-01-01".to_string(), 3),
+                ("2025-01-02".to_string(), 6),
+                ("2025-01-03".to_string(), 1)
+            ]
+        );
+        assert_eq!(
+            s.usage(&q(GroupBy::None)).unwrap(),
+            [row(
+                "total",
+                10,
+                5,
+                8,
+                320_000,
+                &[
+                    ("invalid_api_key", 1),
+                    ("invalid_image", 1),
+                    ("rate_limit_exceeded", 2),
+                    ("unspecified", 1)
+                ]
+            )]
+        );
+    }
+
+    #[test]
+    fn usage_filters() {
+        let s = usage_store();
+        let ts = |t: &str| Some(t.parse::<Timestamp>().unwrap());
+        // since inclusive, until exclusive.
+        let window = UsageQuery {
+            since: ts("2025-01-01T23:30:00Z"),
+            until: ts("2025-01-02T12:00:00Z"),
+            ..q(GroupBy::None)
+        };
+        assert_eq!(
+            s.usage(&window).unwrap(),
+            [row(
+                "total",
+                4,
+                2,
+                2,
+                80_000,
+                &[("invalid_image", 1), ("unspecified", 1)]
+            )]
+        );
+        let alice = UsageQuery {
+            user: Some("alice".into()),
+            ..q(GroupBy::Client)
+        };
+        assert_eq!(
+            s.usage(&alice).unwrap(),
+            [
+                row("acme", 4, 2, 3, 120_000, &[("rate_limit_exceeded", 2)]),
+                row("beta", 1, 1, 4, 160_000, &[]),
+            ]
+        );
+        let acme_alice_day1 = UsageQuery {
+            client: Some("acme".into()),
+            user: Some("alice".into()),
+            until: ts("2025-01-02T00:00:00Z"),
+            ..q(GroupBy::User)
+        };
+        assert_eq!(
+            s.usage(&acme_alice_day1).unwrap(),
+            [row(
+                "acme/alice",
+                4,
+                2,
+                3,
+                120_000,
+                &[("rate_limit_exceeded", 2)]
+            )]
+        );
+        let nobody = UsageQuery {
+            client: Some("nobody".into()),
+            ..q(GroupBy::User)
+        };
+        assert!(s.usage(&nobody).unwrap().is_empty());
+        let nobody_total = UsageQuery {
+            group_by: GroupBy::None,
+            ..nobody
+        };
+        assert_eq!(
+            s.usage(&nobody_total).unwrap(),
+            [row("total", 0, 0, 0, 0, &[])]
+        );
+    }
+
+    #[test]
+    fn renders() {
+        let rows = usage_store().usage(&q(GroupBy::Client)).unwrap();
+        let table = render_usage(&rows, Format::Table);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 5, "{table}");
+        assert!(lines[0].starts_with("KEY "));
+        assert!(lines[2].starts_with("acme"));
+        assert!(lines[2].contains("0.160000"));
+        assert!(lines[2].contains("invalid_image=1 rate_limit_exceeded=2"));
+        assert!(lines[4].starts_with("TOTAL"));
+        assert!(lines[4].contains("0.320000"));
+
+        let csv = render_usage(&rows, Format::Csv);
+        let parsed = parse_csv(&csv);
+        assert_eq!(
+            parsed[0],
+            [
+                "key",
+                "requests",
+                "forwarded",
+                "images",
+                "spend_usd",
+                "spend_micros",
+                "rejected",
+                "rejected:invalid_api_key",
+                "rejected:invalid_image",
+                "rejected:rate_limit_exceeded",
+                "rejected:unspecified"
+            ]
+        );
+        assert_eq!(
+            parsed[2],
+            [
+                "acme", "6", "3", "4", "0.160000", "160000", "3", "0", "1", "2", "0"
+            ]
+        );
+
+        let json: serde_json::Value =
+            serde_json::from_str(&render_usage(&rows, Format::Json)).unwrap();
+        assert_eq!(json[1]["key"], "acme");
+        assert_eq!(json[1]["spend_micros"], 160_000);
+        assert_eq!(json[1]["spend_usd"], "0.160000");
+        assert_eq!(json[1]["rejections"]["rate_limit_exceeded"], 2);
+    }
+
+    #[test]
+    fn time_bounds() {
+        let utc = TimeZone::UTC;
+        let t = |s: &str| s.parse::<Timestamp>().unwrap();
+        assert_eq!(
+            parse_time_bound("2025-01-02", &utc).unwrap(),
+            t("2025-01-02T00:00:00Z")
+        );
+        let plus2 = TimeZone::fixed(jiff::tz::offset(2));
+        assert_eq!(
+            parse_time_bound("2025-01-02", &plus2).unwrap(),
+            t("2025-01-01T22:00:00Z")
+        );
+        assert_eq!(
+            parse_time_bound("2025-01-02T03:04:05+01:00", &utc).unwrap(),
+            t("2025-01-02T02:04:05Z")
+        );
+        assert!(parse_time_bound("2025-01-02T03:04:05", &utc).is_err());
+        assert!(parse_time_bound("yesterday", &utc).is_err());
+        assert!(parse_time_bound("2025-02-30", &utc).is_err());
+    }
+
+    #[test]
+    fn usd_formatting() {
+        assert_eq!(micros_to_usd(0), "0.000000");
+        assert_eq!(micros_to_usd(1_234_567), "1.234567");
+        assert_eq!(micros_to_usd(-5), "-0.000005");
+        assert_eq!(micros_to_usd(i64::MIN), "-9223372036854.775808");
+        assert_eq!("csv".parse::<Format>().unwrap(), Format::Csv);
+        assert_eq!(
+            "jsonl".parse::<ExportFormat>().unwrap(),
+            ExportFormat::Jsonl
+        );
+        assert!("xml".parse::<ExportFormat>().is_err());
+    }
+
+    fn export_store() -> (SqliteStore, Vec<Record>) {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        let mut full = sample();
+        full.reason_code = Some("upstream_error".into());
+        full.reason_param = Some("image".into());
+        full.reason_message = Some("say \"hi\", then\nnewline; é ✓".into());
+        full.prompt = Some("=HYPERLINK(\"x\"), a prompt\r\nover lines".into());
+        full.mask_sha256 = Some("cd".repeat(32));
+        full.mask_bytes = Some(77);
+        full.mask_width = Some(1024);
+        full.mask_height = Some(1024);
+        full.cost_settled_micros = -3;
+        full.forwarded = true;
+        let sparse = Record {
+            reason_code: Some("invalid_api_key".into()),
+            status: Some(401),
+            ..Record::new("req_sparse", "2025-03-04T05:06:08Z".parse().unwrap())
+        };
+        let sparse = Record {
+            outcome: Outcome::Rejected,
+            ..sparse
+        };
+        let later = rec(
+            "req_later",
+            "2025-03-05T00:00:00Z",
+            "beta",
+            Some("u"),
+            Outcome::ClientGone,
+        );
+        for r in s
+            .write_batch(&[
+                LedgerOp::Begin(full.clone()),
+                LedgerOp::Complete(full.clone()),
+                LedgerOp::Final(later.clone()),
+                LedgerOp::Final(sparse.clone()),
+            ])
+            .unwrap()
+        {
+            r.unwrap();
+        }
+        (s, vec![full, sparse, later])
+    }
+
+    #[test]
+    fn export_jsonl_round_trips() {
+        let (s, expected) = export_store();
+        let mut out = Vec::new();
+        let n = write_export(&s, &UsageQuery::default(), ExportFormat::Jsonl, &mut out).unwrap();
+        assert_eq!(n, 3);
+        let text = String::from_utf8(out).unwrap();
+        let back: Vec<Record> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(back, expected); // ordered by received_at
+        assert!(text.contains(r#""received_at":"2025-03-04T05:06:07.123456Z""#));
+
+        // Filters and limit apply.
+        let mut out = Vec::new();
+        let q = UsageQuery {
+            client: Some("beta".into()),
+            ..UsageQuery::default()
+        };
+        assert_eq!(
+            write_export(&s, &q, ExportFormat::Jsonl, &mut out).unwrap(),
+            1
+        );
+        let mut out = Vec::new();
+        let q = UsageQuery {
+            limit: Some(2),
+            ..UsageQuery::default()
+        };
+        assert_eq!(
+            write_export(&s, &q, ExportFormat::Jsonl, &mut out).unwrap(),
+            2
+        );
+    }
+
+    #[test]
+    fn export_csv_round_trips() {
+        let (s, expected) = export_store();
+        let mut out = Vec::new();
+        write_export(&s, &UsageQuery::default(), ExportFormat::Csv, &mut out).unwrap();
+        let rows = parse_csv(&String::from_utf8(out).unwrap());
+        assert_eq!(rows.len(), 4);
+        assert_eq!(rows[0], CSV_COLUMNS.map(str::to_owned));
+        let back: Vec<Record> = rows[1..]
+            .iter()
+            .map(|cells| record_from_csv(&rows[0], cells))
+            .collect();
+        assert_eq!(back, expected);
+        // The CSV header is the JSON field order.
+        let json = serde_json::to_string(&expected[1]).unwrap();
+        let positions: Vec<usize> = CSV_COLUMNS
+            .iter()
+            .map(|c| json.find(&format!("\"{c}\":")).unwrap())
+            .collect();
+        assert!(positions.is_sorted(), "{json}");
+        assert_eq!(json.matches("\":").count(), CSV_COLUMNS.len());
+    }
+
+    #[test]
+    fn export_stops_at_a_failing_writer() {
+        struct Broken;
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("pipe closed"))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (s, _) = export_store();
+        let err =
+            write_export(&s, &UsageQuery::default(), ExportFormat::Jsonl, &mut Broken).unwrap_err();
+        assert!(matches!(err, LedgerError::Io(ref m) if m.contains("pipe closed")));
+    }
+}

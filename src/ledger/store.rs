@@ -1,0 +1,249 @@
+//! The store behind the ledger: the operations it writes, the queries it answers, and the trait
+//! a backend implements (SQLite now; PostgreSQL can follow with the same contract).
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use serde::Serialize;
+
+use super::LedgerError;
+use super::record::{Outcome, Record};
+
+/// One write to the ledger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LedgerOp {
+    /// The request is about to be forwarded. Stored with outcome `forwarding` whatever the
+    /// record says. Refused if the request id is already recorded.
+    Begin(Record),
+    /// The final state of a request that was begun. Refused if the request is already final or
+    /// the record's outcome is `forwarding`. A `Complete` without a `Begin` is stored like a
+    /// `Final` (nothing is lost), with `forwarded = false`.
+    Complete(Record),
+    /// The only record of a request that was never forwarded (a rejection, a client gone
+    /// mid-upload). Refused if the request id is already recorded or the outcome is
+    /// `forwarding`.
+    Final(Record),
+}
+
+impl LedgerOp {
+    pub fn record(&self) -> &Record {
+        match self {
+            LedgerOp::Begin(r) | LedgerOp::Complete(r) | LedgerOp::Final(r) => r,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LedgerOp::Begin(_) => "begin",
+            LedgerOp::Complete(_) => "complete",
+            LedgerOp::Final(_) => "final",
+        }
+    }
+
+    pub fn is_begin(&self) -> bool {
+        matches!(self, LedgerOp::Begin(_))
+    }
+}
+
+/// A backend. Synchronous: it is used from the ledger's single writer thread, from a
+/// [`super::LedgerReader`] (behind a mutex, on the blocking pool) and from the CLI.
+///
+/// Only one process may write a ledger: `recover` assumes every `forwarding` record belongs to
+/// a process that is gone.
+pub trait LedgerStore: Send + 'static {
+    /// Turn every `forwarding` record into `unknown` (appending a `recover` chain entry for
+    /// each, in one transaction). Call once at start-up, before any request. Returns how many.
+    /// A recovered record's `cost_settled_micros` becomes its `cost_reserved_micros`: the
+    /// upstream may have answered and charged, and the quota keeps the reservation too.
+    fn recover(&mut self) -> Result<usize, LedgerError>;
+
+    /// Write `ops` in order in ONE transaction. `Err` means nothing was written (the
+    /// transaction rolled back; [`LedgerError::Unavailable`] when the store may recover by
+    /// itself). `Ok` holds one result per op: an op the store refuses
+    /// ([`LedgerError::Rejected`]) is skipped without failing the others.
+    fn write_batch(
+        &mut self,
+        ops: &[LedgerOp],
+    ) -> Result<Vec<Result<(), LedgerError>>, LedgerError>;
+
+    /// The current record of a request.
+    fn get(&self, request_id: &str) -> Result<Option<Record>, LedgerError>;
+
+    /// Aggregated use (see [`UsageQuery`] and [`UsageRow`]).
+    fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, LedgerError>;
+
+    /// Every record matching the filters of `q` (its `group_by` is ignored), ordered by
+    /// `received_at` then `request_id`, at most `q.limit`. Stops at the first error of `out`.
+    fn export(
+        &self,
+        q: &UsageQuery,
+        out: &mut dyn FnMut(&Record) -> Result<(), LedgerError>,
+    ) -> Result<(), LedgerError>;
+
+    /// Recompute the chain and check the records against it.
+    fn verify(&self) -> Result<VerifyReport, LedgerError>;
+}
+
+/// How usage is grouped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupBy {
+    /// One row, keyed `total`.
+    #[default]
+    None,
+    /// One row per end user, keyed `client/user` (`-` for an unknown part).
+    User,
+    /// One row per client, keyed by its name (`-` when unauthenticated).
+    Client,
+    /// One row per calendar day of `received_at` in the query's time zone (UTC by default),
+    /// keyed `YYYY-MM-DD`.
+    Day,
+}
+
+impl FromStr for GroupBy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" | "total" => Ok(GroupBy::None),
+            "user" => Ok(GroupBy::User),
+            "client" => Ok(GroupBy::Client),
+            "day" => Ok(GroupBy::Day),
+            other => Err(format!(
+                "unknown grouping {other:?} (user, client, day, none)"
+            )),
+        }
+    }
+}
+
+/// Filters (all optional, combined with AND) and grouping for reports and exports.
+#[derive(Clone, Debug, Default)]
+pub struct UsageQuery {
+    /// `received_at >= since`.
+    pub since: Option<Timestamp>,
+    /// `received_at < until`.
+    pub until: Option<Timestamp>,
+    /// Exact client name.
+    pub client: Option<String>,
+    /// Exact end user (of any client unless `client` is set too).
+    pub user: Option<String>,
+    pub group_by: GroupBy,
+    /// Time zone of `GroupBy::Day`; `None` = UTC.
+    pub time_zone: Option<TimeZone>,
+    /// Exports only: at most this many records.
+    pub limit: Option<u64>,
+}
+
+/// Use of one group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UsageRow {
+    pub key: String,
+    /// Every request, whatever its outcome (in-flight `forwarding` ones included).
+    pub requests: u64,
+    /// Requests that were forwarded upstream (a `Begin` was committed).
+    pub forwarded: u64,
+    /// Sum of `images_returned`.
+    pub images: u64,
+    /// Sum of `cost_settled_micros` (USD micro-dollars). In-flight requests count 0 until
+    /// completed; recovered (`unknown`) ones count their reservation.
+    pub spend_micros: i64,
+    /// Rejected requests by `reason_code` (`unspecified` when it had none).
+    pub rejections: BTreeMap<String, u64>,
+}
+
+impl UsageRow {
+    /// All rejections, whatever their reason.
+    pub fn rejected(&self) -> u64 {
+        self.rejections.values().sum()
+    }
+}
+
+/// The last chain entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChainHead {
+    pub seq: u64,
+    pub hash: String,
+}
+
+/// The first place where the ledger disagrees with its chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BrokenLink {
+    /// Chain sequence number of the first entry that does not verify (for a `records` row that
+    /// differs from its chain, the seq of the request's last chain entry).
+    pub seq: u64,
+    /// The request concerned (empty when the entry itself is missing).
+    pub request_id: String,
+    pub reason: String,
+}
+
+/// What [`LedgerStore::verify`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Chain entries verified (up to the first broken one).
+    pub entries: u64,
+    /// Rows of the records table.
+    pub records: u64,
+    /// The last entry of the chain, to compare with a copy kept elsewhere.
+    pub head: Option<ChainHead>,
+    /// `None` when everything verified.
+    pub first_broken: Option<BrokenLink>,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.first_broken.is_none()
+    }
+
+    /// Record `candidate` if it comes before the break found so far.
+    pub(crate) fn note_broken(&mut self, candidate: BrokenLink) {
+        if self
+            .first_broken
+            .as_ref()
+            .is_none_or(|b| candidate.seq < b.seq)
+        {
+            self.first_broken = Some(candidate);
+        }
+    }
+}
+
+/// What usage aggregation needs of one record (stores feed these to
+/// [`super::report::UsageAggregator`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct UsageFact<'a> {
+    pub received_at_us: i64,
+    pub client: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub outcome: Outcome,
+    pub reason_code: Option<&'a str>,
+    pub images: u32,
+    pub spend_micros: i64,
+    pub forwarded: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_by_parses() {
+        assert_eq!("user".parse::<GroupBy>().unwrap(), GroupBy::User);
+        assert_eq!("day".parse::<GroupBy>().unwrap(), GroupBy::Day);
+        assert_eq!("none".parse::<GroupBy>().unwrap(), GroupBy::None);
+        assert!("week".parse::<GroupBy>().is_err());
+    }
+
+    #[test]
+    fn first_broken_keeps_the_smallest_seq() {
+        let mut r = VerifyReport::default();
+        let link = |seq| BrokenLink {
+            seq,
+            request_id: String::new(),
+            reason: String::new(),
+        };
+        r.note_broken(link(9));
+        r.note_broken(link(4));
+        r.note_broken(link(7));
+        assert_eq!(r.first_broken.unwrap().seq, 4);
+    }
+}

@@ -1,0 +1,115 @@
+//! Prometheus metrics (the `metrics` facade with the Prometheus exporter's recorder, rendered by
+//! the admin listener at `GET /metrics`). One process-wide recorder, installed on first use.
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `imagegate_requests_total` | counter | `outcome`, `status` |
+//! | `imagegate_images_total` | counter | `client` |
+//! | `imagegate_spend_microdollars_total` | counter | `client` |
+//! | `imagegate_rate_limit_rejections_total` | counter | |
+//! | `imagegate_quota_rejections_total` | counter | |
+//! | `imagegate_request_duration_seconds` | histogram | |
+//! | `imagegate_validation_duration_seconds` | histogram | |
+//! | `imagegate_upstream_duration_seconds` | histogram | |
+//! | `imagegate_in_flight_requests` | gauge | |
+//! | `imagegate_ledger_queue_depth` | gauge | |
+//! | `imagegate_ledger_write_seconds` | histogram | |
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Install the recorder (idempotent) and return the handle that renders it.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let buckets = [
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+        ];
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&buckets)
+            .expect("static, non-empty bucket list")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (an embedding program); then ours only renders.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "imagegate_requests_total",
+        "Requests to the edits route by outcome and status"
+    );
+    describe_counter!("imagegate_images_total", "Images returned, by client");
+    describe_counter!(
+        "imagegate_spend_microdollars_total",
+        "Settled spend in micro-USD, by client"
+    );
+    describe_counter!(
+        "imagegate_rate_limit_rejections_total",
+        "Requests refused by a rate limit"
+    );
+    describe_counter!(
+        "imagegate_quota_rejections_total",
+        "Requests refused by a quota"
+    );
+    describe_histogram!(
+        "imagegate_request_duration_seconds",
+        "Total time per request"
+    );
+    describe_histogram!(
+        "imagegate_validation_duration_seconds",
+        "Time spent parsing and checking a request"
+    );
+    describe_histogram!(
+        "imagegate_upstream_duration_seconds",
+        "Upstream time, request sent to answer read"
+    );
+    describe_gauge!("imagegate_in_flight_requests", "Requests being handled");
+    describe_gauge!(
+        "imagegate_ledger_queue_depth",
+        "Ledger operations waiting for the writer"
+    );
+    describe_histogram!(
+        "imagegate_ledger_write_seconds",
+        "Time to commit a ledger record"
+    );
+}
+
+/// Count a finished request (called exactly once per ledger record, when it is written).
+pub fn request_finished(r: &crate::ledger::Record) {
+    use metrics::{counter, histogram};
+    let status = r
+        .status
+        .map_or_else(|| "none".to_string(), |s| s.to_string());
+    counter!("imagegate_requests_total", "outcome" => r.outcome.as_str(), "status" => status)
+        .increment(1);
+    if let Some(ms) = r.total_ms {
+        histogram!("imagegate_request_duration_seconds").record(ms as f64 / 1000.0);
+    }
+    if let Some(ms) = r.upstream_ms {
+        histogram!("imagegate_upstream_duration_seconds").record(ms as f64 / 1000.0);
+    }
+    if let Some(client) = &r.client {
+        if let Some(images) = r.images_returned.filter(|&i| i > 0) {
+            counter!("imagegate_images_total", "client" => client.clone())
+                .increment(u64::from(images));
+        }
+        if r.cost_settled_micros > 0 {
+            counter!("imagegate_spend_microdollars_total", "client" => client.clone())
+                .increment(r.cost_settled_micros as u64);
+        }
+    }
+    match r.reason_code.as_deref() {
+        Some("rate_limit_exceeded") => {
+            counter!("imagegate_rate_limit_rejections_total").increment(1)
+        }
+        Some("insufficient_quota") => counter!("imagegate_quota_rejections_total").increment(1),
+        _ => {}
+    }
+}

@@ -1,0 +1,216 @@
+//! The usage record of every request to the edits route, whatever its outcome.
+//!
+//! Opens a ledger [`Record`] (request id, time received, client address) before anything can
+//! refuse the request, and shares it with the layers below through a [`Trail`] extension, which
+//! they fill in (client, end user, fields, image digests, cost). When the response comes back:
+//! - a request that was forwarded was handed off to the forwarding task, which completes the
+//!   record after the answer (nothing to do here);
+//! - any other response is a refusal: the record is written as `rejected` with the status and,
+//!   from the error's [`ErrorParts`], the reason's code, param and message, and committed
+//!   before the response is returned;
+//! - when the response future is dropped first (the caller disconnected mid-upload), a guard
+//!   writes the record as `client_gone`, without blocking and without losing it.
+//!
+//! Rejects nothing; reads `RequestId` and `ClientAddr`, writes `Trail`.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Request, Response};
+use tower::{Layer, Service};
+
+use super::BoxFuture;
+use super::request_id::RequestId;
+use crate::app::ClientAddr;
+use crate::body::Body;
+use crate::clock::Clock;
+use crate::error::ErrorParts;
+use crate::ledger::store::LedgerOp;
+use crate::ledger::{Ledger, Outcome, Record};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Owned by the request path.
+    Open,
+    /// Owned by the forwarding task, which completes it.
+    HandedOff,
+    /// Written.
+    Done,
+}
+
+struct TrailState {
+    record: Record,
+    stage: Stage,
+}
+
+/// The record of one request under construction, shared by the layers that fill it in.
+#[derive(Clone)]
+pub struct Trail {
+    state: Arc<Mutex<TrailState>>,
+    started: Instant,
+}
+
+impl Trail {
+    fn new(record: Record) -> Trail {
+        Trail {
+            state: Arc::new(Mutex::new(TrailState {
+                record,
+                stage: Stage::Open,
+            })),
+            started: Instant::now(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TrailState> {
+        // Updates are plain field writes: a panic cannot leave the record half-changed.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Fill in fields of the record.
+    pub fn update(&self, f: impl FnOnce(&mut Record)) {
+        f(&mut self.lock().record);
+    }
+
+    /// Milliseconds since the request arrived.
+    pub fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The forwarding task takes over the record: it is returned as it stands, marked
+    /// `forwarding`, and this trail will not write it again.
+    pub fn hand_off(&self) -> Record {
+        let mut s = self.lock();
+        s.stage = Stage::HandedOff;
+        s.record.outcome = Outcome::Forwarding;
+        s.record.clone()
+    }
+
+    /// The forwarding task could not start (the ledger refused the `forwarding` record): the
+    /// request path owns the record again and writes it as a refusal.
+    pub fn take_back(&self) {
+        let mut s = self.lock();
+        if s.stage == Stage::HandedOff {
+            s.stage = Stage::Open;
+        }
+    }
+
+    /// Take the record for writing if the request path still owns it.
+    fn take_open(&self) -> Option<Record> {
+        let mut s = self.lock();
+        if s.stage != Stage::Open {
+            return None;
+        }
+        s.stage = Stage::Done;
+        Some(s.record.clone())
+    }
+}
+
+#[derive(Clone)]
+pub struct UsageLayer {
+    ledger: Ledger,
+    clock: Clock,
+}
+
+impl UsageLayer {
+    pub fn new(ledger: Ledger, clock: Clock) -> Self {
+        UsageLayer { ledger, clock }
+    }
+}
+
+impl<S> Layer<S> for UsageLayer {
+    type Service = Usage<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Usage {
+            inner,
+            ledger: self.ledger.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Usage<S> {
+    inner: S,
+    ledger: Ledger,
+    clock: Clock,
+}
+
+/// Writes the record as `client_gone` if the request future is dropped before it was written.
+struct DisconnectGuard {
+    trail: Trail,
+    ledger: Ledger,
+}
+
+impl Drop for DisconnectGuard {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.trail.take_open() {
+            record.outcome = Outcome::ClientGone;
+            record.reason_message =
+                Some("the caller disconnected before an answer was sent".into());
+            record.total_ms = Some(self.trail.elapsed_ms());
+            crate::metrics::request_finished(&record);
+            self.ledger.finish_detached(LedgerOp::Final(record));
+        }
+    }
+}
+
+impl<S, B> Service<Request<B>> for Usage<S>
+where
+    S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let id = req
+            .extensions()
+            .get::<RequestId>()
+            .map(|r| r.as_str().to_owned())
+            .unwrap_or_default();
+        let mut record = Record::new(id, self.clock.now_wall());
+        record.client_addr = req
+            .extensions()
+            .get::<ClientAddr>()
+            .map(|a| a.0.to_string());
+        let trail = Trail::new(record);
+        req.extensions_mut().insert(trail.clone());
+        let guard = DisconnectGuard {
+            trail,
+            ledger: self.ledger.clone(),
+        };
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let ledger = self.ledger.clone();
+        Box::pin(async move {
+            let Ok(resp) = inner.call(req).await;
+            if let Some(mut record) = guard.trail.take_open() {
+                record.outcome = Outcome::Rejected;
+                record.status = Some(resp.status().as_u16());
+                if let Some(parts) = resp.extensions().get::<ErrorParts>() {
+                    record.reason_code = Some(parts.code.unwrap_or(parts.kind).to_owned());
+                    record.reason_param = parts.param.clone();
+                    record.reason_message = Some(parts.message.clone());
+                }
+                record.total_ms = Some(guard.trail.elapsed_ms());
+                crate::metrics::request_finished(&record);
+                if let Err(e) = ledger.finish(LedgerOp::Final(record)).await {
+                    // Deferred records are kept and retried by the writer; others are logged.
+                    tracing::warn!(error = %e, "the rejection's ledger record is not committed yet");
+                }
+            }
+            drop(guard);
+            Ok(resp)
+        })
+    }
+}
