@@ -38,11 +38,99 @@ pub enum Command {
     },
     /// Read a gateway key on stdin and print the form `clients[].key_hash` stores.
     HashKey,
+    /// Usage report from the ledger: requests, images, spend, rejections by reason.
+    Usage {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        filters: Filters,
+        /// Group rows by `user`, `client` or `day` (days in `quotas.time_zone`); one total row if absent.
+        #[arg(long, value_parser = ["user", "client", "day"])]
+        group_by: Option<String>,
+        /// Output format.
+        #[arg(long, value_parser = ["table", "csv", "json"], default_value = "table")]
+        format: String,
+    },
+    /// The audit trail: export records, verify the hash chain.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Quotas: use and remaining per period.
     Quota {
         #[command(subcommand)]
         command: QuotaCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Export ledger records, one per request.
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        filters: Filters,
+        /// `jsonl` (one JSON record per line) or `csv`.
+        #[arg(long, value_parser = ["jsonl", "csv"])]
+        format: String,
+        /// At most this many records.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Check the ledger's hash chain; name the first broken link. Exit 1 when broken.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+/// Filters shared by `usage`, `audit export` and `GET /admin/usage`.
+#[derive(Debug, Args, Default, Clone)]
+pub struct Filters {
+    /// Only requests received at or after this time (RFC 3339, or YYYY-MM-DD in `quotas.time_zone`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only requests received before this time.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only this client.
+    #[arg(long)]
+    pub client: Option<String>,
+    /// Only this end user.
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+impl Filters {
+    /// The ledger query for these filters, with times read in `time_zone`.
+    pub fn query(
+        &self,
+        group_by: Option<&str>,
+        time_zone: &str,
+    ) -> Result<crate::ledger::store::UsageQuery, String> {
+        let tz = jiff::tz::TimeZone::get(time_zone)
+            .map_err(|e| format!("time zone '{time_zone}': {e}"))?;
+        let bound = |v: &Option<String>, name: &str| {
+            v.as_deref()
+                .map(|s| {
+                    crate::ledger::parse_time_bound(s, &tz).map_err(|e| format!("--{name}: {e}"))
+                })
+                .transpose()
+        };
+        Ok(crate::ledger::store::UsageQuery {
+            since: bound(&self.since, "since")?,
+            until: bound(&self.until, "until")?,
+            client: self.client.clone(),
+            user: self.user.clone(),
+            group_by: group_by.map(str::parse).transpose()?.unwrap_or_default(),
+            time_zone: Some(tz),
+            limit: None,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -56,6 +56,7 @@ pub struct Config {
     pub quotas: QuotasConfig,
     pub prices: Prices,
     pub ledger: LedgerConfig,
+    pub admin: AdminConfig,
     pub clients: Vec<ClientConfig>,
     /// The upstream key, loaded from the environment or `upstream.api_key_file`; never from the
     /// TOML itself, so the config file can be committed.
@@ -272,6 +273,16 @@ impl Default for LedgerConfig {
     }
 }
 
+/// The admin listener: off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct AdminConfig {
+    /// Address of the admin listener (`/admin/usage`, `/admin/requests/{id}`, `/metrics`).
+    pub listen: Option<SocketAddr>,
+    /// `sha256:<64 hex>` of the admin key (`imagegate hash-key`); required with `listen`.
+    pub key_hash: Option<String>,
+}
+
 /// The stored form of a gateway key.
 pub fn hash_key(key: &str) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
@@ -303,6 +314,7 @@ impl Default for Config {
             quotas: QuotasConfig::default(),
             prices: default_prices(),
             ledger: LedgerConfig::default(),
+            admin: AdminConfig::default(),
             clients: Vec::new(),
             upstream_key: None,
         }
@@ -481,6 +493,21 @@ impl Config {
                     }
                 }
             }
+        }
+        match (&self.admin.listen, &self.admin.key_hash) {
+            (Some(_), None) => p.push("admin.key_hash: required when admin.listen is set".into()),
+            (_, Some(h)) => {
+                if let Err(e) = parse_key_hash(h) {
+                    p.push(format!("admin.key_hash: {e}"));
+                }
+            }
+            (None, None) => {}
+        }
+        if let (Some(admin), listen) = (self.admin.listen, self.server.listen)
+            && admin == listen
+            && admin.port() != 0
+        {
+            p.push("admin.listen: must differ from server.listen".into());
         }
         if self.ledger.queue == 0 {
             p.push("ledger.queue: must be at least 1".into());

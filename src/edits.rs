@@ -111,7 +111,21 @@ async fn handle(
     let validation_started = std::time::Instant::now();
     let boundary = form::boundary(req.headers().get(header::CONTENT_TYPE))?;
     let body = read_body(&state, req).await?;
-    let mut edit = form::parse(&boundary, body, &state.form_rules).await?;
+    let parts = form::parse_parts(&boundary, body, state.form_rules.max_parts).await?;
+    let limits = &state.config.limits;
+    let client = &state.config.clients[caller.index];
+    // Best effort, for the record of a request the field rules refuse: who it was for.
+    let sent_user = form::text_field(&parts, "user");
+    if let Ok(who) = resolve_end_user(
+        client,
+        sent_user.as_deref(),
+        limits.missing_user,
+        limits.personal_user_mismatch,
+        state.config.validation.max_user_chars,
+    ) {
+        trail.update(|r| r.user = who.user);
+    }
+    let mut edit = form::check(parts, &state.form_rules)?;
     let prompt_policy = state.config.ledger.prompt;
     trail.update(|r| {
         r.model = Some(edit.model.clone());
@@ -122,9 +136,8 @@ async fn handle(
     });
 
     // Who pays: decided right after the fields are parsed, before any decoding.
-    let limits = &state.config.limits;
     let who = resolve_end_user(
-        &state.config.clients[caller.index],
+        client,
         edit.user.as_deref(),
         limits.missing_user,
         limits.personal_user_mismatch,

@@ -2,6 +2,7 @@
 //!
 //! The binary (`src/main.rs`) and the integration tests share this library.
 
+pub mod admin;
 pub mod app;
 pub mod body;
 pub mod cli;

@@ -1,17 +1,40 @@
 //! Lifecycle only: command line → configuration (exit 2 listing every problem) → telemetry →
 //! serve → drain on SIGTERM/SIGINT.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
-use imagegate::cli::{Cli, Command, ConfigArg, QuotaCommand, TableOrJson, warnings};
+use imagegate::cli::{
+    AuditCommand, Cli, Command, ConfigArg, Filters, QuotaCommand, TableOrJson, warnings,
+};
+use imagegate::ledger::sqlite::SqliteStore;
+use imagegate::ledger::store::LedgerStore;
 use imagegate::{config, server, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::HashKey => hash_key(),
+        Command::Usage {
+            config,
+            filters,
+            group_by,
+            format,
+        } => usage(&config, &filters, group_by.as_deref(), &format),
+        Command::Audit {
+            command:
+                AuditCommand::Export {
+                    config,
+                    filters,
+                    format,
+                    limit,
+                    output,
+                },
+        } => audit_export(&config, &filters, &format, limit, output.as_deref()),
+        Command::Audit {
+            command: AuditCommand::Verify { config },
+        } => audit_verify(&config),
         Command::Quota {
             command:
                 QuotaCommand::Show {
@@ -158,6 +181,140 @@ fn quota_show(
                 ),
             }
             ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Open the ledger named by a config for reading.
+fn open_ledger(config: &ConfigArg) -> Result<(imagegate::config::Config, SqliteStore), ExitCode> {
+    let c = config.load().map_err(|p| config_problems(&p))?;
+    if !c.ledger.path.exists() {
+        eprintln!(
+            "error: no ledger at {} (ledger.path)",
+            c.ledger.path.display()
+        );
+        return Err(ExitCode::FAILURE);
+    }
+    match SqliteStore::open_reader(&c.ledger.path) {
+        Ok(store) => Ok((c, store)),
+        Err(e) => {
+            eprintln!("error: {}: {e}", c.ledger.path.display());
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn usage(config: &ConfigArg, filters: &Filters, group_by: Option<&str>, format: &str) -> ExitCode {
+    let (c, store) = match open_ledger(config) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let query = match filters.query(group_by, &c.quotas.time_zone) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let format = format.parse().expect("clap restricts the format");
+    match store.usage(&query) {
+        Ok(rows) => {
+            print!("{}", imagegate::ledger::render_usage(&rows, format));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn audit_export(
+    config: &ConfigArg,
+    filters: &Filters,
+    format: &str,
+    limit: Option<u64>,
+    output: Option<&std::path::Path>,
+) -> ExitCode {
+    let (c, store) = match open_ledger(config) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let mut query = match filters.query(None, &c.quotas.time_zone) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    query.limit = limit;
+    let format = format.parse().expect("clap restricts the format");
+    let mut out: Box<dyn std::io::Write> = match output {
+        Some(path) => match std::fs::File::create(path) {
+            Ok(f) => Box::new(std::io::BufWriter::new(f)),
+            Err(e) => {
+                eprintln!("error: {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let result = imagegate::ledger::write_export(&store, &query, format, &mut *out);
+    let flushed = out.flush();
+    match (result, flushed) {
+        (Ok(n), Ok(())) => {
+            eprintln!("{n} record(s) exported");
+            ExitCode::SUCCESS
+        }
+        (Err(e), _) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        (_, Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn audit_verify(config: &ConfigArg) -> ExitCode {
+    let (c, store) = match open_ledger(config) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    match store.verify() {
+        Ok(report) => {
+            let head = report
+                .head
+                .as_ref()
+                .map(|h| format!("seq {} hash {}", h.seq, h.hash))
+                .unwrap_or_else(|| "empty".into());
+            match &report.first_broken {
+                None => {
+                    println!(
+                        "{}: ok: {} chain entries, {} records; head {head}",
+                        c.ledger.path.display(),
+                        report.entries,
+                        report.records
+                    );
+                    ExitCode::SUCCESS
+                }
+                Some(b) => {
+                    println!(
+                        "{}: BROKEN at seq {} (request {}): {}; {} entries verified before it",
+                        c.ledger.path.display(),
+                        b.seq,
+                        b.request_id,
+                        b.reason,
+                        report.entries
+                    );
+                    ExitCode::from(1)
+                }
+            }
         }
         Err(e) => {
             eprintln!("error: {e}");

@@ -26,6 +26,8 @@ use crate::config::Config;
 /// A gateway running in the background (used by `main` and by the tests).
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// The admin listener's address, when `admin.listen` is set.
+    pub admin_addr: Option<SocketAddr>,
     pub state: Arc<AppState>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
@@ -66,12 +68,21 @@ pub async fn spawn_state(state: AppState) -> Result<RunningServer, String> {
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let state = Arc::new(state);
+    let admin = crate::admin::start(state.clone()).await?;
+    let admin_addr = admin.as_ref().map(|(a, _)| *a);
     let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(serve(listener, state.clone(), async {
+    let serving = serve(listener, state.clone(), async {
         let _ = rx.await;
-    }));
+    });
+    let task = tokio::spawn(async move {
+        serving.await;
+        if let Some((_, admin)) = admin {
+            admin.abort();
+        }
+    });
     Ok(RunningServer {
         addr,
+        admin_addr,
         state,
         shutdown: Some(tx),
         task,

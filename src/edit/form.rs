@@ -46,7 +46,8 @@ pub fn boundary(content_type: Option<&http::HeaderValue>) -> Result<String, Gate
     }
 }
 
-struct RawPart {
+/// One multipart part as received.
+pub struct RawPart {
     name: String,
     file_name: Option<String>,
     content_type: Option<String>,
@@ -54,7 +55,8 @@ struct RawPart {
 }
 
 /// Parse the whole body into parts. Any framing fault is `invalid_multipart`.
-async fn parse_parts(
+/// Parse the whole body into parts (framing only, no field rules).
+pub async fn parse_parts(
     boundary: &str,
     body: Bytes,
     max_parts: usize,
@@ -262,8 +264,20 @@ pub async fn parse(
     body: Bytes,
     rules: &FormRules,
 ) -> Result<ImageEdit, GatewayError> {
-    let parts = parse_parts(boundary, body, rules.max_parts).await?;
+    check(parse_parts(boundary, body, rules.max_parts).await?, rules)
+}
 
+/// The first text part of that name, if it is UTF-8 (for records of refused requests).
+pub fn text_field(parts: &[RawPart], name: &str) -> Option<String> {
+    parts
+        .iter()
+        .find(|p| p.name == name)
+        .and_then(|p| std::str::from_utf8(&p.data).ok())
+        .map(str::to_owned)
+}
+
+/// Apply the field rules to parsed parts.
+pub fn check(parts: Vec<RawPart>, rules: &FormRules) -> Result<ImageEdit, GatewayError> {
     // Field names: unknown, arrays and duplicates, in the order they were sent.
     let mut seen: Vec<&str> = Vec::with_capacity(parts.len());
     for p in &parts {

@@ -65,9 +65,11 @@ where
         };
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        metrics::gauge!("imagegate_in_flight_requests").increment(1.0);
         Box::pin(async move {
             let resp = inner.call(req).await;
             drop(permit);
+            metrics::gauge!("imagegate_in_flight_requests").decrement(1.0);
             resp
         })
     }

@@ -1,0 +1,294 @@
+//! Reports and interfaces of the ledger: the admin listener (`/admin/usage`,
+//! `/admin/requests/{id}`, `/metrics`) and the `usage` / `audit` commands, checked against the
+//! requests the test sent.
+
+mod support;
+
+use std::process::Command;
+
+use imagegate::config::hash_key;
+use support::fixtures::rgba_png;
+use support::gateway::*;
+use support::multipart::edit_request;
+use support::{Resp, send};
+
+const ADMIN_KEY: &str = "ig-admin-key-for-tests-000111";
+
+async fn admin_get(addr: std::net::SocketAddr, path: &str, key: Option<&str>) -> Resp {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| vec![("authorization", a)])
+        .unwrap_or_default();
+    send(addr, "GET", path, &headers, vec![]).await
+}
+
+/// Sends: user a: 2 × n=2 (1024x1024), user b: 1 × n=1 (256x256), one validation rejection
+/// (user a), one authentication rejection. Returns the request id of the first success.
+async fn traffic(gw: &Gateway) -> String {
+    let ok = |user: &str, n: &str| {
+        edit_request(&rgba_png(16, true), "p")
+            .text("user", user)
+            .text("n", n)
+    };
+    let first = gw.edit(APP_KEY, &ok("a", "2")).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(gw.edit(APP_KEY, &ok("a", "2")).await.status, 200);
+    assert_eq!(
+        gw.edit(APP_KEY, &ok("b", "1").text("size", "256x256"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(gw.edit(APP_KEY, &ok("a", "11")).await.status, 400);
+    assert_eq!(
+        gw.edit("ig-wrong-key-000000000", &ok("a", "1"))
+            .await
+            .status,
+        401
+    );
+    first
+        .header("x-imagegate-request-id")
+        .expect("gateway request id")
+}
+
+fn with_admin(c: &mut imagegate::config::Config) {
+    c.admin.listen = Some("127.0.0.1:0".parse().unwrap());
+    c.admin.key_hash = Some(hash_key(ADMIN_KEY));
+}
+
+#[tokio::test]
+async fn admin_usage_request_and_metrics() {
+    let gw = Gateway::start_with(with_admin).await;
+    let admin = gw.server.admin_addr.expect("admin listener bound");
+    let id = traffic(&gw).await;
+
+    assert_eq!(admin_get(admin, "/admin/usage", None).await.status, 401);
+    assert_eq!(
+        admin_get(admin, "/admin/usage", Some(APP_KEY)).await.status,
+        401,
+        "a gateway key is not the admin key"
+    );
+
+    let total = admin_get(admin, "/admin/usage", Some(ADMIN_KEY)).await;
+    assert_eq!(total.status, 200, "{}", total.text());
+    let rows = total.json();
+    assert_eq!(rows[0]["requests"], 5);
+    assert_eq!(rows[0]["forwarded"], 3);
+    assert_eq!(rows[0]["images"], 5);
+    assert_eq!(rows[0]["spend_micros"], 4 * 20_000 + 16_000);
+    assert_eq!(rows[0]["rejections"]["integer_above_max_value"], 1);
+    assert_eq!(rows[0]["rejections"]["invalid_api_key"], 1);
+
+    let by_user = admin_get(
+        admin,
+        "/admin/usage?group_by=user&client=app",
+        Some(ADMIN_KEY),
+    )
+    .await
+    .json();
+    let row = |key: &str| {
+        by_user
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["key"] == key)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row {key}: {by_user}"))
+    };
+    assert_eq!(row("app/a")["requests"], 3);
+    assert_eq!(row("app/a")["images"], 4);
+    assert_eq!(row("app/a")["spend_micros"], 80_000);
+    assert_eq!(row("app/b")["images"], 1);
+    assert_eq!(row("app/b")["spend_micros"], 16_000);
+    let only_b = admin_get(admin, "/admin/usage?user=b", Some(ADMIN_KEY))
+        .await
+        .json();
+    assert_eq!(only_b[0]["requests"], 1);
+    let bad = admin_get(admin, "/admin/usage?group_by=planet", Some(ADMIN_KEY)).await;
+    assert_eq!(bad.status, 400);
+
+    let rec = admin_get(admin, &format!("/admin/requests/{id}"), Some(ADMIN_KEY)).await;
+    assert_eq!(rec.status, 200, "{}", rec.text());
+    let r = rec.json();
+    assert_eq!(r["request_id"], id.as_str());
+    assert_eq!(r["outcome"], "answered");
+    assert_eq!(r["client"], "app");
+    assert_eq!(r["user"], "a");
+    assert_eq!(r["images_returned"], 2);
+    assert_eq!(
+        admin_get(admin, "/admin/requests/req_nope", Some(ADMIN_KEY))
+            .await
+            .status,
+        404
+    );
+
+    let metrics = admin_get(admin, "/metrics", Some(ADMIN_KEY)).await;
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = metrics.text();
+    let mut samples = 0;
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        // name{labels} value  |  name value
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a sample: {line}"));
+        assert!(value.parse::<f64>().is_ok(), "bad value in {line}");
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad name in {line}"
+        );
+        if let Some(labels) = series.strip_prefix(name) {
+            assert!(
+                labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+                "bad labels in {line}"
+            );
+        }
+        samples += 1;
+    }
+    assert!(samples > 0);
+    for family in [
+        "imagegate_requests_total",
+        "imagegate_request_duration_seconds_bucket",
+        "imagegate_upstream_duration_seconds_bucket",
+        "imagegate_validation_duration_seconds_bucket",
+        "imagegate_images_total",
+        "imagegate_in_flight_requests",
+        "imagegate_ledger_queue_depth",
+        "imagegate_ledger_write_seconds_bucket",
+    ] {
+        assert!(text.contains(family), "{family} missing from /metrics");
+    }
+    assert!(text.contains("outcome=\"answered\""), "{text}");
+}
+
+fn imagegate(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_imagegate"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("IMAGEGATE_CONFIG")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn usage_and_audit_commands() {
+    let gw = Gateway::start().await;
+    traffic(&gw).await;
+    let dir = gw.dir.path().to_path_buf();
+    let Gateway {
+        server,
+        mock,
+        dir: tmp,
+        ..
+    } = gw;
+    server.shutdown().await;
+    drop(mock);
+    let db = dir.join("imagegate.db");
+    let config = dir.join("imagegate.toml");
+    std::fs::write(
+        &config,
+        format!("[ledger]\npath = {:?}\n", db.display().to_string()),
+    )
+    .unwrap();
+
+    let out = imagegate(
+        &config,
+        &["usage", "--group-by", "user", "--format", "json"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let a = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == "app/a")
+        .unwrap();
+    assert_eq!(
+        (a["requests"].as_u64(), a["images"].as_u64()),
+        (Some(3), Some(4))
+    );
+
+    let table = imagegate(&config, &["usage", "--group-by", "client"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("app"), "{text}");
+    let csv = imagegate(&config, &["usage", "--format", "csv", "--client", "app"]);
+    assert!(String::from_utf8_lossy(&csv.stdout).lines().count() >= 2);
+    let future = imagegate(
+        &config,
+        &["usage", "--since", "2999-01-01", "--format", "json"],
+    );
+    let none: serde_json::Value = serde_json::from_slice(&future.stdout).unwrap();
+    assert!(
+        none.as_array().unwrap().iter().all(|r| r["requests"] == 0),
+        "{none}"
+    );
+
+    let export = imagegate(&config, &["audit", "export", "--format", "jsonl"]);
+    assert!(export.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&export.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "one record per request");
+    assert_eq!(
+        lines.iter().filter(|r| r["outcome"] == "answered").count(),
+        3
+    );
+    assert_eq!(
+        lines.iter().filter(|r| r["outcome"] == "rejected").count(),
+        2
+    );
+    let csv = imagegate(
+        &config,
+        &["audit", "export", "--format", "csv", "--user", "b"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&csv.stdout).lines().count(),
+        2,
+        "header + one record"
+    );
+
+    let ok = imagegate(&config, &["audit", "verify"]);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains(": ok:"));
+
+    // Tamper with one record: verify names the broken link and fails.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let changed = conn
+        .execute(
+            "UPDATE records SET images_returned = 9 WHERE end_user = 'b'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(conn);
+    let broken = imagegate(&config, &["audit", "verify"]);
+    assert_eq!(broken.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&broken.stdout).contains("BROKEN at seq"),
+        "{}",
+        String::from_utf8_lossy(&broken.stdout)
+    );
+    drop(tmp);
+}
