@@ -7,6 +7,8 @@
 //!          the same request sent N times straight to the mock upstream and N times through
 //!          the gateway, interleaved; added = median(gateway) - median(direct).
 //! bomb:    peak RSS (VmHWM) of this process while the gateway refuses a 30000x30000 PNG.
+//! stages:  time of each request-path stage on the same 1024x1024 image: multipart parse, SHA-256,
+//!          the PNG checks (complete decode).
 //! ledger:  records per second through the ledger (queue, one writer thread, SQLite on disk),
 //!          each request = begin_forwarding + finish(Complete), N concurrent writers, and
 //!          the latency begin_forwarding adds (the commit awaited before forwarding).
@@ -301,6 +303,47 @@ fn ledger(requests: usize) {
     }
 }
 
+async fn stages(n: u32) {
+    let image = rgba_png_noisy(1024);
+    let form = edit_request(&image, "p").text("user", "u");
+    let body = bytes::Bytes::from(form.body());
+    let boundary = form.boundary().to_string();
+    let rules = imagegate::edit::form::FormRules {
+        max_prompt_chars: 1000,
+        max_user_chars: 256,
+        models: vec!["dall-e-2".into()],
+        max_parts: 16,
+    };
+    let t = Instant::now();
+    for _ in 0..n {
+        imagegate::edit::form::parse(&boundary, body.clone(), &rules)
+            .await
+            .unwrap();
+    }
+    let parse = t.elapsed() / n;
+    let t = Instant::now();
+    for _ in 0..n {
+        use sha2::Digest;
+        std::hint::black_box(sha2::Sha256::digest(&image));
+    }
+    let sha = t.elapsed() / n;
+    let png_rules = imagegate::edit::png_check::PngRules {
+        max_bytes: 4 << 20,
+        max_dimension: 4096,
+        transparency: imagegate::edit::png_check::Transparency::Strict,
+    };
+    let bytes = bytes::Bytes::from(image.clone());
+    let t = Instant::now();
+    for _ in 0..n {
+        imagegate::edit::png_check::check_image(bytes.clone(), false, &png_rules).unwrap();
+    }
+    let png = t.elapsed() / n;
+    println!(
+        "stages ({} byte image, mean of {n}): multipart parse {parse:?}, sha256 {sha:?}, PNG checks {png:?}",
+        image.len()
+    );
+}
+
 fn main() {
     let which: Vec<String> = std::env::args()
         .skip(1)
@@ -313,6 +356,9 @@ fn main() {
         .unwrap();
     if want("latency") {
         rt.block_on(latency(300));
+    }
+    if want("stages") {
+        rt.block_on(stages(20));
     }
     if want("bomb") {
         rt.block_on(bomb(50));
