@@ -381,7 +381,7 @@ async fn check_images(state: &AppState, edit: &ImageEdit) -> Checked {
 /// Forward in a task of its own and stream the answer back.
 ///
 /// The `forwarding` record is committed before any byte goes upstream; if the ledger cannot
-/// take it, nothing is forwarded (503). The task then owns the record and the quota
+/// take it, nothing is forwarded (503) and the refusal is recorded. The task then owns the record and the quota
 /// reservation: it reads the answer to its end (even when the caller left), settles the
 /// reservation with the images actually returned, and commits the completed record before the
 /// caller's body ends, so a caller that saw the whole answer can find its record.
@@ -392,13 +392,9 @@ async fn forward(
     edit: &ImageEdit,
     trail: Trail,
 ) -> Result<Response<Body>, GatewayError> {
+    // From here on the task owns the record and the reservation. It is spawned before the
+    // first await, so a caller that disconnects now cannot leave a record behind unwritten.
     let mut record = trail.hand_off();
-    if let Err(e) = state.ledger.begin_forwarding(record.clone()).await {
-        tracing::error!(error = %e, "ledger refused the forwarding record; not forwarding");
-        trail.take_back();
-        reservation.settle(0, 0).await;
-        return Err(GatewayError::LedgerUnavailable);
-    }
     let (head_tx, head_rx) = oneshot::channel();
     let span = tracing::Span::current();
     let price_each = state.quotas.price(&edit.model, edit.size.as_str(), 1);
@@ -406,6 +402,22 @@ async fn forward(
     state.tasks.spawn(tracing::Instrument::instrument(
         async move {
             let state = task_state;
+            if let Err(e) = state.ledger.begin_forwarding(record.clone()).await {
+                tracing::error!(error = %e, "ledger refused the forwarding record; not forwarding");
+                reservation.settle(0, 0).await;
+                let refusal = GatewayError::LedgerUnavailable;
+                let parts = refusal.parts();
+                record.outcome = Outcome::Rejected;
+                record.status = Some(parts.status.as_u16());
+                record.reason_code = parts.code.map(str::to_owned);
+                record.reason_message = Some(parts.message);
+                record.total_ms = Some(trail.elapsed_ms());
+                crate::metrics::request_finished(&record);
+                // Kept by the writer and retried until the store takes it again.
+                state.ledger.finish_detached(LedgerOp::Final(record));
+                let _ = head_tx.send(Err(refusal));
+                return;
+            }
             let sent = std::time::Instant::now();
             match state.upstream.send(canonical).await {
                 Err(e) => {

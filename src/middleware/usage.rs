@@ -89,15 +89,6 @@ impl Trail {
         s.record.clone()
     }
 
-    /// The forwarding task could not start (the ledger refused the `forwarding` record): the
-    /// request path owns the record again and writes it as a refusal.
-    pub fn take_back(&self) {
-        let mut s = self.lock();
-        if s.stage == Stage::HandedOff {
-            s.stage = Stage::Open;
-        }
-    }
-
     /// Take the record for writing if the request path still owns it.
     fn take_open(&self) -> Option<Record> {
         let mut s = self.lock();
