@@ -61,7 +61,12 @@ impl Service<Request<Incoming>> for EditsService {
                 Ok(resp) => resp,
                 Err(e) => {
                     let p = e.parts();
-                    tracing::info!(status = p.status.as_u16(), code = ?p.code, param = ?p.param, "request refused");
+                    tracing::info!(
+                        status = p.status.as_u16(),
+                        code = p.code.unwrap_or("-"),
+                        param = p.param.as_deref().unwrap_or("-"),
+                        "request refused"
+                    );
                     e.into_response()
                 }
             };
@@ -392,6 +397,10 @@ async fn forward(
     edit: &ImageEdit,
     trail: Trail,
 ) -> Result<Response<Body>, GatewayError> {
+    if !state.upstream.has_key() {
+        reservation.settle(0, 0).await;
+        return Err(GatewayError::UpstreamKeyMissing);
+    }
     // From here on the task owns the record and the reservation. It is spawned before the
     // first await, so a caller that disconnects now cannot leave a record behind unwritten.
     let mut record = trail.hand_off();

@@ -131,7 +131,10 @@ where
         };
         match caller {
             Err(e) => {
-                tracing::info!(reason = ?e.parts().code, "authentication failed");
+                tracing::info!(
+                    reason = e.parts().code.unwrap_or("missing_key"),
+                    "authentication failed"
+                );
                 Box::pin(async move { Ok(e.into_response()) })
             }
             Ok(caller) => {
