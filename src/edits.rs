@@ -1,9 +1,12 @@
 //! The edits service: the leaf behind authentication for `POST /v1/images/edits`.
 //!
 //! In order: content type (before the body is read) → declared length against the body cap →
-//! the capped body under a deadline → the multipart form and its field rules → the PNG checks on
-//! the blocking pool → the canonical body → the upstream call. The upstream call runs in its own
-//! task, so it finishes (and the answer is read to the end) even when the caller disconnects.
+//! the capped body under a deadline → the multipart form and its field rules → the end user, the
+//! per-user rate limits and the quota reservation (before any decoding) → the PNG checks on the
+//! blocking pool → the canonical body → the `forwarding` ledger record → the upstream call. The
+//! upstream call runs in its own task, so it finishes (the answer read to the end, the quota
+//! settled, the record completed) even when the caller disconnects. Every fact learned on the
+//! way is written into the request's [`Trail`] for the ledger.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -117,18 +120,18 @@ async fn handle(
     let boundary = form::boundary(req.headers().get(header::CONTENT_TYPE))?;
     let body = read_body(&state, req).await?;
     let parts = form::parse_parts(&boundary, body, state.form_rules.max_parts).await?;
+    // Who pays. Resolved before the field rules only so that the record of a refused request
+    // names its end user; its own refusals are reported after the field rules.
     let limits = &state.config.limits;
-    let client = &state.config.clients[caller.index];
-    // Best effort, for the record of a request the field rules refuse: who it was for.
-    let sent_user = form::text_field(&parts, "user");
-    if let Ok(who) = resolve_end_user(
-        client,
-        sent_user.as_deref(),
+    let identity = resolve_end_user(
+        &state.config.clients[caller.index],
+        form::text_field(&parts, "user").as_deref(),
         limits.missing_user,
         limits.personal_user_mismatch,
         state.config.validation.max_user_chars,
-    ) {
-        trail.update(|r| r.user = who.user);
+    );
+    if let Ok(who) = &identity {
+        trail.update(|r| r.user = who.user.clone());
     }
     let mut edit = form::check(parts, &state.form_rules)?;
     let prompt_policy = state.config.ledger.prompt;
@@ -140,18 +143,10 @@ async fn handle(
         r.prompt = prompt_policy.apply(&edit.prompt);
     });
 
-    // Who pays: decided right after the fields are parsed, before any decoding.
-    let who = resolve_end_user(
-        client,
-        edit.user.as_deref(),
-        limits.missing_user,
-        limits.personal_user_mismatch,
-        state.config.validation.max_user_chars,
-    )?;
+    let who = identity?;
     if let Some(user) = &who.user {
         tracing::Span::current().record("user", user.as_str());
     }
-    trail.update(|r| r.user = who.user.clone());
     // The normalized id goes upstream, so OpenAI sees the id the gateway charged.
     edit.user = who.user.clone();
     match state.rates.check_user(&who, edit.n) {
