@@ -422,6 +422,17 @@ async fn forward(
                 let _ = head_tx.send(Err(refusal));
                 return;
             }
+            if head_tx.is_closed() {
+                // The caller left while the record was committed: nothing has gone upstream
+                // yet, so nothing is spent.
+                reservation.settle(0, 0).await;
+                record.outcome = Outcome::ClientGone;
+                record.reason_message =
+                    Some("the caller disconnected before the request was forwarded".into());
+                record.images_returned = Some(0);
+                complete(&state, record, &trail).await;
+                return;
+            }
             let sent = std::time::Instant::now();
             match state.upstream.send(canonical).await {
                 Err(e) => {

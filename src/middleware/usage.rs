@@ -7,7 +7,7 @@
 //!   record after the answer (nothing to do here);
 //! - any other response is a refusal: the record is written as `rejected` with the status and,
 //!   from the error's [`ErrorParts`], the reason's code, param and message, and committed
-//!   before the response is returned;
+//!   before the response is returned (a body that broke off mid-upload is `client_gone`);
 //! - when the response future is dropped first (the caller disconnected mid-upload), a guard
 //!   writes the record as `client_gone`, without blocking and without losing it.
 //!
@@ -189,6 +189,12 @@ where
                 record.outcome = Outcome::Rejected;
                 record.status = Some(resp.status().as_u16());
                 if let Some(parts) = resp.extensions().get::<ErrorParts>() {
+                    // A body that broke off mid-upload means the caller left: the answer is
+                    // never delivered, so this is not a refusal.
+                    if parts.code == Some("incomplete_body") {
+                        record.outcome = Outcome::ClientGone;
+                        record.status = None;
+                    }
                     record.reason_code = Some(parts.code.unwrap_or(parts.kind).to_owned());
                     record.reason_param = parts.param.clone();
                     record.reason_message = Some(parts.message.clone());

@@ -1,0 +1,425 @@
+//! Crash safety of the usage ledger: the real binary, SIGKILLed under load.
+//!
+//! The gateway runs as its own process (`imagegate serve` on 127.0.0.1:0, JSON logs; the
+//! `imagegate listening` line gives the address) in front of the in-process mock upstream. Eight
+//! callers send requests, each with a unique `user`; part way through, the mock stops answering
+//! so requests are in flight, and the process is killed with SIGKILL. Then:
+//! - every request the upstream received has a ledger record (matched by its unique `user`),
+//!   committed before it was forwarded; every request answered 200 has its `answered` record;
+//! - a restart turns the records left `forwarding` into `unknown` (and says how many), serves
+//!   again, and the chain verifies (library and `imagegate audit verify`).
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use imagegate::config::hash_key;
+use imagegate::ledger::sqlite::SqliteStore;
+use imagegate::ledger::{LedgerStore, Outcome, Record, UsageQuery};
+
+use support::fixtures::rgba_png;
+use support::mock_upstream::{Behavior, MockUpstream};
+use support::multipart::edit_request;
+use support::try_send;
+
+const KEY: &str = "ig-crash-test-key-0123456789";
+const UPSTREAM_KEY: &str = "sk-crash-test-upstream-key";
+const PRICE_1024: i64 = 20_000;
+const TASKS: usize = 8;
+const PER_TASK: usize = 50;
+
+/// The gateway process. Killed (SIGKILL) on drop if still running.
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Proc {
+    /// Start `imagegate serve --config <config>` and wait (at most 60 s) for its
+    /// `imagegate listening` line.
+    async fn start(config: &Path) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_imagegate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .env("OPENAI_API_KEY", UPSTREAM_KEY)
+            .env_remove("IMAGEGATE_UPSTREAM_URL")
+            .env_remove("IMAGEGATE_CONFIG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the gateway binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let lines = log.clone();
+        // Reads every line until the process ends (keeps the pipe drained).
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+                    && event["message"] == "imagegate listening"
+                    && let Some(addr) = event["addr"].as_str()
+                {
+                    let _ = tx.send(addr.to_string());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let mut proc = Proc {
+            child,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            log,
+        };
+        match addr {
+            Ok(a) => proc.addr = a.parse().expect("a socket address"),
+            Err(_) => panic!(
+                "the gateway did not log 'imagegate listening' within 60 s:\n{}",
+                proc.log_text()
+            ),
+        }
+        proc
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// The JSON log events whose message is `message`.
+    fn events(&self, message: &str) -> Vec<serde_json::Value> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["message"] == message)
+            .collect()
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("the killed gateway is reaped");
+    }
+
+    /// SIGTERM, then wait (at most 30 s) for a clean exit.
+    async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "SIGTERM sent to {pid}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway did not stop within 30 s of SIGTERM:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn write_config(dir: &Path, mock: &MockUpstream) -> PathBuf {
+    let db = dir.join("imagegate.db");
+    let generous = "requests_per_minute = 100000\nrequests_burst = 100000\n\
+                    images_per_minute = 1000000\nimages_burst = 1000000\n";
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+
+[upstream]
+base_url = {base:?}
+allow_http = true
+response_timeout = "300s"
+
+[ledger]
+path = {db:?}
+
+[log]
+format = "json"
+level = "info"
+
+[limits.per_user]
+{generous}
+[limits.per_client]
+{generous}
+[[clients]]
+name = "crash"
+key_hash = {hash:?}
+"#,
+        base = mock.base_url(),
+        db = db.to_str().expect("a UTF-8 temporary path"),
+        hash = hash_key(KEY),
+    );
+    let path = dir.join("imagegate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Every record of the ledger at `path`, by request id.
+fn read_records(path: &Path) -> HashMap<String, Record> {
+    let store = SqliteStore::open_reader(path).expect("the ledger opens for reading");
+    let mut out = HashMap::new();
+    store
+        .export(&UsageQuery::default(), &mut |r| {
+            out.insert(r.request_id.clone(), r.clone());
+            Ok(())
+        })
+        .expect("the ledger exports");
+    out
+}
+
+fn verify(path: &Path) {
+    let store = SqliteStore::open_reader(path).expect("the ledger opens for reading");
+    let report = store.verify().expect("verify runs");
+    assert!(report.is_ok(), "the ledger chain verifies: {report:?}");
+}
+
+/// Records by their (unique) end user.
+fn by_user(records: &HashMap<String, Record>) -> HashMap<String, Record> {
+    let mut out = HashMap::new();
+    for r in records.values() {
+        let user = r.user.clone().expect("every request named its user");
+        assert!(
+            out.insert(user.clone(), r.clone()).is_none(),
+            "one record per request: user {user} twice"
+        );
+    }
+    out
+}
+
+/// One edit request for `user` through the gateway at `addr`, within 30 s.
+async fn edit(addr: SocketAddr, user: &str) -> Result<support::Resp, String> {
+    let form = edit_request(&rgba_png(16, true), "p").text("user", user);
+    let auth = format!("Bearer {KEY}");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        try_send(
+            addr,
+            "POST",
+            "/v1/images/edits",
+            &[
+                ("authorization", auth.as_str()),
+                ("content-type", &form.content_type()),
+            ],
+            form.body(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| Err("no answer within 30 s".into()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_no_forwarded_request() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock);
+    let db = dir.path().join("imagegate.db");
+    let mut gw = Proc::start(&config).await;
+    let addr = gw.addr;
+
+    // The load: 8 callers, up to 50 requests each, for at most 60 s; a caller stops at its
+    // first transport error (the gateway is gone).
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(Mutex::new(HashSet::new()));
+    let other = Arc::new(Mutex::new(Vec::new()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (stop, answered, other) = (stop.clone(), answered.clone(), other.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PER_TASK {
+                if stop.load(Ordering::SeqCst) || Instant::now() >= deadline {
+                    break;
+                }
+                let user = format!("crash-{t}-{i}");
+                match edit(addr, &user).await {
+                    Ok(r) if r.status == 200 => {
+                        answered.lock().unwrap().insert(user);
+                    }
+                    Ok(r) => other.lock().unwrap().push((user, r.status, r.text())),
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+
+    // Let some requests complete, then make the upstream hang so requests are in flight, and
+    // kill the gateway once at least four hanging requests reached the upstream.
+    tokio::time::timeout(Duration::from_secs(60), mock.wait_for(40))
+        .await
+        .unwrap_or_else(|_| panic!("40 requests within 60 s:\n{}", gw.log_text()));
+    mock.set_behavior(Behavior::Hang);
+    // Every head counted after this point was answered with `Hang`.
+    let heads_at_switch = mock.heads();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        mock.wait_for_heads(heads_at_switch + 4),
+    )
+    .await
+    .expect("four hanging requests reach the upstream within 30 s");
+    gw.kill();
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("the callers stop once the gateway is gone")
+            .unwrap();
+    }
+    let answered = answered.lock().unwrap().clone();
+    assert!(
+        other.lock().unwrap().is_empty(),
+        "only 200s or broken connections: {:?}",
+        other.lock().unwrap()
+    );
+    assert!(answered.len() >= 36, "{} answered", answered.len());
+
+    // ---- the ledger as the crash left it ----
+    let received = mock.received();
+    let before = read_records(&db);
+    verify(&db);
+    let users = by_user(&before);
+    for rec in &received {
+        let user = rec.field("user").expect("the user is forwarded");
+        let r = users.get(&user).unwrap_or_else(|| {
+            panic!("the upstream received a request of {user} that the ledger does not know")
+        });
+        assert!(r.forwarded, "{r:?}");
+    }
+    for user in &answered {
+        let r = &users[user];
+        assert_eq!(
+            r.outcome,
+            Outcome::Answered,
+            "a caller that got its whole answer finds its record: {r:?}"
+        );
+        assert_eq!(r.images_returned, Some(1));
+        assert_eq!(r.cost_settled_micros, PRICE_1024);
+    }
+    let received_users: HashSet<String> = received.iter().filter_map(|r| r.field("user")).collect();
+    for r in before.values() {
+        assert!(r.forwarded, "only forwarded requests were sent: {r:?}");
+        assert_eq!(r.client.as_deref(), Some("crash"));
+        match r.outcome {
+            Outcome::Answered => assert!(
+                received_users.contains(r.user.as_deref().unwrap()),
+                "answered, so the upstream had it: {r:?}"
+            ),
+            Outcome::Forwarding => {}
+            other => panic!("unexpected outcome {other}: {r:?}"),
+        }
+    }
+    let forwarding: HashSet<String> = before
+        .values()
+        .filter(|r| r.outcome == Outcome::Forwarding)
+        .map(|r| r.request_id.clone())
+        .collect();
+    assert!(
+        forwarding.len() >= 4,
+        "the hanging requests were committed `forwarding` before they went upstream: {}",
+        forwarding.len()
+    );
+    assert!(before.len() >= mock.count());
+
+    // ---- restart on the same ledger ----
+    mock.set_behavior(Behavior::Success);
+    let mut gw = Proc::start(&config).await;
+    let recovered = gw.events("ledger: requests left 'forwarding' by a crash are now 'unknown'");
+    assert_eq!(
+        recovered.len(),
+        1,
+        "the recovery is logged:\n{}",
+        gw.log_text()
+    );
+    assert_eq!(
+        recovered[0]["recovered"].as_u64(),
+        Some(forwarding.len() as u64)
+    );
+    let after = read_records(&db);
+    assert_eq!(after.len(), before.len());
+    for (id, old) in &before {
+        let new = &after[id];
+        if forwarding.contains(id) {
+            assert_eq!(new.outcome, Outcome::Unknown, "{new:?}");
+            assert_eq!(
+                new.cost_settled_micros, new.cost_reserved_micros,
+                "an unknown request counts its reservation"
+            );
+            assert_eq!(new.cost_reserved_micros, PRICE_1024);
+            let mut expected = old.clone();
+            expected.outcome = Outcome::Unknown;
+            expected.cost_settled_micros = old.cost_reserved_micros;
+            assert_eq!(new, &expected, "recovery changes nothing else");
+        } else {
+            assert_eq!(new, old, "final records are untouched");
+        }
+    }
+    verify(&db);
+
+    // The restarted gateway serves, and stops cleanly.
+    let r = edit(gw.addr, "after-restart")
+        .await
+        .expect("the restarted gateway answers");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.header("x-imagegate-request-id").unwrap();
+    let status = gw.terminate().await;
+    assert!(
+        status.success(),
+        "clean exit: {status:?}\n{}",
+        gw.log_text()
+    );
+    let last = read_records(&db);
+    assert_eq!(last.len(), before.len() + 1);
+    assert_eq!(last[&id].outcome, Outcome::Answered);
+    assert!(last.values().all(|r| r.outcome.is_final()));
+    verify(&db);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_imagegate"))
+        .args(["audit", "verify", "--config"])
+        .arg(&config)
+        .env_remove("IMAGEGATE_CONFIG")
+        .env_remove("IMAGEGATE_UPSTREAM_URL")
+        .env("OPENAI_API_KEY", UPSTREAM_KEY)
+        .output()
+        .expect("imagegate audit verify runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "audit verify: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(": ok:") && stdout.contains(&format!("{} records", last.len())),
+        "{stdout}"
+    );
+}
