@@ -153,7 +153,7 @@ fn limits(users: usize, iterations: usize) {
     use imagegate::config::{ClientConfig, Config, hash_key};
     use imagegate::limits::EndUser;
     use imagegate::limits::quota::QuotaStore;
-    use imagegate::limits::rate::RateLimits;
+    use imagegate::limits::rate::{RateBackend, RateLimits};
     use imagegate::limits::spec::QuotaSpec;
 
     let mut c = Config::default();

@@ -22,7 +22,7 @@ use crate::edits::EditsService;
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
 use crate::limits::quota::QuotaStore;
-use crate::limits::rate::RateLimits;
+use crate::limits::rate::{RateBackend, RateLimits};
 use crate::middleware::BoxFuture;
 use crate::middleware::auth::{AuthLayer, KeyTable};
 use crate::middleware::client_limit::ClientLimitLayer;
@@ -43,7 +43,7 @@ pub struct AppState {
     pub body_cap: usize,
     pub body_timeout: Duration,
     pub clock: Clock,
-    pub rates: Arc<RateLimits>,
+    pub rates: Arc<dyn RateBackend>,
     pub quotas: Arc<QuotaStore>,
     pub ledger: Ledger,
     /// Forwarding tasks, which outlive their connections; shutdown waits for them.

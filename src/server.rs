@@ -108,6 +108,17 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_concurrent_streams(64);
     let graceful = GracefulShutdown::new();
+    // Forget end users whose buckets are full again, so idle users do not hold memory.
+    let sweeper = {
+        let rates = state.rates.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                rates.sweep();
+            }
+        })
+    };
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -138,6 +149,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    sweeper.abort();
     let grace = server.shutdown_grace;
     tracing::info!(
         grace_secs = grace.as_secs(),

@@ -249,7 +249,20 @@ struct Users {
     overflow: Buckets,
 }
 
-/// All rate limits of the gateway.
+/// A rate-limit backend: in memory ([`RateLimits`], governor) today; a shared backend (Redis)
+/// for several gateway replicas can implement the same trait.
+pub trait RateBackend: Send + Sync {
+    /// The per-client request limit, checked before the body is read.
+    fn check_client(&self, client: &str) -> Result<Option<Window>, GatewayError>;
+    /// The per-user limits: one request and `n` images.
+    fn check_user(&self, who: &EndUser, n: u8) -> Result<RateStatus, (GatewayError, RateStatus)>;
+    /// End users currently tracked for a client.
+    fn tracked_users(&self, client: &str) -> usize;
+    /// Forget idle end users (run periodically).
+    fn sweep(&self);
+}
+
+/// All rate limits of the gateway, in memory.
 pub struct RateLimits {
     clock: Clock,
     clients: HashMap<Arc<str>, ClientRates>,
@@ -296,8 +309,7 @@ impl RateLimits {
         }
     }
 
-    /// The per-client request limit, checked before the body is read.
-    pub fn check_client(&self, client: &str) -> Result<Option<Window>, GatewayError> {
+    fn check_client_limit(&self, client: &str) -> Result<Option<Window>, GatewayError> {
         let Some(rates) = self.clients.get(client) else {
             return Ok(None);
         };
@@ -319,8 +331,7 @@ impl RateLimits {
         }
     }
 
-    /// The per-user limits: one request and `n` images.
-    pub fn check_user(
+    fn check_user_limits(
         &self,
         who: &EndUser,
         n: u8,
@@ -360,8 +371,7 @@ impl RateLimits {
         users.tracked.shrink_to_fit();
     }
 
-    /// Evict idle users of every client (run periodically).
-    pub fn sweep(&self) {
+    fn sweep_idle(&self) {
         for rates in self.clients.values() {
             let mut users = rates
                 .users
@@ -371,8 +381,7 @@ impl RateLimits {
         }
     }
 
-    /// End users tracked for a client.
-    pub fn tracked_users(&self, client: &str) -> usize {
+    fn tracked(&self, client: &str) -> usize {
         self.clients.get(client).map_or(0, |r| {
             r.users
                 .lock()
@@ -380,6 +389,24 @@ impl RateLimits {
                 .tracked
                 .len()
         })
+    }
+}
+
+impl RateBackend for RateLimits {
+    fn check_client(&self, client: &str) -> Result<Option<Window>, GatewayError> {
+        self.check_client_limit(client)
+    }
+
+    fn check_user(&self, who: &EndUser, n: u8) -> Result<RateStatus, (GatewayError, RateStatus)> {
+        self.check_user_limits(who, n)
+    }
+
+    fn tracked_users(&self, client: &str) -> usize {
+        self.tracked(client)
+    }
+
+    fn sweep(&self) {
+        self.sweep_idle()
     }
 }
 

@@ -13,15 +13,15 @@ use tower::{Layer, Service};
 use super::BoxFuture;
 use super::auth::Caller;
 use crate::body::Body;
-use crate::limits::rate::RateLimits;
+use crate::limits::rate::RateBackend;
 
 #[derive(Clone)]
 pub struct ClientLimitLayer {
-    rates: Arc<RateLimits>,
+    rates: Arc<dyn RateBackend>,
 }
 
 impl ClientLimitLayer {
-    pub fn new(rates: Arc<RateLimits>) -> Self {
+    pub fn new(rates: Arc<dyn RateBackend>) -> Self {
         ClientLimitLayer { rates }
     }
 }
@@ -39,7 +39,7 @@ impl<S> Layer<S> for ClientLimitLayer {
 #[derive(Clone)]
 pub struct ClientLimit<S> {
     inner: S,
-    rates: Arc<RateLimits>,
+    rates: Arc<dyn RateBackend>,
 }
 
 impl<S, B> Service<Request<B>> for ClientLimit<S>
