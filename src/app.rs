@@ -107,9 +107,6 @@ pub type AppService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Inf
 
 pub fn build(state: Arc<AppState>) -> AppService {
     let edits = ServiceBuilder::new()
-        // Outermost on the route: opens the usage record, so every outcome below (authentication
-        // and limit refusals included) is written to the ledger exactly once.
-        .layer(UsageLayer::new(state.ledger.clone(), state.clock.clone()))
         // Authentication is cheap and needs only headers: it runs before the body is read.
         .layer(AuthLayer::new(state.keys.clone()))
         // The per-client limit needs only the caller: also before the body is read.
@@ -123,6 +120,14 @@ pub fn build(state: Arc<AppState>) -> AppService {
         // Outermost: ids and the span, so every response (panics and shedding included) carries
         // `x-request-id` and every log line below has the request id.
         .layer(RequestIdLayer)
+        // Mark the caller's key sensitive before anything below could log headers.
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+        ]))
+        // Opens the usage record of every request to the edits route before anything can refuse
+        // it, so every outcome below (shedding, panics, authentication and limit refusals
+        // included) is written to the ledger exactly once.
+        .layer(UsageLayer::new(state.ledger.clone(), state.clock.clone()))
         // tower-http boxes bodies in its own type; box them back into ours.
         .map_response(|r: Response<_>| r.map(Body::new))
         // A panic anywhere below becomes a JSON 500 instead of a dropped connection.
@@ -132,10 +137,6 @@ pub fn build(state: Arc<AppState>) -> AppService {
                 GatewayError::Internal.into_response()
             },
         ))
-        // Mark the caller's key sensitive before anything below could log headers.
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            header::AUTHORIZATION,
-        ]))
         // Shed load before doing any work for a request.
         .layer(OverloadLayer::new(state.config.server.max_in_flight))
         .service(router);
@@ -170,7 +171,7 @@ impl Service<Request<Incoming>> for Router {
             allowed,
         };
         match path.as_str() {
-            "/v1/images/edits" | "/v1/images/edits/" => {
+            p if crate::middleware::usage::is_edits_route(p) => {
                 if method == Method::POST {
                     let mut edits = self.edits.clone();
                     Box::pin(async move { edits.call(req).await })

@@ -1204,3 +1204,61 @@ async fn usage_figures_match_what_was_sent() {
         .unwrap();
     assert_eq!(rows, by_user.into_values().collect::<Vec<_>>());
 }
+
+// ---------------------------------------------------------------------------------------
+// Shed and wrong-method requests to the edits route are recorded too
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shed_and_wrong_method_requests_are_recorded() {
+    let gw = Gateway::start_with(|c| {
+        c.server.max_in_flight = 1;
+        c.upstream.response_timeout = Duration::from_secs(1);
+    })
+    .await;
+    gw.mock.set_behavior(Behavior::Hang);
+    let addr = gw.addr();
+    let form = edit_request(&rgba_png(16, true), "p");
+    let (ct, body) = (form.content_type(), form.body());
+    let first = tokio::spawn(async move {
+        let auth = format!("Bearer {APP_KEY}");
+        send(
+            addr,
+            "POST",
+            "/v1/images/edits",
+            &[
+                ("authorization", auth.as_str()),
+                ("content-type", ct.as_str()),
+            ],
+            body,
+        )
+        .await
+    });
+    gw.mock.wait_for(1).await;
+    let shed = gw.edit(APP_KEY, &form).await;
+    assert_error(&shed, 503, "server_error", None, Some("overloaded"));
+    assert_eq!(first.await.unwrap().status, 504);
+    let get = send(addr, "GET", "/v1/images/edits", &[], vec![]).await;
+    assert_eq!(get.status, 405);
+    let shed_id = shed.header("x-imagegate-request-id").unwrap();
+    let get_id = get.header("x-imagegate-request-id").unwrap();
+    let closed = close(gw, 3).await;
+    let r = closed.get(&shed_id);
+    assert_eq!(
+        (r.outcome, r.status, r.reason_code.as_deref()),
+        (Outcome::Rejected, Some(503), Some("overloaded"))
+    );
+    let r = closed.get(&get_id);
+    assert_eq!(
+        (r.outcome, r.status, r.reason_code.as_deref()),
+        (Outcome::Rejected, Some(405), Some("method_not_allowed"))
+    );
+    assert_eq!(
+        closed
+            .records
+            .values()
+            .filter(|r| r.outcome == Outcome::UpstreamTimeout)
+            .count(),
+        1
+    );
+}

@@ -11,7 +11,8 @@
 //! - when the response future is dropped first (the caller disconnected mid-upload), a guard
 //!   writes the record as `client_gone`, without blocking and without losing it.
 //!
-//! Rejects nothing; reads `RequestId` and `ClientAddr`, writes `Trail`.
+//! Only requests to the edits route are recorded; others pass through untouched. Rejects
+//! nothing; reads `RequestId` and `ClientAddr`, writes `Trail`.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -100,6 +101,11 @@ impl Trail {
     }
 }
 
+/// The route whose every request is recorded (any method).
+pub fn is_edits_route(path: &str) -> bool {
+    matches!(path, "/v1/images/edits" | "/v1/images/edits/")
+}
+
 #[derive(Clone)]
 pub struct UsageLayer {
     ledger: Ledger,
@@ -164,6 +170,11 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if !is_edits_route(req.uri().path()) {
+            let clone = self.inner.clone();
+            let mut inner = std::mem::replace(&mut self.inner, clone);
+            return Box::pin(async move { inner.call(req).await });
+        }
         let id = req
             .extensions()
             .get::<RequestId>()
