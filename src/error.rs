@@ -276,6 +276,11 @@ impl GatewayError {
             resp.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allowed));
         }
+        if let GatewayError::QuotaExceeded { .. } = &self {
+            // Retrying before the period resets cannot succeed: tell the SDKs not to.
+            resp.headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         resp
     }
 }
