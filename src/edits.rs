@@ -469,7 +469,7 @@ async fn forward(
                             remaining: hint,
                         },
                     )));
-                    let (outcome, tx) = pump(body, tx, status.is_success()).await;
+                    let (outcome, tail) = pump(body, tx, status.is_success()).await;
                     let images = outcome.images as u32;
                     let cost = price_each * i64::from(images);
                     reservation.settle(images, cost).await;
@@ -492,8 +492,8 @@ async fn forward(
                         "upstream answer relayed"
                     );
                     complete(&state, record, &trail).await;
-                    // Only now does the caller's body end.
-                    drop(tx);
+                    // Only now does the caller get the end of the answer.
+                    tail.finish().await;
                 }
             }
         },
@@ -539,16 +539,33 @@ pub struct RelayOutcome {
     pub complete: bool,
 }
 
-/// Copy the upstream body to the caller; when the caller is gone keep reading to the end, so the
-/// images returned are known. Returns the sender so the caller's body ends only when the
-/// record is written.
+/// What is left to give the caller once the record is written.
+struct Tail {
+    tx: mpsc::Sender<Result<Bytes, BoxError>>,
+    /// The last chunk of the answer, held back: a caller that knows the length (or reads to
+    /// the end) must not see the whole answer before its record is committed.
+    last: Option<Bytes>,
+}
+
+impl Tail {
+    /// Send the held-back chunk and end the caller's body.
+    async fn finish(self) {
+        if let Some(last) = self.last {
+            let _ = self.tx.send(Ok(last)).await;
+        }
+    }
+}
+
+/// Copy the upstream body to the caller, one chunk behind; when the caller is gone keep reading
+/// to the end, so the images returned are known.
 async fn pump(
     mut body: Incoming,
     tx: mpsc::Sender<Result<Bytes, BoxError>>,
     count: bool,
-) -> (RelayOutcome, mpsc::Sender<Result<Bytes, BoxError>>) {
+) -> (RelayOutcome, Tail) {
     let mut counter = ImageCounter::default();
     let mut outcome = RelayOutcome::default();
+    let mut held: Option<Bytes> = None;
     loop {
         match body.frame().await {
             None => {
@@ -558,6 +575,9 @@ async fn pump(
             Some(Err(e)) => {
                 tracing::warn!(error = %error_chain(&e), "upstream body failed");
                 if !outcome.caller_gone {
+                    if let Some(prev) = held.take() {
+                        let _ = tx.send(Ok(prev)).await;
+                    }
                     let _ = tx.send(Err(Box::new(e))).await;
                 }
                 break;
@@ -569,14 +589,22 @@ async fn pump(
                 if count {
                     counter.feed(&data);
                 }
-                if !outcome.caller_gone && tx.send(Ok(data)).await.is_err() {
+                if let Some(prev) = held.replace(data)
+                    && !outcome.caller_gone
+                    && tx.send(Ok(prev)).await.is_err()
+                {
                     outcome.caller_gone = true;
                 }
             }
         }
     }
     outcome.images = counter.count;
-    (outcome, tx)
+    // A caller that stopped reading is also gone if it left while the last chunk was held.
+    if !outcome.caller_gone && tx.is_closed() {
+        outcome.caller_gone = true;
+    }
+    let last = if outcome.caller_gone { None } else { held };
+    (outcome, Tail { tx, last })
 }
 
 /// Counts the image items of an OpenAI images answer as it streams by: each item has exactly one

@@ -308,7 +308,11 @@ async fn parallel_requests_never_overspend_a_quota() {
                     "{msg}"
                 );
                 assert!(r.header("retry-after").is_some());
-                assert_eq!(r.header("x-should-retry").as_deref(), Some("false"), "SDKs must not retry a spent quota");
+                assert_eq!(
+                    r.header("x-should-retry").as_deref(),
+                    Some("false"),
+                    "SDKs must not retry a spent quota"
+                );
             }
             s => panic!("unexpected status {s}"),
         }
