@@ -120,6 +120,9 @@ pub struct UpstreamConfig {
     pub organization: Option<String>,
     /// Sent as `OpenAI-Project` when set.
     pub project: Option<String>,
+    /// A PEM file of CA certificates trusted for the upstream in addition to the webpki roots
+    /// (a private OpenAI-compatible server, a corporate TLS proxy).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for UpstreamConfig {
@@ -134,6 +137,7 @@ impl Default for UpstreamConfig {
             api_key_file: None,
             organization: None,
             project: None,
+            ca_file: None,
         }
     }
 }
@@ -438,6 +442,11 @@ impl Config {
             {
                 p.push(format!("upstream.{name}: not a valid header value"));
             }
+        }
+        if let Some(file) = &u.ca_file
+            && let Err(e) = crate::upstream::extra_roots(file)
+        {
+            p.push(e);
         }
         let v = &self.validation;
         if v.max_image_bytes < 64 {

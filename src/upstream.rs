@@ -1,5 +1,5 @@
-//! The upstream: one pooled hyper client (rustls with webpki roots, HTTP/1.1 and h2 by ALPN) and
-//! the forwarding call.
+//! The upstream: one pooled hyper client (rustls with webpki roots plus the CAs of
+//! `upstream.ca_file`, HTTP/1.1 and h2 by ALPN) and the forwarding call.
 //!
 //! The caller's headers never go upstream: the request is built from scratch with the injected
 //! upstream key (a sensitive header value built once at start). Only an allowlist of response
@@ -7,6 +7,8 @@
 //! retried by the gateway once it was sent (hyper only re-sends a request that never left
 //! because its pooled connection was already closed).
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, header};
@@ -15,6 +17,9 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 use crate::body::ChunkedBody;
 use crate::config::Config;
@@ -54,7 +59,8 @@ impl Upstream {
         http.enforce_http(false);
         http.set_connect_timeout(Some(u.connect_timeout));
         http.set_nodelay(true);
-        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots();
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config(u.ca_file.as_deref())?);
         let https = if u.allow_http {
             builder
                 .https_or_http()
@@ -148,6 +154,53 @@ impl Upstream {
     }
 }
 
+/// The TLS client config: the webpki (Mozilla) roots plus the CAs of `ca_file`, on the ring
+/// provider, rustls' safe default protocol versions. ALPN (h2, http/1.1) is left to the
+/// connector builder, which refuses a config that already names protocols.
+fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    let roots = root_store(ca_file)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The webpki roots, plus the CAs of `ca_file` when set.
+fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = ca_file {
+        roots.roots.extend(extra_roots(path)?.roots);
+    }
+    Ok(roots)
+}
+
+/// The CA certificates of a PEM file (`upstream.ca_file`) as trust anchors. Other PEM sections
+/// (keys, CRLs) are skipped. Errors name the key and the path: the file cannot be read, is not
+/// PEM, holds no certificate, or holds one that cannot be a trust anchor.
+pub fn extra_roots(path: &Path) -> Result<RootCertStore, String> {
+    let at = |e: String| format!("upstream.ca_file {}: {e}", path.display());
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| match e {
+            rustls::pki_types::pem::Error::Io(io) => at(format!("cannot read: {io}")),
+            other => at(format!("not a PEM file: {other}")),
+        })?;
+    if certs.is_empty() {
+        return Err(at("holds no PEM certificate".into()));
+    }
+    let mut roots = RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        roots
+            .add(cert)
+            .map_err(|e| at(format!("certificate {}: {e}", i + 1)))?;
+    }
+    Ok(roots)
+}
+
 fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
@@ -221,6 +274,36 @@ mod tests {
                 "x-ratelimit-remaining-images",
                 "x-request-id"
             ]
+        );
+    }
+
+    #[test]
+    fn ca_file_adds_to_the_webpki_roots() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.pem");
+        // Other PEM sections (here a private key) are skipped.
+        std::fs::write(&file, format!("{}{}", key.serialize_pem(), ca.pem())).unwrap();
+
+        let webpki = webpki_roots::TLS_SERVER_ROOTS.len();
+        assert!(webpki > 100, "the Mozilla roots are there");
+        assert_eq!(root_store(None).unwrap().len(), webpki);
+        assert_eq!(root_store(Some(&file)).unwrap().len(), webpki + 1);
+
+        let mut c = Config::default();
+        c.upstream.ca_file = Some(file);
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        assert!(Upstream::new(&c).is_ok());
+        c.upstream.ca_file = Some(dir.path().join("missing.pem"));
+        let err = Upstream::new(&c)
+            .err()
+            .expect("a missing CA file is an error");
+        assert!(
+            err.starts_with("upstream.ca_file ") && err.contains("cannot read"),
+            "{err}"
         );
     }
 

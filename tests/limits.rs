@@ -106,6 +106,7 @@ async fn images_are_counted_by_n() {
     let refused = gw.edit(APP_KEY, &form(Some("u"), 4)).await;
     let msg = assert_error(&refused, 429, "requests", None, Some("rate_limit_exceeded"));
     assert!(msg.contains("images per minute"), "{msg}");
+    assert!(msg.contains("Requested: 4, available now: 3"), "{msg}");
     assert_eq!(
         refused.header("retry-after").as_deref(),
         Some("3"),

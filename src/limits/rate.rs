@@ -58,8 +58,8 @@ impl Limit {
         self.interval() * self.burst
     }
 
-    /// Take `cost` cells. Ok: the window after; Err: the window and how long to wait.
-    fn take(&self, cost: u32, clock: &Clock) -> Result<Window, (Window, Duration)> {
+    /// Take `cost` cells. Ok: the window after; Err: why not.
+    fn take(&self, cost: u32, clock: &Clock) -> Result<Window, Refusal> {
         let cells = NonZeroU32::new(cost.max(1)).expect("cost is at least 1");
         match self.limiter.check_n(cells) {
             Ok(Ok(snapshot)) => {
@@ -72,28 +72,52 @@ impl Limit {
             }
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(clock));
-                let reset = wait + self.interval() * self.burst.saturating_sub(1);
-                Err((
-                    Window {
+                // Cells still missing for this request: one per interval of waiting.
+                let interval = self.interval().as_nanos().max(1);
+                let missing = u32::try_from(wait.as_nanos().div_ceil(interval)).unwrap_or(u32::MAX);
+                let available = cost.saturating_sub(missing);
+                let reset = wait + self.interval() * self.burst.saturating_sub(cost);
+                Err(Refusal {
+                    window: Window {
                         limit: self.per_minute,
-                        remaining: 0,
+                        remaining: available,
                         reset,
                     },
                     wait,
-                ))
+                    available,
+                })
             }
             // More cells than the burst: this request can never pass (config validation keeps
             // image bursts >= 10, the largest n).
-            Err(_) => Err((
-                Window {
+            Err(_) => Err(Refusal {
+                window: Window {
                     limit: self.per_minute,
                     remaining: 0,
                     reset: self.refill(),
                 },
-                self.refill(),
-            )),
+                wait: self.refill(),
+                available: 0,
+            }),
         }
     }
+
+    /// The 429 message: which limit, its numbers, what was asked and what is available.
+    fn message(&self, what: &str, who: &str, cost: u32, refusal: &Refusal) -> String {
+        format!(
+            "Rate limit reached for {what} per minute for {who} on this gateway. Limit: {}/1min (burst {}). Requested: {cost}, available now: {}. Please try again in {}.",
+            self.per_minute,
+            self.burst,
+            refusal.available,
+            human(refusal.wait)
+        )
+    }
+}
+
+/// Why a limit refused: the window for the headers, how long to wait, cells available now.
+struct Refusal {
+    window: Window,
+    wait: Duration,
+    available: u32,
 }
 
 /// The state of one limit after a check, for the `x-ratelimit-*` headers.
@@ -156,6 +180,9 @@ struct Buckets {
     requests: Option<Limit>,
     images: Option<Limit>,
     last_seen: Duration,
+    /// The images window after the last successful check, for the headers of a request refused
+    /// on the requests limit.
+    last_images: Option<Window>,
 }
 
 impl Buckets {
@@ -164,6 +191,7 @@ impl Buckets {
             requests: Limit::new(spec.requests_per_minute, spec.requests_burst, clock),
             images: Limit::new(spec.images_per_minute, spec.images_burst, clock),
             last_seen: clock.elapsed(),
+            last_images: None,
         }
     }
 
@@ -181,29 +209,22 @@ impl Buckets {
         clock: &Clock,
     ) -> Result<RateStatus, (GatewayError, RateStatus)> {
         self.last_seen = clock.elapsed();
-        let mut status = RateStatus::default();
+        let mut status = RateStatus {
+            requests: None,
+            images: self.last_images,
+        };
         if let Some(l) = &self.requests {
             match l.take(1, clock) {
                 Ok(w) => status.requests = Some(w),
-                Err((w, wait)) => {
-                    status.requests = Some(w);
-                    status.images = self.images.as_ref().map(|i| Window {
-                        limit: i.per_minute,
-                        remaining: 0,
-                        reset: Duration::ZERO,
-                    });
-                    let message = format!(
-                        "Rate limit reached for requests per minute for {} on this gateway. Limit: {}/1min (burst {}). Current: {}/1min. Please try again in {}.",
-                        who.label(),
-                        l.per_minute,
-                        l.burst,
-                        l.burst + 1,
-                        human(wait)
-                    );
+                Err(refusal) => {
+                    // The images bucket was not checked: its last known window stands in (it
+                    // can only have refilled since).
+                    status.requests = Some(refusal.window);
+                    let message = l.message("requests", &who.label(), 1, &refusal);
                     return Err((
                         GatewayError::RateLimited {
                             message,
-                            retry_after: wait,
+                            retry_after: refusal.wait,
                         },
                         status,
                     ));
@@ -212,20 +233,17 @@ impl Buckets {
         }
         if let Some(l) = &self.images {
             match l.take(n, clock) {
-                Ok(w) => status.images = Some(w),
-                Err((w, wait)) => {
+                Ok(w) => {
                     status.images = Some(w);
-                    let message = format!(
-                        "Rate limit reached for images per minute for {} on this gateway. Limit: {}/1min (burst {}). Requested: {n} images. Please try again in {}.",
-                        who.label(),
-                        l.per_minute,
-                        l.burst,
-                        human(wait)
-                    );
+                    self.last_images = Some(w);
+                }
+                Err(refusal) => {
+                    status.images = Some(refusal.window);
+                    let message = l.message("images", &who.label(), n, &refusal);
                     return Err((
                         GatewayError::RateLimited {
                             message,
-                            retry_after: wait,
+                            retry_after: refusal.wait,
                         },
                         status,
                     ));
@@ -318,15 +336,9 @@ impl RateLimits {
         };
         match own.take(1, &self.clock) {
             Ok(w) => Ok(Some(w)),
-            Err((_, wait)) => Err(GatewayError::RateLimited {
-                message: format!(
-                    "Rate limit reached for requests per minute for client '{client}' on this gateway. Limit: {}/1min (burst {}). Current: {}/1min. Please try again in {}.",
-                    own.per_minute,
-                    own.burst,
-                    own.burst + 1,
-                    human(wait)
-                ),
-                retry_after: wait,
+            Err(refusal) => Err(GatewayError::RateLimited {
+                message: own.message("requests", &format!("client '{client}'"), 1, &refusal),
+                retry_after: refusal.wait,
             }),
         }
     }
