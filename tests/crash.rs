@@ -391,14 +391,41 @@ async fn sigkill_under_load_loses_no_forwarded_request() {
         .expect("the restarted gateway answers");
     assert_eq!(r.status, 200, "{}", r.text());
     let id = r.header("x-imagegate-request-id").unwrap();
+    // A wrong key is refused and logged: masked, never in full.
+    let wrong = "ig-wrong-key-that-must-not-be-logged";
+    let refused = try_send(
+        gw.addr,
+        "POST",
+        "/v1/images/edits",
+        &[("authorization", &format!("Bearer {wrong}"))],
+        vec![],
+    )
+    .await
+    .expect("the gateway answers");
+    assert_eq!(refused.status, 401);
     let status = gw.terminate().await;
+    // No key in the logs or the ledger file, in any form the gateway saw it.
+    let logs = gw.log_text();
+    let mut stored = std::fs::read(&db).unwrap();
+    if let Ok(wal) = std::fs::read(db.with_extension("db-wal")) {
+        stored.extend(wal);
+    }
+    let stored = String::from_utf8_lossy(&stored);
+    for secret in [KEY, UPSTREAM_KEY, wrong] {
+        assert!(!logs.contains(secret), "{secret} reached the logs");
+        assert!(!stored.contains(secret), "{secret} reached the ledger file");
+    }
     assert!(
         status.success(),
         "clean exit: {status:?}\n{}",
         gw.log_text()
     );
     let last = read_records(&db);
-    assert_eq!(last.len(), before.len() + 1);
+    assert_eq!(
+        last.len(),
+        before.len() + 2,
+        "the answered request and the refused one"
+    );
     assert_eq!(last[&id].outcome, Outcome::Answered);
     assert!(last.values().all(|r| r.outcome.is_final()));
     verify(&db);
