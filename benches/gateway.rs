@@ -6,6 +6,8 @@
 //! latency: median added latency of the gateway for a valid 1024x1024 RGBA edit (~1.5 MB):
 //!          the same request sent N times straight to the mock upstream and N times through
 //!          the gateway, interleaved; added = median(gateway) - median(direct).
+//! load:    throughput with 16 concurrent callers sending small valid edits (64x64), 1,600
+//!          requests in all: requests/s and latency percentiles, every request recorded.
 //! bomb:    peak RSS (VmHWM) of this process while the gateway refuses a 30000x30000 PNG.
 //! stages:  time of each request-path stage on the same 1024x1024 image: multipart parse, SHA-256,
 //!          the PNG checks (complete decode).
@@ -123,6 +125,51 @@ async fn latency(n: usize) {
         mv,
         pct(&via, 0.9),
         mv.saturating_sub(md)
+    );
+}
+
+async fn load(callers: usize, per_caller: usize) {
+    let gw = std::sync::Arc::new(Gateway::start().await);
+    let form = edit_request(&support::fixtures::rgba_png(64, true), "load").text("user", "load");
+    let (ct, body) = (form.content_type(), form.body());
+    let auth = format!("Bearer {APP_KEY}");
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let (gw, ct, body, auth) = (gw.clone(), ct.clone(), body.clone(), auth.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut times = Vec::with_capacity(per_caller);
+            for _ in 0..per_caller {
+                let t = Instant::now();
+                let r = send(
+                    gw.addr(),
+                    "POST",
+                    "/v1/images/edits",
+                    &[("authorization", &auth), ("content-type", &ct)],
+                    body.clone(),
+                )
+                .await;
+                assert_eq!(r.status, 200, "{}", r.text());
+                times.push(t.elapsed());
+            }
+            times
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort();
+    println!(
+        "load: {} callers x {} requests of a 64x64 edit: {:.0} requests/s; latency p50 {:?} p90 {:?} p99 {:?}; upstream received {}",
+        callers,
+        per_caller,
+        all.len() as f64 / secs,
+        pct(&all, 0.5),
+        pct(&all, 0.9),
+        pct(&all, 0.99),
+        gw.mock.count()
     );
 }
 
@@ -359,6 +406,9 @@ fn main() {
     }
     if want("stages") {
         rt.block_on(stages(20));
+    }
+    if want("load") {
+        rt.block_on(load(16, 100));
     }
     if want("bomb") {
         rt.block_on(bomb(50));
