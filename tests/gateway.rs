@@ -383,3 +383,43 @@ async fn h2_prior_knowledge_is_served() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.version(), http::Version::HTTP_2);
 }
+
+#[tokio::test]
+async fn organization_and_project_headers_are_sent_upstream() {
+    let gw = Gateway::start_with(|c| {
+        c.upstream.organization = Some("org-test123".into());
+        c.upstream.project = Some("proj_test456".into());
+    })
+    .await;
+    // The caller's own OpenAI headers are not forwarded: the gateway's configuration decides.
+    let form = edit_request(&rgba_png(16, true), "p");
+    let auth = format!("Bearer {APP_KEY}");
+    let r = send(
+        gw.addr(),
+        "POST",
+        "/v1/images/edits",
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", &form.content_type()),
+            ("openai-organization", "org-caller"),
+            ("x-custom", "caller"),
+        ],
+        form.body(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let rec = gw.mock.last().unwrap();
+    assert_eq!(
+        rec.header("openai-organization").as_deref(),
+        Some("org-test123")
+    );
+    assert_eq!(
+        rec.header("openai-project").as_deref(),
+        Some("proj_test456")
+    );
+    assert!(
+        rec.header("x-custom").is_none(),
+        "caller headers are not forwarded"
+    );
+    assert!(rec.header("user-agent").unwrap().starts_with("imagegate/"));
+}
