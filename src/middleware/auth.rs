@@ -144,8 +144,7 @@ where
                 }
                 req.headers_mut().remove(header::AUTHORIZATION);
                 req.extensions_mut().insert(caller);
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
+                let mut inner = super::take_ready(&mut self.inner);
                 Box::pin(async move { inner.call(req).await })
             }
         }

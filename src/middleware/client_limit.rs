@@ -63,8 +63,7 @@ where
             tracing::info!("client rate limit reached");
             return Box::pin(async move { Ok(e.into_response()) });
         }
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = super::take_ready(&mut self.inner);
         Box::pin(async move { inner.call(req).await })
     }
 }

@@ -12,3 +12,10 @@ use std::pin::Pin;
 
 /// The future type of the gateway's services: boxed, `Send`, never failing (errors are responses).
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Take the inner service that `poll_ready` drove to readiness, leaving a fresh clone behind
+/// (tower's rule: the clone that was made ready is the one to call).
+pub fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let fresh = inner.clone();
+    std::mem::replace(inner, fresh)
+}

@@ -63,8 +63,7 @@ where
             tracing::warn!("shedding load: max_in_flight reached");
             return Box::pin(async { Ok(GatewayError::Overloaded.into_response()) });
         };
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = super::take_ready(&mut self.inner);
         metrics::gauge!("imagegate_in_flight_requests").increment(1.0);
         Box::pin(async move {
             let resp = inner.call(req).await;

@@ -72,9 +72,7 @@ where
             user = tracing::field::Empty,
         );
         req.extensions_mut().insert(id.clone());
-        // Take the clone that was driven to readiness, leave a fresh one behind.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = super::take_ready(&mut self.inner);
         let started = Instant::now();
         Box::pin(
             async move {

@@ -171,8 +171,7 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         if !is_edits_route(req.uri().path()) {
-            let clone = self.inner.clone();
-            let mut inner = std::mem::replace(&mut self.inner, clone);
+            let mut inner = super::take_ready(&mut self.inner);
             return Box::pin(async move { inner.call(req).await });
         }
         let id = req
@@ -191,8 +190,7 @@ where
             trail,
             ledger: self.ledger.clone(),
         };
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = super::take_ready(&mut self.inner);
         let ledger = self.ledger.clone();
         Box::pin(async move {
             let Ok(resp) = inner.call(req).await;
