@@ -32,7 +32,7 @@ use crate::limits::rate::RateStatus;
 use crate::limits::{EndUser, resolve_end_user};
 use crate::middleware::BoxFuture;
 use crate::middleware::auth::Caller;
-use crate::middleware::usage::Trail;
+use crate::middleware::usage::{Trail, note_error};
 use crate::upstream::{error_chain, passed_headers};
 
 #[derive(Clone)]
@@ -410,11 +410,8 @@ async fn forward(
                 tracing::error!(error = %e, "ledger refused the forwarding record; not forwarding");
                 reservation.settle(0, 0).await;
                 let refusal = GatewayError::LedgerUnavailable;
-                let parts = refusal.parts();
                 record.outcome = Outcome::Rejected;
-                record.status = Some(parts.status.as_u16());
-                record.reason_code = parts.code.map(str::to_owned);
-                record.reason_message = Some(parts.message);
+                note_error(&mut record, &refusal.parts());
                 record.total_ms = Some(trail.elapsed_ms());
                 crate::metrics::request_finished(&record);
                 // Kept by the writer and retried until the store takes it again.
@@ -436,14 +433,11 @@ async fn forward(
             let sent = std::time::Instant::now();
             match state.upstream.send(canonical).await {
                 Err(e) => {
-                    let parts = e.parts();
                     record.outcome = match e {
                         GatewayError::UpstreamTimeout { .. } => Outcome::UpstreamTimeout,
                         _ => Outcome::UpstreamError,
                     };
-                    record.status = Some(parts.status.as_u16());
-                    record.reason_code = parts.code.map(str::to_owned);
-                    record.reason_message = Some(parts.message.clone());
+                    note_error(&mut record, &e.parts());
                     record.images_returned = Some(0);
                     record.upstream_ms = Some(sent.elapsed().as_millis() as u64);
                     reservation.settle(0, 0).await;

@@ -101,6 +101,17 @@ impl Trail {
     }
 }
 
+/// Write an error's status and reason into a record (the code, or the error type when the
+/// error has no code, e.g. a missing key).
+pub fn note_error(record: &mut Record, parts: &ErrorParts) {
+    if record.outcome != Outcome::ClientGone {
+        record.status = Some(parts.status.as_u16());
+    }
+    record.reason_code = Some(parts.code.unwrap_or(parts.kind).to_owned());
+    record.reason_param = parts.param.clone();
+    record.reason_message = Some(parts.message.clone());
+}
+
 /// The route whose every request is recorded (any method).
 pub fn is_edits_route(path: &str) -> bool {
     matches!(path, "/v1/images/edits" | "/v1/images/edits/")
@@ -204,9 +215,7 @@ where
                         record.outcome = Outcome::ClientGone;
                         record.status = None;
                     }
-                    record.reason_code = Some(parts.code.unwrap_or(parts.kind).to_owned());
-                    record.reason_param = parts.param.clone();
-                    record.reason_message = Some(parts.message.clone());
+                    note_error(&mut record, parts);
                 }
                 record.total_ms = Some(guard.trail.elapsed_ms());
                 crate::metrics::request_finished(&record);
