@@ -326,20 +326,25 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Parse TOML text. Every unknown key and every invalid value is reported at once.
-    pub fn from_toml(text: &str) -> Result<Config, Vec<String>> {
+    /// Parse TOML text: the config and the unknown keys found (as problems); a syntax or type
+    /// error stops the parse.
+    fn parse(text: &str) -> Result<(Config, Vec<String>), Vec<String>> {
         let de = toml::Deserializer::parse(text).map_err(|e| vec![e.to_string()])?;
         let mut unknown = Vec::new();
         let parsed: Result<Config, _> =
             serde_ignored::deserialize(de, |path| unknown.push(format!("unknown key: {path}")));
-        let config = match parsed {
-            Ok(c) => c,
+        match parsed {
+            Ok(config) => Ok((config, unknown)),
             Err(e) => {
                 unknown.push(e.to_string());
-                return Err(unknown);
+                Err(unknown)
             }
-        };
-        let mut problems = unknown;
+        }
+    }
+
+    /// Parse TOML text. Every unknown key and every invalid value is reported at once.
+    pub fn from_toml(text: &str) -> Result<Config, Vec<String>> {
+        let (config, mut problems) = Config::parse(text)?;
         problems.extend(config.problems());
         if problems.is_empty() {
             Ok(config)
@@ -348,29 +353,41 @@ impl Config {
         }
     }
 
-    /// Load from a file, apply environment overrides, load the upstream key.
+    /// Load from a file, apply environment overrides, load the upstream key, then check it all
+    /// once, so every problem (file, environment, key file) is reported together.
     ///
     /// When `path` is the default path and the file does not exist, the embedded defaults are
     /// used, so `imagegate serve` works on a fresh checkout.
     pub fn load(path: &Path, explicit: bool) -> Result<Config, Vec<String>> {
-        let mut config = match std::fs::read_to_string(path) {
-            Ok(text) => Config::from_toml(&text).map_err(|errs| {
-                errs.into_iter()
-                    .map(|e| format!("{}: {e}", path.display()))
-                    .collect::<Vec<_>>()
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Config::default(),
+        let at = |errs: Vec<String>| -> Vec<String> {
+            errs.into_iter()
+                .map(|e| format!("{}: {e}", path.display()))
+                .collect()
+        };
+        let (mut config, mut problems) = match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text)
+                .map(|(c, unknown)| (c, at(unknown)))
+                .map_err(at)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                (Config::default(), Vec::new())
+            }
             Err(e) => return Err(vec![format!("{}: cannot read: {e}", path.display())]),
         };
-        config.apply_env()?;
-        Ok(config)
+        problems.extend(config.apply_env());
+        problems.extend(config.problems());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
     }
 
-    fn apply_env(&mut self) -> Result<(), Vec<String>> {
+    /// Environment overrides and the upstream key; returns what went wrong.
+    fn apply_env(&mut self) -> Vec<String> {
         if let Ok(url) = std::env::var("IMAGEGATE_UPSTREAM_URL") {
             self.upstream.base_url = url;
         }
-        let mut problems = self.problems();
+        let mut problems = Vec::new();
         self.upstream_key = match &self.upstream.api_key_file {
             Some(file) => match std::fs::read_to_string(file) {
                 Ok(s) if !s.trim().is_empty() => Some(Secret::new(s.trim().to_string())),
@@ -396,11 +413,7 @@ impl Config {
         {
             problems.push("the upstream key contains characters not allowed in a header".into());
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems)
-        }
+        problems
     }
 
     /// Semantic checks that serde cannot express.

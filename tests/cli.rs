@@ -101,6 +101,34 @@ fn check_config_lists_every_problem() {
 }
 
 #[test]
+fn file_and_key_file_problems_are_reported_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("empty-key");
+    std::fs::write(&key_file, "\n").unwrap();
+    let path = dir.path().join("c.toml");
+    let text = format!(
+        "[upstream]\napi_key_file = {:?}\nbogus = 1\n[server]\nmax_in_flight = 0\n",
+        key_file.display().to_string()
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = imagegate()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "unknown key: upstream.bogus",
+        "upstream.api_key_file",
+        "is empty",
+        "server.max_in_flight",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}
+
+#[test]
 fn secrets_never_reach_the_output() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("openai-key");
