@@ -24,7 +24,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::fixtures::{bomb_png, rgba_png_noisy};
-use support::gateway::{APP_KEY, Gateway};
+use support::gateway::{APP_KEY, Gateway, post_edit};
 use support::multipart::edit_request;
 use support::send;
 
@@ -63,7 +63,6 @@ async fn latency(n: usize) {
     let form = edit_request(&image, "bench").text("user", "bench");
     let ct = form.content_type();
     let body = form.body();
-    let auth = format!("Bearer {APP_KEY}");
     let mock = gw.mock.addr();
     // Warm up both paths (connection setup, allocator).
     for _ in 0..5 {
@@ -75,14 +74,7 @@ async fn latency(n: usize) {
             body.clone(),
         )
         .await;
-        send(
-            gw.addr(),
-            "POST",
-            "/v1/images/edits",
-            &[("authorization", &auth), ("content-type", &ct)],
-            body.clone(),
-        )
-        .await;
+        post_edit(gw.addr(), APP_KEY, &ct, body.clone()).await;
     }
     let mut direct = Vec::with_capacity(n);
     let mut via = Vec::with_capacity(n);
@@ -103,14 +95,7 @@ async fn latency(n: usize) {
         direct.push(t.elapsed());
         assert_eq!(r.status, 200);
         let t = Instant::now();
-        let r = send(
-            gw.addr(),
-            "POST",
-            "/v1/images/edits",
-            &[("authorization", &auth), ("content-type", &ct)],
-            body.clone(),
-        )
-        .await;
+        let r = post_edit(gw.addr(), APP_KEY, &ct, body.clone()).await;
         via.push(t.elapsed());
         assert_eq!(r.status, 200, "{}", r.text());
     }
@@ -132,23 +117,15 @@ async fn load(callers: usize, per_caller: usize) {
     let gw = std::sync::Arc::new(Gateway::start().await);
     let form = edit_request(&support::fixtures::rgba_png(64, true), "load").text("user", "load");
     let (ct, body) = (form.content_type(), form.body());
-    let auth = format!("Bearer {APP_KEY}");
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..callers {
-        let (gw, ct, body, auth) = (gw.clone(), ct.clone(), body.clone(), auth.clone());
+        let (gw, ct, body) = (gw.clone(), ct.clone(), body.clone());
         tasks.push(tokio::spawn(async move {
             let mut times = Vec::with_capacity(per_caller);
             for _ in 0..per_caller {
                 let t = Instant::now();
-                let r = send(
-                    gw.addr(),
-                    "POST",
-                    "/v1/images/edits",
-                    &[("authorization", &auth), ("content-type", &ct)],
-                    body.clone(),
-                )
-                .await;
+                let r = post_edit(gw.addr(), APP_KEY, &ct, body.clone()).await;
                 assert_eq!(r.status, 200, "{}", r.text());
                 times.push(t.elapsed());
             }

@@ -160,35 +160,26 @@ async fn handle(
     trail.update(|r| r.cost_reserved_micros = reservation.reserved_micros());
 
     let checked = check_images(&state, &edit).await;
-    trail.update(|r| {
-        let (image, mask) = &checked.digests;
-        image.fill(
-            &mut r.image_sha256,
-            &mut r.image_bytes,
-            &mut r.image_width,
-            &mut r.image_height,
-        );
-        if let Some(mask) = mask {
-            mask.fill(
-                &mut r.mask_sha256,
-                &mut r.mask_bytes,
-                &mut r.mask_width,
-                &mut r.mask_height,
-            );
-        }
-    });
+    if let Some((image, mask)) = &checked.digests {
+        trail.update(|r| {
+            (r.image_sha256, r.image_bytes, r.image_width, r.image_height) = image.fields();
+            if let Some(mask) = mask {
+                (r.mask_sha256, r.mask_bytes, r.mask_width, r.mask_height) = mask.fields();
+            }
+        });
+    }
     let (image, mask) = match checked.result {
         Ok(checked) => checked,
         Err(e) => {
             // Refund before answering, so the caller's next request sees the quota restored.
-            reservation.settle(0, 0).await;
+            reservation.settle(0).await;
             return Err(e);
         }
     };
     metrics::histogram!("imagegate_validation_duration_seconds")
         .record(validation_started.elapsed().as_secs_f64());
     let canonical = canonical::encode(&edit, image.bytes, mask.map(|m| m.bytes));
-    forward(state, canonical, reservation, &edit, trail).await
+    forward(state, canonical, reservation, trail).await
 }
 
 /// Reserve `n × price` against the quotas on the blocking pool. The guard refunds the whole
@@ -200,7 +191,8 @@ async fn reserve(
 ) -> Result<ReservationGuard, GatewayError> {
     let quotas = state.quotas.clone();
     let n = u32::from(edit.n);
-    let cost = quotas.price(&edit.model, edit.size.as_str(), n);
+    let price_each = quotas.price(&edit.model, edit.size.as_str(), 1);
+    let cost = price_each * i64::from(n);
     let who = who.clone();
     let reservation = tokio::task::spawn_blocking(move || quotas.reserve(&who, n, cost))
         .await
@@ -208,6 +200,7 @@ async fn reserve(
     Ok(ReservationGuard {
         quotas: state.quotas.clone(),
         reservation: Some(reservation),
+        price_each,
     })
 }
 
@@ -215,11 +208,14 @@ async fn reserve(
 pub struct ReservationGuard {
     quotas: Arc<QuotaStore>,
     reservation: Option<Reservation>,
+    /// Micro-dollars per image of this request's model and size.
+    price_each: i64,
 }
 
 impl ReservationGuard {
-    /// Settle with what was actually delivered.
-    pub async fn settle(mut self, images: u32, micros: i64) {
+    /// Settle with the images actually delivered (0: a full refund); returns the cost charged.
+    pub async fn settle(mut self, images: u32) -> i64 {
+        let micros = self.price_each * i64::from(images);
         if let Some(r) = self.reservation.take() {
             let quotas = self.quotas.clone();
             let done = tokio::task::spawn_blocking(move || quotas.settle(&r, images, micros)).await;
@@ -227,6 +223,7 @@ impl ReservationGuard {
                 tracing::error!("settling a quota reservation failed");
             }
         }
+        micros
     }
 
     pub fn reserved_micros(&self) -> i64 {
@@ -282,7 +279,7 @@ async fn read_body(state: &AppState, req: Request<Incoming>) -> Result<Bytes, Ga
 }
 
 /// What the ledger keeps of an uploaded file: digest and size always, dimensions once known.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct FileDigest {
     sha256: String,
     bytes: u64,
@@ -299,24 +296,16 @@ impl FileDigest {
         }
     }
 
-    fn fill(
-        &self,
-        sha: &mut Option<String>,
-        bytes: &mut Option<u64>,
-        w: &mut Option<u32>,
-        h: &mut Option<u32>,
-    ) {
-        *sha = Some(self.sha256.clone());
-        *bytes = Some(self.bytes);
-        if let Some((width, height)) = self.dims {
-            *w = Some(width);
-            *h = Some(height);
-        }
+    /// The record's (sha256, bytes, width, height) for this file.
+    fn fields(&self) -> (Option<String>, Option<u64>, Option<u32>, Option<u32>) {
+        let (w, h) = self.dims.unzip();
+        (Some(self.sha256.clone()), Some(self.bytes), w, h)
     }
 }
 
 struct Checked {
-    digests: (FileDigest, Option<FileDigest>),
+    /// `None` when the check could not run at all.
+    digests: Option<(FileDigest, Option<FileDigest>)>,
     result: Result<(CheckedPng, Option<CheckedPng>), GatewayError>,
 }
 
@@ -327,7 +316,7 @@ async fn check_images(state: &AppState, edit: &ImageEdit) -> Checked {
     let mask = edit.mask.as_ref().map(|m| m.bytes.clone());
     let Ok(_permit) = state.decode_permits.acquire().await else {
         return Checked {
-            digests: Default::default(),
+            digests: None,
             result: Err(GatewayError::Internal),
         };
     };
@@ -365,14 +354,14 @@ async fn check_images(state: &AppState, edit: &ImageEdit) -> Checked {
             Ok((image, mask))
         })();
         Checked {
-            digests: (image_digest, mask_digest),
+            digests: Some((image_digest, mask_digest)),
             result,
         }
     });
     job.await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "PNG check task failed");
         Checked {
-            digests: Default::default(),
+            digests: None,
             result: Err(GatewayError::Internal),
         }
     })
@@ -381,19 +370,18 @@ async fn check_images(state: &AppState, edit: &ImageEdit) -> Checked {
 /// Forward in a task of its own and stream the answer back.
 ///
 /// The `forwarding` record is committed before any byte goes upstream; if the ledger cannot
-/// take it, nothing is forwarded (503) and the refusal is recorded. The task then owns the record and the quota
-/// reservation: it reads the answer to its end (even when the caller left), settles the
+/// take it, nothing is forwarded (503) and the refusal is recorded. The task then owns the
+/// record and the quota reservation: it reads the answer to its end (even when the caller left), settles the
 /// reservation with the images actually returned, and commits the completed record before the
 /// caller's body ends, so a caller that saw the whole answer can find its record.
 async fn forward(
     state: Arc<AppState>,
     canonical: CanonicalBody,
     reservation: ReservationGuard,
-    edit: &ImageEdit,
     trail: Trail,
 ) -> Result<Response<Body>, GatewayError> {
     if !state.upstream.has_key() {
-        reservation.settle(0, 0).await;
+        reservation.settle(0).await;
         return Err(GatewayError::UpstreamKeyMissing);
     }
     // From here on the task owns the record and the reservation. It is spawned before the
@@ -401,14 +389,13 @@ async fn forward(
     let mut record = trail.hand_off();
     let (head_tx, head_rx) = oneshot::channel();
     let span = tracing::Span::current();
-    let price_each = state.quotas.price(&edit.model, edit.size.as_str(), 1);
     let task_state = state.clone();
     state.tasks.spawn(tracing::Instrument::instrument(
         async move {
             let state = task_state;
             if let Err(e) = state.ledger.begin_forwarding(record.clone()).await {
                 tracing::error!(error = %e, "ledger refused the forwarding record; not forwarding");
-                reservation.settle(0, 0).await;
+                reservation.settle(0).await;
                 let refusal = GatewayError::LedgerUnavailable;
                 record.outcome = Outcome::Rejected;
                 note_error(&mut record, &refusal.parts());
@@ -422,7 +409,7 @@ async fn forward(
             if head_tx.is_closed() {
                 // The caller left while the record was committed: nothing has gone upstream
                 // yet, so nothing is spent.
-                reservation.settle(0, 0).await;
+                reservation.settle(0).await;
                 record.outcome = Outcome::ClientGone;
                 record.reason_message =
                     Some("the caller disconnected before the request was forwarded".into());
@@ -440,7 +427,7 @@ async fn forward(
                     note_error(&mut record, &e.parts());
                     record.images_returned = Some(0);
                     record.upstream_ms = Some(sent.elapsed().as_millis() as u64);
-                    reservation.settle(0, 0).await;
+                    reservation.settle(0).await;
                     complete(&state, record, &trail).await;
                     let _ = head_tx.send(Err(e));
                 }
@@ -465,8 +452,7 @@ async fn forward(
                     )));
                     let (outcome, tail) = pump(body, tx, status.is_success()).await;
                     let images = outcome.images as u32;
-                    let cost = price_each * i64::from(images);
-                    reservation.settle(images, cost).await;
+                    let cost = reservation.settle(images).await;
                     record.images_returned = Some(images);
                     record.cost_settled_micros = cost;
                     record.upstream_ms = Some(sent.elapsed().as_millis() as u64);

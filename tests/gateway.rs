@@ -317,20 +317,7 @@ async fn in_flight_requests_finish_during_graceful_shutdown() {
     let form = edit_request(&rgba_png(16, true), "p");
     let ct = form.content_type();
     let body = form.body();
-    let in_flight = tokio::spawn(async move {
-        let auth = format!("Bearer {APP_KEY}");
-        send(
-            addr,
-            "POST",
-            "/v1/images/edits",
-            &[
-                ("authorization", auth.as_str()),
-                ("content-type", ct.as_str()),
-            ],
-            body,
-        )
-        .await
-    });
+    let in_flight = tokio::spawn(async move { post_edit(addr, APP_KEY, &ct, body).await });
     gw.mock.wait_for(1).await;
     let Gateway { server, mock, .. } = gw;
     let shutdown = tokio::spawn(server.shutdown());

@@ -870,22 +870,7 @@ impl Injected {
 
     async fn edit(&self, user: &str) -> Resp {
         let form = edit_request(&rgba_png(16, true), "p").text("user", user);
-        let auth = format!("Bearer {APP_KEY}");
-        tokio::time::timeout(
-            Duration::from_secs(60),
-            send(
-                self.addr(),
-                "POST",
-                "/v1/images/edits",
-                &[
-                    ("authorization", auth.as_str()),
-                    ("content-type", &form.content_type()),
-                ],
-                form.body(),
-            ),
-        )
-        .await
-        .expect("the gateway answers within 60 s")
+        post_edit(self.addr(), APP_KEY, &form.content_type(), form.body()).await
     }
 
     async fn close(self, requests_sent: usize) -> (HashMap<String, Record>, MockUpstream) {
@@ -1220,20 +1205,7 @@ async fn shed_and_wrong_method_requests_are_recorded() {
     let addr = gw.addr();
     let form = edit_request(&rgba_png(16, true), "p");
     let (ct, body) = (form.content_type(), form.body());
-    let first = tokio::spawn(async move {
-        let auth = format!("Bearer {APP_KEY}");
-        send(
-            addr,
-            "POST",
-            "/v1/images/edits",
-            &[
-                ("authorization", auth.as_str()),
-                ("content-type", ct.as_str()),
-            ],
-            body,
-        )
-        .await
-    });
+    let first = tokio::spawn(async move { post_edit(addr, APP_KEY, &ct, body).await });
     gw.mock.wait_for(1).await;
     let shed = gw.edit(APP_KEY, &form).await;
     assert_error(&shed, 503, "server_error", None, Some("overloaded"));

@@ -265,6 +265,8 @@ struct ClientRates {
 struct Users {
     tracked: HashMap<Arc<str>, Buckets>,
     overflow: Buckets,
+    /// When the last eviction at the cap ran.
+    evicted_at: Option<Duration>,
 }
 
 /// A rate-limit backend: in memory ([`RateLimits`], governor) today; a shared backend (Redis)
@@ -315,6 +317,7 @@ impl RateLimits {
                     users: Mutex::new(Users {
                         tracked: HashMap::new(),
                         overflow: Buckets::new(&user_spec, &clock),
+                        evicted_at: None,
                     }),
                 };
                 (Arc::<str>::from(c.name.as_str()), rates)
@@ -326,8 +329,16 @@ impl RateLimits {
             max_users: l.max_tracked_users_per_client,
         }
     }
+}
 
-    fn check_client_limit(&self, client: &str) -> Result<Option<Window>, GatewayError> {
+/// Forget users idle long enough for their buckets to be full again (indistinguishable from
+/// new ones).
+fn evict_idle(tracked: &mut HashMap<Arc<str>, Buckets>, now: Duration) {
+    tracked.retain(|_, b| now.saturating_sub(b.last_seen) < b.idle_after());
+}
+
+impl RateBackend for RateLimits {
+    fn check_client(&self, client: &str) -> Result<Option<Window>, GatewayError> {
         let Some(rates) = self.clients.get(client) else {
             return Ok(None);
         };
@@ -343,11 +354,7 @@ impl RateLimits {
         }
     }
 
-    fn check_user_limits(
-        &self,
-        who: &EndUser,
-        n: u8,
-    ) -> Result<RateStatus, (GatewayError, RateStatus)> {
+    fn check_user(&self, who: &EndUser, n: u8) -> Result<RateStatus, (GatewayError, RateStatus)> {
         let Some(rates) = self.clients.get(&who.client) else {
             return Ok(RateStatus::default());
         };
@@ -358,7 +365,16 @@ impl RateLimits {
             .expect("rate-limit map lock poisoned by a panic");
         let users = &mut *users;
         if !users.tracked.contains_key(key) && users.tracked.len() >= self.max_users {
-            self.evict_idle(users);
+            // At most once a second: under a spray, nobody may be idle, and a scan per
+            // request would make every new user cost O(cap).
+            let now = self.clock.elapsed();
+            if users
+                .evicted_at
+                .is_none_or(|t| now.saturating_sub(t) >= Duration::from_secs(1))
+            {
+                users.evicted_at = Some(now);
+                evict_idle(&mut users.tracked, now);
+            }
         }
         let buckets = if let Some(b) = users.tracked.get_mut(key) {
             b
@@ -375,25 +391,18 @@ impl RateLimits {
         buckets.check(who, u32::from(n), &self.clock)
     }
 
-    fn evict_idle(&self, users: &mut Users) {
-        let now = self.clock.elapsed();
-        users
-            .tracked
-            .retain(|_, b| now.saturating_sub(b.last_seen) < b.idle_after());
-        users.tracked.shrink_to_fit();
-    }
-
-    fn sweep_idle(&self) {
+    fn sweep(&self) {
         for rates in self.clients.values() {
             let mut users = rates
                 .users
                 .lock()
                 .expect("rate-limit map lock poisoned by a panic");
-            self.evict_idle(&mut users);
+            evict_idle(&mut users.tracked, self.clock.elapsed());
+            users.tracked.shrink_to_fit();
         }
     }
 
-    fn tracked(&self, client: &str) -> usize {
+    fn tracked_users(&self, client: &str) -> usize {
         self.clients.get(client).map_or(0, |r| {
             r.users
                 .lock()
@@ -401,24 +410,6 @@ impl RateLimits {
                 .tracked
                 .len()
         })
-    }
-}
-
-impl RateBackend for RateLimits {
-    fn check_client(&self, client: &str) -> Result<Option<Window>, GatewayError> {
-        self.check_client_limit(client)
-    }
-
-    fn check_user(&self, who: &EndUser, n: u8) -> Result<RateStatus, (GatewayError, RateStatus)> {
-        self.check_user_limits(who, n)
-    }
-
-    fn tracked_users(&self, client: &str) -> usize {
-        self.tracked(client)
-    }
-
-    fn sweep(&self) {
-        self.sweep_idle()
     }
 }
 

@@ -115,23 +115,29 @@ impl Gateway {
     }
 
     pub async fn edit_raw(&self, key: &str, content_type: &str, body: Vec<u8>) -> Resp {
-        let auth = format!("Bearer {key}");
-        let resp = tokio::time::timeout(
-            Duration::from_secs(60),
-            send(
-                self.addr(),
-                "POST",
-                "/v1/images/edits",
-                &[
-                    ("authorization", auth.as_str()),
-                    ("content-type", content_type),
-                ],
-                body,
-            ),
-        )
-        .await;
-        resp.expect("the gateway answers within 60 s")
+        post_edit(self.addr(), key, content_type, body).await
     }
+}
+
+/// POST a body to the edits route at `addr` with a gateway key; the answer must come within
+/// 60 s. Free of `Gateway`, so it can run in a spawned task.
+pub async fn post_edit(
+    addr: std::net::SocketAddr,
+    key: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Resp {
+    let auth = format!("Bearer {key}");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", content_type),
+    ];
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        send(addr, "POST", "/v1/images/edits", &headers, body),
+    )
+    .await
+    .expect("the gateway answers within 60 s")
 }
 
 /// Assert an OpenAI error envelope: status, type, param, code; returns the message.
