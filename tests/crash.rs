@@ -404,6 +404,16 @@ async fn sigkill_under_load_loses_no_forwarded_request() {
     .expect("the gateway answers");
     assert_eq!(refused.status, 401);
     let status = gw.terminate().await;
+    // One span per request, carrying its id, client and user.
+    let finished = gw.events("request finished");
+    let span = finished
+        .iter()
+        .map(|e| &e["span"])
+        .find(|s| s["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no 'request finished' line for {id}:\n{}", gw.log_text()));
+    assert_eq!(span["client"], "crash", "{span}");
+    assert_eq!(span["user"], "after-restart", "{span}");
+    assert_eq!(span["path"], "/v1/images/edits", "{span}");
     // No key in the logs or the ledger file, in any form the gateway saw it.
     let logs = gw.log_text();
     let mut stored = std::fs::read(&db).unwrap();

@@ -542,7 +542,7 @@ mod tests {
             key_hash: hash_key("a"),
             ..Default::default()
         });
-        // 2026-11-24T23:00:00Z
+        // 2026-11-29T23:00:00Z
         let clock = Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_993_200));
         (
             Arc::new(QuotaStore::open_in_memory(Arc::new(c), clock.clone()).unwrap()),
@@ -590,6 +590,44 @@ mod tests {
         );
         let u = s.usage(&client_scope("a")).unwrap();
         assert_eq!((u.images_day, u.micros_day), (18, 160_000));
+    }
+
+    #[test]
+    fn periods_follow_the_configured_time_zone() {
+        let mut c = Config::default();
+        c.quotas.time_zone = "Asia/Tokyo".into(); // UTC+9, no daylight saving
+        c.quotas.per_user = QuotaSpec {
+            images_per_day: Some(1),
+            ..Default::default()
+        };
+        c.clients.push(ClientConfig {
+            name: "a".into(),
+            key_hash: hash_key("a"),
+            ..Default::default()
+        });
+        // 2026-11-29T23:00:00Z is 2026-11-30T08:00 in Tokyo: the day resets at 15:00Z.
+        let clock = Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_993_200));
+        let s = QuotaStore::open_in_memory(Arc::new(c), clock.clone()).unwrap();
+        s.reserve(&who("u"), 1, 0).unwrap();
+        assert_eq!(
+            s.usage(&user_scope(&who("u")).unwrap()).unwrap().day,
+            "day:2026-11-30"
+        );
+        let GatewayError::QuotaExceeded {
+            message,
+            retry_after,
+        } = s.reserve(&who("u"), 1, 0).unwrap_err()
+        else {
+            panic!("not a quota refusal")
+        };
+        assert_eq!(
+            retry_after,
+            Some(Duration::from_secs(16 * 3600)),
+            "{message}"
+        );
+        assert!(message.contains("2026-11-30T15:00:00Z"), "{message}");
+        clock.advance(Duration::from_secs(16 * 3600));
+        assert!(s.reserve(&who("u"), 1, 0).is_ok(), "a new Tokyo day");
     }
 
     #[test]
