@@ -22,6 +22,7 @@ use crate::cli::Filters;
 use crate::config::parse_key_hash;
 use crate::error::{ErrorParts, error_response};
 use crate::ledger::writer::LedgerReader;
+use crate::middleware::auth::{bearer, key_digest};
 
 struct Admin {
     state: Arc<AppState>,
@@ -116,17 +117,7 @@ fn json(value: &impl serde::Serialize) -> Response<Body> {
 
 impl Admin {
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(token) = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-        else {
-            return false;
-        };
-        use sha2::Digest;
-        let digest: [u8; 32] = sha2::Sha256::digest(token.trim().as_bytes()).into();
-        bool::from(digest.ct_eq(&self.key))
+        bearer(req).is_some_and(|key| bool::from(key_digest(key).ct_eq(&self.key)))
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {

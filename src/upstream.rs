@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, header};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, header};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -240,9 +240,6 @@ pub fn passed_headers(upstream: &HeaderMap) -> HeaderMap {
     }
     out
 }
-
-/// Header name the gateway uses for its own request id when the upstream's is passed back.
-pub static GATEWAY_REQUEST_ID: HeaderName = HeaderName::from_static("x-imagegate-request-id");
 
 #[cfg(test)]
 mod tests {

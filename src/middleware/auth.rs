@@ -56,7 +56,7 @@ impl KeyTable {
 
     /// Constant-time lookup of a presented key.
     pub fn authenticate(&self, key: &str) -> Option<Caller> {
-        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let digest = key_digest(key);
         let mut found = subtle::Choice::from(0);
         let mut index = 0u64;
         for (i, (hash, _)) in self.entries.iter().enumerate() {
@@ -68,8 +68,13 @@ impl KeyTable {
     }
 }
 
+/// The SHA-256 of a presented key, as the config stores it (compare with `ct_eq`).
+pub fn key_digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
 /// The bearer token of a request, if any.
-fn bearer<B>(req: &Request<B>) -> Option<&str> {
+pub fn bearer<B>(req: &Request<B>) -> Option<&str> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     scheme

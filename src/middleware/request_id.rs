@@ -11,13 +11,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::{HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
 use super::BoxFuture;
 use crate::body::Body;
-use crate::upstream::GATEWAY_REQUEST_ID;
+
+/// The header that always carries the gateway's own id (`x-request-id` carries the upstream's
+/// when the answer came from upstream).
+pub static GATEWAY_REQUEST_ID: HeaderName = HeaderName::from_static("x-imagegate-request-id");
 
 /// The gateway's id for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
