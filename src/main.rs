@@ -92,27 +92,16 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: config::Config) -> ExitCode {
-    let listen = config.server.listen;
-    let listener = match tokio::net::TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(%listen, error = %e, "cannot listen");
-            return ExitCode::FAILURE;
-        }
-    };
-    let state = match imagegate::app::AppState::new(config, imagegate::clock::Clock::system()) {
-        Ok(s) => std::sync::Arc::new(s),
+    let running = match server::spawn(config).await {
+        Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
             return ExitCode::FAILURE;
         }
     };
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "imagegate listening");
-    server::serve(listener, state, shutdown_signal()).await;
+    tracing::info!(addr = %running.addr, version = env!("CARGO_PKG_VERSION"), "imagegate listening");
+    shutdown_signal().await;
+    running.shutdown().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
