@@ -46,6 +46,14 @@ pub enum GatewayError {
         code: &'static str,
         message: String,
     },
+    /// A 400 in OpenAI's envelope with its own type (`invalid_request_error` or
+    /// `image_generation_user_error`), param and code: the GPT-image profile's refusals.
+    Invalid {
+        kind: &'static str,
+        param: Option<String>,
+        code: Option<&'static str>,
+        message: String,
+    },
     /// The image or mask failed the PNG checks.
     Png {
         part: &'static str,
@@ -96,6 +104,34 @@ impl GatewayError {
     pub fn field(param: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
         GatewayError::Field {
             param: param.into(),
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// `invalid_request_error`, 400, with a param and code.
+    pub fn invalid_request(
+        param: Option<&str>,
+        code: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> Self {
+        GatewayError::Invalid {
+            kind: "invalid_request_error",
+            param: param.map(str::to_owned),
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// `image_generation_user_error`, 400, with a param and code.
+    pub fn image_user_error(
+        param: Option<&str>,
+        code: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> Self {
+        GatewayError::Invalid {
+            kind: "image_generation_user_error",
+            param: param.map(str::to_owned),
             code,
             message: message.into(),
         }
@@ -181,6 +217,13 @@ impl GatewayError {
             Field { param, code, message } => {
                 p(StatusCode::BAD_REQUEST, INVALID, Some(param), Some(code), message.clone())
             }
+            Invalid { kind, param, code, message } => p(
+                StatusCode::BAD_REQUEST,
+                kind,
+                param.as_deref(),
+                *code,
+                message.clone(),
+            ),
             Png { part, rejection, max_bytes } => p(
                 StatusCode::BAD_REQUEST,
                 INVALID,

@@ -4,6 +4,7 @@
 pub mod canonical;
 pub mod form;
 pub mod png_check;
+pub mod sniff;
 
 use bytes::Bytes;
 
