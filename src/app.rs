@@ -1,5 +1,30 @@
 //! THE stack, assembled in one place, top to bottom, with the reason each layer sits where it is.
-
+//!
+//! A request to `POST /v1/images/edits` passes, in order:
+//!
+//! 1. `server`: accept, first-bytes deadline, hyper (HTTP/1.1 + h2), header-read timeout.
+//! 2. [`RequestIdLayer`]: `x-request-id` / `x-imagegate-request-id` and the request's span.
+//! 3. `SetSensitiveRequestHeaders`: the caller's `Authorization` is never logged.
+//! 4. [`UsageLayer`]: opens the request's ledger record (the [`Trail`](crate::middleware::usage::Trail)),
+//!    writes it for every outcome that was not forwarded.
+//! 5. `CatchPanic`: a panic below becomes a JSON 500.
+//! 6. [`OverloadLayer`]: global in-flight cap, load shed → 503.
+//! 7. [`Router`]: path then method (404/405 in the JSON envelope); `/healthz`, `/readyz`.
+//! 8. [`AuthLayer`]: gateway key → client (401), the caller's key removed.
+//! 9. [`ClientLimitLayer`]: the per-client request rate (429), before the body is read.
+//! 10. [`EditsService`], the phases of `src/edits/` (see its module doc): content type → read
+//!     body → parse form → resolve end user → field rules → user limits → reserve quota →
+//!     check images → canonical body → forward → relay → settle and record.
+//!
+//! Request extensions (who inserts → who reads):
+//! - [`ClientAddr`]: `server` → the usage layer.
+//! - `RequestId`: the request-id layer → the usage layer.
+//! - `Trail`: the usage layer → auth (client), the edits phases (every field), the forwarding
+//!   task (which takes the record over).
+//! - `Caller`: auth → the client limit, the edits phases.
+//!
+//! Response extensions: `ErrorParts` and `CallerLeft` (set by `GatewayError::into_response`) →
+//! the usage layer, which records why a request was refused.
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,7 +43,9 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::edit::form::FormRules;
 use crate::edit::png_check::PngRules;
-use crate::edits::EditsService;
+use crate::edits::forward::Forwarder;
+use crate::edits::read_body::BodyLimits;
+use crate::edits::{Edits, EditsService, EndUserRules};
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
 use crate::limits::quota::QuotaStore;
@@ -36,10 +63,10 @@ use tokio_util::task::TaskTracker;
 pub struct AppState {
     pub config: Arc<Config>,
     pub keys: KeyTable,
-    pub upstream: Upstream,
+    pub upstream: Arc<Upstream>,
     pub form_rules: FormRules,
     pub png_rules: PngRules,
-    pub decode_permits: Semaphore,
+    pub decode_permits: Arc<Semaphore>,
     pub body_cap: usize,
     pub body_timeout: Duration,
     pub clock: Clock,
@@ -81,7 +108,7 @@ impl AppState {
             ledger,
             tasks: TaskTracker::new(),
             keys: KeyTable::from_config(&config)?,
-            upstream: Upstream::new(&config)?,
+            upstream: Arc::new(Upstream::new(&config)?),
             form_rules: FormRules {
                 max_prompt_chars: v.max_prompt_chars,
                 max_user_chars: v.max_user_chars,
@@ -93,7 +120,7 @@ impl AppState {
                 max_dimension: v.max_dimension,
                 transparency: v.transparency.into(),
             },
-            decode_permits: Semaphore::new(config.server.max_concurrent_decodes),
+            decode_permits: Arc::new(Semaphore::new(config.server.max_concurrent_decodes)),
             body_cap: v.body_cap(),
             body_timeout: config.server.body_read_timeout,
             config,
@@ -105,13 +132,41 @@ impl AppState {
 /// response, because an error reaching hyper closes the connection without an answer.
 pub type AppService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
 
+/// The pieces the edits phases need, taken from the state.
+fn edits(state: &AppState) -> Edits {
+    let config = &state.config;
+    Edits {
+        body: BodyLimits {
+            cap: state.body_cap,
+            timeout: state.body_timeout,
+        },
+        form: state.form_rules.clone(),
+        end_user: EndUserRules {
+            clients: config.clients.clone().into(),
+            missing_user: config.limits.missing_user,
+            mismatch: config.limits.personal_user_mismatch,
+            max_user_chars: config.validation.max_user_chars,
+        },
+        prompt_policy: config.ledger.prompt,
+        rates: state.rates.clone(),
+        quotas: state.quotas.clone(),
+        png: state.png_rules.clone(),
+        decode_permits: state.decode_permits.clone(),
+        forwarder: Forwarder {
+            upstream: state.upstream.clone(),
+            ledger: state.ledger.clone(),
+            tasks: state.tasks.clone(),
+        },
+    }
+}
+
 pub fn build(state: Arc<AppState>) -> AppService {
     let edits = ServiceBuilder::new()
         // Authentication is cheap and needs only headers: it runs before the body is read.
         .layer(AuthLayer::new(state.keys.clone()))
         // The per-client limit needs only the caller: also before the body is read.
         .layer(ClientLimitLayer::new(state.rates.clone()))
-        .service(EditsService::new(state.clone()));
+        .service(EditsService::new(Arc::new(edits(&state))));
     let router = Router {
         edits: BoxCloneSyncService::new(edits),
         state: state.clone(),
@@ -214,6 +269,4 @@ fn json(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-/// Wrap each connection's service so handlers know the peer address.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub std::net::SocketAddr);
+pub use crate::extensions::ClientAddr;

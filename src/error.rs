@@ -48,12 +48,7 @@ pub enum GatewayError {
     },
     /// A 400 in OpenAI's envelope with its own type (`invalid_request_error` or
     /// `image_generation_user_error`), param and code: the GPT-image profile's refusals.
-    Invalid {
-        kind: &'static str,
-        param: Option<String>,
-        code: Option<&'static str>,
-        message: String,
-    },
+    Invalid(Box<Invalid>),
     /// The image or mask failed the PNG checks.
     Png {
         part: &'static str,
@@ -89,6 +84,20 @@ pub enum GatewayError {
     Internal,
 }
 
+/// The pieces of a [`GatewayError::Invalid`] (boxed: errors travel in `Result`s).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    pub message: String,
+}
+
+/// Marks an error response whose cause is the caller leaving (a body that broke off
+/// mid-upload): the record's outcome is `client_gone`, not a refusal.
+#[derive(Debug, Clone, Copy)]
+pub struct CallerLeft;
+
 /// The rendered pieces of an error. Also attached to the error response as an extension, so
 /// outer layers (the usage ledger) can record why a request was refused.
 #[derive(Debug, Clone)]
@@ -115,12 +124,12 @@ impl GatewayError {
         code: Option<&'static str>,
         message: impl Into<String>,
     ) -> Self {
-        GatewayError::Invalid {
+        GatewayError::Invalid(Box::new(Invalid {
             kind: "invalid_request_error",
             param: param.map(str::to_owned),
             code,
             message: message.into(),
-        }
+        }))
     }
 
     /// `image_generation_user_error`, 400, with a param and code.
@@ -129,12 +138,12 @@ impl GatewayError {
         code: Option<&'static str>,
         message: impl Into<String>,
     ) -> Self {
-        GatewayError::Invalid {
+        GatewayError::Invalid(Box::new(Invalid {
             kind: "image_generation_user_error",
             param: param.map(str::to_owned),
             code,
             message: message.into(),
-        }
+        }))
     }
 
     pub fn parts(&self) -> ErrorParts {
@@ -217,12 +226,12 @@ impl GatewayError {
             Field { param, code, message } => {
                 p(StatusCode::BAD_REQUEST, INVALID, Some(param), Some(code), message.clone())
             }
-            Invalid { kind, param, code, message } => p(
+            Invalid(i) => p(
                 StatusCode::BAD_REQUEST,
-                kind,
-                param.as_deref(),
-                *code,
-                message.clone(),
+                i.kind,
+                i.param.as_deref(),
+                i.code,
+                i.message.clone(),
             ),
             Png { part, rejection, max_bytes } => p(
                 StatusCode::BAD_REQUEST,
@@ -306,6 +315,9 @@ impl GatewayError {
         let parts = self.parts();
         let mut resp = error_response(&parts);
         resp.extensions_mut().insert(parts);
+        if matches!(self, GatewayError::BodyIncomplete) {
+            resp.extensions_mut().insert(CallerLeft);
+        }
         if let Some(after) = self.retry_after() {
             let secs = after.as_secs_f64().ceil().max(1.0) as u64;
             let h = resp.headers_mut();

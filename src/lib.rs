@@ -11,6 +11,7 @@ pub mod config;
 pub mod edit;
 pub mod edits;
 pub mod error;
+pub mod extensions;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;

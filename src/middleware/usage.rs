@@ -24,10 +24,10 @@ use tower::{Layer, Service};
 
 use super::BoxFuture;
 use super::request_id::RequestId;
-use crate::app::ClientAddr;
 use crate::body::Body;
 use crate::clock::Clock;
-use crate::error::ErrorParts;
+use crate::error::{CallerLeft, ErrorParts};
+use crate::extensions::ClientAddr;
 use crate::ledger::store::LedgerOp;
 use crate::ledger::{Ledger, Outcome, Record};
 
@@ -112,6 +112,26 @@ pub fn note_error(record: &mut Record, parts: &ErrorParts) {
     record.reason_message = Some(parts.message.clone());
 }
 
+/// Write a finished record: the one place where a request's metrics are observed and its
+/// final ledger write is made. Waits until the record is committed (or deferred: the writer
+/// keeps and retries it).
+pub async fn commit(ledger: &Ledger, op: LedgerOp) {
+    crate::metrics::request_finished(op.record());
+    let started = std::time::Instant::now();
+    if let Err(e) = ledger.finish(op).await {
+        tracing::warn!(error = %e, "a finished record is not committed yet");
+    }
+    metrics::histogram!("imagegate_ledger_write_seconds").record(started.elapsed().as_secs_f64());
+    metrics::gauge!("imagegate_ledger_queue_depth").set(ledger.queue_depth() as f64);
+}
+
+/// [`commit`] for paths that cannot wait (drop guards, a refused `forwarding` record): the
+/// record is queued and the writer keeps it until the store takes it.
+pub fn commit_detached(ledger: &Ledger, op: LedgerOp) {
+    crate::metrics::request_finished(op.record());
+    ledger.finish_detached(op);
+}
+
 /// The route whose every request is recorded (any method).
 pub fn is_edits_route(path: &str) -> bool {
     matches!(path, "/v1/images/edits" | "/v1/images/edits/")
@@ -160,8 +180,7 @@ impl Drop for DisconnectGuard {
             record.reason_message =
                 Some("the caller disconnected before an answer was sent".into());
             record.total_ms = Some(self.trail.elapsed_ms());
-            crate::metrics::request_finished(&record);
-            self.ledger.finish_detached(LedgerOp::Final(record));
+            commit_detached(&self.ledger, LedgerOp::Final(record));
         }
     }
 }
@@ -208,21 +227,17 @@ where
             if let Some(mut record) = guard.trail.take_open() {
                 record.outcome = Outcome::Rejected;
                 record.status = Some(resp.status().as_u16());
+                // A body that broke off mid-upload means the caller left: the answer is never
+                // delivered, so this is not a refusal.
+                if resp.extensions().get::<CallerLeft>().is_some() {
+                    record.outcome = Outcome::ClientGone;
+                    record.status = None;
+                }
                 if let Some(parts) = resp.extensions().get::<ErrorParts>() {
-                    // A body that broke off mid-upload means the caller left: the answer is
-                    // never delivered, so this is not a refusal.
-                    if parts.code == Some("incomplete_body") {
-                        record.outcome = Outcome::ClientGone;
-                        record.status = None;
-                    }
                     note_error(&mut record, parts);
                 }
                 record.total_ms = Some(guard.trail.elapsed_ms());
-                crate::metrics::request_finished(&record);
-                if let Err(e) = ledger.finish(LedgerOp::Final(record)).await {
-                    // Deferred records are kept and retried by the writer; others are logged.
-                    tracing::warn!(error = %e, "the rejection's ledger record is not committed yet");
-                }
+                commit(&ledger, LedgerOp::Final(record)).await;
             }
             drop(guard);
             Ok(resp)

@@ -1,0 +1,180 @@
+//! Reserve-quota phase: the request's upper-bound cost is held against the daily and monthly
+//! quotas before any decoding or forwarding. The [`ReservationGuard`] is settled exactly once:
+//! explicitly with what the answer cost, or as a full refund when it is dropped (a rejection
+//! after the reservation, a caller that left, a task that ended early).
+
+use std::sync::Arc;
+
+use crate::error::GatewayError;
+use crate::limits::EndUser;
+use crate::limits::quota::{QuotaStore, Reservation};
+
+/// How the settled cost of a request is found from its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pricing {
+    /// A fixed price per image returned (dall-e-2), in micro-dollars.
+    PerImage(i64),
+}
+
+/// Reserve `images` and `micros` for `who` on the blocking pool.
+pub async fn reserve(
+    quotas: &Arc<QuotaStore>,
+    who: &EndUser,
+    images: u32,
+    micros: i64,
+    pricing: Pricing,
+) -> Result<ReservationGuard, GatewayError> {
+    let store = quotas.clone();
+    let who = who.clone();
+    let reservation = tokio::task::spawn_blocking(move || store.reserve(&who, images, micros))
+        .await
+        .map_err(|_| GatewayError::Internal)??;
+    Ok(ReservationGuard {
+        quotas: quotas.clone(),
+        reservation: Some(reservation),
+        pricing,
+    })
+}
+
+/// A quota reservation that is settled exactly once: explicitly, or as a full refund on drop.
+pub struct ReservationGuard {
+    quotas: Arc<QuotaStore>,
+    reservation: Option<Reservation>,
+    pricing: Pricing,
+}
+
+impl ReservationGuard {
+    /// Micro-dollars held.
+    pub fn reserved_micros(&self) -> i64 {
+        self.reservation.as_ref().map_or(0, |r| r.micros)
+    }
+
+    /// What `images` returned cost under this request's pricing.
+    pub fn cost_of_images(&self, images: u32) -> i64 {
+        match self.pricing {
+            Pricing::PerImage(each) => each * i64::from(images),
+        }
+    }
+
+    /// A full refund, committed before this returns (so the caller's next request sees the
+    /// quota restored).
+    pub async fn refund(self) {
+        self.settle(0, 0).await;
+    }
+
+    /// Settle with the images actually delivered and what they cost (0, 0: a full refund);
+    /// returns the cost charged.
+    pub async fn settle(mut self, images: u32, micros: i64) -> i64 {
+        if let Some(r) = self.reservation.take() {
+            let quotas = self.quotas.clone();
+            let done =
+                tokio::task::spawn_blocking(move || settle_now(&quotas, &r, images, micros)).await;
+            if done.is_err() {
+                tracing::error!("settling a quota reservation failed: the task did not run");
+            }
+        }
+        micros
+    }
+}
+
+/// The one place a reservation is settled.
+fn settle_now(quotas: &QuotaStore, r: &Reservation, images: u32, micros: i64) {
+    if let Err(e) = quotas.settle(r, images, micros) {
+        tracing::error!(error = %e, "settling a quota reservation failed");
+    }
+}
+
+impl Drop for ReservationGuard {
+    fn drop(&mut self) {
+        if let Some(r) = self.reservation.take() {
+            let quotas = self.quotas.clone();
+            let refund = move || settle_now(&quotas, &r, 0, 0);
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn_blocking(refund);
+                }
+                Err(_) => refund(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use crate::config::{ClientConfig, Config, hash_key};
+    use crate::limits::quota::user_scope;
+    use crate::limits::spec::QuotaSpec;
+    use std::time::SystemTime;
+
+    fn store() -> Arc<QuotaStore> {
+        let mut c = Config::default();
+        c.quotas.per_user = QuotaSpec {
+            images_per_day: Some(10),
+            ..Default::default()
+        };
+        c.clients.push(ClientConfig {
+            name: "a".into(),
+            key_hash: hash_key("a"),
+            ..Default::default()
+        });
+        Arc::new(QuotaStore::open_in_memory(Arc::new(c), Clock::manual(SystemTime::now())).unwrap())
+    }
+
+    fn who() -> EndUser {
+        EndUser {
+            client: "a".into(),
+            user: Some("u".into()),
+        }
+    }
+
+    fn used(s: &QuotaStore) -> (u64, i64) {
+        let u = s.usage(&user_scope(&who()).unwrap()).unwrap();
+        (u.images_day, u.micros_day)
+    }
+
+    #[tokio::test]
+    async fn settles_to_what_the_answer_cost() {
+        let s = store();
+        let g = reserve(&s, &who(), 4, 80_000, Pricing::PerImage(20_000))
+            .await
+            .unwrap();
+        assert_eq!(g.reserved_micros(), 80_000);
+        assert_eq!(used(&s), (4, 80_000));
+        assert_eq!(g.cost_of_images(3), 60_000);
+        assert_eq!(g.settle(3, 60_000).await, 60_000);
+        assert_eq!(used(&s), (3, 60_000));
+    }
+
+    #[tokio::test]
+    async fn refund_restores_the_quota_before_returning() {
+        let s = store();
+        let g = reserve(&s, &who(), 10, 0, Pricing::PerImage(0))
+            .await
+            .unwrap();
+        assert!(
+            reserve(&s, &who(), 1, 0, Pricing::PerImage(0))
+                .await
+                .is_err()
+        );
+        g.refund().await;
+        assert_eq!(used(&s), (0, 0));
+    }
+
+    #[test]
+    fn a_dropped_guard_refunds_everything() {
+        let s = store();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let g = rt
+            .block_on(reserve(&s, &who(), 5, 100, Pricing::PerImage(20)))
+            .unwrap();
+        assert_eq!(used(&s), (5, 100));
+        drop(rt);
+        // Outside a runtime the refund runs at once.
+        drop(g);
+        assert_eq!(used(&s), (0, 0));
+    }
+}
