@@ -51,6 +51,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub validation: ValidationConfig,
+    pub models: crate::models::ModelsConfig,
     pub log: LogConfig,
     pub limits: LimitsConfig,
     pub quotas: QuotasConfig,
@@ -174,7 +175,9 @@ pub struct ValidationConfig {
     pub max_prompt_chars: usize,
     /// Longest `user`, in Unicode code points.
     pub max_user_chars: usize,
-    /// Accepted values of `model`; the first is the default written into forwarded requests.
+    /// Model ids served with the dall-e-2 profile (OpenAI-compatible servers; dall-e-2 is
+    /// retired at OpenAI). Without gpt-image models (`[models.accepted]` empty) the first is
+    /// written into requests that omit `model`.
     pub models: Vec<String>,
     /// Most multipart parts accepted in one request.
     pub max_parts: usize,
@@ -189,7 +192,7 @@ impl Default for ValidationConfig {
             max_body_bytes: None,
             max_prompt_chars: 1000,
             max_user_chars: 256,
-            models: vec!["dall-e-2".into()],
+            models: Vec::new(),
             max_parts: 16,
         }
     }
@@ -313,6 +316,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             upstream: UpstreamConfig::default(),
             validation: ValidationConfig::default(),
+            models: crate::models::ModelsConfig::default(),
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
             quotas: QuotasConfig::default(),
@@ -477,9 +481,7 @@ impl Config {
         if v.max_user_chars == 0 {
             p.push("validation.max_user_chars: must be at least 1".into());
         }
-        if v.models.is_empty() {
-            p.push("validation.models: must list at least one model".into());
-        }
+        p.extend(self.models.problems(&v.models));
         if v.max_parts < 2 {
             p.push("validation.max_parts: must be at least 2".into());
         }

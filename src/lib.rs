@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod middleware;
+pub mod models;
 pub mod server;
 pub mod telemetry;
 pub mod upstream;

@@ -164,6 +164,13 @@ response_timeout = "300s"
 [ledger]
 path = {db:?}
 
+[validation]
+models = ["dall-e-2"]
+
+[models]
+default = "dall-e-2"
+accepted = {{}}
+
 [log]
 format = "json"
 level = "info"

@@ -80,6 +80,11 @@ base_url = "{upstream_url}"
 allow_http = true
 [log]
 format = "json"
+[validation]
+models = ["dall-e-2"]
+[models]
+default = "dall-e-2"
+accepted = {{}}
 [[clients]]
 name = "sdk-test"
 key_hash = "{key_hash}"

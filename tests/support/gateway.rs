@@ -29,6 +29,10 @@ pub struct Gateway {
 /// A config for tests: the mock as upstream, two app clients, generous limits, no quotas.
 pub fn test_config(mock: &MockUpstream, dir: &std::path::Path) -> Config {
     let mut c = Config::default();
+    // The dall-e-2 profile alone, as for an OpenAI-compatible server; gpt-image tests use
+    // `gpt_config`.
+    c.validation.models = vec!["dall-e-2".into()];
+    c.models = imagegate::models::ModelsConfig::dall_e_2_only();
     c.server.listen = "127.0.0.1:0".parse().expect("a valid address");
     c.upstream.base_url = mock.base_url();
     c.upstream.allow_http = true;
