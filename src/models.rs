@@ -52,7 +52,7 @@ impl TokenPriceConfig {
             ("cached_image_in", self.cached_image_in),
             ("image_out", self.image_out),
         ] {
-            if !v.is_finite() || v < 0.0 || v > 1_000_000.0 {
+            if !v.is_finite() || !(0.0..=1_000_000.0).contains(&v) {
                 p.push(format!(
                     "{at}.{name}: must be a number of USD per 1M tokens between 0 and 1000000"
                 ));
@@ -322,8 +322,10 @@ mod tests {
 
     #[test]
     fn problems_are_named() {
-        let mut m = ModelsConfig::default();
-        m.default = "nope".into();
+        let mut m = ModelsConfig {
+            default: "nope".into(),
+            ..Default::default()
+        };
         m.accepted.get_mut("gpt-image-2").unwrap().family = "gpt-image-9".into();
         let p = m.problems(&["gpt-image-2".into()]);
         assert!(p.iter().any(|s| s.contains("models.default")), "{p:?}");
