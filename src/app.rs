@@ -44,7 +44,7 @@ use crate::config::Config;
 use crate::edit::form::FormRules;
 use crate::edit::png_check::PngRules;
 use crate::edits::forward::Forwarder;
-use crate::edits::read_body::BodyLimits;
+use crate::edits::read_body::{BodyLimits, BufferBudget};
 use crate::edits::{Edits, EditsService, EndUserRules};
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
@@ -69,6 +69,8 @@ pub struct AppState {
     pub decode_permits: Arc<Semaphore>,
     pub body_cap: usize,
     pub body_timeout: Duration,
+    /// Request bytes held in memory across all requests.
+    pub buffer_budget: BufferBudget,
     pub clock: Clock,
     pub rates: Arc<dyn RateBackend>,
     pub quotas: Arc<QuotaStore>,
@@ -123,6 +125,10 @@ impl AppState {
             decode_permits: Arc::new(Semaphore::new(config.server.max_concurrent_decodes)),
             body_cap: v.body_cap(),
             body_timeout: config.server.body_read_timeout,
+            buffer_budget: BufferBudget::new(
+                config.server.max_buffered_bytes,
+                config.server.buffer_wait,
+            ),
             config,
         })
     }
@@ -140,6 +146,7 @@ fn edits(state: &AppState) -> Edits {
             cap: state.body_cap,
             timeout: state.body_timeout,
         },
+        budget: state.buffer_budget.clone(),
         form: state.form_rules.clone(),
         end_user: EndUserRules {
             clients: config.clients.clone().into(),

@@ -1,8 +1,10 @@
 //! Body types shared by the stack: one boxed response body, and a body made of `Bytes` chunks
 //! (the canonical multipart, which reuses the image bytes instead of copying them).
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -28,10 +30,22 @@ pub fn empty() -> Body {
 }
 
 /// A body that yields a list of `Bytes` in order; its exact length is known up front.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct ChunkedBody {
     chunks: VecDeque<Bytes>,
     remaining: u64,
+    /// Kept alive as long as the body: the memory-budget permit of the bytes it carries, so the
+    /// budget is released when the client that sends it drops it.
+    hold: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for ChunkedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkedBody")
+            .field("chunks", &self.chunks.len())
+            .field("remaining", &self.remaining)
+            .finish()
+    }
 }
 
 impl ChunkedBody {
@@ -40,7 +54,14 @@ impl ChunkedBody {
         ChunkedBody {
             chunks: chunks.into(),
             remaining,
+            hold: None,
         }
+    }
+
+    /// Keep `hold` alive until this body (and every clone) is dropped.
+    pub fn holding(mut self, hold: Arc<dyn Any + Send + Sync>) -> Self {
+        self.hold = Some(hold);
+        self
     }
 
     pub fn len(&self) -> u64 {

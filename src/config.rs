@@ -83,6 +83,12 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// PNG checks that may run at once on the blocking pool.
     pub max_concurrent_decodes: usize,
+    /// Request bytes held in memory at once across all requests (bodies being read, checked and
+    /// forwarded). A request that would exceed it waits up to `buffer_wait`, then gets 503.
+    pub max_buffered_bytes: usize,
+    /// How long a request waits for room in `max_buffered_bytes`.
+    #[serde(with = "humantime_serde")]
+    pub buffer_wait: Duration,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +100,8 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             max_in_flight: 256,
             max_concurrent_decodes: 4,
+            max_buffered_bytes: 1024 * 1024 * 1024,
+            buffer_wait: Duration::from_secs(10),
         }
     }
 }

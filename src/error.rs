@@ -76,6 +76,8 @@ pub enum GatewayError {
     // ---- internal / capacity ----
     /// Too many requests in flight on this gateway.
     Overloaded,
+    /// The request bytes held in memory are at their cap and did not drop below it in time.
+    BufferFull { retry_after: Duration },
     /// No upstream key is configured, so nothing can be forwarded.
     UpstreamKeyMissing,
     /// The usage ledger cannot record the request, so it is not forwarded.
@@ -277,6 +279,13 @@ impl GatewayError {
                 Some("overloaded"),
                 "The gateway is handling too many requests. Please try again shortly.".into(),
             ),
+            BufferFull { .. } => p(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                Some("overloaded"),
+                "The gateway is holding as many request bytes as it may. Please try again shortly.".into(),
+            ),
             UpstreamKeyMissing => p(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -306,6 +315,7 @@ impl GatewayError {
         match self {
             GatewayError::RateLimited { retry_after, .. } => Some(*retry_after),
             GatewayError::QuotaExceeded { retry_after, .. } => *retry_after,
+            GatewayError::BufferFull { retry_after } => Some(*retry_after),
             _ => None,
         }
     }

@@ -42,7 +42,7 @@ use crate::middleware::auth::Caller;
 use crate::middleware::usage::Trail;
 use check_images::check_images;
 use forward::Forwarder;
-use read_body::{BodyLimits, read_body};
+use read_body::{BodyLimits, BufferBudget, read_body};
 use reserve::{Pricing, reserve};
 
 /// How the end user of a request is found.
@@ -57,6 +57,7 @@ pub struct EndUserRules {
 /// What the phases need, built once at start.
 pub struct Edits {
     pub body: BodyLimits,
+    pub budget: BufferBudget,
     pub form: FormRules,
     pub end_user: EndUserRules,
     pub prompt_policy: PromptPolicy,
@@ -141,7 +142,9 @@ impl Edits {
         // content type (before the body is read)
         let boundary = form::boundary(req.headers().get(header::CONTENT_TYPE)).map_err(no_rate)?;
         // read body
-        let body = read_body(self.body, req).await.map_err(no_rate)?;
+        let (body, held) = read_body(self.body, &self.budget, req)
+            .await
+            .map_err(no_rate)?;
         // parse form
         let parts = form::parse_parts(&boundary, body, self.form.max_parts)
             .await
@@ -208,7 +211,9 @@ impl Edits {
             metrics::histogram!("imagegate_validation_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             // canonical body
-            let canonical = canonical::encode(&edit, image.bytes, mask.map(|m| m.bytes));
+            let mut canonical = canonical::encode(&edit, image.bytes, mask.map(|m| m.bytes));
+            // The request's bytes stay in the budget until the upstream client drops the body.
+            canonical.body = canonical.body.holding(Arc::new(held));
             // forward → relay → settle and record
             this.forwarder.forward(canonical, reservation, trail).await
         });
