@@ -3,6 +3,7 @@
 //! The binary (`src/main.rs`) and the integration tests share this library.
 
 pub mod admin;
+pub mod answer;
 pub mod app;
 pub mod body;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod limits;
 pub mod metrics;
 pub mod middleware;
 pub mod models;
+pub mod pricing;
 pub mod server;
 pub mod telemetry;
 pub mod upstream;

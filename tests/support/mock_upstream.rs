@@ -1,5 +1,9 @@
 //! A real hyper server on 127.0.0.1:0 standing in for api.openai.com.
 //!
+//! It answers dall-e-2 style (`Success`) by default, and GPT-image style (`gpt-image-models.md`
+//! §4 JSON, §5 SSE) when the request's `model` starts with `gpt-image` or a `Gpt*` behaviour is
+//! set.
+//!
 //! Serves HTTP/1.1 and h2c (prior knowledge) through hyper-util's auto builder. Every request
 //! whose body was read completely is recorded (method, path, headers, body, multipart parts)
 //! *before* its response is sent, so once a client has an answer, [`MockUpstream::count`]
@@ -7,7 +11,6 @@
 //! every connection task and releases all hanging handlers, so calls stuck on it end.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -39,6 +42,10 @@ pub enum Behavior {
     /// x-ratelimit-remaining-requests 49, x-ratelimit-reset-requests 1.2s, and on HTTP/1.x
     /// only the hop-by-hop trouble makers connection: keep-alive, keep-alive: timeout=5,
     /// proxy-connection: x (HTTP/2 forbids them).
+    ///
+    /// When the request's `model` (multipart field or JSON key, see [`Recorded::param`]) starts
+    /// with `gpt-image`, answers as [`Behavior::GptStream`] if its `stream` is `true`, else as
+    /// [`Behavior::GptJson`].
     #[default]
     Success,
     /// Like `Success` but with exactly this many items (whatever `n` said).
@@ -62,6 +69,30 @@ pub enum Behavior {
         headers: Vec<(String, String)>,
         body: String,
     },
+    /// GPT-image JSON answer (§4), headers as `Success` (content-length set):
+    /// `{"created", "data": [n × {"b64_json": <tiny PNG>}], "background", "output_format",
+    /// "quality", "size", ["safety_identifier",] "usage"}` with `n` from the request (default 1,
+    /// clamped to 1..=10) and the usage of [`gpt_json_usage`]`(n)`. Resolved fields: `background`
+    /// `transparent` if asked, else `opaque`; `output_format` as asked, else `png`; `quality` as
+    /// asked unless absent or `auto` (then `high`); `size` as asked unless absent or `auto`
+    /// (then `1536x1024`); `safety_identifier` = the request's `safety_identifier`, else `user`,
+    /// when non-empty.
+    GptJson,
+    /// `GptJson` without the `usage` key.
+    GptJsonNoUsage,
+    /// GPT-image SSE answer (§5): `content-type: text/event-stream`, the other `Success`
+    /// headers, no content-length (chunked on HTTP/1.1). `partial_images` (from the request,
+    /// clamped to 0..=3) `image_edit.partial_image` events, then one `image_edit.completed`
+    /// event per image (`n` as in `GptJson`), each with the usage of [`GPT_STREAM_USAGE`]. Each
+    /// event is sent as three chunks (cut inside its `data:` line), with a scheduler yield
+    /// between chunks. Event fields echo the request (`quality`/`background` default `auto`).
+    GptStream,
+    /// `GptStream` whose completed events carry no `usage`.
+    GptStreamNoUsage,
+    /// `GptStream` that breaks: the partial events, then the first half of the first completed
+    /// event, then the response body fails (HTTP/1.1: the connection closes without the last
+    /// chunk; HTTP/2: the stream is reset).
+    GptStreamBroken,
 }
 
 impl Behavior {
@@ -94,6 +125,32 @@ pub fn openai_error_body(
     .to_string()
 }
 
+/// The fixed usage of a `GptJson` answer with `n` images: the §4 figures with the output
+/// scaled by `n`: input 1060 (60 text + 1000 image), output 2000·n, total 1060 + 2000·n. At
+/// gpt-image-2 list prices it costs 8,300 + 60,000·n µ$ (68,300 for n = 1).
+pub fn gpt_json_usage(n: usize) -> serde_json::Value {
+    let out = 2000 * n as u64;
+    serde_json::json!({
+        "input_tokens": 1060,
+        "input_tokens_details": { "text_tokens": 60, "image_tokens": 1000 },
+        "output_tokens": out,
+        "output_tokens_details": { "image_tokens": out, "text_tokens": 0 },
+        "total_tokens": 1060 + out
+    })
+}
+
+/// µ$ of [`gpt_json_usage`]`(n)` at gpt-image-2 list prices.
+pub fn gpt_json_cost_micros(n: usize) -> u64 {
+    8_300 + 60_000 * n as u64
+}
+
+/// The usage of every `GptStream` completed event (§5 example): 50 input (10 text + 40 image),
+/// 50 output, total 100. At gpt-image-2 list prices: 50 + 320 + 1,500 = 1,870 µ$ per event.
+pub const GPT_STREAM_USAGE: &str = r#"{"total_tokens":100,"input_tokens":50,"output_tokens":50,"input_tokens_details":{"text_tokens":10,"image_tokens":40}}"#;
+
+/// µ$ of one [`GPT_STREAM_USAGE`] at gpt-image-2 list prices.
+pub const GPT_STREAM_EVENT_COST_MICROS: u64 = 1_870;
+
 /// One multipart part as parsed by multer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Part {
@@ -117,6 +174,9 @@ pub struct Recorded {
     pub body: Bytes,
     /// Parts in wire order; empty when the body was not parseable multipart/form-data.
     pub parts: Vec<Part>,
+    /// Extra: the body as JSON when the content type is `application/json` and the body
+    /// parses; `None` otherwise.
+    pub json: Option<serde_json::Value>,
 }
 
 impl Recorded {
@@ -134,6 +194,19 @@ impl Recorded {
     /// Part names in wire order (duplicates kept).
     pub fn field_names(&self) -> Vec<String> {
         self.parts.iter().map(|p| p.name.clone()).collect()
+    }
+
+    /// Extra: a request parameter whatever the encoding: the multipart field `name`, else the
+    /// top-level JSON key `name` (strings as they are, other values as compact JSON: `2`,
+    /// `true`, `null`).
+    pub fn param(&self, name: &str) -> Option<String> {
+        if let Some(v) = self.field(name) {
+            return Some(v);
+        }
+        match self.json.as_ref()?.get(name)? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            v => Some(v.to_string()),
+        }
     }
 
     /// Extra: a request header as (lossy) text.
@@ -311,6 +384,7 @@ async fn handle(
         .map_err(std::io::Error::other)?
         .to_bytes();
     let parts = parse_multipart(&head.headers, &body).await;
+    let json = parse_json(&head.headers, &body);
     let rec = Recorded {
         method: head.method,
         path: head.uri.path().to_string(),
@@ -319,7 +393,25 @@ async fn handle(
         headers: head.headers,
         body,
         parts,
+        json,
     };
+
+    // `Success` answers GPT-image models in their own way.
+    let behavior = match behavior {
+        Behavior::Success
+            if rec
+                .param("model")
+                .is_some_and(|m| m.starts_with("gpt-image")) =>
+        {
+            if rec.param("stream").as_deref() == Some("true") {
+                Behavior::GptStream
+            } else {
+                Behavior::GptJson
+            }
+        }
+        b => b,
+    };
+    let gpt = GptAnswer::of(&rec);
 
     let items = match &behavior {
         Behavior::FewerImages(k) => *k,
@@ -358,6 +450,30 @@ async fn handle(
             MockBody::full(body),
             true,
         ),
+        Behavior::GptJson | Behavior::GptJsonNoUsage => (
+            StatusCode::OK,
+            MockBody::full(gpt.json(behavior == Behavior::GptJson)),
+            true,
+        ),
+        Behavior::GptStream | Behavior::GptStreamNoUsage | Behavior::GptStreamBroken => {
+            let broken = behavior == Behavior::GptStreamBroken;
+            let events = gpt.events(behavior != Behavior::GptStreamNoUsage);
+            let mut chunks = Vec::new();
+            for (i, event) in events.iter().enumerate() {
+                if broken && i == gpt.partials {
+                    // Half of the first completed event, then the body fails.
+                    let half = Bytes::from(event.clone()).slice(..event.len() / 2);
+                    chunks.extend(three_pieces(half));
+                    break;
+                }
+                chunks.extend(three_pieces(Bytes::from(event.clone())));
+            }
+            let mut resp = Response::new(MockBody::pieces(chunks, broken));
+            openai_headers(resp.headers_mut(), id, version);
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            return Ok(resp);
+        }
         Behavior::Custom {
             status,
             headers,
@@ -407,11 +523,140 @@ fn openai_headers(h: &mut HeaderMap, id: u64, version: Version) {
     }
 }
 
-fn success_json(items: usize, b64: bool) -> String {
-    let created = SystemTime::now()
+/// What a GPT-image answer echoes of its request.
+struct GptAnswer {
+    n: usize,
+    partials: usize,
+    background: Option<String>,
+    output_format: Option<String>,
+    quality: Option<String>,
+    size: Option<String>,
+    safety_identifier: Option<String>,
+}
+
+impl GptAnswer {
+    fn of(rec: &Recorded) -> GptAnswer {
+        let int = |name: &str, lo: i64, hi: i64, default: i64| {
+            rec.param(name)
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .unwrap_or(default)
+                .clamp(lo, hi) as usize
+        };
+        let text = |name: &str| rec.param(name).filter(|s| !s.is_empty() && s != "null");
+        GptAnswer {
+            n: int("n", 1, 10, 1),
+            partials: int("partial_images", 0, 3, 0),
+            background: text("background"),
+            output_format: text("output_format"),
+            quality: text("quality"),
+            size: text("size"),
+            safety_identifier: text("safety_identifier").or_else(|| text("user")),
+        }
+    }
+
+    fn format(&self) -> &str {
+        self.output_format.as_deref().unwrap_or("png")
+    }
+
+    /// The §4 body.
+    fn json(&self, usage: bool) -> String {
+        let data: Vec<serde_json::Value> = (0..self.n)
+            .map(|_| serde_json::json!({ "b64_json": base64(&tiny_png()) }))
+            .collect();
+        let background = if self.background.as_deref() == Some("transparent") {
+            "transparent"
+        } else {
+            "opaque"
+        };
+        let quality = match self.quality.as_deref() {
+            None | Some("auto") => "high",
+            Some(q) => q,
+        };
+        let size = match self.size.as_deref() {
+            None | Some("auto") => "1536x1024",
+            Some(s) => s,
+        };
+        let mut body = serde_json::json!({
+            "created": unix_now(),
+            "data": data,
+            "background": background,
+            "output_format": self.format(),
+            "quality": quality,
+            "size": size,
+        });
+        if let Some(id) = &self.safety_identifier {
+            body["safety_identifier"] = id.as_str().into();
+        }
+        if usage {
+            body["usage"] = gpt_json_usage(self.n);
+        }
+        body.to_string()
+    }
+
+    /// The §5 events, each with its blank line: the partials, then one completed per image.
+    fn events(&self, usage: bool) -> Vec<String> {
+        let common = |kind: &str| {
+            serde_json::json!({
+                "type": kind,
+                "b64_json": base64(&tiny_png()),
+                "created_at": unix_now(),
+                "size": self.size.as_deref().unwrap_or("auto"),
+                "quality": self.quality.as_deref().unwrap_or("auto"),
+                "background": self.background.as_deref().unwrap_or("auto"),
+                "output_format": self.format(),
+            })
+        };
+        let mut out = Vec::new();
+        for i in 0..self.partials {
+            let mut e = common("image_edit.partial_image");
+            e["partial_image_index"] = i.into();
+            out.push(format!("event: image_edit.partial_image\ndata: {e}\n\n"));
+        }
+        for _ in 0..self.n {
+            let mut e = common("image_edit.completed");
+            if usage {
+                e["usage"] = serde_json::from_str(GPT_STREAM_USAGE).expect("usage JSON");
+            }
+            e["safety_identifier"] = self.safety_identifier.as_deref().into();
+            out.push(format!("event: image_edit.completed\ndata: {e}\n\n"));
+        }
+        out
+    }
+}
+
+/// Three pieces: the first ends 4 bytes into the `data:` line, the second in the middle of what
+/// is left (at most one piece per byte).
+fn three_pieces(b: Bytes) -> Vec<Bytes> {
+    let a = memchr_data(&b).map_or(b.len() / 3, |d| d + 4).min(b.len());
+    let m = a + (b.len() - a) / 2;
+    [b.slice(..a), b.slice(a..m), b.slice(m..)]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+fn memchr_data(b: &[u8]) -> Option<usize> {
+    b.windows(5).position(|w| w == b"data:")
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+fn parse_json(headers: &HeaderMap, body: &Bytes) -> Option<serde_json::Value> {
+    let ct = headers.get(CONTENT_TYPE)?.to_str().ok()?;
+    let essence = ct.split(';').next()?.trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        return None;
+    }
+    serde_json::from_slice(body).ok()
+}
+
+fn success_json(items: usize, b64: bool) -> String {
+    let created = unix_now();
     let data: Vec<serde_json::Value> = (0..items)
         .map(|i| {
             if b64 {
@@ -485,12 +730,14 @@ async fn parse_multipart(headers: &HeaderMap, body: &Bytes) -> Vec<Part> {
     }
 }
 
-/// Response body: whole, or in pieces with a scheduler yield between them.
+/// Response body: whole, or in pieces with a scheduler yield between them; optionally failing
+/// after its last piece (the connection or stream is then aborted).
 pub struct MockBody {
     chunks: VecDeque<Bytes>,
     exact_len: Option<u64>,
     slow: bool,
     yield_next: bool,
+    fail_at_end: bool,
 }
 
 impl MockBody {
@@ -501,6 +748,18 @@ impl MockBody {
             chunks: VecDeque::from([b]),
             slow: false,
             yield_next: false,
+            fail_at_end: false,
+        }
+    }
+
+    /// These pieces, with a yield between them, no length; fails after them if `fail_at_end`.
+    fn pieces(chunks: Vec<Bytes>, fail_at_end: bool) -> Self {
+        MockBody {
+            chunks: chunks.into(),
+            exact_len: None,
+            slow: true,
+            yield_next: false,
+            fail_at_end,
         }
     }
 
@@ -520,18 +779,19 @@ impl MockBody {
             exact_len: None,
             slow: true,
             yield_next: false,
+            fail_at_end: false,
         }
     }
 }
 
 impl Body for MockBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = &mut *self;
         if this.yield_next {
             // Equivalent of tokio::task::yield_now(): reschedule, let others run.
@@ -541,15 +801,21 @@ impl Body for MockBody {
         }
         match this.chunks.pop_front() {
             Some(c) => {
-                this.yield_next = this.slow && !this.chunks.is_empty();
+                this.yield_next = this.slow && (!this.chunks.is_empty() || this.fail_at_end);
                 Poll::Ready(Some(Ok(Frame::data(c))))
+            }
+            None if this.fail_at_end => {
+                this.fail_at_end = false;
+                Poll::Ready(Some(Err(std::io::Error::other(
+                    "mock upstream: stream broken on purpose",
+                ))))
             }
             None => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.chunks.is_empty()
+        self.chunks.is_empty() && !self.fail_at_end
     }
 
     fn size_hint(&self) -> SizeHint {
