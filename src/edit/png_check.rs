@@ -390,7 +390,7 @@ pub(crate) struct Header {
     pub(crate) height: u32,
     bit_depth: u8,
     color_type: u8,
-    interlaced: bool,
+    pub(crate) interlaced: bool,
     pub(crate) has_trns: bool,
 }
 
@@ -414,7 +414,7 @@ impl Header {
     }
 
     /// A non-alpha type whose transparency comes from tRNS is re-encoded as RGBA.
-    fn needs_conversion(&self) -> bool {
+    pub(crate) fn needs_conversion(&self) -> bool {
         self.has_trns && !self.has_alpha_channel()
     }
 }

@@ -9,9 +9,9 @@
 //!   order, IEND present). Bytes after IEND are ignored, not refused: decoders never read them,
 //!   and cropped screenshots from some editors (the "aCropalypse" files) carry the old image
 //!   there.
-//! - JPEG: [`jpeg`] (SOI, exactly one SOFn, at least one scan, EOI; bytes after EOI ignored for
+//! - JPEG: `jpeg.rs` (SOI, exactly one SOFn, at least one scan, EOI; bytes after EOI ignored for
 //!   Multi-Picture and Motion Photo files).
-//! - WebP: [`webp`] (RIFF size + 8 equal to the file length; VP8 / VP8L / VP8X headers).
+//! - WebP: `webp.rs` (RIFF size + 8 equal to the file length; VP8 / VP8L / VP8X headers).
 //!
 //! A broken container or a zero dimension is G12: `Invalid image file or mode for image {i+1},
 //! please check your image file.` (`image_generation_user_error`, `invalid_image_file`, param
@@ -30,7 +30,10 @@
 //! 3. colour types 4 and 6 are forwarded unchanged without decoding (like input images), unless
 //!    `rules.png.transparency` is `Strict`, which decodes row by row and requires a pixel with
 //!    alpha 0; colour types 0, 2 and 3 with tRNS are decoded and re-encoded as RGBA losslessly by
-//!    [`png_check`]'s converter, whose output must stay below `rules.png.max_bytes`.
+//!    [`png_check`]'s converter, whose output must stay below `rules.png.max_bytes`; an
+//!    interlaced one is converted from a whole frame in memory, so its sides must be at most
+//!    `rules.png.max_dimension` (`invalid_image_file`, param `mask`, naming the limit).
+//!    Conversion faults: the converter's wording, `invalid_mask_image_format`.
 //!
 //! **Markup** (I5): a PNG by bytes (else G11's shape, param `markup`); broken → G12's shape for
 //! `markup`; the pixel cap; the same size as the first image when that is a PNG or WebP; then a
@@ -59,9 +62,11 @@ pub struct FileRules {
     /// [`FileRules::DEFAULT_MAX_PIXELS`].
     pub max_pixels: u64,
     /// For the mask: `max_bytes` bounds the RGBA file a tRNS conversion produces (default 4 MiB,
-    /// the mask's own limit), `transparency` says whether a mask needs a pixel with alpha 0
-    /// (default `Compatible`: no such rule is documented). `max_dimension` is not read: every
-    /// file is held to `max_pixels` instead, and the decoders' limits follow the file's size.
+    /// the mask's own limit); `transparency` says whether a mask needs a pixel with alpha 0
+    /// (default `Compatible`: no such rule is documented); `max_dimension` (default 4096)
+    /// bounds only an *interlaced* tRNS mask, whose conversion holds one whole RGBA frame
+    /// (width × height × 4 or 8 bytes). Every other file is held to `max_pixels` alone, and
+    /// the decoders' limits follow the file's own size.
     pub png: PngRules,
 }
 
@@ -78,7 +83,7 @@ impl Default for FileRules {
             max_pixels: Self::DEFAULT_MAX_PIXELS,
             png: PngRules {
                 max_bytes: 4 * 1024 * 1024,
-                max_dimension: 16_384,
+                max_dimension: 4096,
                 transparency: Transparency::Compatible,
             },
         }
@@ -138,12 +143,14 @@ pub fn check_image(
     format: ImageFormat,
     rules: &FileRules,
 ) -> Result<ImageInfo, GatewayError> {
-    let param = if count == 1 {
-        "image".to_string()
-    } else {
-        format!("image[{index}]")
-    };
-    check_image_as(&param, index, bytes, format, rules)
+    image_within_limits(bytes, format, rules).map_err(|fault| {
+        let param = if count == 1 {
+            "image".to_string()
+        } else {
+            format!("image[{index}]")
+        };
+        fault.into_error(&param, &format!("image {}", index + 1), rules)
+    })
 }
 
 /// [`check_image`] with the param given, for bodies that name it otherwise (JSON `data:` URLs:
@@ -155,9 +162,17 @@ pub fn check_image_as(
     format: ImageFormat,
     rules: &FileRules,
 ) -> Result<ImageInfo, GatewayError> {
-    let subject = format!("image {}", index + 1);
-    let info = inspect(bytes, format).map_err(|_| invalid_file(param, &subject))?;
-    within_limits(param, &subject, info.width, info.height, rules)?;
+    image_within_limits(bytes, format, rules)
+        .map_err(|fault| fault.into_error(param, &format!("image {}", index + 1), rules))
+}
+
+fn image_within_limits(
+    bytes: &[u8],
+    format: ImageFormat,
+    rules: &FileRules,
+) -> Result<ImageInfo, Fault> {
+    let info = inspect(bytes, format).map_err(|_| Fault::Broken)?;
+    limits(info.width, info.height, rules)?;
     Ok(info)
 }
 
@@ -171,7 +186,7 @@ pub fn check_mask(
     const PART: &str = "mask";
     require_png(PART, &bytes)?;
     let header = png_check::walk(&bytes, Trailing::Ignore).map_err(|_| invalid_file(PART, PART))?;
-    within_limits(PART, PART, header.width, header.height, rules)?;
+    part_within_limits(PART, header.width, header.height, rules)?;
     if first.format == ImageFormat::Png
         && (header.width, header.height) != (first.width, first.height)
     {
@@ -186,6 +201,21 @@ pub fn check_mask(
     }
     if header.has_alpha_channel() && rules.png.transparency == Transparency::Compatible {
         return Ok(bytes);
+    }
+    let max_side = rules.png.max_dimension;
+    if header.needs_conversion()
+        && header.interlaced
+        && (header.width > max_side || header.height > max_side)
+    {
+        return Err(GatewayError::image_user_error(
+            Some(PART),
+            Some("invalid_image_file"),
+            format!(
+                "Invalid image file or mode for mask, please check your image file. An \
+                 interlaced mask whose transparency comes from tRNS is converted in memory, so \
+                 its width and height must be at most {max_side} pixels."
+            ),
+        ));
     }
     let decode_rules = PngRules {
         max_dimension: header.width.max(header.height),
@@ -211,7 +241,7 @@ pub fn check_markup(
     const PART: &str = "markup";
     require_png(PART, bytes)?;
     let header = png_check::walk(bytes, Trailing::Ignore).map_err(|_| invalid_file(PART, PART))?;
-    within_limits(PART, PART, header.width, header.height, rules)?;
+    part_within_limits(PART, header.width, header.height, rules)?;
     if matches!(first.format, ImageFormat::Png | ImageFormat::Webp)
         && (header.width, header.height) != (first.width, first.height)
     {
@@ -249,28 +279,53 @@ fn invalid_file(param: &str, subject: &str) -> GatewayError {
     )
 }
 
-fn within_limits(
-    param: &str,
-    subject: &str,
+/// A fault shared by every file, before its param is known (errors are built only on failure).
+enum Fault {
+    /// A broken container or a zero dimension: G12.
+    Broken,
+    TooManyPixels {
+        width: u32,
+        height: u32,
+    },
+}
+
+impl Fault {
+    /// G12's shape for `subject` ("image 2", "mask", "markup"); above the cap with a second
+    /// sentence naming it.
+    fn into_error(self, param: &str, subject: &str, rules: &FileRules) -> GatewayError {
+        match self {
+            Fault::Broken => invalid_file(param, subject),
+            Fault::TooManyPixels { width, height } => GatewayError::image_user_error(
+                Some(param),
+                Some("invalid_image_file"),
+                format!(
+                    "Invalid image file or mode for {subject}, please check your image file. \
+                     Its size of {width}x{height} pixels is above the limit of {} pixels.",
+                    rules.max_pixels
+                ),
+            ),
+        }
+    }
+}
+
+fn limits(width: u32, height: u32, rules: &FileRules) -> Result<(), Fault> {
+    if width == 0 || height == 0 {
+        return Err(Fault::Broken);
+    }
+    if u64::from(width) * u64::from(height) > rules.max_pixels {
+        return Err(Fault::TooManyPixels { width, height });
+    }
+    Ok(())
+}
+
+/// [`limits`] for the mask and the markup, whose param and subject are their part name.
+fn part_within_limits(
+    part: &str,
     width: u32,
     height: u32,
     rules: &FileRules,
 ) -> Result<(), GatewayError> {
-    if width == 0 || height == 0 {
-        return Err(invalid_file(param, subject));
-    }
-    if u64::from(width) * u64::from(height) > rules.max_pixels {
-        return Err(GatewayError::image_user_error(
-            Some(param),
-            Some("invalid_image_file"),
-            format!(
-                "Invalid image file or mode for {subject}, please check your image file. \
-                 Its size of {width}x{height} pixels is above the limit of {} pixels.",
-                rules.max_pixels
-            ),
-        ));
-    }
-    Ok(())
+    limits(width, height, rules).map_err(|fault| fault.into_error(part, part, rules))
 }
 
 /// G11's shape for a part that must be a PNG.
@@ -659,6 +714,61 @@ mod tests {
         assert!(check_mask(Bytes::from(rgba_png(3, 3, &[(2, 2)])), &first, &strict).is_ok());
         let err = check_mask(Bytes::from(rgba_png(3, 3, &[])), &first, &strict).unwrap_err();
         assert_eq!(parts(err).2, Some("invalid_mask_image_format"));
+    }
+
+    fn framed(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
+        let mut out = (body.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(body);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(kind);
+        crc.update(body);
+        out.extend_from_slice(&crc.finalize().to_be_bytes());
+        out
+    }
+
+    #[test]
+    fn interlaced_trns_masks_are_bounded_before_decoding() {
+        // Gray 8-bit, Adam7, tRNS; the IDAT is not even zlib: refused from the header alone.
+        let (width, height) = (5000u32, 10u32);
+        let mut ihdr = width.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 0, 0, 0, 1]);
+        let mut file = b"\x89PNG\r\n\x1a\n".to_vec();
+        for chunk in [
+            framed(b"IHDR", &ihdr),
+            framed(b"tRNS", &[0, 0]),
+            framed(b"IDAT", b"not zlib"),
+            framed(b"IEND", b""),
+        ] {
+            file.extend_from_slice(&chunk);
+        }
+        let first = image(ImageFormat::Png, width, height);
+        let (_, param, code, message) =
+            parts(check_mask(Bytes::from(file.clone()), &first, &rules()).unwrap_err());
+        assert_eq!(
+            (param.as_deref(), code),
+            (Some("mask"), Some("invalid_image_file"))
+        );
+        assert!(message.contains("at most 4096 pixels"), "{message}");
+        // Within the bound, the same file reaches the decoder, which finds the bad IDAT.
+        let mut wide = rules();
+        wide.png.max_dimension = 5000;
+        let (_, _, _, message) = parts(check_mask(Bytes::from(file), &first, &wide).unwrap_err());
+        assert_eq!(
+            message,
+            "Invalid image file or mode for mask, please check your image file."
+        );
+        // Not interlaced: converted row by row, no bound on the sides.
+        let gray = png(
+            width,
+            height,
+            ColorType::Grayscale,
+            &vec![0; 50_000],
+            None,
+            Some(&[0, 0]),
+        );
+        assert!(check_mask(Bytes::from(gray), &first, &rules()).is_ok());
     }
 
     #[test]
