@@ -2,6 +2,7 @@
 //! canonical re-encoding. Pure functions, no tower types.
 
 pub mod canonical;
+pub mod files;
 pub mod form;
 pub mod png_check;
 pub mod sniff;

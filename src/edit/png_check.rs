@@ -256,17 +256,10 @@ pub fn check_mask(
     rules: &PngRules,
 ) -> Result<CheckedPng, PngRejection> {
     let header = check_structure(&bytes, rules)?;
-    let mode = header.pillow_mode();
     if !header.has_alpha_channel() && !header.has_trns {
         return Err(PngRejection::MaskMissingAlpha);
     }
-    let convert = header.needs_conversion();
-    let strict = rules.transparency == Transparency::Strict;
-    let outcome = decode(&bytes, &header, rules, strict, convert)?;
-    if strict && !outcome.has_transparent_pixel {
-        return Err(PngRejection::NotTransparent);
-    }
-    let checked = finish(bytes, &header, mode, outcome, rules)?;
+    let checked = decode_mask(bytes, &header, rules)?;
     if (checked.width, checked.height) != image_dims {
         return Err(PngRejection::MaskSizeMismatch {
             image: image_dims,
@@ -274,6 +267,53 @@ pub fn check_mask(
         });
     }
     Ok(checked)
+}
+
+/// The decode half of [`check_mask`] (steps 7 and 8) for callers that applied their own header
+/// rules (`edit::files`: GPT-image masks of any shape). Decodes every row; with the strict policy
+/// requires a pixel with alpha 0; re-encodes as RGBA when the transparency comes from tRNS.
+pub(crate) fn decode_mask(
+    bytes: Bytes,
+    header: &Header,
+    rules: &PngRules,
+) -> Result<CheckedPng, PngRejection> {
+    let mode = header.pillow_mode();
+    let convert = header.needs_conversion();
+    let strict = rules.transparency == Transparency::Strict;
+    let outcome = decode(&bytes, header, rules, strict, convert)?;
+    if strict && !outcome.has_transparent_pixel {
+        return Err(PngRejection::NotTransparent);
+    }
+    finish(bytes, header, mode, outcome, rules)
+}
+
+/// Decodes row by row (tRNS expanded to alpha) and stops at the first row holding a pixel with
+/// alpha 0: `Ok(true)`. `Ok(false)` means every row decoded and none has one. The header must
+/// come from [`walk`] over the same bytes. Only the rows needed are decoded; nothing after the
+/// answer is checked.
+pub(crate) fn has_transparent_pixel(
+    data: &[u8],
+    header: &Header,
+    rules: &PngRules,
+) -> Result<bool, PngRejection> {
+    if !header.has_alpha_channel() && !header.has_trns {
+        return Ok(false);
+    }
+    let mut reader = row_reader(data, rules)?;
+    let (color, depth) = reader.output_color_type();
+    let layout = RowLayout {
+        color,
+        bps: if depth == BitDepth::Sixteen { 2 } else { 1 },
+    };
+    let mut rows = 0u64;
+    while let Some(row) = reader.next_row().map_err(decoding_error)? {
+        if layout.has_transparent_pixel(row.data()) {
+            return Ok(true);
+        }
+        rows += 1;
+    }
+    check_row_count(header, rows)?;
+    Ok(false)
 }
 
 /// Steps 1-5: size, signature, chunk walk, dimension limit, square.
@@ -345,13 +385,13 @@ const SIGNATURE: [u8; 8] = [137, 80, 78, 71, 13, 10, 26, 10];
 
 /// What the chunk walk learned from IHDR and the chunks before IDAT.
 #[derive(Debug, Clone, Copy)]
-struct Header {
-    width: u32,
-    height: u32,
+pub(crate) struct Header {
+    pub(crate) width: u32,
+    pub(crate) height: u32,
     bit_depth: u8,
     color_type: u8,
-    interlaced: bool,
-    has_trns: bool,
+    pub(crate) interlaced: bool,
+    pub(crate) has_trns: bool,
 }
 
 impl Header {
@@ -369,12 +409,12 @@ impl Header {
         }
     }
 
-    fn has_alpha_channel(&self) -> bool {
+    pub(crate) fn has_alpha_channel(&self) -> bool {
         matches!(self.color_type, 4 | 6)
     }
 
     /// A non-alpha type whose transparency comes from tRNS is re-encoded as RGBA.
-    fn needs_conversion(&self) -> bool {
+    pub(crate) fn needs_conversion(&self) -> bool {
         self.has_trns && !self.has_alpha_channel()
     }
 }
@@ -409,6 +449,24 @@ fn be_u32(bytes: &[u8]) -> u32 {
 /// Walks every chunk without decompressing: lengths, CRCs, IHDR, PLTE/tRNS placement and
 /// lengths, IDAT contiguity, the default image's fcTL, and IEND as the very last bytes.
 fn walk_chunks(data: &[u8]) -> Result<Header, PngRejection> {
+    walk(data, Trailing::Reject)
+}
+
+/// What may follow the IEND chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Trailing {
+    /// Nothing (the dall-e-2 checks).
+    Reject,
+    /// Anything; it is not read. Decoders ignore it, and some producers leave bytes there.
+    Ignore,
+}
+
+/// The chunk walk of [`walk_chunks`], with a choice about bytes after IEND. Checks the
+/// signature too, so callers can pass any bytes.
+pub(crate) fn walk(data: &[u8], trailing: Trailing) -> Result<Header, PngRejection> {
+    if data.len() < SIGNATURE.len() || data[..SIGNATURE.len()] != SIGNATURE {
+        return Err(PngRejection::NotPng);
+    }
     let mut pos = SIGNATURE.len();
     let mut header: Option<Header> = None;
     let mut palette_entries: Option<usize> = None;
@@ -418,6 +476,9 @@ fn walk_chunks(data: &[u8]) -> Result<Header, PngRejection> {
 
     while pos < data.len() {
         if seen_iend {
+            if trailing == Trailing::Ignore {
+                break;
+            }
             return Err(corrupt(format!(
                 "{} bytes of trailing data after the IEND chunk",
                 data.len() - pos
@@ -753,26 +814,7 @@ fn decode(
     scan: bool,
     convert: bool,
 ) -> Result<DecodeOutcome, PngRejection> {
-    let mut options = DecodeOptions::default();
-    // Check the zlib checksum when the stream reaches it, like zlib in Pillow does.
-    options.set_ignore_adler32(false);
-    // Text and ICC data do not matter here; skipping them avoids inflating zTXt/iCCP payloads.
-    options.set_ignore_text_chunk(true);
-    options.set_ignore_iccp_chunk(true);
-    let mut decoder = Decoder::new_with_options(Cursor::new(data), options);
-    // Row buffers are at most max_dimension * 8 bytes (16-bit RGBA); chunk payloads the decoder
-    // keeps are smaller than the file, itself below max_bytes.
-    let line = (rules.max_dimension as usize)
-        .saturating_mul(8)
-        .saturating_add(1);
-    decoder.set_limits(Limits {
-        bytes: line
-            .saturating_mul(8)
-            .saturating_add(rules.max_bytes)
-            .saturating_add(1 << 20),
-    });
-    decoder.set_transformations(Transformations::EXPAND);
-    let mut reader = decoder.read_info().map_err(decoding_error)?;
+    let mut reader = row_reader(data, rules)?;
 
     let (color, depth) = reader.output_color_type();
     let layout = RowLayout {
@@ -817,6 +859,34 @@ fn decode(
         has_transparent_pixel: found,
         converted,
     })
+}
+
+/// A row-by-row reader with `EXPAND` (palette and tRNS become samples and alpha) and memory
+/// limits derived from `rules`.
+fn row_reader<'a>(
+    data: &'a [u8],
+    rules: &PngRules,
+) -> Result<png::Reader<Cursor<&'a [u8]>>, PngRejection> {
+    let mut options = DecodeOptions::default();
+    // Check the zlib checksum when the stream reaches it, like zlib in Pillow does.
+    options.set_ignore_adler32(false);
+    // Text and ICC data do not matter here; skipping them avoids inflating zTXt/iCCP payloads.
+    options.set_ignore_text_chunk(true);
+    options.set_ignore_iccp_chunk(true);
+    let mut decoder = Decoder::new_with_options(Cursor::new(data), options);
+    // Row buffers are at most max_dimension * 8 bytes (16-bit RGBA); chunk payloads the decoder
+    // keeps are smaller than the file, itself below max_bytes.
+    let line = (rules.max_dimension as usize)
+        .saturating_mul(8)
+        .saturating_add(1);
+    decoder.set_limits(Limits {
+        bytes: line
+            .saturating_mul(8)
+            .saturating_add(rules.max_bytes)
+            .saturating_add(1 << 20),
+    });
+    decoder.set_transformations(Transformations::EXPAND);
+    decoder.read_info().map_err(decoding_error)
 }
 
 fn check_row_count(header: &Header, rows: u64) -> Result<(), PngRejection> {

@@ -649,3 +649,129 @@ pub fn decode(png: &[u8]) -> Result<DecodedPng, String> {
         data: buf,
     })
 }
+
+// ---------------------------------------------------------------------------------------
+// JPEG and WebP (GPT-image inputs)
+// ---------------------------------------------------------------------------------------
+
+/// A deterministic RGB8 pattern, 3 bytes per pixel, row-major.
+fn rgb_pattern(width: u32, height: u32) -> Vec<u8> {
+    (0..width * height)
+        .flat_map(|i| {
+            let v = i.wrapping_mul(2_654_435_761) >> 24;
+            [v as u8, (i % 251) as u8, (i / 7) as u8]
+        })
+        .collect()
+}
+
+fn encode_jpeg(width: u16, height: u16, progressive: bool) -> Vec<u8> {
+    let pixels = rgb_pattern(width.into(), height.into());
+    let mut out = Vec::new();
+    let mut encoder = jpeg_encoder::Encoder::new(&mut out, 85);
+    encoder.set_progressive(progressive);
+    encoder
+        .encode(&pixels, width, height, jpeg_encoder::ColorType::Rgb)
+        .expect("encoding an in-memory RGB image cannot fail");
+    out
+}
+
+/// A baseline JPEG (`jpeg-encoder`, quality 85, JFIF APP0, SOF0).
+pub fn jpeg(width: u16, height: u16) -> Vec<u8> {
+    encode_jpeg(width, height, false)
+}
+
+/// A progressive JPEG (SOF2, several scans).
+pub fn jpeg_progressive(width: u16, height: u16) -> Vec<u8> {
+    encode_jpeg(width, height, true)
+}
+
+/// `jpeg` with the frame header's width and height overwritten (e.g. 65535 x 65535: a
+/// decompression-bomb header on a few hundred bytes).
+pub fn jpeg_claiming(width: u16, height: u16) -> Vec<u8> {
+    let mut out = jpeg(8, 8);
+    let sof = out
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("jpeg-encoder writes SOF0");
+    out[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
+    out[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
+    out
+}
+
+/// A lossless WebP in the simple format: `RIFF`, `WEBP`, one `VP8L` chunk (`image-webp`).
+pub fn webp_lossless(width: u32, height: u32) -> Vec<u8> {
+    let pixels: Vec<u8> = (0..width * height)
+        .flat_map(|i| [(i * 7) as u8, (i >> 3) as u8, 0x55, (i % 3 * 100) as u8])
+        .collect();
+    let mut out = Vec::new();
+    image_webp::WebPEncoder::new(&mut out)
+        .encode(&pixels, width, height, image_webp::ColorType::Rgba8)
+        .expect("in-memory lossless encoding cannot fail");
+    out
+}
+
+/// A lossless WebP in the extended format: `VP8X` (canvas `width` x `height`), `VP8L`, and an
+/// odd-sized `EXIF` chunk with its pad byte (`image-webp`, which wraps when metadata is set).
+pub fn webp_vp8x(width: u32, height: u32) -> Vec<u8> {
+    let pixels = rgb_pattern(width, height);
+    let mut out = Vec::new();
+    let mut encoder = image_webp::WebPEncoder::new(&mut out);
+    encoder.set_exif_metadata(b"Exif\0\0odd".to_vec());
+    encoder
+        .encode(&pixels, width, height, image_webp::ColorType::Rgb8)
+        .expect("in-memory lossless encoding cannot fail");
+    out
+}
+
+/// One RIFF chunk: FourCC, little-endian size, body, a pad byte when the size is odd.
+pub fn webp_chunk(fourcc: &[u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut out = fourcc.to_vec();
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+    if body.len() % 2 == 1 {
+        out.push(0);
+    }
+    out
+}
+
+/// `RIFF`, the correct size, `WEBP`, then the given framed chunks (see [`webp_chunk`]).
+pub fn webp_riff(chunks: &[Vec<u8>]) -> Vec<u8> {
+    let payload = chunks.concat();
+    let mut out = b"RIFF".to_vec();
+    out.extend_from_slice(&(payload.len() as u32 + 4).to_le_bytes());
+    out.extend_from_slice(b"WEBP");
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// The body of a `VP8X` chunk: `flags` (0x02 animation, 0x10 alpha, ...), 24-bit width - 1
+/// and height - 1 (`width`, `height` from 1 to 2^24).
+pub fn webp_vp8x_body(flags: u8, width: u32, height: u32) -> Vec<u8> {
+    let mut body = vec![flags, 0, 0, 0];
+    body.extend_from_slice(&(width - 1).to_le_bytes()[..3]);
+    body.extend_from_slice(&(height - 1).to_le_bytes()[..3]);
+    body
+}
+
+/// The body of a lossy `VP8 ` chunk: a key-frame header (shown, version 0, a 7-byte first
+/// partition), start code, 14-bit width and height, then filler. The header is valid; the
+/// picture is not decodable, so only structural checks accept it.
+pub fn webp_vp8_body(width: u16, height: u16) -> Vec<u8> {
+    let partition = 7u32;
+    let tag = (partition << 5) | (1 << 4);
+    let mut body = tag.to_le_bytes()[..3].to_vec();
+    body.extend_from_slice(&[0x9D, 0x01, 0x2A]);
+    body.extend_from_slice(&width.to_le_bytes());
+    body.extend_from_slice(&height.to_le_bytes());
+    body.extend_from_slice(&[0x11; 9]);
+    body
+}
+
+/// A hand-built extended WebP: `VP8X` with the given canvas and flags, then `image` chunks
+/// as given (e.g. `[webp_chunk(b"VP8 ", &webp_vp8_body(w, h))]`, or an `ANIM` and `ANMF` for
+/// an animation).
+pub fn webp_vp8x_with(flags: u8, width: u32, height: u32, image: &[Vec<u8>]) -> Vec<u8> {
+    let mut chunks = vec![webp_chunk(b"VP8X", &webp_vp8x_body(flags, width, height))];
+    chunks.extend_from_slice(image);
+    webp_riff(&chunks)
+}
