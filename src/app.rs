@@ -161,6 +161,7 @@ fn edits(state: &AppState) -> Edits {
         decode_permits: state.decode_permits.clone(),
         forwarder: Forwarder {
             upstream: state.upstream.clone(),
+            idle_timeout: config.upstream.idle_timeout,
             ledger: state.ledger.clone(),
             tasks: state.tasks.clone(),
         },

@@ -118,6 +118,10 @@ pub struct UpstreamConfig {
     /// Time from sending the request to receiving the response head.
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
+    /// Longest silence of the upstream while it sends an answer (between two events of a
+    /// stream); the relay then ends the answer and records it.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// Idle pooled connections are closed after this long.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
@@ -141,6 +145,7 @@ impl Default for UpstreamConfig {
             allow_http: false,
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(180),
+            idle_timeout: Duration::from_secs(300),
             pool_idle_timeout: Duration::from_secs(90),
             api_key_env: "OPENAI_API_KEY".into(),
             api_key_file: None,
@@ -437,6 +442,7 @@ impl Config {
             ("server.body_read_timeout", s.body_read_timeout),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.response_timeout", self.upstream.response_timeout),
+            ("upstream.idle_timeout", self.upstream.idle_timeout),
         ] {
             if d.is_zero() {
                 p.push(format!("{name}: must be greater than zero"));

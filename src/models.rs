@@ -141,7 +141,7 @@ impl Default for GptLimitsConfig {
             max_images: 16,
             max_prompt_chars: 32_000,
             max_user_chars: 256,
-            max_input_pixels: 100_000_000,
+            max_input_pixels: crate::edit::files::FileRules::DEFAULT_MAX_PIXELS,
             max_body_bytes: None,
             max_event_bytes: 64 * 1024 * 1024,
         }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::ImageEdit;
 use crate::body::ChunkedBody;
 
-/// What goes upstream.
+/// What goes upstream: a multipart body with its boundary, or (boundary empty) a JSON body.
 #[derive(Debug, Clone)]
 pub struct CanonicalBody {
     pub boundary: String,
@@ -18,8 +18,20 @@ pub struct CanonicalBody {
 }
 
 impl CanonicalBody {
+    /// A JSON body.
+    pub fn json(bytes: Bytes) -> CanonicalBody {
+        CanonicalBody {
+            boundary: String::new(),
+            body: ChunkedBody::new(vec![bytes]),
+        }
+    }
+
     pub fn content_type(&self) -> String {
-        format!("multipart/form-data; boundary={}", self.boundary)
+        if self.boundary.is_empty() {
+            "application/json".into()
+        } else {
+            format!("multipart/form-data; boundary={}", self.boundary)
+        }
     }
 }
 

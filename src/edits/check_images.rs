@@ -2,6 +2,8 @@
 //! `server.max_concurrent_decodes` at once, and the digests the ledger records of the files as
 //! received.
 
+use std::sync::Arc;
+
 use tokio::sync::Semaphore;
 
 use crate::edit::ImageEdit;
@@ -41,10 +43,14 @@ pub struct Checked {
 
 /// Run the PNG checks on the blocking pool, at most `server.max_concurrent_decodes` at once,
 /// and take the digests the ledger records (of the bytes as received).
-pub async fn check_images(permits: &Semaphore, rules: &PngRules, edit: &ImageEdit) -> Checked {
+pub async fn check_images(
+    permits: &Arc<Semaphore>,
+    rules: &PngRules,
+    edit: &ImageEdit,
+) -> Checked {
     let image = edit.image.bytes.clone();
     let mask = edit.mask.as_ref().map(|m| m.bytes.clone());
-    let Ok(_permit) = permits.acquire().await else {
+    let Ok(permit) = permits.clone().acquire_owned().await else {
         return Checked {
             digests: None,
             result: Err(GatewayError::Internal),
@@ -53,6 +59,8 @@ pub async fn check_images(permits: &Semaphore, rules: &PngRules, edit: &ImageEdi
     let rules = rules.clone();
     let max_bytes = rules.max_bytes;
     let job = tokio::task::spawn_blocking(move || {
+        // Held by the job itself: released when the decode ends, not when the caller leaves.
+        let _permit = permit;
         let mut image_digest = FileDigest::of(&image);
         let mut mask_digest = mask.as_deref().map(FileDigest::of);
         let result = (|| {

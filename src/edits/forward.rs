@@ -15,7 +15,7 @@ use http::{HeaderValue, Response, header};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
-use super::relay::{ChannelBody, pump};
+use super::relay::{ChannelBody, ImageCounter, Observed, Watch, pump};
 use super::reserve::ReservationGuard;
 use crate::body::Body;
 use crate::edit::canonical::CanonicalBody;
@@ -23,12 +23,17 @@ use crate::error::GatewayError;
 use crate::ledger::store::LedgerOp;
 use crate::ledger::{Ledger, Outcome, Record};
 use crate::middleware::usage::{Trail, commit, commit_detached, note_error};
+use crate::answer::{JsonAnswerScanner, SseScanner};
+use crate::ledger::CostBasis;
+use crate::pricing::{Usage, cost_micros_sum};
 use crate::upstream::{Upstream, passed_headers};
 
 /// What forwarding needs, built once at start.
 #[derive(Clone)]
 pub struct Forwarder {
     pub upstream: Arc<Upstream>,
+    /// Longest silence of the upstream mid-answer.
+    pub idle_timeout: std::time::Duration,
     pub ledger: Ledger,
     /// Forwarding tasks, which outlive their connections; shutdown waits for them.
     pub tasks: TaskTracker,
@@ -39,6 +44,7 @@ impl Forwarder {
     pub async fn forward(
         &self,
         canonical: CanonicalBody,
+        answer: Expect,
         reservation: ReservationGuard,
         trail: Trail,
     ) -> Result<Response<Body>, GatewayError> {
@@ -53,14 +59,16 @@ impl Forwarder {
         let span = tracing::Span::current();
         let this = self.clone();
         self.tasks.spawn(tracing::Instrument::instrument(
-            this.run(canonical, reservation, trail, record, head_tx),
+            this.run(canonical, answer, reservation, trail, record, head_tx),
             span,
         ));
         let (parts, body) = head_rx.await.map_err(|_| GatewayError::Internal)??;
         let mut resp = Response::new(Body::new(body));
         *resp.status_mut() = parts.status;
         *resp.headers_mut() = passed_headers(&parts.headers);
-        if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
+        if let Some(len) = parts.headers.get(header::CONTENT_LENGTH)
+            && !is_event_stream(&parts.headers)
+        {
             resp.headers_mut()
                 .insert(header::CONTENT_LENGTH, len.clone());
         }
@@ -77,6 +85,7 @@ impl Forwarder {
     async fn run(
         self,
         canonical: CanonicalBody,
+        answer: Expect,
         reservation: ReservationGuard,
         trail: Trail,
         mut record: Record,
@@ -129,8 +138,19 @@ impl Forwarder {
                     .get("x-request-id")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
+                let events = is_event_stream(&parts.headers);
+                let watch = if !status.is_success() {
+                    Watch::Nothing
+                } else {
+                    answer.watch(events)
+                };
                 let (tx, rx) = mpsc::channel(8);
-                let hint = http_body::Body::size_hint(&body).exact();
+                // An event stream may gain a closing error event (S4): no fixed length.
+                let hint = if events {
+                    None
+                } else {
+                    http_body::Body::size_hint(&body).exact()
+                };
                 let _ = head_tx.send(Ok((
                     parts,
                     ChannelBody {
@@ -138,17 +158,28 @@ impl Forwarder {
                         remaining: hint,
                     },
                 )));
-                let (outcome, tail) = pump(body, tx, status.is_success()).await;
-                let images = outcome.images as u32;
-                let cost = reservation.cost_of_images(images);
-                record.cost_settled_micros = reservation.settle(images, cost).await;
+                let (outcome, tail, observed) = pump(body, tx, watch, self.idle_timeout).await;
+                let bill = Bill::of(&observed, &reservation);
+                let images = bill.images;
+                record.cost_settled_micros = reservation.settle(images, bill.micros).await;
                 record.images_returned = Some(images);
                 record.upstream_ms = Some(sent.elapsed().as_millis() as u64);
+                bill.note(&mut record);
+                let broke = match &observed {
+                    Observed::Events(o) => !outcome.complete || o.end.needs_error_event(),
+                    _ => !outcome.complete,
+                };
                 record.outcome = if outcome.caller_gone {
                     record.reason_message =
                         Some("the caller disconnected before the whole answer was sent".into());
                     Outcome::ClientGone
-                } else if !outcome.complete {
+                } else if outcome.stalled {
+                    record.reason_message = Some(format!(
+                        "the upstream sent nothing for {} seconds mid-answer",
+                        self.idle_timeout.as_secs()
+                    ));
+                    Outcome::UpstreamTimeout
+                } else if broke {
                     record.reason_message = Some("the upstream answer broke off".into());
                     Outcome::UpstreamError
                 } else {
@@ -170,5 +201,115 @@ impl Forwarder {
     async fn complete(&self, mut record: Record, trail: &Trail) {
         record.total_ms = Some(trail.elapsed_ms());
         commit(&self.ledger, LedgerOp::Complete(record)).await;
+    }
+}
+
+/// The kind of answer a request expects.
+#[derive(Debug, Clone, Copy)]
+pub enum Expect {
+    /// dall-e-2: a JSON list of images.
+    Images,
+    /// gpt-image: JSON with `usage`, or (when the upstream answers `text/event-stream`) events
+    /// of which one line may be `line_limit` bytes.
+    GptImage { line_limit: usize },
+}
+
+impl Expect {
+    fn watch(self, events: bool) -> Watch {
+        match (self, events) {
+            (Expect::Images, _) => Watch::Images(ImageCounter::default()),
+            (Expect::GptImage { line_limit }, true) => Watch::Events(SseScanner::new(line_limit)),
+            (Expect::GptImage { .. }, false) => Watch::Json(JsonAnswerScanner::new()),
+        }
+    }
+}
+
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+}
+
+/// What an answer costs and what the record says of it (§7, B1–B6).
+#[derive(Debug, Default)]
+struct Bill {
+    images: u32,
+    micros: i64,
+    basis: Option<CostBasis>,
+    usages: Vec<Usage>,
+}
+
+impl Bill {
+    fn of(observed: &Observed, reservation: &ReservationGuard) -> Bill {
+        let (images, usages): (u32, Vec<Usage>) = match observed {
+            // An error answer costs nothing (B2).
+            Observed::Nothing => return Bill::default(),
+            Observed::Images(n) => {
+                let images = *n as u32;
+                return Bill {
+                    images,
+                    micros: reservation.cost_of_images(images),
+                    basis: Some(CostBasis::PerImage),
+                    usages: Vec::new(),
+                };
+            }
+            Observed::Json(a) => (
+                a.items as u32,
+                a.usage.iter().filter_map(|u| u.as_ref().ok()).cloned().collect(),
+            ),
+            Observed::Events(o) => (o.summary.completed, o.summary.usages.clone()),
+        };
+        let Some(prices) = reservation.token_prices() else {
+            return Bill {
+                images,
+                micros: reservation.cost_of_images(images),
+                basis: Some(CostBasis::PerImage),
+                usages,
+            };
+        };
+        if usages.is_empty() {
+            // No usage: what was reserved is charged (B3).
+            return Bill {
+                images,
+                micros: reservation.reserved_micros(),
+                basis: Some(CostBasis::Estimated),
+                usages,
+            };
+        }
+        match cost_micros_sum(usages.iter(), prices) {
+            Ok(m) => Bill {
+                images,
+                micros: i64::try_from(m).unwrap_or(i64::MAX),
+                basis: Some(CostBasis::Usage),
+                usages,
+            },
+            Err(_) => Bill {
+                images,
+                micros: reservation.reserved_micros(),
+                basis: Some(CostBasis::Estimated),
+                usages,
+            },
+        }
+    }
+
+    /// Write the usage and cost basis into the record.
+    fn note(&self, record: &mut Record) {
+        record.cost_basis = self.basis;
+        if self.usages.is_empty() {
+            return;
+        }
+        let sum = |f: fn(&Usage) -> u64| Some(self.usages.iter().map(f).sum::<u64>());
+        record.input_tokens = sum(|u| u.input_tokens);
+        record.input_text_tokens = sum(|u| u.input_text_tokens);
+        record.input_image_tokens = sum(|u| u.input_image_tokens);
+        record.output_tokens = sum(|u| u.output_tokens);
+        record.total_tokens = sum(|u| u.total_tokens.unwrap_or(u.input_tokens + u.output_tokens));
+        let raws: Vec<&str> = self.usages.iter().map(|u| u.raw.as_str()).collect();
+        record.usage_extra = Some(if raws.len() == 1 {
+            raws[0].to_owned()
+        } else {
+            format!("[{}]", raws.join(","))
+        });
     }
 }

@@ -12,6 +12,7 @@
 //! request to a task that outlives the connection (see [`forward`]). Every fact learned on the
 //! way is written into the request's [`Trail`] for the ledger.
 
+pub mod check_files;
 pub mod check_images;
 pub mod forward;
 pub mod read_body;
@@ -41,7 +42,7 @@ use crate::middleware::BoxFuture;
 use crate::middleware::auth::Caller;
 use crate::middleware::usage::Trail;
 use check_images::check_images;
-use forward::Forwarder;
+use forward::{Expect, Forwarder};
 use read_body::{BodyLimits, BufferBudget, read_body};
 use reserve::{Pricing, reserve};
 
@@ -215,7 +216,9 @@ impl Edits {
             // The request's bytes stay in the budget until the upstream client drops the body.
             canonical.body = canonical.body.holding(Arc::new(held));
             // forward → relay → settle and record
-            this.forwarder.forward(canonical, reservation, trail).await
+            this.forwarder
+                .forward(canonical, Expect::Images, reservation, trail)
+                .await
         });
         Ok(Admitted { rate, rest })
     }

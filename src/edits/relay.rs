@@ -1,93 +1,165 @@
-//! Relay phase: the upstream body copied to the caller one chunk behind, the images counted on
-//! the side, the last chunk held back until the record is committed.
+//! Relay phase: the upstream body copied to the caller as it arrives, what it says (images,
+//! usage, events) observed on the side, its end held back until the record is committed.
 
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
+use crate::answer::{JsonAnswer, JsonAnswerScanner, SseOutcome, SseScanner, incomplete_error_event};
 use crate::body::BoxError;
 use crate::upstream::error_chain;
 
-/// What relaying an answer observed.
+/// What the relay watches for in an answer, by the kind of answer expected.
+pub enum Watch {
+    /// A dall-e-2 JSON answer: image items counted.
+    Images(ImageCounter),
+    /// A gpt-image JSON answer: items counted, `usage` captured.
+    Json(JsonAnswerScanner),
+    /// A gpt-image event stream: events parsed on the side, usage from the completed events.
+    Events(SseScanner),
+    /// Nothing (an error answer).
+    Nothing,
+}
+
+/// What the watch saw once the answer ended.
+#[derive(Debug)]
+pub enum Observed {
+    Images(usize),
+    Json(JsonAnswer),
+    Events(SseOutcome),
+    Nothing,
+}
+
+impl Watch {
+    fn feed(&mut self, data: &[u8]) {
+        match self {
+            Watch::Images(c) => c.feed(data),
+            Watch::Json(j) => j.feed(data),
+            Watch::Events(e) => {
+                e.feed(data);
+            }
+            Watch::Nothing => {}
+        }
+    }
+
+    fn finish(self) -> Observed {
+        match self {
+            Watch::Images(c) => Observed::Images(c.count),
+            Watch::Json(j) => Observed::Json(j.finish()),
+            Watch::Events(e) => Observed::Events(e.finish()),
+            Watch::Nothing => Observed::Nothing,
+        }
+    }
+}
+
+/// How relaying an answer went.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RelayOutcome {
-    /// Image items seen in a successful answer.
-    pub images: usize,
     /// The caller stopped reading before the end.
     pub caller_gone: bool,
     /// The upstream body ended cleanly.
     pub complete: bool,
+    /// The upstream sent nothing for the idle timeout.
+    pub stalled: bool,
 }
 
 /// What is left to give the caller once the record is written.
 pub struct Tail {
     tx: mpsc::Sender<Result<Bytes, BoxError>>,
-    /// The last chunk of the answer, held back: a caller that knows the length (or reads to
-    /// the end) must not see the whole answer before its record is committed.
-    last: Option<Bytes>,
+    /// The last chunk of a JSON answer, held back: a caller that knows the length (or reads to
+    /// the end) must not see the whole answer before its record is committed. An event stream
+    /// holds back only its end (and, when it broke, the closing error event of S4).
+    last: Vec<Bytes>,
 }
 
 impl Tail {
     /// Send the held-back chunk and end the caller's body.
     pub async fn finish(self) {
-        if let Some(last) = self.last {
-            let _ = self.tx.send(Ok(last)).await;
+        for chunk in self.last {
+            if self.tx.send(Ok(chunk)).await.is_err() {
+                break;
+            }
         }
     }
 }
 
-/// Copy the upstream body to the caller, one chunk behind; when the caller is gone keep reading
-/// to the end, so the images returned are known.
+/// Copy the upstream body to the caller as it arrives (a JSON answer one chunk behind); when
+/// the caller is gone keep reading to the end, so what the answer cost is known. A body that
+/// sends nothing for `idle` ends as stalled.
 pub async fn pump(
     mut body: Incoming,
     tx: mpsc::Sender<Result<Bytes, BoxError>>,
-    count: bool,
-) -> (RelayOutcome, Tail) {
-    let mut counter = ImageCounter::default();
+    mut watch: Watch,
+    idle: Duration,
+) -> (RelayOutcome, Tail, Observed) {
+    let events = matches!(watch, Watch::Events(_));
     let mut outcome = RelayOutcome::default();
     let mut held: Option<Bytes> = None;
+    let mut broke: Option<BoxError> = None;
     loop {
-        match body.frame().await {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Ok(f) => f,
+            Err(_) => {
+                tracing::warn!(after = ?idle, "the upstream answer stalled");
+                outcome.stalled = true;
+                broke = Some("the upstream answer stalled".into());
+                break;
+            }
+        };
+        match frame {
             None => {
                 outcome.complete = true;
                 break;
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %error_chain(&e), "upstream body failed");
-                if !outcome.caller_gone {
-                    if let Some(prev) = held.take() {
-                        let _ = tx.send(Ok(prev)).await;
-                    }
-                    let _ = tx.send(Err(Box::new(e))).await;
-                }
+                broke = Some(Box::new(e));
                 break;
             }
             Some(Ok(frame)) => {
                 let Ok(data) = frame.into_data() else {
                     continue;
                 };
-                if count {
-                    counter.feed(&data);
-                }
-                if let Some(prev) = held.replace(data)
+                watch.feed(&data);
+                let send = if events { Some(data) } else { held.replace(data) };
+                if let Some(chunk) = send
                     && !outcome.caller_gone
-                    && tx.send(Ok(prev)).await.is_err()
+                    && tx.send(Ok(chunk)).await.is_err()
                 {
                     outcome.caller_gone = true;
                 }
             }
         }
     }
-    outcome.images = counter.count;
     // A caller that stopped reading is also gone if it left while the last chunk was held.
     if !outcome.caller_gone && tx.is_closed() {
         outcome.caller_gone = true;
     }
-    let last = if outcome.caller_gone { None } else { held };
-    (outcome, Tail { tx, last })
+    let observed = watch.finish();
+    let mut last: Vec<Bytes> = held.into_iter().collect();
+    if let Observed::Events(o) = &observed {
+        if o.end.needs_error_event() || broke.is_some() {
+            // S4: a stream that ended before its image was completed ends with an error event
+            // the SDKs raise, instead of a silent end.
+            last.push(incomplete_error_event());
+        }
+    } else if let Some(e) = broke
+        && !outcome.caller_gone
+    {
+        // A JSON answer that broke off: the caller gets what came, then a broken body.
+        for chunk in last.drain(..) {
+            let _ = tx.send(Ok(chunk)).await;
+        }
+        let _ = tx.send(Err(e)).await;
+    }
+    if outcome.caller_gone {
+        last.clear();
+    }
+    (outcome, Tail { tx, last }, observed)
 }
 
 /// Counts the image items of an OpenAI images answer as it streams by: each item has exactly one

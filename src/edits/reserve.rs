@@ -8,12 +8,15 @@ use std::sync::Arc;
 use crate::error::GatewayError;
 use crate::limits::EndUser;
 use crate::limits::quota::{QuotaStore, Reservation};
+use crate::pricing::TokenPrices;
 
 /// How the settled cost of a request is found from its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pricing {
     /// A fixed price per image returned (dall-e-2), in micro-dollars.
     PerImage(i64),
+    /// Token prices: the cost comes from the answer's `usage` (gpt-image).
+    Tokens(TokenPrices),
 }
 
 /// Reserve `images` and `micros` for `who` on the blocking pool.
@@ -53,7 +56,16 @@ impl ReservationGuard {
     pub fn cost_of_images(&self, images: u32) -> i64 {
         match self.pricing {
             Pricing::PerImage(each) => each * i64::from(images),
+            // Without usage, what was reserved is charged (B3).
+            Pricing::Tokens(_) => self.reserved_micros(),
         }
+    }
+
+    /// The token prices, when the cost comes from usage.
+    pub fn token_prices(&self) -> Option<&TokenPrices> {
+        match &self.pricing {
+            Pricing::Tokens(p) => Some(p),
+            Pricing::PerImage(_) => None,
     }
 
     /// A full refund, committed before this returns (so the caller's next request sees the
