@@ -1,7 +1,7 @@
 //! The admin listener: its own address (`admin.listen`, off by default), every route behind the
 //! admin key (`Authorization: Bearer <admin key>`, SHA-256 compared in constant time).
 //!
-//! - `GET /admin/usage?since=&until=&client=&user=&group_by=user|client|day`: the usage report
+//! - `GET /admin/usage?since=&until=&client=&user=&group_by=user|client|day|model`: the usage report
 //!   as JSON (the same filters and figures as `imagegate usage`);
 //! - `GET /admin/requests/{request_id}`: one ledger record as JSON, 404 when unknown;
 //! - `GET /metrics`: Prometheus text.

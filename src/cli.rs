@@ -38,14 +38,14 @@ pub enum Command {
     },
     /// Read a gateway key on stdin and print the form `clients[].key_hash` stores.
     HashKey,
-    /// Usage report from the ledger: requests, images, spend, rejections by reason.
+    /// Usage report from the ledger: requests, images, spend, tokens, rejections by reason.
     Usage {
         #[command(flatten)]
         config: ConfigArg,
         #[command(flatten)]
         filters: Filters,
-        /// Group rows by `user`, `client` or `day` (days in `quotas.time_zone`); one total row if absent.
-        #[arg(long, value_parser = ["user", "client", "day"])]
+        /// Group rows by `user`, `client`, `day` (days in `quotas.time_zone`) or `model`; one total row if absent.
+        #[arg(long, value_parser = ["user", "client", "day", "model"])]
         group_by: Option<String>,
         /// Output format.
         #[arg(long, value_parser = ["table", "csv", "json"], default_value = "table")]

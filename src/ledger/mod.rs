@@ -55,7 +55,7 @@ pub mod sqlite;
 pub mod store;
 pub mod writer;
 
-pub use record::{Outcome, PromptPolicy, Record};
+pub use record::{CostBasis, Outcome, PromptPolicy, Record};
 pub use report::{
     ExportFormat, Format, micros_to_usd, parse_time_bound, render_usage, write_export,
 };
@@ -122,7 +122,7 @@ impl From<std::io::Error> for LedgerError {
 
 #[cfg(test)]
 pub(crate) mod test_support {
-    use super::{Outcome, PromptPolicy, Record};
+    use super::{CostBasis, Outcome, PromptPolicy, Record};
 
     /// A fully populated answered record.
     pub(crate) fn sample() -> Record {
@@ -150,6 +150,19 @@ pub(crate) mod test_support {
             prompt: PromptPolicy::Sha256.apply("a cat"),
             total_ms: Some(12_345),
             upstream_ms: Some(12_000),
+            quality: Some("high".into()),
+            output_format: Some("png".into()),
+            input_images: Some(2),
+            stream: Some(false),
+            input_tokens: Some(1_060),
+            input_text_tokens: Some(60),
+            input_image_tokens: Some(1_000),
+            output_tokens: Some(2_000),
+            total_tokens: Some(3_060),
+            usage_extra: Some(
+                r#"{"input_tokens_details":{"cached_tokens_details":{"text_tokens":0}}}"#.into(),
+            ),
+            cost_basis: Some(CostBasis::Usage),
             ..Record::default()
         }
     }

@@ -127,7 +127,51 @@ impl FromStr for Outcome {
     }
 }
 
+/// What a record's settled cost was computed from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CostBasis {
+    /// A per-image price list (the dall-e-2 profile).
+    PerImage,
+    /// The token `usage` of the answer, at the model's token prices.
+    Usage,
+    /// The answer had no usage: the reservation was charged.
+    Estimated,
+}
+
+impl CostBasis {
+    pub const ALL: [CostBasis; 3] = [CostBasis::PerImage, CostBasis::Usage, CostBasis::Estimated];
+
+    /// The stored and serialized name (`snake_case`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CostBasis::PerImage => "per_image",
+            CostBasis::Usage => "usage",
+            CostBasis::Estimated => "estimated",
+        }
+    }
+}
+
+impl fmt::Display for CostBasis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for CostBasis {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        CostBasis::ALL
+            .into_iter()
+            .find(|b| b.as_str() == s)
+            .ok_or_else(|| format!("unknown cost basis {s:?}"))
+    }
+}
+
 /// One request to the edits route. See the module doc for the serialized form.
+///
+/// Fields added after the first release (`quality` to `cost_basis`) are `null` in chain
+/// entries written before them: `#[serde(default)]` reads those entries unchanged.
 ///
 /// `forwarded` is maintained by the store, not the caller: it is `true` exactly when a `Begin`
 /// was committed for the request (whatever the caller put there is overwritten).
@@ -177,6 +221,26 @@ pub struct Record {
     /// Whole request, and the upstream exchange alone, in milliseconds.
     pub total_ms: Option<u64>,
     pub upstream_ms: Option<u64>,
+    /// The request's `quality` and `output_format` (as resolved by the upstream when its answer
+    /// says, else as requested).
+    pub quality: Option<String>,
+    pub output_format: Option<String>,
+    /// How many input images the request carried (the mask not included).
+    pub input_images: Option<u32>,
+    /// Whether the request asked for a streamed answer (`stream=true`).
+    pub stream: Option<bool>,
+    /// The answer's token `usage`: `input_tokens`, its `input_tokens_details.text_tokens` and
+    /// `.image_tokens`, `output_tokens`, `total_tokens`.
+    pub input_tokens: Option<u64>,
+    pub input_text_tokens: Option<u64>,
+    pub input_image_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub total_tokens: Option<u64>,
+    /// The keys of the answer's `usage` that have no field above (e.g.
+    /// `input_tokens_details.cached_tokens_details`), as a JSON object in text.
+    pub usage_extra: Option<String>,
+    /// What `cost_settled_micros` was computed from.
+    pub cost_basis: Option<CostBasis>,
     /// Set by the store: a `Begin` was committed for this request.
     pub forwarded: bool,
 }
@@ -209,6 +273,11 @@ impl Record {
             ("mask_bytes", self.mask_bytes),
             ("total_ms", self.total_ms),
             ("upstream_ms", self.upstream_ms),
+            ("input_tokens", self.input_tokens),
+            ("input_text_tokens", self.input_text_tokens),
+            ("input_image_tokens", self.input_image_tokens),
+            ("output_tokens", self.output_tokens),
+            ("total_tokens", self.total_tokens),
         ];
         for (name, v) in big {
             if v.is_some_and(|v| i64::try_from(v).is_err()) {
@@ -347,6 +416,49 @@ mod tests {
     }
 
     #[test]
+    fn cost_basis_names_round_trip() {
+        for b in CostBasis::ALL {
+            assert_eq!(b.as_str().parse::<CostBasis>().unwrap(), b);
+            assert_eq!(serde_json::to_string(&b).unwrap(), format!("\"{b}\""));
+        }
+        assert_eq!(CostBasis::PerImage.as_str(), "per_image");
+        assert!("PerImage".parse::<CostBasis>().is_err());
+    }
+
+    #[test]
+    fn new_fields_sit_between_upstream_ms_and_forwarded() {
+        let json = serde_json::to_string(&sample()).unwrap();
+        assert!(
+            json.contains(
+                r#""upstream_ms":12000,"quality":"high","output_format":"png","input_images":2,"stream":false,"input_tokens":1060,"input_text_tokens":60,"input_image_tokens":1000,"output_tokens":2000,"total_tokens":3060,"usage_extra":"{\"input_tokens_details\":{\"cached_tokens_details\":{\"text_tokens\":0}}}","cost_basis":"usage","forwarded":false}"#
+            ),
+            "{json}"
+        );
+        let empty = serde_json::to_string(&Record::default()).unwrap();
+        assert!(empty.contains(r#""usage_extra":null,"cost_basis":null,"forwarded":false"#));
+    }
+
+    #[test]
+    fn a_first_release_entry_still_reads() {
+        // A chain entry as the first release wrote it: no quality .. cost_basis keys.
+        let old = r#"{"v":1,"kind":"complete","record":{"request_id":"req_old","received_at":"2025-01-01T00:00:00Z","client":"acme","user":null,"client_addr":null,"outcome":"answered","reason_code":null,"reason_param":null,"reason_message":null,"status":200,"upstream_status":200,"upstream_request_id":null,"model":"dall-e-2","n":1,"size":"1024x1024","response_format":"b64_json","images_returned":1,"cost_reserved_micros":20000,"cost_settled_micros":20000,"image_sha256":null,"image_bytes":null,"image_width":null,"image_height":null,"mask_sha256":null,"mask_bytes":null,"mask_width":null,"mask_height":null,"prompt":null,"total_ms":5,"upstream_ms":4,"forwarded":true}}"#;
+        let e: EntryIn = serde_json::from_str(old).unwrap();
+        assert_eq!(e.kind, EntryKind::Complete);
+        let r = e.record;
+        assert_eq!(r.model.as_deref(), Some("dall-e-2"));
+        assert_eq!((r.cost_settled_micros, r.forwarded), (20_000, true));
+        assert_eq!(
+            (r.quality, r.input_tokens, r.usage_extra, r.cost_basis),
+            (None, None, None, None)
+        );
+        // An unknown cost basis is an error, not a default.
+        let bad = serde_json::to_string(&sample())
+            .unwrap()
+            .replace(r#""cost_basis":"usage""#, r#""cost_basis":"free""#);
+        assert!(serde_json::from_str::<Record>(&bad).is_err());
+    }
+
+    #[test]
     fn validation_and_normalization() {
         assert!(sample().validate().is_ok());
         assert!(
@@ -360,6 +472,9 @@ mod tests {
         let mut big = sample();
         big.image_bytes = Some(u64::MAX);
         assert!(big.validate().unwrap_err().contains("image_bytes"));
+        let mut big = sample();
+        big.output_tokens = Some(u64::MAX);
+        assert!(big.validate().unwrap_err().contains("output_tokens"));
 
         let fine: Timestamp = "2025-03-04T05:06:07.123456789Z".parse().unwrap();
         let r = Record::new("a", fine).normalized();

@@ -3,7 +3,8 @@
 //! - `UsageAggregator` folds records into [`UsageRow`]s; every store feeds it, so grouping
 //!   (including calendar days in any time zone) behaves the same whatever the backend.
 //! - [`render_usage`]: a table for people (USD with 6 decimals), CSV (one `rejected:<code>`
-//!   column per reason seen) or JSON (an array of rows, `spend_micros` and `spend_usd`).
+//!   column per reason seen) or JSON (an array of rows, `spend_micros` and `spend_usd`). Every
+//!   form has the summed input and output tokens.
 //! - [`write_export`]: the records themselves, as JSON Lines (one [`Record`] per line, the same
 //!   JSON as the chain entries) or CSV (header = the JSON field names, RFC 4180 quoting, empty
 //!   cell for a missing value, `received_at` in RFC 3339). CSV cells are written as they are:
@@ -117,6 +118,7 @@ impl UsageAggregator {
                 f.client.unwrap_or(MISSING),
                 f.user.unwrap_or(MISSING)
             ),
+            GroupBy::Model => f.model.unwrap_or(MISSING).to_owned(),
             GroupBy::Day => match Timestamp::from_microsecond(f.received_at_us) {
                 Ok(t) => self.tz.to_datetime(t).date().to_string(),
                 Err(_) => "invalid-date".to_owned(),
@@ -134,6 +136,8 @@ impl UsageAggregator {
         row.forwarded += u64::from(f.forwarded);
         row.images += u64::from(f.images);
         row.spend_micros = row.spend_micros.saturating_add(f.spend_micros);
+        row.input_tokens = row.input_tokens.saturating_add(f.input_tokens);
+        row.output_tokens = row.output_tokens.saturating_add(f.output_tokens);
         if f.outcome == Outcome::Rejected {
             let reason = f.reason_code.unwrap_or(UNSPECIFIED);
             // Look up before allocating: most rejections repeat a known reason.
@@ -205,6 +209,8 @@ fn render_table(rows: &[UsageRow]) -> String {
         "FORWARDED",
         "IMAGES",
         "SPEND (USD)",
+        "IN TOKENS",
+        "OUT TOKENS",
         "REJECTED",
         "REJECTIONS BY REASON",
     ];
@@ -215,11 +221,13 @@ fn render_table(rows: &[UsageRow]) -> String {
             r.forwarded.to_string(),
             r.images.to_string(),
             micros_to_usd(r.spend_micros),
+            r.input_tokens.to_string(),
+            r.output_tokens.to_string(),
             r.rejected().to_string(),
             rejections_text(r),
         ]
     };
-    let mut lines: Vec<[String; 7]> = vec![header.map(str::to_owned)];
+    let mut lines: Vec<[String; 9]> = vec![header.map(str::to_owned)];
     lines.extend(rows.iter().map(line));
     if rows.len() > 1 {
         let mut total = UsageRow {
@@ -231,13 +239,15 @@ fn render_table(rows: &[UsageRow]) -> String {
             total.forwarded += r.forwarded;
             total.images += r.images;
             total.spend_micros = total.spend_micros.saturating_add(r.spend_micros);
+            total.input_tokens = total.input_tokens.saturating_add(r.input_tokens);
+            total.output_tokens = total.output_tokens.saturating_add(r.output_tokens);
             for (k, v) in &r.rejections {
                 *total.rejections.entry(k.clone()).or_default() += v;
             }
         }
         lines.push(line(&total));
     }
-    let mut widths = [0usize; 7];
+    let mut widths = [0usize; 9];
     for l in &lines {
         for (w, cell) in widths.iter_mut().zip(l) {
             *w = (*w).max(cell.chars().count());
@@ -251,7 +261,7 @@ fn render_table(rows: &[UsageRow]) -> String {
                 text.push_str("  ");
             }
             // Key and reasons left-aligned, numbers right-aligned.
-            if i == 0 || i == 6 {
+            if i == 0 || i == 8 {
                 text.push_str(&format!("{cell:<w$}", w = widths[i]));
             } else {
                 text.push_str(&format!("{cell:>w$}", w = widths[i]));
@@ -275,6 +285,8 @@ fn render_csv(rows: &[UsageRow]) -> String {
         "images",
         "spend_usd",
         "spend_micros",
+        "input_tokens",
+        "output_tokens",
         "rejected",
     ]
     .map(str::to_owned)
@@ -290,6 +302,8 @@ fn render_csv(rows: &[UsageRow]) -> String {
             r.images.to_string(),
             micros_to_usd(r.spend_micros),
             r.spend_micros.to_string(),
+            r.input_tokens.to_string(),
+            r.output_tokens.to_string(),
             r.rejected().to_string(),
         ];
         cells.extend(
@@ -320,7 +334,7 @@ fn push_csv_line<'a>(out: &mut String, cells: impl Iterator<Item = &'a str>) {
 }
 
 /// Header of the CSV export: the record's JSON field names, in order.
-pub const CSV_COLUMNS: [&str; 31] = [
+pub const CSV_COLUMNS: [&str; 42] = [
     "request_id",
     "received_at",
     "client",
@@ -351,6 +365,17 @@ pub const CSV_COLUMNS: [&str; 31] = [
     "prompt",
     "total_ms",
     "upstream_ms",
+    "quality",
+    "output_format",
+    "input_images",
+    "stream",
+    "input_tokens",
+    "input_text_tokens",
+    "input_image_tokens",
+    "output_tokens",
+    "total_tokens",
+    "usage_extra",
+    "cost_basis",
     "forwarded",
 ];
 
@@ -358,7 +383,7 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref().map(T::to_string).unwrap_or_default()
 }
 
-fn csv_cells(r: &Record) -> [String; 31] {
+fn csv_cells(r: &Record) -> [String; 42] {
     [
         r.request_id.clone(),
         r.received_at.to_string(),
@@ -390,6 +415,17 @@ fn csv_cells(r: &Record) -> [String; 31] {
         opt(&r.prompt),
         opt(&r.total_ms),
         opt(&r.upstream_ms),
+        opt(&r.quality),
+        opt(&r.output_format),
+        opt(&r.input_images),
+        opt(&r.stream),
+        opt(&r.input_tokens),
+        opt(&r.input_text_tokens),
+        opt(&r.input_image_tokens),
+        opt(&r.output_tokens),
+        opt(&r.total_tokens),
+        opt(&r.usage_extra),
+        opt(&r.cost_basis),
         r.forwarded.to_string(),
     ]
 }
@@ -431,6 +467,7 @@ pub fn write_export(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::record::CostBasis;
     use crate::ledger::sqlite::SqliteStore;
     use crate::ledger::store::LedgerOp;
     use crate::ledger::test_support::{rec, sample};
@@ -601,7 +638,110 @@ mod tests {
             images,
             spend_micros: spend,
             rejections: rej.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ..UsageRow::default()
         }
+    }
+
+    #[test]
+    fn usage_by_model_with_tokens() {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        let answered =
+            |id: &str, model: Option<&str>, images, usd, tokens: Option<(u64, u64)>| Record {
+                model: model.map(Into::into),
+                images_returned: Some(images),
+                cost_reserved_micros: usd,
+                cost_settled_micros: usd,
+                input_tokens: tokens.map(|t| t.0),
+                output_tokens: tokens.map(|t| t.1),
+                cost_basis: Some(if tokens.is_some() {
+                    CostBasis::Usage
+                } else {
+                    CostBasis::PerImage
+                }),
+                ..rec(
+                    id,
+                    "2025-01-01T10:00:00Z",
+                    "acme",
+                    Some("alice"),
+                    Outcome::Answered,
+                )
+            };
+        let mut ops = Vec::new();
+        for r in [
+            answered("d1", Some("dall-e-2"), 2, 40_000, None),
+            answered("g1", Some("gpt-image-2"), 1, 68_300, Some((1_060, 2_000))),
+            answered("g2", Some("gpt-image-2"), 2, 130_000, Some((500, 4_000))),
+            answered("m1", Some("gpt-image-1-mini"), 1, 9_000, Some((100, 1_000))),
+        ] {
+            ops.push(LedgerOp::Begin(r.clone()));
+            ops.push(LedgerOp::Complete(r));
+        }
+        // A rejection before the model was known.
+        ops.push(LedgerOp::Final(Record {
+            reason_code: Some("invalid_api_key".into()),
+            ..rec(
+                "r1",
+                "2025-01-01T11:00:00Z",
+                "acme",
+                None,
+                Outcome::Rejected,
+            )
+        }));
+        for r in s.write_batch(&ops).unwrap() {
+            r.unwrap();
+        }
+        let tokens = |mut r: UsageRow, input, output| {
+            r.input_tokens = input;
+            r.output_tokens = output;
+            r
+        };
+        let rows = s.usage(&q(GroupBy::Model)).unwrap();
+        assert_eq!(
+            rows,
+            [
+                row("-", 1, 0, 0, 0, &[("invalid_api_key", 1)]),
+                row("dall-e-2", 1, 1, 2, 40_000, &[]),
+                tokens(row("gpt-image-1-mini", 1, 1, 1, 9_000, &[]), 100, 1_000),
+                tokens(row("gpt-image-2", 2, 2, 3, 198_300, &[]), 1_560, 6_000),
+            ]
+        );
+        let total = s.usage(&q(GroupBy::None)).unwrap();
+        assert_eq!(
+            (total[0].input_tokens, total[0].output_tokens),
+            (1_660, 7_000)
+        );
+
+        let table = render_usage(&rows, Format::Table);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains("IN TOKENS  OUT TOKENS"), "{table}");
+        assert!(lines[4].starts_with("gpt-image-2"), "{table}");
+        assert!(
+            lines[4].contains("0.198300") && lines[4].contains("1560"),
+            "{table}"
+        );
+        assert!(
+            lines[5].starts_with("TOTAL") && lines[5].contains("7000"),
+            "{table}"
+        );
+        let csv = parse_csv(&render_usage(&rows, Format::Csv));
+        assert_eq!(
+            csv[4][..9],
+            [
+                "gpt-image-2",
+                "2",
+                "2",
+                "3",
+                "0.198300",
+                "198300",
+                "1560",
+                "6000",
+                "0"
+            ]
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&render_usage(&rows, Format::Json)).unwrap();
+        assert_eq!(json[3]["input_tokens"], 1_560);
+        assert_eq!(json[3]["output_tokens"], 6_000);
     }
 
     #[test]
@@ -787,6 +927,8 @@ mod tests {
                 "images",
                 "spend_usd",
                 "spend_micros",
+                "input_tokens",
+                "output_tokens",
                 "rejected",
                 "rejected:invalid_api_key",
                 "rejected:invalid_image",
@@ -797,7 +939,7 @@ mod tests {
         assert_eq!(
             parsed[2],
             [
-                "acme", "6", "3", "4", "0.160000", "160000", "3", "0", "1", "2", "0"
+                "acme", "6", "3", "4", "0.160000", "160000", "0", "0", "3", "0", "1", "2", "0"
             ]
         );
 
@@ -867,13 +1009,17 @@ mod tests {
             outcome: Outcome::Rejected,
             ..sparse
         };
-        let later = rec(
-            "req_later",
-            "2025-03-05T00:00:00Z",
-            "beta",
-            Some("u"),
-            Outcome::ClientGone,
-        );
+        let later = Record {
+            stream: Some(true),
+            cost_basis: Some(CostBasis::Estimated),
+            ..rec(
+                "req_later",
+                "2025-03-05T00:00:00Z",
+                "beta",
+                Some("u"),
+                Outcome::ClientGone,
+            )
+        };
         for r in s
             .write_batch(&[
                 LedgerOp::Begin(full.clone()),
@@ -936,6 +1082,34 @@ mod tests {
             .map(|cells| record_from_csv(&rows[0], cells))
             .collect();
         assert_eq!(back, expected);
+        let cell = |row: usize, name: &str| {
+            let i = CSV_COLUMNS.iter().position(|c| *c == name).unwrap();
+            rows[row][i].as_str()
+        };
+        assert_eq!(
+            (
+                cell(1, "quality"),
+                cell(1, "input_images"),
+                cell(1, "stream")
+            ),
+            ("high", "2", "false")
+        );
+        assert_eq!(
+            (cell(1, "input_tokens"), cell(1, "total_tokens")),
+            ("1060", "3060")
+        );
+        assert_eq!(
+            cell(1, "usage_extra"),
+            r#"{"input_tokens_details":{"cached_tokens_details":{"text_tokens":0}}}"#
+        );
+        assert_eq!(
+            (
+                cell(1, "cost_basis"),
+                cell(2, "cost_basis"),
+                cell(3, "cost_basis")
+            ),
+            ("usage", "", "estimated")
+        );
         // The CSV header is the JSON field order.
         let json = serde_json::to_string(&expected[1]).unwrap();
         let positions: Vec<usize> = CSV_COLUMNS

@@ -7,6 +7,12 @@
 //! - `records`: the current state of each request (one row per `request_id`, upserted), with
 //!   `seq` pointing at the chain entry that holds the same state. Indexed by `received_at_us`,
 //!   `(client, received_at_us)` and `(end_user, received_at_us)` for reports.
+//! - `ledger_meta(key, value)`: `schema_version`, now 2. A version 1 ledger (the first release)
+//!   is upgraded in place when a writer opens it: the records columns added since
+//!   (`ADDED_IN_2`) are added, all `NULL` in existing rows, in the transaction that opens the
+//!   ledger. The chain is not touched: its entries are hashed as stored, and an old entry's
+//!   record reads the new fields as `None`, which matches the `NULL` columns. A reader opens a
+//!   version 1 ledger without upgrading it.
 //!
 //! Pragmas: `journal_mode=WAL` (readers such as the admin API and the CLI never block the
 //! writer), `synchronous=FULL` by default: a `Begin` that returned is on disk even if the
@@ -20,6 +26,7 @@
 //! the insert collides, the batch fails as `Unavailable`, and the tip is reloaded before the
 //! next batch. After any failed transaction the tip is reloaded the same way.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::LazyLock;
 
@@ -49,14 +56,16 @@ pub enum Synchronous {
     Normal,
 }
 
-const SCHEMA_VERSION: &str = "1";
+/// Version of the tables. 1: the first release. 2: the records columns `quality` to
+/// `cost_basis` (see [`MIGRATE_1_TO_2`]); the chain entry format is unchanged.
+const SCHEMA_VERSION: &str = "2";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS ledger_meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-INSERT OR IGNORE INTO ledger_meta (key, value) VALUES ('schema_version', '1');
+INSERT OR IGNORE INTO ledger_meta (key, value) VALUES ('schema_version', '2');
 CREATE TABLE IF NOT EXISTS ledger_chain (
     seq INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,
@@ -100,6 +109,17 @@ CREATE TABLE IF NOT EXISTS records (
     prompt TEXT,
     total_ms INTEGER,
     upstream_ms INTEGER,
+    quality TEXT,
+    output_format TEXT,
+    input_images INTEGER,
+    stream INTEGER,
+    input_tokens INTEGER,
+    input_text_tokens INTEGER,
+    input_image_tokens INTEGER,
+    output_tokens INTEGER,
+    total_tokens INTEGER,
+    usage_extra TEXT,
+    cost_basis TEXT,
     forwarded INTEGER NOT NULL,
     seq INTEGER NOT NULL
 );
@@ -109,9 +129,59 @@ CREATE INDEX IF NOT EXISTS records_user ON records (end_user, received_at_us);
 CREATE INDEX IF NOT EXISTS records_forwarding ON records (seq) WHERE outcome = 'forwarding';
 ";
 
+/// The records columns added by version 2, with their types. All nullable: existing rows read
+/// them as `NULL`, which is what the chain entries written before them say (a missing field
+/// reads as `None`).
+const ADDED_IN_2: [(&str, &str); 11] = [
+    ("quality", "TEXT"),
+    ("output_format", "TEXT"),
+    ("input_images", "INTEGER"),
+    ("stream", "INTEGER"),
+    ("input_tokens", "INTEGER"),
+    ("input_text_tokens", "INTEGER"),
+    ("input_image_tokens", "INTEGER"),
+    ("output_tokens", "INTEGER"),
+    ("total_tokens", "INTEGER"),
+    ("usage_extra", "TEXT"),
+    ("cost_basis", "TEXT"),
+];
+
+/// The upgrade of a version 1 ledger (the first release) to version 2: one `ALTER TABLE ... ADD
+/// COLUMN` per [`ADDED_IN_2`] column, then `schema_version` = 2. Run inside the transaction
+/// that opens the ledger: all of it or nothing.
+fn migrate_1_to_2(conn: &Connection) -> rusqlite::Result<()> {
+    for (name, ty) in ADDED_IN_2 {
+        conn.execute_batch(&format!("ALTER TABLE records ADD COLUMN {name} {ty};"))?;
+    }
+    conn.execute(
+        "UPDATE ledger_meta SET value = '2' WHERE key = 'schema_version'",
+        [],
+    )?;
+    Ok(())
+}
+
+/// The tables a store reads: current, or version 1 (read-only stores only; see
+/// [`SqliteStore::open_reader`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Schema {
+    V1,
+    Current,
+}
+
+impl Schema {
+    /// `prefix` + `column`, or `NULL` for a column this schema does not have.
+    fn column(self, prefix: &str, column: &str) -> String {
+        if self == Schema::V1 && ADDED_IN_2.iter().any(|(c, _)| *c == column) {
+            "NULL".to_owned()
+        } else {
+            format!("{prefix}{column}")
+        }
+    }
+}
+
 /// Columns of a record, in [`Record`] field order (`user` is `end_user`: `user` is reserved in
 /// PostgreSQL). `seq` follows them in every statement.
-const COLUMNS: [&str; 31] = [
+const COLUMNS: [&str; 42] = [
     "request_id",
     "received_at_us",
     "client",
@@ -142,23 +212,38 @@ const COLUMNS: [&str; 31] = [
     "prompt",
     "total_ms",
     "upstream_ms",
+    "quality",
+    "output_format",
+    "input_images",
+    "stream",
+    "input_tokens",
+    "input_text_tokens",
+    "input_image_tokens",
+    "output_tokens",
+    "total_tokens",
+    "usage_extra",
+    "cost_basis",
     "forwarded",
 ];
 
 /// Index of `seq` in a row selected with [`select_columns`].
 const SEQ_COLUMN: usize = COLUMNS.len();
 
-fn select_columns(prefix: &str) -> String {
+fn select_columns(prefix: &str, schema: Schema) -> String {
     COLUMNS
         .iter()
         .chain(&["seq"])
-        .map(|c| format!("{prefix}{c}"))
+        .map(|c| schema.column(prefix, c))
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-static SELECT_RECORD: LazyLock<String> =
-    LazyLock::new(|| format!("SELECT {} FROM records", select_columns("")));
+static SELECT_RECORD: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM records",
+        select_columns("", Schema::Current)
+    )
+});
 
 static UPSERT_RECORD: LazyLock<String> = LazyLock::new(|| {
     let placeholders = (1..=COLUMNS.len() + 1)
@@ -173,7 +258,7 @@ static UPSERT_RECORD: LazyLock<String> = LazyLock::new(|| {
         .join(", ");
     format!(
         "INSERT INTO records ({}) VALUES ({placeholders}) ON CONFLICT (request_id) DO UPDATE SET {updates}",
-        select_columns("")
+        select_columns("", Schema::Current)
     )
 });
 
@@ -226,6 +311,7 @@ pub struct SqliteStore {
     /// `None`: unknown (after a failed transaction); reloaded before the next write.
     tip: Option<Tip>,
     read_only: bool,
+    schema: Schema,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -234,6 +320,7 @@ impl std::fmt::Debug for SqliteStore {
             .field("path", &self.conn.path())
             .field("tip", &self.tip)
             .field("read_only", &self.read_only)
+            .field("schema", &self.schema)
             .finish()
     }
 }
@@ -256,6 +343,10 @@ impl SqliteStore {
 
     /// Open an existing ledger for queries only (`PRAGMA query_only`): the admin listener and
     /// the CLI read through this while the gateway writes (WAL lets them run side by side).
+    ///
+    /// A version 1 ledger (not yet upgraded by a writer) is read as it is: the columns it lacks
+    /// read as `NULL`, as in its chain entries, so `usage`, `audit export` and `audit verify`
+    /// work on it before the gateway's first start on this release.
     pub fn open_reader(path: &Path) -> Result<SqliteStore, LedgerError> {
         let conn = Connection::open_with_flags(
             path,
@@ -264,19 +355,15 @@ impl SqliteStore {
         .map_err(|e| at(path, e))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "query_only", true)?;
-        let version: Option<String> = conn
-            .query_row(
-                "SELECT value FROM ledger_meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
+        let version = read_version(&conn)
             .map_err(|e| LedgerError::Store(format!("{}: not a ledger: {e}", path.display())))?;
-        check_version(version)?;
+        let schema = parse_version(version)
+            .map_err(|e| LedgerError::Store(format!("{}: {e}", path.display())))?;
         Ok(SqliteStore {
             conn,
             tip: None,
             read_only: true,
+            schema,
         })
     }
 
@@ -291,22 +378,32 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         // Keep the WAL file from staying huge after a burst.
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
-        conn.execute_batch(&format!("BEGIN IMMEDIATE;{SCHEMA}COMMIT;"))
+        // Create what is missing and upgrade an older ledger in one transaction: another
+        // process opening the same file waits, then finds it current.
+        conn.execute_batch(&format!("BEGIN IMMEDIATE;{SCHEMA}"))
             .inspect_err(|_| {
                 let _ = conn.execute_batch("ROLLBACK");
             })?;
-        let version: Option<String> = conn
-            .query_row(
-                "SELECT value FROM ledger_meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        check_version(version)?;
+        let upgraded = (|| {
+            if parse_version(read_version(&conn)?)? == Schema::V1 {
+                migrate_1_to_2(&conn)?;
+                tracing::info!("ledger: schema upgraded from version 1 to {SCHEMA_VERSION}");
+            }
+            if parse_version(read_version(&conn)?)? != Schema::Current {
+                return Err(LedgerError::Store("ledger schema upgrade failed".into()));
+            }
+            conn.execute_batch("COMMIT")?;
+            Ok::<_, LedgerError>(())
+        })();
+        if let Err(e) = upgraded {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
         let mut store = SqliteStore {
             conn,
             tip: None,
             read_only: false,
+            schema: Schema::Current,
         };
         store.load_tip()?;
         Ok(store)
@@ -363,6 +460,17 @@ impl SqliteStore {
         }
     }
 
+    /// `SELECT <every column> FROM records` for this store's schema.
+    fn select_record(&self) -> Cow<'static, str> {
+        match self.schema {
+            Schema::Current => Cow::Borrowed(SELECT_RECORD.as_str()),
+            Schema::V1 => Cow::Owned(format!(
+                "SELECT {} FROM records",
+                select_columns("", self.schema)
+            )),
+        }
+    }
+
     fn writable(&self) -> Result<(), LedgerError> {
         if self.read_only {
             Err(LedgerError::Store(
@@ -411,9 +519,20 @@ fn at(path: &Path, e: rusqlite::Error) -> LedgerError {
     }
 }
 
-fn check_version(version: Option<String>) -> Result<(), LedgerError> {
+fn read_version(conn: &Connection) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT value FROM ledger_meta WHERE key = 'schema_version'",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// The schema of a ledger with this `schema_version`, if this build reads it.
+fn parse_version(version: Option<String>) -> Result<Schema, LedgerError> {
     match version.as_deref() {
-        Some(SCHEMA_VERSION) => Ok(()),
+        Some(SCHEMA_VERSION) => Ok(Schema::Current),
+        Some("1") => Ok(Schema::V1),
         Some(v) => Err(LedgerError::Store(format!(
             "ledger schema version {v} is not supported (expected {SCHEMA_VERSION})"
         ))),
@@ -519,6 +638,11 @@ fn append(
     let mask_bytes = int(r.mask_bytes, "mask_bytes")?;
     let total_ms = int(r.total_ms, "total_ms")?;
     let upstream_ms = int(r.upstream_ms, "upstream_ms")?;
+    let input_tokens = int(r.input_tokens, "input_tokens")?;
+    let input_text_tokens = int(r.input_text_tokens, "input_text_tokens")?;
+    let input_image_tokens = int(r.input_image_tokens, "input_image_tokens")?;
+    let output_tokens = int(r.output_tokens, "output_tokens")?;
+    let total_tokens = int(r.total_tokens, "total_tokens")?;
     conn.prepare_cached(&UPSERT_RECORD)?.execute(params![
         r.request_id,
         r.received_at.as_microsecond(),
@@ -550,6 +674,17 @@ fn append(
         r.prompt,
         total_ms,
         upstream_ms,
+        r.quality,
+        r.output_format,
+        r.input_images,
+        r.stream,
+        input_tokens,
+        input_text_tokens,
+        input_image_tokens,
+        output_tokens,
+        total_tokens,
+        r.usage_extra,
+        r.cost_basis.map(|b| b.as_str()),
         r.forwarded,
         seq,
     ])?;
@@ -606,7 +741,21 @@ fn record_from_row(row: &Row) -> rusqlite::Result<Record> {
         prompt: row.get(27)?,
         total_ms: get_u64(row, 28)?,
         upstream_ms: get_u64(row, 29)?,
-        forwarded: row.get(30)?,
+        quality: row.get(30)?,
+        output_format: row.get(31)?,
+        input_images: row.get(32)?,
+        stream: row.get(33)?,
+        input_tokens: get_u64(row, 34)?,
+        input_text_tokens: get_u64(row, 35)?,
+        input_image_tokens: get_u64(row, 36)?,
+        output_tokens: get_u64(row, 37)?,
+        total_tokens: get_u64(row, 38)?,
+        usage_extra: row.get(39)?,
+        cost_basis: row
+            .get::<_, Option<String>>(40)?
+            .map(|b| b.parse().map_err(|e: String| conversion(40, Type::Text, e)))
+            .transpose()?,
+        forwarded: row.get(41)?,
     })
 }
 
@@ -710,7 +859,7 @@ impl LedgerStore for SqliteStore {
     fn get(&self, request_id: &str) -> Result<Option<Record>, LedgerError> {
         Ok(self
             .conn
-            .prepare_cached(&format!("{} WHERE request_id = ?1", *SELECT_RECORD))?
+            .prepare_cached(&format!("{} WHERE request_id = ?1", self.select_record()))?
             .query_row([request_id], record_from_row)
             .optional()?)
     }
@@ -719,7 +868,9 @@ impl LedgerStore for SqliteStore {
         let (filter_sql, args) = filter(q);
         let mut stmt = self.conn.prepare(&format!(
             "SELECT received_at_us, client, end_user, outcome, reason_code, images_returned, \
-             cost_settled_micros, forwarded FROM records{filter_sql}"
+             cost_settled_micros, forwarded, model, {}, {} FROM records{filter_sql}",
+            self.schema.column("", "input_tokens"),
+            self.schema.column("", "output_tokens"),
         ))?;
         let mut rows = stmt.query(params_from_iter(args))?;
         let mut agg = UsageAggregator::new(q);
@@ -728,6 +879,7 @@ impl LedgerStore for SqliteStore {
             let user: Option<String> = row.get(2)?;
             let outcome: String = row.get(3)?;
             let reason: Option<String> = row.get(4)?;
+            let model: Option<String> = row.get(8)?;
             let outcome = outcome
                 .parse::<Outcome>()
                 .map_err(|e| LedgerError::Store(format!("records: {e}")))?;
@@ -735,10 +887,13 @@ impl LedgerStore for SqliteStore {
                 received_at_us: row.get(0)?,
                 client: client.as_deref(),
                 user: user.as_deref(),
+                model: model.as_deref(),
                 outcome,
                 reason_code: reason.as_deref(),
                 images: row.get::<_, Option<u32>>(5)?.unwrap_or(0),
                 spend_micros: row.get(6)?,
+                input_tokens: get_u64(row, 9)?.unwrap_or(0),
+                output_tokens: get_u64(row, 10)?.unwrap_or(0),
                 forwarded: row.get(7)?,
             });
         }
@@ -755,7 +910,7 @@ impl LedgerStore for SqliteStore {
         args.push(Value::Integer(limit));
         let mut stmt = self.conn.prepare(&format!(
             "{}{filter_sql} ORDER BY received_at_us, request_id LIMIT ?",
-            *SELECT_RECORD
+            self.select_record()
         ))?;
         let mut rows = stmt.query(params_from_iter(args))?;
         while let Some(row) = rows.next()? {
@@ -850,7 +1005,7 @@ impl LedgerStore for SqliteStore {
             let sql = format!(
                 "SELECT {}, c.seq, c.entry_json FROM records r LEFT JOIN ledger_chain c \
                  ON c.seq = (SELECT MAX(m.seq) FROM ledger_chain m WHERE m.request_id = r.request_id)",
-                select_columns("r.")
+                select_columns("r.", self.schema)
             );
             let mut stmt = tx.prepare(&sql)?;
             let mut rows = stmt.query([])?;

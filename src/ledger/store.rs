@@ -100,6 +100,8 @@ pub enum GroupBy {
     /// One row per calendar day of `received_at` in the query's time zone (UTC by default),
     /// keyed `YYYY-MM-DD`.
     Day,
+    /// One row per model (the request's `model`), keyed by its id (`-` when unknown).
+    Model,
 }
 
 impl FromStr for GroupBy {
@@ -110,8 +112,9 @@ impl FromStr for GroupBy {
             "user" => Ok(GroupBy::User),
             "client" => Ok(GroupBy::Client),
             "day" => Ok(GroupBy::Day),
+            "model" => Ok(GroupBy::Model),
             other => Err(format!(
-                "unknown grouping {other:?} (user, client, day, none)"
+                "unknown grouping {other:?} (user, client, day, model, none)"
             )),
         }
     }
@@ -148,6 +151,10 @@ pub struct UsageRow {
     /// Sum of `cost_settled_micros` (USD micro-dollars). In-flight requests count 0 until
     /// completed; recovered (`unknown`) ones count their reservation.
     pub spend_micros: i64,
+    /// Sums of the answers' `input_tokens` and `output_tokens` (records without token usage,
+    /// such as dall-e-2 ones, add 0).
+    pub input_tokens: u64,
+    pub output_tokens: u64,
     /// Rejected requests by `reason_code` (`unspecified` when it had none).
     pub rejections: BTreeMap<String, u64>,
 }
@@ -214,10 +221,13 @@ pub(crate) struct UsageFact<'a> {
     pub received_at_us: i64,
     pub client: Option<&'a str>,
     pub user: Option<&'a str>,
+    pub model: Option<&'a str>,
     pub outcome: Outcome,
     pub reason_code: Option<&'a str>,
     pub images: u32,
     pub spend_micros: i64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
     pub forwarded: bool,
 }
 
@@ -229,6 +239,7 @@ mod tests {
     fn group_by_parses() {
         assert_eq!("user".parse::<GroupBy>().unwrap(), GroupBy::User);
         assert_eq!("day".parse::<GroupBy>().unwrap(), GroupBy::Day);
+        assert_eq!("model".parse::<GroupBy>().unwrap(), GroupBy::Model);
         assert_eq!("none".parse::<GroupBy>().unwrap(), GroupBy::None);
         assert!("week".parse::<GroupBy>().is_err());
     }
