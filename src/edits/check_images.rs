@@ -43,11 +43,7 @@ pub struct Checked {
 
 /// Run the PNG checks on the blocking pool, at most `server.max_concurrent_decodes` at once,
 /// and take the digests the ledger records (of the bytes as received).
-pub async fn check_images(
-    permits: &Arc<Semaphore>,
-    rules: &PngRules,
-    edit: &ImageEdit,
-) -> Checked {
+pub async fn check_images(permits: &Arc<Semaphore>, rules: &PngRules, edit: &ImageEdit) -> Checked {
     let image = edit.image.bytes.clone();
     let mask = edit.mask.as_ref().map(|m| m.bytes.clone());
     let Ok(permit) = permits.clone().acquire_owned().await else {

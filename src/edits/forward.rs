@@ -17,14 +17,14 @@ use tokio_util::task::TaskTracker;
 
 use super::relay::{ChannelBody, ImageCounter, Observed, Watch, pump};
 use super::reserve::ReservationGuard;
+use crate::answer::{JsonAnswerScanner, SseScanner};
 use crate::body::Body;
 use crate::edit::canonical::CanonicalBody;
 use crate::error::GatewayError;
+use crate::ledger::CostBasis;
 use crate::ledger::store::LedgerOp;
 use crate::ledger::{Ledger, Outcome, Record};
 use crate::middleware::usage::{Trail, commit, commit_detached, note_error};
-use crate::answer::{JsonAnswerScanner, SseScanner};
-use crate::ledger::CostBasis;
 use crate::pricing::{Usage, cost_micros_sum};
 use crate::upstream::{Upstream, passed_headers};
 
@@ -256,7 +256,11 @@ impl Bill {
             }
             Observed::Json(a) => (
                 a.items as u32,
-                a.usage.iter().filter_map(|u| u.as_ref().ok()).cloned().collect(),
+                a.usage
+                    .iter()
+                    .filter_map(|u| u.as_ref().ok())
+                    .cloned()
+                    .collect(),
             ),
             Observed::Events(o) => (o.summary.completed, o.summary.usages.clone()),
         };

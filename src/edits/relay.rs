@@ -9,7 +9,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
-use crate::answer::{JsonAnswer, JsonAnswerScanner, SseOutcome, SseScanner, incomplete_error_event};
+use crate::answer::{
+    JsonAnswer, JsonAnswerScanner, SseOutcome, SseScanner, incomplete_error_event,
+};
 use crate::body::BoxError;
 use crate::upstream::error_chain;
 
@@ -125,7 +127,11 @@ pub async fn pump(
                     continue;
                 };
                 watch.feed(&data);
-                let send = if events { Some(data) } else { held.replace(data) };
+                let send = if events {
+                    Some(data)
+                } else {
+                    held.replace(data)
+                };
                 if let Some(chunk) = send
                     && !outcome.caller_gone
                     && tx.send(Ok(chunk)).await.is_err()

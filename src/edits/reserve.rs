@@ -66,6 +66,7 @@ impl ReservationGuard {
         match &self.pricing {
             Pricing::Tokens(p) => Some(p),
             Pricing::PerImage(_) => None,
+        }
     }
 
     /// A full refund, committed before this returns (so the caller's next request sees the
