@@ -15,6 +15,7 @@
 pub mod check_files;
 pub mod check_images;
 pub mod forward;
+pub mod gpt;
 pub mod read_body;
 pub mod relay;
 pub mod reserve;
@@ -41,7 +42,13 @@ use crate::limits::{EndUser, resolve_end_user};
 use crate::middleware::BoxFuture;
 use crate::middleware::auth::Caller;
 use crate::middleware::usage::Trail;
+use check_files::check_files;
 use check_images::check_images;
+use read_body::BudgetHold;
+use crate::clock::Clock;
+use crate::edit::files::FileRules;
+use crate::edit::gpt as gpt_form;
+use crate::pricing::reservation_micros;
 use forward::{Expect, Forwarder};
 use read_body::{BodyLimits, BufferBudget, read_body};
 use reserve::{Pricing, reserve};
@@ -65,6 +72,11 @@ pub struct Edits {
     pub rates: Arc<dyn RateBackend>,
     pub quotas: Arc<QuotaStore>,
     pub png: PngRules,
+    /// The accepted gpt-image models, their rules and prices.
+    pub models: Arc<gpt::ModelTable>,
+    /// Byte-level checks of gpt-image files.
+    pub files: FileRules,
+    pub clock: Clock,
     pub decode_permits: Arc<Semaphore>,
     pub forwarder: Forwarder,
 }
@@ -97,6 +109,12 @@ where
         let edits = self.edits.clone();
         Box::pin(async move { Ok(edits.handle(req).await) })
     }
+}
+
+/// A gpt-image body: multipart parts, or JSON.
+enum GptInput {
+    Parts(Vec<form::RawPart>),
+    Json(bytes::Bytes),
 }
 
 /// A request that passed the user limits: the rest of its phases, and the limit status its
@@ -140,16 +158,56 @@ impl Edits {
         let no_rate = |e| (e, None);
         let (caller, trail) = request_context(&req).map_err(no_rate)?;
         let started = std::time::Instant::now();
-        // content type (before the body is read)
-        let boundary = form::boundary(req.headers().get(header::CONTENT_TYPE)).map_err(no_rate)?;
+        let content_type = req.headers().get(header::CONTENT_TYPE);
+        if !self.models.serves_gpt_image() {
+            // The dall-e-2-only gateway: its content type rule, part caps and field rules.
+            let boundary = form::boundary(content_type).map_err(no_rate)?;
+            let (body, held) = read_body(self.body, &self.budget, req)
+                .await
+                .map_err(no_rate)?;
+            let parts = form::parse_parts(&boundary, body, self.form.max_parts)
+                .await
+                .map_err(no_rate)?;
+            return self.admit_dall_e_2(caller, trail, parts, held, started);
+        }
+        // content type (before the body is read): multipart or JSON
+        let kind = gpt::body_kind(content_type).map_err(no_rate)?;
         // read body
         let (body, held) = read_body(self.body, &self.budget, req)
             .await
             .map_err(no_rate)?;
-        // parse form
-        let parts = form::parse_parts(&boundary, body, self.form.max_parts)
-            .await
-            .map_err(no_rate)?;
+        // parse form, and choose the profile by the model it names
+        let parts = match kind {
+            gpt::Body::Json => {
+                return self.admit_gpt(caller, trail, GptInput::Json(body), held, started);
+            }
+            gpt::Body::Multipart(boundary) => {
+                let max = self.form.max_parts.max(gpt_form::multipart::max_parts(&self.models.limits));
+                form::parse_parts_uncapped(&boundary, body, max)
+                    .await
+                    .map_err(no_rate)?
+            }
+        };
+        if self
+            .models
+            .is_dall_e_2(form::text_field(&parts, "model").as_deref())
+        {
+            self.admit_dall_e_2(caller, trail, parts, held, started)
+        } else {
+            self.admit_gpt(caller, trail, GptInput::Parts(parts), held, started)
+        }
+    }
+
+    /// The dall-e-2 profile's phases from the parsed form.
+    fn admit_dall_e_2(
+        self: Arc<Self>,
+        caller: Caller,
+        trail: Trail,
+        parts: Vec<form::RawPart>,
+        held: BudgetHold,
+        started: std::time::Instant,
+    ) -> Result<Admitted, (GatewayError, Option<RateStatus>)> {
+        let no_rate = |e| (e, None);
         // resolve end user: before the field rules only so that the record of a refused request
         // names its end user; its own refusals are reported after the field rules.
         let identity = self.end_user(&caller, form::text_field(&parts, "user").as_deref());
@@ -218,6 +276,111 @@ impl Edits {
             // forward → relay → settle and record
             this.forwarder
                 .forward(canonical, Expect::Images, reservation, trail)
+                .await
+        });
+        Ok(Admitted { rate, rest })
+    }
+
+    /// The gpt-image profile's phases from the parsed form or the JSON body.
+    fn admit_gpt(
+        self: Arc<Self>,
+        caller: Caller,
+        trail: Trail,
+        input: GptInput,
+        held: BudgetHold,
+        started: std::time::Instant,
+    ) -> Result<Admitted, (GatewayError, Option<RateStatus>)> {
+        let no_rate = |e| (e, None);
+        let models = self.models.on(self.clock.now_wall().to_zoned(jiff::tz::TimeZone::UTC).date());
+        let limits = &self.models.limits;
+        // field rules (model first: a retired or unknown id is answered here, like upstream)
+        let edit = match input {
+            GptInput::Parts(parts) => {
+                let sent_user = form::text_field(&parts, "safety_identifier")
+                    .filter(|s| !s.is_empty())
+                    .or_else(|| form::text_field(&parts, "user"));
+                // Named in the record of a refused request too.
+                if let Ok(who) = self.end_user(&caller, sent_user.as_deref()) {
+                    trail.update(|r| r.user = who.user.clone());
+                }
+                gpt_form::multipart::check_multipart(parts, &models, limits)
+            }
+            GptInput::Json(body) => gpt_form::json::parse_json(&body, &models, limits),
+        };
+        let mut edit = edit.map_err(no_rate)?;
+        trail.update(|r| {
+            r.model = Some(edit.model.clone());
+            r.n = Some(edit.n_or_default());
+            r.size = edit.size_str();
+            r.quality = edit.quality.clone();
+            r.output_format = edit.output_format_str().map(str::to_owned);
+            r.input_images = Some(edit.input_image_count() as u32);
+            r.stream = Some(edit.is_stream());
+            r.prompt = self.prompt_policy.apply(&edit.prompt);
+        });
+        // resolve end user (U1: safety_identifier, else user)
+        let who = self.end_user(&caller, edit.end_user()).map_err(no_rate)?;
+        trail.update(|r| r.user = who.user.clone());
+        if let Some(user) = &who.user {
+            tracing::Span::current().record("user", user.as_str());
+            // A personal key's own user replaces another name (policy `overwrite`), so OpenAI
+            // sees the id the gateway charged; an app's ids go upstream as sent.
+            if edit.end_user().map(str::trim) != Some(user.as_str()) {
+                if edit.safety_identifier.as_deref().is_some_and(|s| !s.is_empty()) {
+                    edit.safety_identifier = Some(user.clone());
+                }
+                edit.user = Some(user.clone());
+            }
+        }
+        // user limits: one request, n images
+        let rate = self
+            .rates
+            .check_user(&who, edit.n_or_default())
+            .map_err(|(e, rate)| (e, Some(rate)))?;
+        let this = self.clone();
+        let rest = Box::pin(async move {
+            // reserve quota: the upper bound of §7, settled to the usage
+            let prices = this.models.prices(&edit.model).ok_or(GatewayError::Internal)?;
+            let bound = reservation_micros(&gpt::reservation_params(&edit), &prices);
+            let reservation = reserve(
+                &this.quotas,
+                &who,
+                u32::from(edit.n_or_default()),
+                i64::try_from(bound).unwrap_or(i64::MAX),
+                Pricing::Tokens(prices),
+            )
+            .await?;
+            trail.update(|r| r.cost_reserved_micros = reservation.reserved_micros());
+            // check files: by structure, on the blocking pool
+            let checked = check_files(&this.decode_permits, &this.files, gpt::files_of(&edit)).await;
+            trail.update(|r| {
+                if let Some(d) = &checked.first_image {
+                    (r.image_sha256, r.image_bytes, r.image_width, r.image_height) = d.fields();
+                }
+                if let Some(d) = &checked.mask {
+                    (r.mask_sha256, r.mask_bytes, r.mask_width, r.mask_height) = d.fields();
+                }
+            });
+            let files = match checked.result {
+                Ok(files) => files,
+                Err(e) => {
+                    reservation.refund().await;
+                    return Err(e);
+                }
+            };
+            gpt::replace_mask(&mut edit, files.mask);
+            metrics::histogram!("imagegate_validation_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            // canonical body
+            let mut canonical = gpt::canonical(&edit);
+            canonical.body = canonical.body.holding(Arc::new(held));
+            drop(edit);
+            // forward → relay → settle and record
+            let expect = Expect::GptImage {
+                line_limit: this.models.max_event_bytes,
+            };
+            this.forwarder
+                .forward(canonical, expect, reservation, trail)
                 .await
         });
         Ok(Admitted { rate, rest })
