@@ -3,6 +3,7 @@
 
 pub mod canonical;
 pub mod form;
+pub mod gpt;
 pub mod png_check;
 pub mod sniff;
 
