@@ -385,10 +385,12 @@ pub(crate) fn bool_field(raw: Raw<'_>, param: &str) -> Result<bool, GatewayError
             } else if t.eq_ignore_ascii_case("false") {
                 Ok(false)
             } else {
-                Err(invalid_type(
+                Err(ire(
                     param,
-                    "a boolean",
-                    "a string value that could not be converted into a boolean",
+                    "invalid_type",
+                    format!(
+                        "Invalid type for '{param}': expected a boolean, but got a string value that could not be converted into a boolean."
+                    ),
                 ))
             }
         }
