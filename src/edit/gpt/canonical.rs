@@ -273,3 +273,249 @@ pub fn json(edit: &GptEdit) -> Bytes {
     };
     Bytes::from(serde_json::to_vec(&out).expect("plain structs always serialize"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::edit::gpt::test_support::*;
+    use crate::edit::gpt::{
+        Background, Complexity, Encoding, GptSize, Moderation, OutputFormat, SvgEffort,
+        SvgSettings, json as gpt_json, multipart as gpt_multipart,
+    };
+    use crate::edit::sniff::ImageFormat;
+
+    fn upload(bytes: &'static [u8], format: ImageFormat) -> ImageInput {
+        ImageInput::Upload {
+            bytes: Bytes::from_static(bytes),
+            format,
+        }
+    }
+
+    fn minimal() -> GptEdit {
+        GptEdit {
+            encoding: Encoding::Multipart,
+            model: "gpt-image-2".into(),
+            prompt: "a \"quoted\" otter".into(),
+            images: vec![upload(PNG, ImageFormat::Png)],
+            images_as_array: false,
+            mask: None,
+            markup: None,
+            n: None,
+            size: None,
+            quality: None,
+            background: None,
+            output_format: None,
+            output_compression: None,
+            input_fidelity: None,
+            moderation: None,
+            stream: None,
+            partial_images: None,
+            complexity: None,
+            frame_count: None,
+            frame_duration_ms: None,
+            svg: None,
+            user: None,
+            safety_identifier: None,
+        }
+    }
+
+    fn full() -> GptEdit {
+        GptEdit {
+            model: "gifsvg".into(),
+            images: vec![
+                upload(JPEG, ImageFormat::Jpeg),
+                upload(WEBP, ImageFormat::Webp),
+            ],
+            images_as_array: true,
+            mask: Some(upload(PNG, ImageFormat::Png)),
+            n: Some(1),
+            size: Some(GptSize::Dims(1536, 1024)),
+            quality: Some("xhigh".into()),
+            background: Some(Background::Opaque),
+            output_format: Some(OutputFormat::Svg),
+            output_compression: Some(100),
+            moderation: Some(Moderation::Low),
+            stream: Some(false),
+            partial_images: Some(0),
+            complexity: Some(Complexity::Medium),
+            svg: Some(SvgSettings {
+                model: "svg-1".into(),
+                effort: Some(SvgEffort::Low),
+            }),
+            user: Some("u-1".into()),
+            safety_identifier: Some("u-1".into()),
+            ..minimal()
+        }
+    }
+
+    fn text_part(b: &str, name: &str, value: &str) -> String {
+        format!("--{b}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+    }
+
+    fn file_part(b: &str, name: &str, file: &str, mime: &str, data: &[u8]) -> String {
+        format!(
+            "--{b}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{file}\"\r\nContent-Type: {mime}\r\n\r\n{}\r\n",
+            String::from_utf8_lossy(data)
+        )
+    }
+
+    #[test]
+    fn minimal_multipart_writes_model_and_no_default() {
+        let c = multipart(&minimal());
+        let b = c.boundary.clone();
+        let text = String::from_utf8_lossy(&c.body.to_vec()).into_owned();
+        let expected = [
+            text_part(&b, "model", "gpt-image-2"),
+            text_part(&b, "prompt", "a \"quoted\" otter"),
+            file_part(&b, "image", "image-1.png", "image/png", PNG),
+            format!("--{b}--\r\n"),
+        ]
+        .concat();
+        assert_eq!(text, expected);
+        assert_eq!(
+            c.content_type(),
+            format!("multipart/form-data; boundary={b}")
+        );
+    }
+
+    #[test]
+    fn full_multipart_in_fixed_order() {
+        let c = multipart(&full());
+        let b = c.boundary.clone();
+        let text = String::from_utf8_lossy(&c.body.to_vec()).into_owned();
+        let expected = [
+            text_part(&b, "model", "gifsvg"),
+            text_part(&b, "prompt", "a \"quoted\" otter"),
+            text_part(&b, "n", "1"),
+            text_part(&b, "size", "1536x1024"),
+            text_part(&b, "quality", "xhigh"),
+            text_part(&b, "background", "opaque"),
+            text_part(&b, "output_format", "svg"),
+            text_part(&b, "output_compression", "100"),
+            text_part(&b, "moderation", "low"),
+            text_part(&b, "stream", "false"),
+            text_part(&b, "partial_images", "0"),
+            text_part(&b, "complexity", "medium"),
+            text_part(&b, "svg[model]", "svg-1"),
+            text_part(&b, "svg[reasoning][effort]", "low"),
+            text_part(&b, "user", "u-1"),
+            text_part(&b, "safety_identifier", "u-1"),
+            file_part(&b, "image[]", "image-1.jpg", "image/jpeg", JPEG),
+            file_part(&b, "image[]", "image-2.webp", "image/webp", WEBP),
+            file_part(&b, "mask", "mask.png", "image/png", PNG),
+            format!("--{b}--\r\n"),
+        ]
+        .concat();
+        assert_eq!(text, expected);
+        assert_eq!(c.body.len() as usize, c.body.to_vec().len());
+    }
+
+    #[test]
+    fn image_and_mask_bytes_are_not_copied() {
+        let image = Bytes::from(vec![7u8; 1000]);
+        let converted_mask = Bytes::from(vec![9u8; 500]);
+        let mut edit = minimal();
+        edit.images = vec![ImageInput::Upload {
+            bytes: image.clone(),
+            format: ImageFormat::Png,
+        }];
+        // The caller replaces the mask after a lossless conversion.
+        edit.mask = Some(ImageInput::Upload {
+            bytes: converted_mask.clone(),
+            format: ImageFormat::Png,
+        });
+        let mut body = multipart(&edit).body;
+        let mut found = (false, false);
+        use http_body::Body as _;
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        while let std::task::Poll::Ready(Some(Ok(frame))) =
+            std::pin::Pin::new(&mut body).poll_frame(&mut cx)
+        {
+            if let Ok(data) = frame.into_data() {
+                found.0 |= data.as_ptr() == image.as_ptr() && data.len() == image.len();
+                found.1 |= data.as_ptr() == converted_mask.as_ptr();
+            }
+        }
+        assert_eq!(
+            found,
+            (true, true),
+            "image and mask chunks must be the caller's allocations"
+        );
+    }
+
+    #[tokio::test]
+    async fn multipart_round_trips() {
+        for edit in [minimal(), full()] {
+            let c = multipart(&edit);
+            let again = gpt_multipart::parse_multipart(
+                &c.boundary,
+                Bytes::from(c.body.to_vec()),
+                &models(),
+                &limits(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(again, edit);
+        }
+    }
+
+    #[test]
+    fn json_in_fixed_order_with_references_as_sent() {
+        let url = "data:image/png;base64,iVBORw0KGgo=".to_owned();
+        let mut edit = full();
+        edit.encoding = Encoding::Json;
+        edit.images = vec![
+            ImageInput::Url("https://example.com/cat.png".into()),
+            ImageInput::FileId("file-abc".into()),
+            ImageInput::DataUrl {
+                url: url.clone(),
+                bytes: Bytes::from_static(PNG),
+                format: ImageFormat::Png,
+            },
+        ];
+        edit.mask = Some(ImageInput::FileId("file-mask".into()));
+        let text = String::from_utf8(json(&edit).to_vec()).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                concat!(
+                    r#"{{"model":"gifsvg","prompt":"a \"quoted\" otter","images":[{{"image_url":"https://example.com/cat.png"}},{{"file_id":"file-abc"}},{{"image_url":"{}"}}],"#,
+                    r#""mask":{{"file_id":"file-mask"}},"n":1,"size":"1536x1024","quality":"xhigh","background":"opaque","output_format":"svg","#,
+                    r#""output_compression":100,"moderation":"low","stream":false,"partial_images":0,"complexity":"medium","#,
+                    r#""svg":{{"model":"svg-1","reasoning":{{"effort":"low"}}}},"user":"u-1","safety_identifier":"u-1"}}"#
+                ),
+                url
+            )
+        );
+        let mut min = minimal();
+        min.encoding = Encoding::Json;
+        min.images = vec![ImageInput::FileId("f".into())];
+        assert_eq!(
+            &json(&min)[..],
+            br#"{"model":"gpt-image-2","prompt":"a \"quoted\" otter","images":[{"file_id":"f"}]}"#
+        );
+        // An upload becomes a data URL.
+        let up = json(&minimal());
+        let v: serde_json::Value = serde_json::from_slice(&up).unwrap();
+        assert!(
+            v["images"][0]["image_url"]
+                .as_str()
+                .unwrap()
+                .starts_with("data:image/png;base64,iVBORw0KGg")
+        );
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let mut edit = full();
+        edit.encoding = Encoding::Json;
+        edit.images = vec![
+            ImageInput::Url("https://example.com/cat.png".into()),
+            ImageInput::FileId("file-abc".into()),
+        ];
+        edit.mask = Some(ImageInput::FileId("file-mask".into()));
+        let again = gpt_json::parse_json(&json(&edit), &models(), &limits()).unwrap();
+        assert_eq!(again, edit);
+    }
+}
