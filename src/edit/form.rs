@@ -92,6 +92,23 @@ pub async fn parse_parts_uncapped(
     read_parts(boundary, body, max_parts, multer::Constraints::new(), "").await
 }
 
+/// The 64 KiB cap [`parse_parts`] puts on the dall-e-2 text fields, with the same error, for
+/// parts framed by [`parse_parts_uncapped`] (a dispatcher that frames once and then picks the
+/// dall-e-2 rules by `model`).
+pub fn check_text_part_sizes(parts: &[RawPart]) -> Result<(), GatewayError> {
+    for p in parts {
+        if TEXT_FIELDS.contains(&p.name.as_str()) && p.data.len() as u64 > MAX_TEXT_PART_BYTES {
+            return Err(GatewayError::InvalidMultipart {
+                detail: format!(
+                    "the field '{}' is larger than {MAX_TEXT_PART_BYTES} bytes",
+                    p.name
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 async fn read_parts(
     boundary: &str,
     body: Bytes,
@@ -730,5 +747,19 @@ mod tests {
             run(&many).await.unwrap_err(),
             GatewayError::InvalidMultipart { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn uncapped_framing_plus_text_cap_matches_parse_parts() {
+        for len in [65_536usize, 65_537] {
+            let prompt = vec![b'p'; len];
+            let b = body(&[("prompt", None, None, &prompt), ("image", None, None, b"x")]);
+            let capped = parse_parts("XyZ", b.clone(), 16).await.map(|p| p.len());
+            let split = match parse_parts_uncapped("XyZ", b, 16).await {
+                Ok(parts) => check_text_part_sizes(&parts).map(|()| parts.len()),
+                Err(e) => Err(e),
+            };
+            assert_eq!(capped, split, "{len}");
+        }
     }
 }

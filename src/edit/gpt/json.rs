@@ -8,11 +8,12 @@ use bytes::Bytes;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
-use super::rules::{
-    self, Fields, GptLimits, Models, Parsed, Raw, check_image_bytes, check_png_bytes,
-    invalid_image_file, invalid_type, json_kind, missing, not_png, present, string_field, too_long,
-    too_many_images, unknown_parameter,
+use super::checks::{
+    self, Fields, Raw, check_image_bytes, check_png_bytes, invalid_image_file, invalid_type,
+    json_kind, missing, not_png, present, string_field, too_long, too_many_images,
+    unknown_parameter,
 };
+use super::rules::{self, GptLimits, Models, Parsed};
 use super::{Encoding, GptEdit, ImageInput, SvgSettings};
 use crate::edit::sniff::ImageFormat;
 use crate::error::GatewayError;
@@ -255,9 +256,9 @@ pub fn parse_json(
         map.insert(k, v);
     }
 
-    let (model, family) = rules::resolve_model(map.get("model").map(Raw::Json), models)?;
+    let (model, family) = checks::resolve_model(map.get("model").map(Raw::Json), models)?;
     check_keys(&keys)?;
-    let prompt = rules::check_prompt(map.get("prompt").map(Raw::Json), limits)?;
+    let prompt = checks::check_prompt(map.get("prompt").map(Raw::Json), limits)?;
 
     let items = match map.get("images") {
         None => return Err(missing("images")),

@@ -45,6 +45,7 @@
 //! - `frame_duration_ms`: at most `u32::MAX` (upstream caps it at 655,350 itself).
 
 pub mod canonical;
+mod checks;
 pub mod json;
 pub mod multipart;
 pub mod rules;

@@ -4,10 +4,11 @@
 
 use bytes::Bytes;
 
-use super::rules::{
-    self, Fields, GptLimits, Models, Parsed, Raw, check_image_bytes, check_png_bytes, invalid_type,
-    missing, string_field, too_many_images, unknown_parameter,
+use super::checks::{
+    self, Fields, Raw, check_image_bytes, check_png_bytes, invalid_type, missing, string_field,
+    too_many_images, unknown_parameter,
 };
+use super::rules::{self, GptLimits, Models, Parsed};
 use super::{Encoding, GptEdit, ImageInput, SvgSettings};
 use crate::edit::form::{self, RawPart};
 use crate::edit::sniff::ImageFormat;
@@ -153,9 +154,9 @@ pub fn check_multipart(
     models: &dyn Models,
     limits: &GptLimits,
 ) -> Result<GptEdit, GatewayError> {
-    let (model, family) = rules::resolve_model(first(&parts, "model").map(Raw::Part), models)?;
+    let (model, family) = checks::resolve_model(first(&parts, "model").map(Raw::Part), models)?;
     check_names(&parts)?;
-    let prompt = rules::check_prompt(first(&parts, "prompt").map(Raw::Part), limits)?;
+    let prompt = checks::check_prompt(first(&parts, "prompt").map(Raw::Part), limits)?;
 
     let image_parts: Vec<&RawPart> = parts
         .iter()
@@ -1256,5 +1257,45 @@ mod tests {
             run(&many).await.unwrap_err(),
             GatewayError::InvalidMultipart { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn utf8_and_oversized_values() {
+        assert_err(
+            run(&[F("prompt", b"\xff\xfe"), F("image", PNG)]).await,
+            "Invalid type for 'prompt': expected a UTF-8 string, but got bytes that are not valid UTF-8.",
+            IRE,
+            Some("prompt"),
+            Some("invalid_type"),
+        );
+        // Values beyond the P4 read limit are echoed cut to 64 characters.
+        let tiny = GptLimits {
+            max_text_bytes: 100,
+            ..limits()
+        };
+        let long = "q".repeat(101);
+        let cut = format!("{}…", "q".repeat(64));
+        let mut parts = BASE.to_vec();
+        parts.push(T("quality", &long));
+        assert_eq!(
+            parts_of(run_with(&parts, &models(), &tiny).await),
+            format!(
+                "Invalid value: '{cut}'. Supported values are: 'low', 'medium', 'high', and 'auto'."
+            )
+        );
+        let mut parts = BASE.to_vec();
+        parts.push(T("size", &long));
+        assert_eq!(
+            parts_of(run_with(&parts, &models(), &tiny).await),
+            format!("Invalid size '{cut}'. Expected WIDTHxHEIGHT, for example '1824x1024'.")
+        );
+        // ...but within it they are echoed whole.
+        let mut parts = BASE.to_vec();
+        parts.push(T("quality", &long));
+        assert!(parts_of(run(&parts).await).contains(&long));
+    }
+
+    fn parts_of(r: Result<GptEdit, GatewayError>) -> String {
+        parts(&r.unwrap_err()).0
     }
 }
