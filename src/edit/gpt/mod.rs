@@ -9,6 +9,13 @@
 //! mask → markup. Byte-level structure checks (I3, I4 conversion, I5 pixels) are not here: the
 //! caller runs them on the typed inputs afterwards.
 //!
+//! Layout: `rules` (family rules, limits, the scalar steps, P10), `checks` (value readers,
+//! OpenAI's wordings, model/prompt/file steps), `multipart` and `json` (each encoding's names,
+//! images, mask and markup), `canonical` (what goes upstream). A dispatcher frames a multipart
+//! body once with [`multipart::parse_parts`], reads `model` (`form::text_field`), then runs
+//! [`multipart::check_multipart`] or the dall-e-2 `form::check` (after
+//! `form::check_text_part_sizes`, which restores that profile's 64 KiB text cap).
+//!
 //! Choices where the contract leaves something open (all in one place):
 //! - Types not recorded: G5, G6 → `invalid_request_error` with the key as param; G29, G30 and
 //!   every P10 rule → `image_generation_user_error`; G12 → IGU with param `image`/`image[i]`

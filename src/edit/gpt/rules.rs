@@ -1,6 +1,6 @@
 //! Per-family configuration, request limits, the scalar field steps from `n` to
 //! `safety_identifier` in P1's order (F3–F6, P8, P9, U1, U2), and the cross-field rules (P10).
-//! Each encoding supplies its fields through [`Fields`](super::checks::Fields).
+//! Each encoding supplies its fields through `checks::Fields`.
 
 use super::checks::{
     Fields, Raw, bool_field, bounded_string, cross, enum_field, igu, int_field, ire, present,
