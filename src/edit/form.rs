@@ -47,15 +47,18 @@ pub fn boundary(content_type: Option<&http::HeaderValue>) -> Result<String, Gate
 }
 
 /// One multipart part as received.
+#[derive(Debug, Clone)]
 pub struct RawPart {
-    name: String,
-    file_name: Option<String>,
-    content_type: Option<String>,
-    data: Bytes,
+    pub name: String,
+    /// `Some` for a file part (a `filename` in its `Content-Disposition`), even if empty.
+    pub file_name: Option<String>,
+    /// The declared type's essence, if any.
+    pub content_type: Option<String>,
+    pub data: Bytes,
 }
 
-/// Parse the whole body into parts. Any framing fault is `invalid_multipart`.
-/// Parse the whole body into parts (framing only, no field rules).
+/// Parse the whole body into parts (framing only, no field rules). Any framing fault is
+/// `invalid_multipart`; the dall-e-2 text fields are capped at 64 KiB here.
 pub async fn parse_parts(
     boundary: &str,
     body: Bytes,
@@ -69,6 +72,50 @@ pub async fn parse_parts(
         .for_field("response_format", MAX_TEXT_PART_BYTES)
         .for_field("user", MAX_TEXT_PART_BYTES);
     let constraints = multer::Constraints::new().size_limit(limits);
+    read_parts(
+        boundary,
+        body,
+        max_parts,
+        constraints,
+        "; an edit request has at most 8 fields",
+    )
+    .await
+}
+
+/// Parse the whole body into parts with no per-part size limit (the body is already buffered
+/// and capped, so every part is a slice of it): the GPT-image profile's framing.
+pub async fn parse_parts_uncapped(
+    boundary: &str,
+    body: Bytes,
+    max_parts: usize,
+) -> Result<Vec<RawPart>, GatewayError> {
+    read_parts(boundary, body, max_parts, multer::Constraints::new(), "").await
+}
+
+/// The 64 KiB cap [`parse_parts`] puts on the dall-e-2 text fields, with the same error, for
+/// parts framed by [`parse_parts_uncapped`] (a dispatcher that frames once and then picks the
+/// dall-e-2 rules by `model`).
+pub fn check_text_part_sizes(parts: &[RawPart]) -> Result<(), GatewayError> {
+    for p in parts {
+        if TEXT_FIELDS.contains(&p.name.as_str()) && p.data.len() as u64 > MAX_TEXT_PART_BYTES {
+            return Err(GatewayError::InvalidMultipart {
+                detail: format!(
+                    "the field '{}' is larger than {MAX_TEXT_PART_BYTES} bytes",
+                    p.name
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn read_parts(
+    boundary: &str,
+    body: Bytes,
+    max_parts: usize,
+    constraints: multer::Constraints,
+    too_many_note: &str,
+) -> Result<Vec<RawPart>, GatewayError> {
     let input = stream::once(async move { Ok::<Bytes, std::convert::Infallible>(body) });
     let mut mp = multer::Multipart::with_constraints(input, boundary, constraints);
     let mut parts = Vec::new();
@@ -80,9 +127,7 @@ pub async fn parse_parts(
         };
         if parts.len() >= max_parts {
             return Err(GatewayError::InvalidMultipart {
-                detail: format!(
-                    "more than {max_parts} parts; an edit request has at most 8 fields"
-                ),
+                detail: format!("more than {max_parts} parts{too_many_note}"),
             });
         }
         let name = match field.name() {
@@ -145,7 +190,7 @@ fn array_error(field: &str) -> GatewayError {
 }
 
 /// `'a'`, `'a' and 'b'`, `'a', 'b', and 'c'`: OpenAI's list wording.
-fn quoted_list(values: &[&str]) -> String {
+pub(crate) fn quoted_list(values: &[&str]) -> String {
     let q: Vec<String> = values.iter().map(|v| format!("'{v}'")).collect();
     match q.len() {
         0 => String::new(),
@@ -178,11 +223,20 @@ fn too_long(param: &str, max: usize, got: usize) -> GatewayError {
 
 /// `n`: optional surrounding whitespace, an optional sign, ASCII digits.
 pub fn parse_n(raw: &str) -> Result<u8, GatewayError> {
+    parse_int("n", raw, 1, 10).map(|v| v as u8)
+}
+
+/// A multipart integer field with the `n` rules: optional surrounding whitespace, an optional
+/// sign, ASCII digits; out of `min..=max` gets OpenAI's range wording with the value as sent
+/// (leading zeros dropped).
+pub fn parse_int(param: &str, raw: &str, min: i128, max: i128) -> Result<i128, GatewayError> {
     let invalid_type = || {
         GatewayError::field(
-            "n",
+            param,
             "invalid_type",
-            "Invalid type for 'n': expected an integer, but got a string value that could not be converted into an integer.",
+            format!(
+                "Invalid type for '{param}': expected an integer, but got a string value that could not be converted into an integer."
+            ),
         )
     };
     let t = raw.trim();
@@ -195,7 +249,7 @@ pub fn parse_n(raw: &str) -> Result<u8, GatewayError> {
         return Err(invalid_type());
     }
     let trimmed = digits.trim_start_matches('0');
-    // Anything longer than 18 digits is certainly out of range; keep the shown value exact.
+    // Anything longer than 30 digits is certainly out of range; keep the shown value exact.
     let shown = if negative && !trimmed.is_empty() {
         format!("-{trimmed}")
     } else if trimmed.is_empty() {
@@ -213,25 +267,25 @@ pub fn parse_n(raw: &str) -> Result<u8, GatewayError> {
         };
         if negative { -v } else { v }
     };
-    if value < 1 {
+    if value < min {
         return Err(GatewayError::field(
-            "n",
+            param,
             "integer_below_min_value",
             format!(
-                "Invalid 'n': integer below minimum value. Expected a value >= 1, but got {shown} instead."
+                "Invalid '{param}': integer below minimum value. Expected a value >= {min}, but got {shown} instead."
             ),
         ));
     }
-    if value > 10 {
+    if value > max {
         return Err(GatewayError::field(
-            "n",
+            param,
             "integer_above_max_value",
             format!(
-                "Invalid 'n': integer above maximum value. Expected a value <= 10, but got {shown} instead."
+                "Invalid '{param}': integer above maximum value. Expected a value <= {max}, but got {shown} instead."
             ),
         ));
     }
-    Ok(value as u8)
+    Ok(value)
 }
 
 fn text(part: &RawPart) -> Result<String, GatewayError> {
@@ -693,5 +747,19 @@ mod tests {
             run(&many).await.unwrap_err(),
             GatewayError::InvalidMultipart { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn uncapped_framing_plus_text_cap_matches_parse_parts() {
+        for len in [65_536usize, 65_537] {
+            let prompt = vec![b'p'; len];
+            let b = body(&[("prompt", None, None, &prompt), ("image", None, None, b"x")]);
+            let capped = parse_parts("XyZ", b.clone(), 16).await.map(|p| p.len());
+            let split = match parse_parts_uncapped("XyZ", b, 16).await {
+                Ok(parts) => check_text_part_sizes(&parts).map(|()| parts.len()),
+                Err(e) => Err(e),
+            };
+            assert_eq!(capped, split, "{len}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 pub mod canonical;
 pub mod files;
 pub mod form;
+pub mod gpt;
 pub mod png_check;
 pub mod sniff;
 
