@@ -45,6 +45,8 @@ use crate::edit::form::FormRules;
 use crate::edit::png_check::PngRules;
 use crate::edits::forward::Forwarder;
 use crate::edits::read_body::{BodyLimits, BufferBudget};
+use crate::edit::files::FileRules;
+use crate::edits::gpt::ModelTable;
 use crate::edits::{Edits, EditsService, EndUserRules};
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
@@ -66,6 +68,10 @@ pub struct AppState {
     pub upstream: Arc<Upstream>,
     pub form_rules: FormRules,
     pub png_rules: PngRules,
+    /// The accepted gpt-image models with their rules and prices.
+    pub models: Arc<ModelTable>,
+    /// Byte-level checks of gpt-image files.
+    pub file_rules: FileRules,
     pub decode_permits: Arc<Semaphore>,
     pub body_cap: usize,
     pub body_timeout: Duration,
@@ -123,7 +129,17 @@ impl AppState {
                 transparency: v.transparency.into(),
             },
             decode_permits: Arc::new(Semaphore::new(config.server.max_concurrent_decodes)),
-            body_cap: v.body_cap(),
+            // One cap for the route: the larger of the two profiles' bodies.
+            body_cap: if config.models.serves_gpt_image() {
+                v.body_cap().max(config.models.limits.body_cap())
+            } else {
+                v.body_cap()
+            },
+            models: Arc::new(ModelTable::new(&config.models, &v.models)?),
+            file_rules: FileRules {
+                max_pixels: config.models.limits.max_input_pixels,
+                ..FileRules::default()
+            },
             body_timeout: config.server.body_read_timeout,
             buffer_budget: BufferBudget::new(
                 config.server.max_buffered_bytes,
@@ -158,6 +174,9 @@ fn edits(state: &AppState) -> Edits {
         rates: state.rates.clone(),
         quotas: state.quotas.clone(),
         png: state.png_rules.clone(),
+        models: state.models.clone(),
+        files: state.file_rules.clone(),
+        clock: state.clock.clone(),
         decode_permits: state.decode_permits.clone(),
         forwarder: Forwarder {
             upstream: state.upstream.clone(),

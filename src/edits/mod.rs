@@ -291,7 +291,9 @@ impl Edits {
         started: std::time::Instant,
     ) -> Result<Admitted, (GatewayError, Option<RateStatus>)> {
         let no_rate = |e| (e, None);
-        let models = self.models.on(self.clock.now_wall().to_zoned(jiff::tz::TimeZone::UTC).date());
+        let models = self
+            .models
+            .on(self.clock.now_wall().to_zoned_datetime(jiff::tz::TimeZone::UTC).date());
         let limits = &self.models.limits;
         // field rules (model first: a retired or unknown id is answered here, like upstream)
         let edit = match input {
