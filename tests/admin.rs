@@ -105,6 +105,20 @@ async fn admin_usage_request_and_metrics() {
         .await
         .json();
     assert_eq!(only_b[0]["requests"], 1);
+    let by_model = admin_get(admin, "/admin/usage?group_by=model", Some(ADMIN_KEY)).await;
+    assert_eq!(by_model.status, 200, "{}", by_model.text());
+    let by_model = by_model.json();
+    let sum = |field: &str| -> u64 {
+        by_model
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[field].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!((sum("requests"), sum("images")), (5, 5), "{by_model}");
+    assert_eq!(sum("spend_micros"), 4 * 20_000 + 16_000, "{by_model}");
+    assert_eq!(sum("input_tokens"), 0, "dall-e-2 answers carry no usage");
     let bad = admin_get(admin, "/admin/usage?group_by=planet", Some(ADMIN_KEY)).await;
     assert_eq!(bad.status, 400);
 

@@ -1234,3 +1234,256 @@ async fn shed_and_wrong_method_requests_are_recorded() {
         1
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// A ledger of the first release (schema version 1) is upgraded in place
+// ---------------------------------------------------------------------------------------
+
+/// The first release's records: one answered (begin + complete), one rejected (final), one
+/// left forwarding by a crash (begin only).
+fn v1_ledger(path: &Path) -> Vec<String> {
+    use support::ledger_v1::{V1Ledger, V1Record};
+    let answered = V1Record {
+        request_id: "req_old_answered",
+        received_at: "2026-10-01T08:00:00Z",
+        received_at_us: 1_790_841_600_000_000,
+        client: "app",
+        outcome: "forwarding",
+        model: Some("dall-e-2"),
+        images_returned: None,
+        cost_reserved_micros: PRICE_1024,
+        cost_settled_micros: 0,
+        forwarded: true,
+    };
+    let rejected = V1Record {
+        request_id: "req_old_rejected",
+        received_at: "2026-10-01T08:00:01Z",
+        received_at_us: 1_790_841_601_000_000,
+        outcome: "rejected",
+        model: None,
+        cost_reserved_micros: 0,
+        forwarded: false,
+        ..answered.clone()
+    };
+    let stuck = V1Record {
+        request_id: "req_old_stuck",
+        received_at: "2026-10-01T08:00:02Z",
+        received_at_us: 1_790_841_602_000_000,
+        ..answered.clone()
+    };
+    let mut v1 = V1Ledger::create(path);
+    vec![
+        v1.append("begin", &answered),
+        v1.append(
+            "complete",
+            &V1Record {
+                outcome: "answered",
+                images_returned: Some(1),
+                cost_settled_micros: PRICE_1024,
+                ..answered.clone()
+            },
+        ),
+        v1.append("final", &rejected),
+        v1.append("begin", &stuck),
+    ]
+}
+
+/// A record of today's models, every new field set.
+fn gpt_image_record(id: &str) -> Record {
+    Record {
+        client: Some("app".into()),
+        user: Some("a".into()),
+        outcome: Outcome::Answered,
+        status: Some(200),
+        upstream_status: Some(200),
+        model: Some("gpt-image-2".into()),
+        n: Some(1),
+        size: Some("1536x864".into()),
+        images_returned: Some(1),
+        cost_reserved_micros: 400_000,
+        cost_settled_micros: 68_300,
+        quality: Some("medium".into()),
+        output_format: Some("png".into()),
+        input_images: Some(2),
+        stream: Some(false),
+        input_tokens: Some(1_060),
+        input_text_tokens: Some(60),
+        input_image_tokens: Some(1_000),
+        output_tokens: Some(2_000),
+        total_tokens: Some(3_060),
+        usage_extra: Some(r#"{"input_tokens_details":{"cached_tokens_details":{}}}"#.into()),
+        cost_basis: Some(imagegate::ledger::CostBasis::Usage),
+        ..Record::new(id, "2026-11-05T09:00:00Z".parse().unwrap())
+    }
+}
+
+#[test]
+fn a_version_1_ledger_is_upgraded_and_its_chain_still_verifies() {
+    use support::ledger_v1::{records_columns, schema_version};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let old_entries = v1_ledger(&path);
+    assert_eq!(schema_version(&path), "1");
+
+    // A reader opens it as it is (no upgrade): the new fields read as None, the chain verifies.
+    {
+        let reader = SqliteStore::open_reader(&path).expect("a reader opens a version 1 ledger");
+        let v = reader.verify().unwrap();
+        assert!(v.is_ok(), "{v:?}");
+        assert_eq!((v.entries, v.records), (4, 3));
+        let r = reader.get("req_old_answered").unwrap().unwrap();
+        assert_eq!(
+            (r.outcome, r.cost_settled_micros),
+            (Outcome::Answered, PRICE_1024)
+        );
+        assert_eq!((r.input_tokens, r.cost_basis), (None, None));
+        let rows = reader
+            .usage(&UsageQuery {
+                group_by: GroupBy::Model,
+                ..Default::default()
+            })
+            .unwrap();
+        let keys: Vec<(&str, u64, i64)> = rows
+            .iter()
+            .map(|r| (r.key.as_str(), r.requests, r.spend_micros))
+            .collect();
+        assert_eq!(keys, [("-", 1, 0), ("dall-e-2", 2, PRICE_1024)]);
+    }
+    assert_eq!(schema_version(&path), "1", "a reader does not upgrade");
+
+    // The writer upgrades it: version 2, the same columns as a new ledger.
+    let mut store = SqliteStore::open(&path).expect("a version 1 ledger opens for writing");
+    assert_eq!(schema_version(&path), "2");
+    let fresh = dir.path().join("fresh.db");
+    drop(SqliteStore::open(&fresh).unwrap());
+    assert_eq!(schema_version(&fresh), "2");
+    assert_eq!(records_columns(&path), records_columns(&fresh));
+
+    // The old records read back unchanged, the new fields None.
+    let old = store.get("req_old_answered").unwrap().unwrap();
+    assert_eq!(
+        old,
+        Record {
+            client: Some("app".into()),
+            outcome: Outcome::Answered,
+            model: Some("dall-e-2".into()),
+            images_returned: Some(1),
+            cost_reserved_micros: PRICE_1024,
+            cost_settled_micros: PRICE_1024,
+            forwarded: true,
+            ..Record::new("req_old_answered", "2026-10-01T08:00:00Z".parse().unwrap())
+        }
+    );
+    let v = store.verify().unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    assert_eq!(v.entries, 4);
+
+    // Recovery completes the request a crash of the old release left forwarding, and new
+    // records with every new field link onto the old chain.
+    assert_eq!(store.recover().unwrap(), 1);
+    let new = gpt_image_record("req_new");
+    for r in store
+        .write_batch(&[
+            LedgerOp::Begin(new.clone()),
+            LedgerOp::Complete(new.clone()),
+        ])
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    assert_eq!(
+        store.get("req_new").unwrap().unwrap(),
+        Record {
+            forwarded: true,
+            ..new.clone()
+        }
+    );
+    assert_eq!(
+        store.get("req_old_stuck").unwrap().unwrap().outcome,
+        Outcome::Unknown
+    );
+    let v = store.verify().unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    assert_eq!((v.entries, v.records), (7, 4));
+    drop(store);
+
+    // The entries written before the upgrade are still there, byte for byte.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let stored: Vec<String> = conn
+        .prepare("SELECT entry_json FROM ledger_chain WHERE seq <= 4 ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(stored, old_entries);
+    drop(conn);
+
+    // Opened again (already version 2), read and verified across old and new entries.
+    drop(SqliteStore::open(&path).unwrap());
+    let v = verify(&path);
+    assert_eq!(v.head.unwrap().seq, 7);
+    let records = read_records(&path);
+    assert_eq!(records.len(), 4);
+    assert_eq!(records["req_new"].output_tokens, Some(2_000));
+    assert_eq!(records["req_old_rejected"].quality, None);
+    let reader = SqliteStore::open_reader(&path).unwrap();
+    let by_model = reader
+        .usage(&UsageQuery {
+            group_by: GroupBy::Model,
+            ..Default::default()
+        })
+        .unwrap();
+    let gpt = by_model.iter().find(|r| r.key == "gpt-image-2").unwrap();
+    assert_eq!(
+        (
+            gpt.requests,
+            gpt.images,
+            gpt.spend_micros,
+            gpt.input_tokens,
+            gpt.output_tokens
+        ),
+        (1, 1, 68_300, 1_060, 2_000)
+    );
+
+    // A tampered pre-upgrade entry is still caught after the upgrade.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch("DROP TRIGGER ledger_chain_no_update;")
+        .unwrap();
+    conn.execute(
+        "UPDATE ledger_chain SET entry_json = replace(entry_json, '\"images_returned\":1', '\"images_returned\":9') WHERE seq = 2",
+        [],
+    )
+    .unwrap();
+    let b = SqliteStore::open_reader(&path)
+        .unwrap()
+        .verify()
+        .unwrap()
+        .first_broken
+        .expect("the tampered entry is found");
+    assert_eq!((b.seq, b.request_id.as_str()), (2, "req_old_answered"));
+}
+
+#[test]
+fn an_unknown_schema_version_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("future.db");
+    v1_ledger(&path);
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE ledger_meta SET value = '3' WHERE key = 'schema_version'",
+            [],
+        )
+        .unwrap();
+    let e = SqliteStore::open(&path).unwrap_err();
+    assert!(e.to_string().contains("version 3"), "{e}");
+    let e = SqliteStore::open_reader(&path).unwrap_err();
+    assert!(e.to_string().contains("version 3"), "{e}");
+    assert_eq!(support::ledger_v1::schema_version(&path), "3");
+    assert_eq!(
+        support::ledger_v1::records_columns(&path).len(),
+        32,
+        "no column was added"
+    );
+}

@@ -8,6 +8,7 @@
 
 pub mod fixtures;
 pub mod gateway;
+pub mod ledger_v1;
 pub mod mock_upstream;
 pub mod multipart;
 
