@@ -40,7 +40,11 @@ impl ModelTable {
                 "gpt-image-2" => FamilyRules::gpt_image_2(),
                 "gpt-image-2.5" => FamilyRules::gpt_image_2_5(),
                 "gpt-image-2.6" => FamilyRules::gpt_image_2_6(),
-                other => return Err(format!("models.accepted.\"{id}\": unknown family '{other}'")),
+                other => {
+                    return Err(format!(
+                        "models.accepted.\"{id}\": unknown family '{other}'"
+                    ));
+                }
             };
             if let Some(o) = config.families.get(&e.family) {
                 if let Some(q) = &o.quality {
@@ -195,7 +199,9 @@ pub fn replace_mask(edit: &mut GptEdit, converted: Option<Bytes>) {
 pub fn canonical(edit: &GptEdit) -> crate::edit::canonical::CanonicalBody {
     match edit.encoding {
         gpt::Encoding::Multipart => gpt::canonical::multipart(edit),
-        gpt::Encoding::Json => crate::edit::canonical::CanonicalBody::json(gpt::canonical::json(edit)),
+        gpt::Encoding::Json => {
+            crate::edit::canonical::CanonicalBody::json(gpt::canonical::json(edit))
+        }
     }
 }
 

@@ -29,9 +29,12 @@ use tokio::sync::Semaphore;
 use tower::Service;
 
 use crate::body::Body;
+use crate::clock::Clock;
 use crate::config::ClientConfig;
 use crate::edit::canonical;
+use crate::edit::files::FileRules;
 use crate::edit::form::{self, FormRules};
+use crate::edit::gpt as gpt_form;
 use crate::edit::png_check::PngRules;
 use crate::error::GatewayError;
 use crate::ledger::PromptPolicy;
@@ -42,14 +45,11 @@ use crate::limits::{EndUser, resolve_end_user};
 use crate::middleware::BoxFuture;
 use crate::middleware::auth::Caller;
 use crate::middleware::usage::Trail;
+use crate::pricing::reservation_micros;
 use check_files::check_files;
 use check_images::check_images;
-use read_body::BudgetHold;
-use crate::clock::Clock;
-use crate::edit::files::FileRules;
-use crate::edit::gpt as gpt_form;
-use crate::pricing::reservation_micros;
 use forward::{Expect, Forwarder};
+use read_body::BudgetHold;
 use read_body::{BodyLimits, BufferBudget, read_body};
 use reserve::{Pricing, reserve};
 
@@ -182,7 +182,10 @@ impl Edits {
                 return self.admit_gpt(caller, trail, GptInput::Json(body), held, started);
             }
             gpt::Body::Multipart(boundary) => {
-                let max = self.form.max_parts.max(gpt_form::multipart::max_parts(&self.models.limits));
+                let max = self
+                    .form
+                    .max_parts
+                    .max(gpt_form::multipart::max_parts(&self.models.limits));
                 form::parse_parts_uncapped(&boundary, body, max)
                     .await
                     .map_err(no_rate)?
@@ -291,9 +294,11 @@ impl Edits {
         started: std::time::Instant,
     ) -> Result<Admitted, (GatewayError, Option<RateStatus>)> {
         let no_rate = |e| (e, None);
-        let models = self
-            .models
-            .on(self.clock.now_wall().to_zoned_datetime(jiff::tz::TimeZone::UTC).date());
+        let models = self.models.on(self
+            .clock
+            .now_wall()
+            .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+            .date());
         let limits = &self.models.limits;
         // field rules (model first: a retired or unknown id is answered here, like upstream)
         let edit = match input {
@@ -328,7 +333,11 @@ impl Edits {
             // A personal key's own user replaces another name (policy `overwrite`), so OpenAI
             // sees the id the gateway charged; an app's ids go upstream as sent.
             if edit.end_user().map(str::trim) != Some(user.as_str()) {
-                if edit.safety_identifier.as_deref().is_some_and(|s| !s.is_empty()) {
+                if edit
+                    .safety_identifier
+                    .as_deref()
+                    .is_some_and(|s| !s.is_empty())
+                {
                     edit.safety_identifier = Some(user.clone());
                 }
                 edit.user = Some(user.clone());
@@ -342,7 +351,10 @@ impl Edits {
         let this = self.clone();
         let rest = Box::pin(async move {
             // reserve quota: the upper bound of §7, settled to the usage
-            let prices = this.models.prices(&edit.model).ok_or(GatewayError::Internal)?;
+            let prices = this
+                .models
+                .prices(&edit.model)
+                .ok_or(GatewayError::Internal)?;
             let bound = reservation_micros(&gpt::reservation_params(&edit), &prices);
             let reservation = reserve(
                 &this.quotas,
@@ -354,7 +366,8 @@ impl Edits {
             .await?;
             trail.update(|r| r.cost_reserved_micros = reservation.reserved_micros());
             // check files: by structure, on the blocking pool
-            let checked = check_files(&this.decode_permits, &this.files, gpt::files_of(&edit)).await;
+            let checked =
+                check_files(&this.decode_permits, &this.files, gpt::files_of(&edit)).await;
             trail.update(|r| {
                 if let Some(d) = &checked.first_image {
                     (r.image_sha256, r.image_bytes, r.image_width, r.image_height) = d.fields();
