@@ -177,3 +177,38 @@ pub fn assert_error(
         .expect("message is a string")
         .to_string()
 }
+
+/// Tweak for gpt-image tests: the shipped model table (gpt-image-2, 2.5, 2.6), no dall-e-2
+/// profile, no start-up model check.
+pub fn gpt(c: &mut Config) {
+    c.validation.models = Vec::new();
+    c.models = imagegate::models::ModelsConfig::default();
+    c.models.check_at_start = false;
+}
+
+/// The record of request `id` in the ledger file at `path`.
+pub fn ledger_record(path: &std::path::Path, id: &str) -> imagegate::ledger::Record {
+    use imagegate::ledger::sqlite::SqliteStore;
+    use imagegate::ledger::store::{LedgerStore, UsageQuery};
+    let store = SqliteStore::open_reader(path).expect("the ledger opens for reading");
+    let mut found = None;
+    store
+        .export(&UsageQuery::default(), &mut |r| {
+            if r.request_id == id {
+                found = Some(r.clone());
+            }
+            Ok(())
+        })
+        .expect("the ledger exports");
+    found.unwrap_or_else(|| panic!("no record for {id}"))
+}
+
+impl Gateway {
+    /// The record of the request this answer belongs to.
+    pub fn record_of(&self, resp: &Resp) -> imagegate::ledger::Record {
+        let id = resp
+            .header("x-imagegate-request-id")
+            .expect("every answer carries x-imagegate-request-id");
+        ledger_record(&self.dir.path().join("imagegate.db"), &id)
+    }
+}
