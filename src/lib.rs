@@ -17,6 +17,7 @@ pub mod limits;
 pub mod metrics;
 pub mod middleware;
 pub mod models;
+pub mod models_check;
 pub mod server;
 pub mod telemetry;
 pub mod upstream;
