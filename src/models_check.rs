@@ -699,6 +699,45 @@ mod tests {
     }
 
     #[test]
+    fn publishing_sets_the_model_gauges() {
+        let handle = crate::metrics::handle();
+        let mut c = config();
+        c.models.accepted.insert(
+            "gauge-test-model".into(),
+            ModelEntry {
+                family: "gpt-image-2".into(),
+                shutdown: Some(d(2026, 12, 21)),
+                prices: None,
+            },
+        );
+        c.validation.models.push("gauge-test-dalle".into());
+        c.prices.insert("gauge-test-dalle".into(), BTreeMap::new());
+        let r = report(
+            &c,
+            &listing(r#"{"data":[{"id":"gauge-test-model","shutdown_date":"2027-03-01"}]}"#),
+            TODAY,
+        );
+        publish(&r);
+        let text = handle.render();
+        assert!(
+            text.contains(r#"imagegate_model_shutdown_days{model="gauge-test-model"} 20"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"imagegate_model_live{model="gauge-test-model"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"imagegate_model_live{model="gauge-test-dalle"} 0"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"imagegate_model_shutdown_days{model="gauge-test-dalle"}"#),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn the_json_form() {
         let r = report(
             &config(),
