@@ -194,7 +194,8 @@ fn pixels(size: &str) -> u64 {
 fn shutdown_text(d: Date, days: i64) -> String {
     match days {
         n if n < 0 => format!("shut down {d} ({} days ago)", -n),
-        0 => format!("shuts down {d} (today)"),
+        // A shutdown takes effect at 00:00 UTC on its date.
+        0 => format!("shut down {d} (today)"),
         1 => format!("shuts down {d} in 1 day"),
         n => format!("shuts down {d} in {n} days"),
     }
@@ -639,6 +640,11 @@ mod tests {
         assert!(
             !r.check_failed(),
             "shutting down soon is a warning, not a failure"
+        );
+        assert_eq!(shutdown_text(TODAY, 0), "shut down 2026-12-01 (today)");
+        assert_eq!(
+            shutdown_text(TODAY, -3),
+            "shut down 2026-12-01 (3 days ago)"
         );
         // A configured date alone (no check) warns too.
         let mut c = config();

@@ -24,7 +24,7 @@ fn version_and_help() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
     let out = imagegate().arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["serve", "check-config", "hash-key", "quota"] {
+    for cmd in ["serve", "check-config", "hash-key", "quota", "models"] {
         assert!(help.contains(cmd), "{help}");
     }
 }
@@ -250,7 +250,7 @@ family = "gpt-image-2.6"
 prices = {{ text_in = 4.0, image_in = 7.5, image_out = 25.0 }}
 [models.accepted."gpt-image-1.5"]
 family = "gpt-image-2"
-shutdown = "2026-12-01"
+shutdown = "2026-10-23"
 "#,
             db = dir.join("imagegate.db").display().to_string(),
         ),
@@ -309,7 +309,7 @@ async fn models_lists_the_configured_models_and_checks_them_upstream() {
         "{r}"
     );
     assert!(
-        row(&table, "gpt-image-1.5").contains("shut down 2026-12-01"),
+        row(&table, "gpt-image-1.5").contains("shut down 2026-10-23 ("),
         "{table}"
     );
     let r = row(&table, "dall-e-2");
