@@ -56,6 +56,18 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The configured models: profile, family, shutdown date, prices; with --check, what the
+    /// upstream's `GET /models` says of each. Exit 1 when --check fails or a served model is gone.
+    Models {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Ask the upstream which configured models it still lists (`GET /models`, 10 s at most).
+        #[arg(long)]
+        check: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: TableOrJson,
+    },
     /// Quotas: use and remaining per period.
     Quota {
         #[command(subcommand)]

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod models;
 pub mod pricing;
+pub mod models_check;
 pub mod server;
 pub mod telemetry;
 pub mod upstream;

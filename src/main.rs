@@ -10,7 +10,7 @@ use imagegate::cli::{
 };
 use imagegate::ledger::sqlite::SqliteStore;
 use imagegate::ledger::store::LedgerStore;
-use imagegate::{config, server, telemetry};
+use imagegate::{config, models_check, server, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -44,6 +44,11 @@ fn main() -> ExitCode {
                     format,
                 },
         } => quota_show(&config, client.as_deref(), user.as_deref(), format),
+        Command::Models {
+            config,
+            check,
+            format,
+        } => models(&config, check, format),
         Command::CheckConfig { config } => match config.load() {
             Ok(c) => {
                 for w in warnings(&c) {
@@ -99,6 +104,12 @@ async fn serve(config: config::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // In the background when it asks the upstream: start-up does not wait for it.
+    models_check::at_start(
+        running.state.config.clone(),
+        running.state.upstream.clone(),
+        running.state.clock.clone(),
+    );
     tracing::info!(addr = %running.addr, version = env!("CARGO_PKG_VERSION"), "imagegate listening");
     shutdown_signal().await;
     running.shutdown().await;
@@ -113,6 +124,62 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
+}
+
+/// `imagegate models [--check] [--format table|json]`: exit 0, or 1 when `--check` failed or
+/// found a model the gateway still serves gone upstream; 2 on configuration problems.
+fn models(config: &ConfigArg, check: bool, format: TableOrJson) -> ExitCode {
+    let c = match config.load() {
+        Ok(c) => c,
+        Err(problems) => return config_problems(&problems),
+    };
+    let today = models_check::today_utc(&imagegate::clock::Clock::system());
+    let found = if check {
+        run_check(&c)
+    } else {
+        models_check::Check::NotRun
+    };
+    let report = models_check::report(&c, &found, today);
+    match format {
+        TableOrJson::Table => print!("{}", models_check::render_table(&report)),
+        TableOrJson::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("the report serializes")
+        ),
+    }
+    if check && report.check_failed() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Ask the upstream once (`GET /models`), on a runtime of its own.
+fn run_check(c: &config::Config) -> models_check::Check {
+    use models_check::Check;
+    if c.upstream_key.is_none() {
+        return Check::Failed(format!(
+            "no upstream key: set {} or upstream.api_key_file",
+            c.upstream.api_key_env
+        ));
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return Check::Failed(format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(async {
+        let upstream = match imagegate::upstream::Upstream::new(c) {
+            Ok(u) => u,
+            Err(e) => return Check::Failed(e),
+        };
+        match upstream.list_models(models_check::CHECK_TIMEOUT).await {
+            Ok(listing) => Check::Listed(listing),
+            Err(e) => Check::Failed(e),
+        }
+    })
 }
 
 fn hash_key() -> ExitCode {

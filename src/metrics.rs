@@ -14,6 +14,15 @@
 //! | `imagegate_in_flight_requests` | gauge | |
 //! | `imagegate_ledger_queue_depth` | gauge | |
 //! | `imagegate_ledger_write_seconds` | histogram | |
+//! | `imagegate_model_shutdown_days` | gauge | `model` |
+//! | `imagegate_model_live` | gauge | `model` |
+//!
+//! The model gauges are set once at start (`models_check::at_start`):
+//! `imagegate_model_shutdown_days` is the number of days from today (UTC) to a configured
+//! model's shutdown date (the earlier of the configured one and the one the upstream's
+//! `GET /models` announced; negative once passed), only for models with a known date;
+//! `imagegate_model_live` is 1 when the upstream lists the model, 0 when it does not, and
+//! absent when the check did not run or failed.
 
 use std::sync::OnceLock;
 
@@ -78,6 +87,14 @@ fn describe() {
     describe_histogram!(
         "imagegate_ledger_write_seconds",
         "Time to commit a ledger record"
+    );
+    describe_gauge!(
+        "imagegate_model_shutdown_days",
+        "Days until a configured model shuts down (configured or upstream date, the earlier)"
+    );
+    describe_gauge!(
+        "imagegate_model_live",
+        "1 when the upstream's GET /models lists a configured model, 0 when it does not"
     );
 }
 

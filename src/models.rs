@@ -13,13 +13,13 @@
 use std::collections::BTreeMap;
 
 use jiff::civil::Date;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The rule sets of the gpt-image profile.
 pub const FAMILIES: [&str; 3] = ["gpt-image-2", "gpt-image-2.5", "gpt-image-2.6"];
 
 /// USD per 1M tokens (the config's unit); converted once to integer micro-dollars.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenPriceConfig {
     pub text_in: f64,

@@ -42,6 +42,7 @@ const PASS_THROUGH: [&str; 9] = [
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, ChunkedBody>,
     edits_uri: Uri,
+    models_uri: Uri,
     authorization: Option<HeaderValue>,
     organization: Option<HeaderValue>,
     project: Option<HeaderValue>,
@@ -53,6 +54,9 @@ impl Upstream {
     pub fn new(config: &Config) -> Result<Upstream, String> {
         let u = &config.upstream;
         let edits_uri: Uri = format!("{}/images/edits", u.base_url.trim_end_matches('/'))
+            .parse()
+            .map_err(|e| format!("upstream.base_url: {e}"))?;
+        let models_uri: Uri = format!("{}/models", u.base_url.trim_end_matches('/'))
             .parse()
             .map_err(|e| format!("upstream.base_url: {e}"))?;
         let mut http = HttpConnector::new();
@@ -101,6 +105,7 @@ impl Upstream {
         Ok(Upstream {
             client,
             edits_uri,
+            models_uri,
             authorization,
             organization: plain(&u.organization, "organization")?,
             project: plain(&u.project, "project")?,
@@ -127,14 +132,7 @@ impl Upstream {
             .header(header::USER_AGENT, self.user_agent.clone())
             .body(canonical.body)
             .expect("a request built from valid parts");
-        let h = req.headers_mut();
-        h.insert(header::AUTHORIZATION, auth);
-        if let Some(org) = &self.organization {
-            h.insert("openai-organization", org.clone());
-        }
-        if let Some(project) = &self.project {
-            h.insert("openai-project", project.clone());
-        }
+        self.identify(&mut req, auth);
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => {
@@ -151,6 +149,91 @@ impl Upstream {
                 after: self.response_timeout,
             }),
         }
+    }
+}
+
+impl Upstream {
+    /// The upstream key, organization and project headers.
+    fn identify(&self, req: &mut Request<ChunkedBody>, auth: HeaderValue) {
+        let h = req.headers_mut();
+        h.insert(header::AUTHORIZATION, auth);
+        if let Some(org) = &self.organization {
+            h.insert("openai-organization", org.clone());
+        }
+        if let Some(project) = &self.project {
+            h.insert("openai-project", project.clone());
+        }
+    }
+
+    /// `GET {base_url}/models` with the upstream key: the ids the upstream lists, with their
+    /// shutdown dates. The whole exchange (connect, answer, body of at most
+    /// [`MAX_LISTING_BYTES`](crate::models_check::MAX_LISTING_BYTES)) must end within `timeout`;
+    /// the connect timeout of `upstream.connect_timeout` applies too. Errors are one line for
+    /// the operator and never carry the key.
+    pub async fn list_models(
+        &self,
+        timeout: Duration,
+    ) -> Result<crate::models_check::Listing, String> {
+        use http_body_util::{BodyExt, Limited};
+        let auth = self
+            .authorization
+            .clone()
+            .ok_or_else(|| "no upstream key is configured".to_string())?;
+        let mut req = Request::get(self.models_uri.clone())
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, self.user_agent.clone())
+            .body(ChunkedBody::default())
+            .expect("a request built from valid parts");
+        self.identify(&mut req, auth);
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| format!("GET /models failed: {}", error_chain(&e)))?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), crate::models_check::MAX_LISTING_BYTES)
+                .collect()
+                .await
+                .map_err(|e| format!("GET /models: reading the answer: {e}"))?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(format!(
+                    "GET /models answered {status}{}",
+                    error_summary(&body)
+                ));
+            }
+            crate::models_check::parse_listing(&body)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "GET /models: no complete answer within {}s",
+                timeout.as_secs_f64()
+            )),
+        }
+    }
+}
+
+/// `: <type/code>: <message>` of an OpenAI error body, for a log line; words that look like an
+/// API key (even masked, as OpenAI echoes them) are replaced.
+fn error_summary(body: &[u8]) -> String {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return String::new();
+    };
+    let e = &v["error"];
+    let kind = e["code"].as_str().or_else(|| e["type"].as_str());
+    let message = e["message"].as_str().map(|m| {
+        m.split(' ')
+            .map(|w| if w.contains("sk-") { "[redacted]" } else { w })
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
+    match (kind, message) {
+        (Some(k), Some(m)) => format!(": {k}: {m}"),
+        (Some(k), None) => format!(": {k}"),
+        (None, Some(m)) => format!(": {m}"),
+        (None, None) => String::new(),
     }
 }
 
@@ -302,6 +385,18 @@ mod tests {
             err.starts_with("upstream.ca_file ") && err.contains("cannot read"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn error_summaries_hide_keys() {
+        let body = br#"{"error":{"message":"Incorrect API key provided: sk-proj-****abcd. You can find your API key at ...","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#;
+        let s = error_summary(body);
+        assert!(
+            s.starts_with(": invalid_api_key: Incorrect API key provided: [redacted]"),
+            "{s}"
+        );
+        assert!(!s.contains("sk-"), "{s}");
+        assert_eq!(error_summary(b"<html>"), "");
     }
 
     #[test]

@@ -170,6 +170,8 @@ models = ["dall-e-2"]
 [models]
 default = "dall-e-2"
 accepted = {{}}
+# Only edits reach the mock: its counts are the ledger's.
+check_at_start = false
 
 [log]
 format = "json"

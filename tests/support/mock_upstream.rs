@@ -7,7 +7,8 @@
 //! Serves HTTP/1.1 and h2c (prior knowledge) through hyper-util's auto builder. Every request
 //! whose body was read completely is recorded (method, path, headers, body, multipart parts)
 //! *before* its response is sent, so once a client has an answer, [`MockUpstream::count`]
-//! already includes that request. Dropping the [`MockUpstream`] aborts the accept loop and
+//! already includes that request. `GET /v1/models` is answered apart from the edits behaviour,
+//! by [`ModelsAnswer`] (see [`MockUpstream::set_models`]). Dropping the [`MockUpstream`] aborts the accept loop and
 //! every connection task and releases all hanging handlers, so calls stuck on it end.
 
 use std::collections::VecDeque;
@@ -150,6 +151,73 @@ pub const GPT_STREAM_USAGE: &str = r#"{"total_tokens":100,"input_tokens":50,"out
 
 /// µ$ of one [`GPT_STREAM_USAGE`] at gpt-image-2 list prices.
 pub const GPT_STREAM_EVENT_COST_MICROS: u64 = 1_870;
+/// Extra: how the mock answers `GET /v1/models` (whatever the edits [`Behavior`] is). Those
+/// requests are recorded like any other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelsAnswer {
+    /// 200 `{"object":"list","data":[...]}`, one model object per `(id, shutdown_date)`
+    /// (`null` when `None`), with the OpenAI headers of `Success`.
+    Listing(Vec<(String, Option<String>)>),
+    /// This status and this body verbatim as `application/json`, with the OpenAI headers.
+    Status { status: u16, body: String },
+}
+
+impl Default for ModelsAnswer {
+    /// The live OpenAI models of `gpt-image-models.md` §1 on 2026-12-01, none with a date.
+    fn default() -> Self {
+        ModelsAnswer::Listing(
+            [
+                "gpt-image-2",
+                "gpt-image-2-2026-04-21",
+                "gpt-image-2.5-flare",
+                "gpt-image-2.5-flare-2026-09-08",
+                "gpt-image-2.5-sunburst",
+                "gpt-image-2.5-sunburst-2026-09-08",
+                "gpt-image-2.6-flare",
+                "gpt-image-2.6-sunburst",
+            ]
+            .into_iter()
+            .map(|id| (id.to_string(), None))
+            .collect(),
+        )
+    }
+}
+
+impl ModelsAnswer {
+    /// Extra: a listing from `(id, shutdown_date)` pairs.
+    pub fn listing(models: &[(&str, Option<&str>)]) -> ModelsAnswer {
+        ModelsAnswer::Listing(
+            models
+                .iter()
+                .map(|(id, d)| (id.to_string(), d.map(str::to_string)))
+                .collect(),
+        )
+    }
+
+    fn answer(&self) -> (StatusCode, String) {
+        match self {
+            ModelsAnswer::Listing(models) => {
+                let data: Vec<serde_json::Value> = models
+                    .iter()
+                    .map(|(id, d)| {
+                        serde_json::json!({
+                            "id": id, "object": "model", "created": 1_745_193_600,
+                            "owned_by": "system", "shutdown_date": d
+                        })
+                    })
+                    .collect();
+                (
+                    StatusCode::OK,
+                    serde_json::json!({ "object": "list", "data": data }).to_string(),
+                )
+            }
+            ModelsAnswer::Status { status, body } => (
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                body.clone(),
+            ),
+        }
+    }
+}
 
 /// One multipart part as parsed by multer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -222,6 +290,7 @@ struct Shared {
     count_tx: watch::Sender<usize>,
     heads_tx: watch::Sender<usize>,
     behavior: Mutex<Behavior>,
+    models: Mutex<ModelsAnswer>,
     responses: AtomicU64,
     connections: AtomicUsize,
     /// Its sender lives in `MockUpstream`; it closes when the mock is dropped.
@@ -256,6 +325,7 @@ impl MockUpstream {
             count_tx: watch::Sender::new(0),
             heads_tx: watch::Sender::new(0),
             behavior: Mutex::new(Behavior::Success),
+            models: Mutex::new(ModelsAnswer::default()),
             responses: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             shutdown_rx,
@@ -330,6 +400,11 @@ impl MockUpstream {
         *self.shared.behavior.lock().unwrap() = b;
     }
 
+    /// Extra: how the following `GET /v1/models` requests are answered.
+    pub fn set_models(&self, answer: ModelsAnswer) {
+        *self.shared.models.lock().unwrap() = answer;
+    }
+
     /// Extra: the behaviour currently in force.
     pub fn behavior(&self) -> Behavior {
         self.shared.behavior.lock().unwrap().clone()
@@ -371,6 +446,9 @@ async fn handle(
     shared: Arc<Shared>,
 ) -> Result<Response<MockBody>, std::io::Error> {
     shared.heads_tx.send_modify(|n| *n += 1);
+    if req.method() == Method::GET && req.uri().path() == "/v1/models" {
+        return models(req, &shared).await;
+    }
     let behavior = shared.behavior.lock().unwrap().clone();
     if behavior == Behavior::HangBeforeReading {
         let _unread = req; // keep the request and its unread body alive
@@ -498,6 +576,42 @@ async fn handle(
     if extra {
         openai_headers(resp.headers_mut(), id, version);
     }
+    Ok(resp)
+}
+
+/// `GET /v1/models`: recorded, then answered by the [`ModelsAnswer`] in force.
+async fn models(
+    req: Request<Incoming>,
+    shared: &Shared,
+) -> Result<Response<MockBody>, std::io::Error> {
+    let answer = shared.models.lock().unwrap().clone();
+    let (head, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    let version = head.version;
+    {
+        let mut recorded = shared.recorded.lock().unwrap();
+        recorded.push(Recorded {
+            method: head.method,
+            path: head.uri.path().to_string(),
+            query: head.uri.query().map(str::to_string),
+            version,
+            headers: head.headers,
+            body,
+            parts: Vec::new(),
+            json: None,
+        });
+        let len = recorded.len();
+        shared.count_tx.send_replace(len);
+    }
+    let id = shared.responses.fetch_add(1, Ordering::SeqCst) + 1;
+    let (status, body) = answer.answer();
+    let mut resp = Response::new(MockBody::full(body));
+    *resp.status_mut() = status;
+    openai_headers(resp.headers_mut(), id, version);
     Ok(resp)
 }
 
