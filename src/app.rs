@@ -47,6 +47,7 @@ use crate::edit::png_check::PngRules;
 use crate::edits::forward::Forwarder;
 use crate::edits::gpt::ModelTable;
 use crate::edits::read_body::{BodyLimits, BufferBudget};
+use crate::edits::relay::RelayTimeouts;
 use crate::edits::{Edits, EditsService, EndUserRules};
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
@@ -75,6 +76,8 @@ pub struct AppState {
     pub decode_permits: Arc<Semaphore>,
     pub body_cap: usize,
     pub body_timeout: Duration,
+    /// Forwarding tasks that may run at once.
+    pub forwarding_slots: Arc<Semaphore>,
     /// Request bytes held in memory across all requests.
     pub buffer_budget: BufferBudget,
     pub clock: Clock,
@@ -141,6 +144,7 @@ impl AppState {
                 ..FileRules::default()
             },
             body_timeout: config.server.body_read_timeout,
+            forwarding_slots: Arc::new(Semaphore::new(config.server.max_forwarding)),
             buffer_budget: BufferBudget::new(
                 config.server.max_buffered_bytes,
                 config.server.buffer_wait,
@@ -180,7 +184,11 @@ fn edits(state: &AppState) -> Edits {
         decode_permits: state.decode_permits.clone(),
         forwarder: Forwarder {
             upstream: state.upstream.clone(),
-            idle_timeout: config.upstream.idle_timeout,
+            timeouts: RelayTimeouts {
+                upstream_idle: config.upstream.idle_timeout,
+                caller_idle: config.server.caller_idle_timeout,
+            },
+            slots: state.forwarding_slots.clone(),
             ledger: state.ledger.clone(),
             tasks: state.tasks.clone(),
         },

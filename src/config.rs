@@ -86,6 +86,13 @@ pub struct ServerConfig {
     /// Request bytes held in memory at once across all requests (bodies being read, checked and
     /// forwarded). A request that would exceed it waits up to `buffer_wait`, then gets 503.
     pub max_buffered_bytes: usize,
+    /// Forwarding tasks running at once (each outlives its connection until the answer is
+    /// relayed and recorded); a request that finds none free is refused 503 before forwarding.
+    pub max_forwarding: usize,
+    /// A caller that takes no chunk of its answer for this long is treated as gone (the
+    /// upstream answer is still read to its end, so its cost is known).
+    #[serde(with = "humantime_serde")]
+    pub caller_idle_timeout: Duration,
     /// How long a request waits for room in `max_buffered_bytes`.
     #[serde(with = "humantime_serde")]
     pub buffer_wait: Duration,
@@ -101,6 +108,8 @@ impl Default for ServerConfig {
             max_in_flight: 256,
             max_concurrent_decodes: 4,
             max_buffered_bytes: 1024 * 1024 * 1024,
+            max_forwarding: 512,
+            caller_idle_timeout: Duration::from_secs(60),
             buffer_wait: Duration::from_secs(10),
         }
     }
@@ -443,6 +452,8 @@ impl Config {
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.response_timeout", self.upstream.response_timeout),
             ("upstream.idle_timeout", self.upstream.idle_timeout),
+            ("server.caller_idle_timeout", s.caller_idle_timeout),
+            ("server.buffer_wait", s.buffer_wait),
         ] {
             if d.is_zero() {
                 p.push(format!("{name}: must be greater than zero"));
@@ -450,6 +461,21 @@ impl Config {
         }
         if s.max_in_flight == 0 {
             p.push("server.max_in_flight: must be at least 1".into());
+        }
+        if s.max_forwarding == 0 {
+            p.push("server.max_forwarding: must be at least 1".into());
+        }
+        let largest_body = if self.models.serves_gpt_image() {
+            self.validation
+                .body_cap()
+                .max(self.models.limits.body_cap())
+        } else {
+            self.validation.body_cap()
+        };
+        if s.max_buffered_bytes < largest_body {
+            p.push(format!(
+                "server.max_buffered_bytes: must be at least the largest body cap ({largest_body} bytes), or the largest valid request could never be read"
+            ));
         }
         if s.max_concurrent_decodes == 0 {
             p.push("server.max_concurrent_decodes: must be at least 1".into());

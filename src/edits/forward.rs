@@ -12,10 +12,10 @@
 use std::sync::Arc;
 
 use http::{HeaderValue, Response, header};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
-use super::relay::{ChannelBody, ImageCounter, Observed, Watch, pump};
+use super::relay::{ChannelBody, ImageCounter, Observed, RelayTimeouts, Watch, pump};
 use super::reserve::ReservationGuard;
 use crate::answer::{JsonAnswerScanner, SseScanner};
 use crate::body::Body;
@@ -32,8 +32,11 @@ use crate::upstream::{Upstream, passed_headers};
 #[derive(Clone)]
 pub struct Forwarder {
     pub upstream: Arc<Upstream>,
-    /// Longest silence of the upstream mid-answer.
-    pub idle_timeout: std::time::Duration,
+    /// Longest silence of each side of the relay.
+    pub timeouts: RelayTimeouts,
+    /// Forwarding tasks running at once (they outlive their connections and the in-flight
+    /// limit); a request that finds none free is refused 503 before forwarding.
+    pub slots: Arc<Semaphore>,
     pub ledger: Ledger,
     /// Forwarding tasks, which outlive their connections; shutdown waits for them.
     pub tasks: TaskTracker,
@@ -52,6 +55,11 @@ impl Forwarder {
             reservation.refund().await;
             return Err(GatewayError::UpstreamKeyMissing);
         }
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            tracing::warn!("every forwarding slot is taken; refusing before forwarding");
+            reservation.refund().await;
+            return Err(GatewayError::Overloaded);
+        };
         // From here on the task owns the record and the reservation. It is spawned before the
         // first await, so a caller that disconnects now cannot leave a record behind unwritten.
         let record = trail.hand_off();
@@ -59,7 +67,12 @@ impl Forwarder {
         let span = tracing::Span::current();
         let this = self.clone();
         self.tasks.spawn(tracing::Instrument::instrument(
-            this.run(canonical, answer, reservation, trail, record, head_tx),
+            async move {
+                // Held until the record is complete and the answer relayed.
+                let _slot = slot;
+                this.run(canonical, answer, reservation, trail, record, head_tx)
+                    .await
+            },
             span,
         ));
         let (parts, body) = head_rx.await.map_err(|_| GatewayError::Internal)??;
@@ -158,7 +171,7 @@ impl Forwarder {
                         remaining: hint,
                     },
                 )));
-                let (outcome, tail, observed) = pump(body, tx, watch, self.idle_timeout).await;
+                let (outcome, tail, observed) = pump(body, tx, watch, self.timeouts).await;
                 let bill = Bill::of(&observed, &reservation);
                 let images = bill.images;
                 record.cost_settled_micros = reservation.settle(images, bill.micros).await;
@@ -176,7 +189,7 @@ impl Forwarder {
                 } else if outcome.stalled {
                     record.reason_message = Some(format!(
                         "the upstream sent nothing for {} seconds mid-answer",
-                        self.idle_timeout.as_secs()
+                        self.timeouts.upstream_idle.as_secs()
                     ));
                     Outcome::UpstreamTimeout
                 } else if broke {

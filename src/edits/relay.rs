@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
 use crate::answer::{
@@ -69,9 +68,31 @@ pub struct RelayOutcome {
     pub stalled: bool,
 }
 
+/// How long each side of the relay may be silent.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayTimeouts {
+    /// The upstream sends nothing for this long: the answer ends as stalled.
+    pub upstream_idle: Duration,
+    /// The caller takes no chunk for this long: it is treated as gone.
+    pub caller_idle: Duration,
+}
+
+/// Hand a chunk to the caller's body; false when the caller is gone or did not take it in time.
+async fn deliver(
+    tx: &mpsc::Sender<Result<Bytes, BoxError>>,
+    chunk: Bytes,
+    within: Duration,
+) -> bool {
+    matches!(
+        tokio::time::timeout(within, tx.send(Ok(chunk))).await,
+        Ok(Ok(()))
+    )
+}
+
 /// What is left to give the caller once the record is written.
 pub struct Tail {
     tx: mpsc::Sender<Result<Bytes, BoxError>>,
+    caller_idle: Duration,
     /// The last chunk of a JSON answer, held back: a caller that knows the length (or reads to
     /// the end) must not see the whole answer before its record is committed. An event stream
     /// holds back only its end (and, when it broke, the closing error event of S4).
@@ -82,7 +103,7 @@ impl Tail {
     /// Send the held-back chunk and end the caller's body.
     pub async fn finish(self) {
         for chunk in self.last {
-            if self.tx.send(Ok(chunk)).await.is_err() {
+            if !deliver(&self.tx, chunk, self.caller_idle).await {
                 break;
             }
         }
@@ -92,12 +113,18 @@ impl Tail {
 /// Copy the upstream body to the caller as it arrives (a JSON answer one chunk behind); when
 /// the caller is gone keep reading to the end, so what the answer cost is known. A body that
 /// sends nothing for `idle` ends as stalled.
-pub async fn pump(
-    mut body: Incoming,
+pub async fn pump<B>(
+    body: B,
     tx: mpsc::Sender<Result<Bytes, BoxError>>,
     mut watch: Watch,
-    idle: Duration,
-) -> (RelayOutcome, Tail, Observed) {
+    timeouts: RelayTimeouts,
+) -> (RelayOutcome, Tail, Observed)
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let idle = timeouts.upstream_idle;
+    let mut body = std::pin::pin!(body);
     let events = matches!(watch, Watch::Events(_));
     let mut outcome = RelayOutcome::default();
     let mut held: Option<Bytes> = None;
@@ -134,8 +161,10 @@ pub async fn pump(
                 };
                 if let Some(chunk) = send
                     && !outcome.caller_gone
-                    && tx.send(Ok(chunk)).await.is_err()
+                    && !deliver(&tx, chunk, timeouts.caller_idle).await
                 {
+                    // Gone, or not reading: keep reading upstream (the cost must be known)
+                    // without holding the answer for a caller that does not take it.
                     outcome.caller_gone = true;
                 }
             }
@@ -158,14 +187,22 @@ pub async fn pump(
     {
         // A JSON answer that broke off: the caller gets what came, then a broken body.
         for chunk in last.drain(..) {
-            let _ = tx.send(Ok(chunk)).await;
+            let _ = deliver(&tx, chunk, timeouts.caller_idle).await;
         }
-        let _ = tx.send(Err(e)).await;
+        let _ = tokio::time::timeout(timeouts.caller_idle, tx.send(Err(e))).await;
     }
     if outcome.caller_gone {
         last.clear();
     }
-    (outcome, Tail { tx, last }, observed)
+    (
+        outcome,
+        Tail {
+            tx,
+            caller_idle: timeouts.caller_idle,
+            last,
+        },
+        observed,
+    )
 }
 
 /// Counts the image items of an OpenAI images answer as it streams by: each item has exactly one
@@ -241,6 +278,150 @@ impl http_body::Body for ChannelBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::StreamExt;
+    use http_body_util::StreamBody;
+
+    type Frames = Vec<Result<http_body::Frame<Bytes>, std::io::Error>>;
+
+    fn body(chunks: &[&str]) -> Frames {
+        chunks
+            .iter()
+            .map(|c| Ok(http_body::Frame::data(Bytes::from(c.to_string()))))
+            .collect()
+    }
+
+    fn timeouts() -> RelayTimeouts {
+        RelayTimeouts {
+            upstream_idle: Duration::from_secs(300),
+            caller_idle: Duration::from_secs(60),
+        }
+    }
+
+    async fn drain(mut rx: mpsc::Receiver<Result<Bytes, BoxError>>) -> (String, bool) {
+        let mut out = String::new();
+        let mut failed = false;
+        while let Some(item) = rx.recv().await {
+            match item {
+                Ok(b) => out.push_str(std::str::from_utf8(&b).unwrap()),
+                Err(_) => failed = true,
+            }
+        }
+        (out, failed)
+    }
+
+    #[tokio::test]
+    async fn a_json_answer_is_relayed_one_chunk_behind_and_its_usage_read() {
+        let chunks = [
+            r#"{"created":1,"data":[{"b64_json":"QUJD"},"#,
+            r#"{"b64_json":"REVG"}],"usage":{"input_tokens":10,"output_tokens":20,"#,
+            r#""input_tokens_details":{"text_tokens":10,"image_tokens":0}}}"#,
+        ];
+        let (tx, mut rx) = mpsc::channel(8);
+        let stream = StreamBody::new(futures_util::stream::iter(body(&chunks)));
+        let (outcome, tail, observed) = pump(
+            stream,
+            tx,
+            Watch::Json(JsonAnswerScanner::new()),
+            timeouts(),
+        )
+        .await;
+        assert!(outcome.complete && !outcome.caller_gone);
+        // Two chunks went out; the last waits for the record.
+        let mut seen = String::new();
+        while let Ok(Ok(b)) = rx.try_recv() {
+            seen.push_str(std::str::from_utf8(&b).unwrap());
+        }
+        assert_eq!(seen, format!("{}{}", chunks[0], chunks[1]));
+        let Observed::Json(a) = observed else {
+            panic!("a JSON observation")
+        };
+        assert_eq!(a.items, 2);
+        assert_eq!(a.usage.unwrap().unwrap().output_tokens, 20);
+        tail.finish().await;
+        let (rest, failed) = drain(rx).await;
+        assert_eq!(rest, chunks[2]);
+        assert!(!failed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_stops_reading_is_gone_and_the_upstream_is_read_to_its_end() {
+        let chunks: Vec<String> = (0..6)
+            .map(|i| format!(r#"{{"b64_json":"{i}"}},"#))
+            .collect();
+        let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+        let (tx, rx) = mpsc::channel(1);
+        let stream = StreamBody::new(futures_util::stream::iter(body(&refs)));
+        let (outcome, tail, observed) = pump(
+            stream,
+            tx,
+            Watch::Images(ImageCounter::default()),
+            timeouts(),
+        )
+        .await;
+        assert!(outcome.caller_gone, "{outcome:?}");
+        assert!(outcome.complete, "the upstream answer was read to its end");
+        assert!(matches!(observed, Observed::Images(6)), "{observed:?}");
+        assert!(
+            tail.last.is_empty(),
+            "nothing is held for a caller that left"
+        );
+        drop(rx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_stream_ends_with_the_incomplete_event() {
+        let partial = "event: image_edit.partial_image\ndata: {\"type\":\"image_edit.partial_image\",\"b64_json\":\"QQ==\",\"partial_image_index\":0}\n\n";
+        let frames =
+            futures_util::stream::iter(body(&[partial])).chain(futures_util::stream::pending());
+        let (tx, rx) = mpsc::channel(8);
+        let (outcome, tail, observed) = pump(
+            StreamBody::new(frames),
+            tx,
+            Watch::Events(SseScanner::new(1 << 20)),
+            timeouts(),
+        )
+        .await;
+        assert!(outcome.stalled && !outcome.complete);
+        let Observed::Events(o) = observed else {
+            panic!("an event observation")
+        };
+        assert_eq!(o.summary.partial_images, 1);
+        tail.finish().await;
+        let (text, failed) = drain(rx).await;
+        assert!(!failed, "an event stream ends cleanly, with an error event");
+        assert_eq!(
+            text,
+            format!(
+                "{partial}{}",
+                std::str::from_utf8(&incomplete_error_event()).unwrap()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_json_answer_that_breaks_off_breaks_the_callers_body() {
+        let frames: Frames = vec![
+            Ok(http_body::Frame::data(Bytes::from_static(b"{\"data\":["))),
+            Err(std::io::Error::other("reset")),
+        ];
+        let (tx, rx) = mpsc::channel(8);
+        let (outcome, tail, _) = pump(
+            StreamBody::new(futures_util::stream::iter(frames)),
+            tx,
+            Watch::Json(JsonAnswerScanner::new()),
+            timeouts(),
+        )
+        .await;
+        assert!(!outcome.complete);
+        assert!(tail.last.is_empty(), "what came was already sent");
+        drop(tail);
+        let (text, failed) = drain(rx).await;
+        assert_eq!(text, "{\"data\":[");
+        assert!(
+            failed,
+            "the caller sees a broken body, not a short valid one"
+        );
+    }
 
     #[test]
     fn counts_items_across_chunk_seams() {
