@@ -18,11 +18,12 @@ use tokio::net::TcpListener;
 
 use crate::app::AppState;
 use crate::body::{Body, full};
-use crate::cli::Filters;
 use crate::config::parse_key_hash;
 use crate::error::{ErrorParts, error_response};
+use crate::ledger::UsageFilters;
 use crate::ledger::writer::LedgerReader;
 use crate::middleware::auth::{bearer, key_digest};
+use crate::startup::StartupError;
 
 struct Admin {
     state: Arc<AppState>,
@@ -43,18 +44,26 @@ struct UsageParams {
 /// Bind the admin listener if one is configured. Returns the bound address.
 pub async fn start(
     state: Arc<AppState>,
-) -> Result<Option<(SocketAddr, tokio::task::JoinHandle<()>)>, String> {
+) -> Result<Option<(SocketAddr, tokio::task::JoinHandle<()>)>, StartupError> {
     let Some(listen) = state.config.admin.listen else {
         return Ok(None);
     };
     let key = parse_key_hash(state.config.admin.key_hash.as_deref().unwrap_or_default())
-        .map_err(|e| format!("admin.key_hash: {e}"))?;
-    let reader = LedgerReader::open_sqlite(&state.config.ledger.path)
-        .map_err(|e| format!("admin: ledger: {e}"))?;
+        .map_err(StartupError::AdminKeyHash)?;
+    let reader = LedgerReader::open_sqlite(&state.config.ledger.path).map_err(|e| {
+        StartupError::AdminLedger {
+            path: state.config.ledger.path.clone(),
+            detail: e.to_string(),
+        }
+    })?;
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {listen} (admin): {e}"))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(|source| StartupError::Listen {
+            addr: listen,
+            admin: true,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(StartupError::LocalAddr)?;
     let admin = Arc::new(Admin { state, reader, key });
     let task = tokio::spawn(async move {
         loop {
@@ -158,7 +167,7 @@ impl Admin {
                         );
                     }
                 };
-            let filters = Filters {
+            let filters = UsageFilters {
                 since: params.since,
                 until: params.until,
                 client: params.client,

@@ -59,6 +59,7 @@ use crate::middleware::client_limit::ClientLimitLayer;
 use crate::middleware::overload::OverloadLayer;
 use crate::middleware::request_id::RequestIdLayer;
 use crate::middleware::usage::UsageLayer;
+use crate::startup::StartupError;
 use crate::upstream::Upstream;
 use tokio_util::task::TaskTracker;
 
@@ -91,9 +92,12 @@ pub struct AppState {
 impl AppState {
     /// Build the state, opening the SQLite ledger at `ledger.path` (recovering what a crash
     /// left `forwarding`).
-    pub fn new(config: Config, clock: Clock) -> Result<AppState, String> {
+    pub fn new(config: Config, clock: Clock) -> Result<AppState, StartupError> {
         let (ledger, recovered) = Ledger::open_sqlite(&config.ledger.path, config.ledger.queue)
-            .map_err(|e| format!("ledger {}: {e}", config.ledger.path.display()))?;
+            .map_err(|e| StartupError::LedgerOpen {
+                path: config.ledger.path.clone(),
+                detail: e.to_string(),
+            })?;
         if recovered > 0 {
             tracing::warn!(
                 recovered,
@@ -104,7 +108,11 @@ impl AppState {
     }
 
     /// Build the state around a ledger that is already running.
-    pub fn with_ledger(config: Config, clock: Clock, ledger: Ledger) -> Result<AppState, String> {
+    pub fn with_ledger(
+        config: Config,
+        clock: Clock,
+        ledger: Ledger,
+    ) -> Result<AppState, StartupError> {
         crate::metrics::handle();
         let config = Arc::new(config);
         let v = &config.validation;

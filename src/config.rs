@@ -503,7 +503,7 @@ impl Config {
         if let Some(file) = &u.ca_file
             && let Err(e) = crate::upstream::extra_roots(file)
         {
-            p.push(e);
+            p.push(e.to_string());
         }
         let v = &self.validation;
         if v.max_image_bytes < 64 {

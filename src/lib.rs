@@ -21,5 +21,6 @@ pub mod models;
 pub mod models_check;
 pub mod pricing;
 pub mod server;
+pub mod startup;
 pub mod telemetry;
 pub mod upstream;

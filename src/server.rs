@@ -22,6 +22,7 @@ use tower::ServiceExt;
 use crate::app::{self, AppState, ClientAddr};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::startup::StartupError;
 
 /// A gateway running in the background (used by `main` and by the tests).
 pub struct RunningServer {
@@ -50,23 +51,27 @@ impl Drop for RunningServer {
 }
 
 /// Bind the configured address and serve in a background task, on the system clock.
-pub async fn spawn(config: Config) -> Result<RunningServer, String> {
+pub async fn spawn(config: Config) -> Result<RunningServer, StartupError> {
     spawn_with_clock(config, Clock::system()).await
 }
 
 /// Like [`spawn`] with a given clock (tests use a manual one).
-pub async fn spawn_with_clock(config: Config, clock: Clock) -> Result<RunningServer, String> {
+pub async fn spawn_with_clock(config: Config, clock: Clock) -> Result<RunningServer, StartupError> {
     let state = AppState::new(config, clock)?;
     spawn_state(state).await
 }
 
 /// Serve an already built state in a background task (tests inject their own ledger store).
-pub async fn spawn_state(state: AppState) -> Result<RunningServer, String> {
+pub async fn spawn_state(state: AppState) -> Result<RunningServer, StartupError> {
     let listen = state.config.server.listen;
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(|source| StartupError::Listen {
+            addr: listen,
+            admin: false,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(StartupError::LocalAddr)?;
     let state = Arc::new(state);
     let admin = crate::admin::start(state.clone()).await?;
     let admin_addr = admin.as_ref().map(|(a, _)| *a);

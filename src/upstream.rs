@@ -25,6 +25,7 @@ use crate::body::ChunkedBody;
 use crate::config::Config;
 use crate::edit::canonical::CanonicalBody;
 use crate::error::GatewayError;
+use crate::startup::StartupError;
 
 /// Response headers passed back to the caller (names are lowercase; `x-ratelimit-` is a prefix).
 const PASS_THROUGH: [&str; 9] = [
@@ -51,14 +52,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &Config) -> Result<Upstream, String> {
+    pub fn new(config: &Config) -> Result<Upstream, StartupError> {
         let u = &config.upstream;
         let edits_uri: Uri = format!("{}/images/edits", u.base_url.trim_end_matches('/'))
             .parse()
-            .map_err(|e| format!("upstream.base_url: {e}"))?;
+            .map_err(|e| StartupError::Upstream(format!("upstream.base_url: {e}")))?;
         let models_uri: Uri = format!("{}/models", u.base_url.trim_end_matches('/'))
             .parse()
-            .map_err(|e| format!("upstream.base_url: {e}"))?;
+            .map_err(|e| StartupError::Upstream(format!("upstream.base_url: {e}")))?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(u.connect_timeout));
@@ -90,17 +91,18 @@ impl Upstream {
             })
         };
         let authorization = match &config.upstream_key {
-            Some(k) => Some(
-                sensitive(format!("Bearer {}", k.expose()))
-                    .map_err(|_| "the upstream key is not a valid header value".to_string())?,
-            ),
+            Some(k) => Some(sensitive(format!("Bearer {}", k.expose())).map_err(|_| {
+                StartupError::Upstream("the upstream key is not a valid header value".into())
+            })?),
             None => None,
         };
-        let plain = |v: &Option<String>, name: &str| -> Result<Option<HeaderValue>, String> {
+        let plain = |v: &Option<String>, name: &str| -> Result<Option<HeaderValue>, StartupError> {
             v.as_deref()
                 .map(HeaderValue::from_str)
                 .transpose()
-                .map_err(|_| format!("upstream.{name}: not a valid header value"))
+                .map_err(|_| {
+                    StartupError::Upstream(format!("upstream.{name}: not a valid header value"))
+                })
         };
         Ok(Upstream {
             client,
@@ -240,18 +242,18 @@ fn error_summary(body: &[u8]) -> String {
 /// The TLS client config: the webpki (Mozilla) roots plus the CAs of `ca_file`, on the ring
 /// provider, rustls' safe default protocol versions. ALPN (h2, http/1.1) is left to the
 /// connector builder, which refuses a config that already names protocols.
-fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, StartupError> {
     let roots = root_store(ca_file)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
+        .map_err(|e| StartupError::Tls(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
 
 /// The webpki roots, plus the CAs of `ca_file` when set.
-fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
+fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, StartupError> {
     let mut roots = RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
@@ -264,8 +266,11 @@ fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
 /// The CA certificates of a PEM file (`upstream.ca_file`) as trust anchors. Other PEM sections
 /// (keys, CRLs) are skipped. Errors name the key and the path: the file cannot be read, is not
 /// PEM, holds no certificate, or holds one that cannot be a trust anchor.
-pub fn extra_roots(path: &Path) -> Result<RootCertStore, String> {
-    let at = |e: String| format!("upstream.ca_file {}: {e}", path.display());
+pub fn extra_roots(path: &Path) -> Result<RootCertStore, StartupError> {
+    let at = |detail: String| StartupError::CaFile {
+        path: path.to_path_buf(),
+        detail,
+    };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect())
         .map_err(|e| match e {
@@ -381,6 +386,8 @@ mod tests {
         let err = Upstream::new(&c)
             .err()
             .expect("a missing CA file is an error");
+        assert!(matches!(err, StartupError::CaFile { .. }), "{err:?}");
+        let err = err.to_string();
         assert!(
             err.starts_with("upstream.ca_file ") && err.contains("cannot read"),
             "{err}"

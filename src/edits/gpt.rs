@@ -33,7 +33,11 @@ struct ModelRules {
 }
 
 impl ModelTable {
-    pub fn new(config: &ModelsConfig, dall_e_2: &[String]) -> Result<ModelTable, String> {
+    pub fn new(
+        config: &ModelsConfig,
+        dall_e_2: &[String],
+    ) -> Result<ModelTable, crate::startup::StartupError> {
+        use crate::startup::StartupError;
         let mut entries = HashMap::new();
         for (id, e) in &config.accepted {
             let mut family = match e.family.as_str() {
@@ -41,9 +45,9 @@ impl ModelTable {
                 "gpt-image-2.5" => FamilyRules::gpt_image_2_5(),
                 "gpt-image-2.6" => FamilyRules::gpt_image_2_6(),
                 other => {
-                    return Err(format!(
+                    return Err(StartupError::Models(format!(
                         "models.accepted.\"{id}\": unknown family '{other}'"
-                    ));
+                    )));
                 }
             };
             if let Some(o) = config.families.get(&e.family) {
@@ -68,7 +72,7 @@ impl ModelTable {
                 cached_image_in: p.cached_image_in,
                 image_out: p.image_out,
             })
-            .map_err(|e| format!("models.accepted.\"{id}\".prices: {e}"))?;
+            .map_err(|e| StartupError::Models(format!("models.accepted.\"{id}\".prices: {e}")))?;
             entries.insert(
                 id.clone(),
                 ModelRules {

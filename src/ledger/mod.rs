@@ -57,7 +57,7 @@ pub mod writer;
 
 pub use record::{CostBasis, Outcome, PromptPolicy, Record};
 pub use report::{
-    ExportFormat, Format, micros_to_usd, parse_time_bound, render_usage, write_export,
+    ExportFormat, Format, UsageFilters, micros_to_usd, parse_time_bound, render_usage, write_export,
 };
 pub use sqlite::{SqliteStore, Synchronous};
 pub use store::{

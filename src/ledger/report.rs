@@ -86,6 +86,42 @@ pub fn parse_time_bound(s: &str, tz: &TimeZone) -> Result<Timestamp, String> {
         .map_err(|e| format!("{s:?}: {e}"))
 }
 
+/// The filters shared by `imagegate usage`, `imagegate audit export` and `GET /admin/usage`,
+/// as given (time bounds still text): each front end fills them in its own way.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsageFilters {
+    /// Only requests received at or after this time (RFC 3339, or YYYY-MM-DD in the time zone).
+    pub since: Option<String>,
+    /// Only requests received before this time.
+    pub until: Option<String>,
+    /// Only this client.
+    pub client: Option<String>,
+    /// Only this end user.
+    pub user: Option<String>,
+}
+
+impl UsageFilters {
+    /// The ledger query for these filters, with times read in `time_zone`. Errors name the
+    /// filter as its command-line flag (`--since: ...`).
+    pub fn query(&self, group_by: Option<&str>, time_zone: &str) -> Result<UsageQuery, String> {
+        let tz = TimeZone::get(time_zone).map_err(|e| format!("time zone '{time_zone}': {e}"))?;
+        let bound = |v: &Option<String>, name: &str| {
+            v.as_deref()
+                .map(|s| parse_time_bound(s, &tz).map_err(|e| format!("--{name}: {e}")))
+                .transpose()
+        };
+        Ok(UsageQuery {
+            since: bound(&self.since, "since")?,
+            until: bound(&self.until, "until")?,
+            client: self.client.clone(),
+            user: self.user.clone(),
+            group_by: group_by.map(str::parse).transpose()?.unwrap_or_default(),
+            time_zone: Some(tz),
+            limit: None,
+        })
+    }
+}
+
 /// Key of records with no client or no user.
 const MISSING: &str = "-";
 /// Key of the single row of `GroupBy::None`.

@@ -20,6 +20,7 @@ use super::spec::{QuotaSpec, micros_to_usd, usd_to_micros};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::startup::StartupError;
 
 /// A charge held against the quotas, to be settled once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,23 +90,28 @@ impl QuotaStore {
         path: &Path,
         config: std::sync::Arc<Config>,
         clock: Clock,
-    ) -> Result<QuotaStore, String> {
+    ) -> Result<QuotaStore, StartupError> {
+        let fail = |detail: String| StartupError::QuotaStore {
+            path: path.to_path_buf(),
+            detail,
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
         }
-        let conn = Connection::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::with_connection(conn, config, clock)
+        let conn = Connection::open(path).map_err(|e| fail(e.to_string()))?;
+        Self::with_connection(conn, config, clock).map_err(fail)
     }
 
     pub fn open_in_memory(
         config: std::sync::Arc<Config>,
         clock: Clock,
-    ) -> Result<QuotaStore, String> {
-        Self::with_connection(
-            Connection::open_in_memory().map_err(|e| e.to_string())?,
-            config,
-            clock,
-        )
+    ) -> Result<QuotaStore, StartupError> {
+        let fail = |detail: String| StartupError::QuotaStore {
+            path: ":memory:".into(),
+            detail,
+        };
+        let conn = Connection::open_in_memory().map_err(|e| fail(e.to_string()))?;
+        Self::with_connection(conn, config, clock).map_err(fail)
     }
 
     fn with_connection(
@@ -126,7 +132,7 @@ impl QuotaStore {
                  PRIMARY KEY (scope, period)
              ) WITHOUT ROWID;",
         )
-        .map_err(|e| format!("quota store: {e}"))?;
+        .map_err(|e| e.to_string())?;
         let tz = TimeZone::get(&config.quotas.time_zone)
             .map_err(|e| format!("quotas.time_zone: {e}"))?;
         Ok(QuotaStore {

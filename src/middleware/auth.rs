@@ -36,11 +36,15 @@ pub struct KeyTable {
 }
 
 impl KeyTable {
-    pub fn from_config(config: &Config) -> Result<KeyTable, String> {
+    pub fn from_config(config: &Config) -> Result<KeyTable, crate::startup::StartupError> {
         let mut entries = Vec::new();
         for (index, c) in config.clients.iter().enumerate() {
-            let hash = parse_key_hash(&c.key_hash)
-                .map_err(|e| format!("client '{}': key_hash {e}", c.name))?;
+            let hash = parse_key_hash(&c.key_hash).map_err(|detail| {
+                crate::startup::StartupError::ClientKeyHash {
+                    client: c.name.clone(),
+                    detail,
+                }
+            })?;
             entries.push((
                 hash,
                 Caller {

@@ -1,4 +1,14 @@
-//! The command line (clap). `main.rs` dispatches on [`Command`].
+//! The command line: the clap types here, the body of each command in a file of its own, each
+//! with a `run` that returns an exit code or a [`StartupError`]. `main.rs` parses, starts
+//! telemetry for `serve`, dispatches on [`Command`] and maps errors to exit codes.
+
+pub mod audit;
+pub mod check_config;
+pub mod hash_key;
+pub mod models;
+pub mod quota;
+pub mod serve;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,6 +16,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, Config, LogFormat};
+use crate::ledger::UsageFilters;
+use crate::ledger::sqlite::SqliteStore;
+use crate::startup::StartupError;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -100,7 +113,8 @@ pub enum AuditCommand {
     },
 }
 
-/// Filters shared by `usage`, `audit export` and `GET /admin/usage`.
+/// The `--since/--until/--client/--user` flags of `usage` and `audit export`; the same filters
+/// as `GET /admin/usage` ([`UsageFilters`]).
 #[derive(Debug, Args, Default, Clone)]
 pub struct Filters {
     /// Only requests received at or after this time (RFC 3339, or YYYY-MM-DD in `quotas.time_zone`).
@@ -117,31 +131,14 @@ pub struct Filters {
     pub user: Option<String>,
 }
 
-impl Filters {
-    /// The ledger query for these filters, with times read in `time_zone`.
-    pub fn query(
-        &self,
-        group_by: Option<&str>,
-        time_zone: &str,
-    ) -> Result<crate::ledger::store::UsageQuery, String> {
-        let tz = jiff::tz::TimeZone::get(time_zone)
-            .map_err(|e| format!("time zone '{time_zone}': {e}"))?;
-        let bound = |v: &Option<String>, name: &str| {
-            v.as_deref()
-                .map(|s| {
-                    crate::ledger::parse_time_bound(s, &tz).map_err(|e| format!("--{name}: {e}"))
-                })
-                .transpose()
-        };
-        Ok(crate::ledger::store::UsageQuery {
-            since: bound(&self.since, "since")?,
-            until: bound(&self.until, "until")?,
-            client: self.client.clone(),
-            user: self.user.clone(),
-            group_by: group_by.map(str::parse).transpose()?.unwrap_or_default(),
-            time_zone: Some(tz),
-            limit: None,
-        })
+impl From<&Filters> for UsageFilters {
+    fn from(f: &Filters) -> UsageFilters {
+        UsageFilters {
+            since: f.since.clone(),
+            until: f.until.clone(),
+            client: f.client.clone(),
+            user: f.user.clone(),
+        }
     }
 }
 
@@ -184,6 +181,11 @@ impl ConfigArg {
         }
     }
 
+    /// [`ConfigArg::load`] for the commands that stop on any problem.
+    pub fn load_or_fail(&self) -> Result<Config, StartupError> {
+        self.load().map_err(StartupError::Config)
+    }
+
     pub fn shown(&self) -> String {
         self.config
             .clone()
@@ -214,3 +216,20 @@ pub fn warnings(config: &Config) -> Vec<String> {
 
 /// The demo key of the example configuration (documented in the README).
 pub const DEMO_KEY: &str = "ig-demo-key-change-me";
+
+/// Open the ledger named by a config for reading (`usage`, `audit`).
+pub fn open_ledger(config: &ConfigArg) -> Result<(Config, SqliteStore), StartupError> {
+    let c = config.load_or_fail()?;
+    if !c.ledger.path.exists() {
+        return Err(StartupError::NoLedger {
+            path: c.ledger.path.clone(),
+        });
+    }
+    match SqliteStore::open_reader(&c.ledger.path) {
+        Ok(store) => Ok((c, store)),
+        Err(e) => Err(StartupError::LedgerRead {
+            path: c.ledger.path.clone(),
+            detail: e.to_string(),
+        }),
+    }
+}
