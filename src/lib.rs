@@ -22,4 +22,6 @@ pub mod models_check;
 pub mod pricing;
 pub mod server;
 pub mod telemetry;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod upstream;
