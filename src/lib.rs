@@ -23,4 +23,6 @@ pub mod pricing;
 pub mod server;
 pub mod startup;
 pub mod telemetry;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod upstream;

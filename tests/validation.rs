@@ -193,101 +193,6 @@ async fn compatible() -> Gateway {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fixtures
-// ---------------------------------------------------------------------------------------------
-
-/// A valid, transparent 64x64 RGBA PNG of exactly `total` bytes: a private ancillary `prVt`
-/// chunk right after IHDR pads it.
-fn png_of_size(total: usize) -> Vec<u8> {
-    let base = rgba_png(64, true);
-    let parts = chunks(&base);
-    let after_ihdr = parts[0].offset + parts[0].framed_len();
-    assert_eq!(&parts[0].kind, b"IHDR");
-    let pad = total - base.len() - 12;
-    let mut out = base[..after_ihdr].to_vec();
-    out.extend_from_slice(&chunk(b"prVt", &vec![0x5A; pad]));
-    out.extend_from_slice(&base[after_ihdr..]);
-    assert_eq!(out.len(), total);
-    decode(&out).expect("the padded fixture is a valid PNG");
-    out
-}
-
-/// The start of a JFIF file: not a PNG.
-fn jpeg_bytes() -> Vec<u8> {
-    let mut v = vec![
-        0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x10, b'J', b'F', b'I', b'F', 0x00, 0x01, 0x01, 0x00,
-    ];
-    v.extend(std::iter::repeat_n(0x42, 2000));
-    v.extend_from_slice(&[0xFF, 0xD9]);
-    v
-}
-
-/// 64x32 RGBA with a transparent pixel.
-fn rgba_64x32() -> Vec<u8> {
-    png_with(
-        64,
-        32,
-        ColorType::Rgba,
-        BitDepth::Eight,
-        false,
-        None,
-        None,
-        |x, y| vec![x as u8, y as u8, 7, if x == 0 && y == 0 { 0 } else { 255 }],
-    )
-}
-
-/// 64x32 RGB, no transparency.
-fn rgb_64x32() -> Vec<u8> {
-    png_with(
-        64,
-        32,
-        ColorType::Rgb,
-        BitDepth::Eight,
-        false,
-        None,
-        None,
-        |x, y| vec![x as u8, y as u8, 9],
-    )
-}
-
-/// Gray 8-bit without alpha or tRNS (Pillow mode L).
-fn gray_png(side: u32) -> Vec<u8> {
-    png_with(
-        side,
-        side,
-        ColorType::Grayscale,
-        BitDepth::Eight,
-        false,
-        None,
-        None,
-        |x, y| vec![(x * 3 + y) as u8],
-    )
-}
-
-/// Palette 8-bit without tRNS (Pillow mode P).
-fn palette_png(side: u32) -> Vec<u8> {
-    png_with(
-        side,
-        side,
-        ColorType::Indexed,
-        BitDepth::Eight,
-        false,
-        None,
-        Some(vec![255, 0, 0, 0, 255, 0]),
-        |x, _| vec![u8::from(x > 3)],
-    )
-}
-
-/// A header-only RGBA PNG of `w` x `h` (IHDR, a tiny IDAT, IEND): refused from IHDR alone.
-fn header_only(w: u32, h: u32) -> Vec<u8> {
-    assemble(&[
-        ihdr(w, h, 8, ColorType::Rgba as u8, 0),
-        chunk(b"IDAT", &zlib(&[0u8; 257])),
-        chunk(b"IEND", &[]),
-    ])
-}
-
-// ---------------------------------------------------------------------------------------------
 // Content type
 // ---------------------------------------------------------------------------------------------
 
@@ -740,7 +645,7 @@ async fn declared_part_types() {
                     "image",
                     Some("upload"),
                     Some("application/octet-stream"),
-                    &jpeg_bytes(),
+                    &jfif_stub(),
                 ),
                 Some("image"),
                 "invalid_image_format",
@@ -766,7 +671,7 @@ async fn declared_part_types() {
                     "mask",
                     None,
                     Some("application/octet-stream"),
-                    &jpeg_bytes(),
+                    &jfif_stub(),
                 ),
                 Some("mask"),
                 "invalid_image_format",
@@ -811,7 +716,7 @@ async fn image_bytes_and_dimensions() {
         vec![
             reject(
                 "JPEG bytes declared image/png",
-                img(&jpeg_bytes()),
+                img(&jfif_stub()),
                 Some("image"),
                 "invalid_image_format",
                 exact(BAD_FORMAT),
@@ -867,7 +772,7 @@ async fn image_bytes_and_dimensions() {
             ),
             reject(
                 "non-square 64x32",
-                img(&rgba_64x32()),
+                img(&rgba_png_64x32()),
                 Some("image"),
                 "invalid_image_dimensions",
                 exact(
@@ -883,7 +788,7 @@ async fn image_bytes_and_dimensions() {
             ),
             reject(
                 "4097x4097 header (one over the default limit)",
-                img(&header_only(4097, 4097)),
+                img(&header_only_png(4097, 4097)),
                 Some("image"),
                 "invalid_image_dimensions",
                 contains("4097x4097"),
@@ -1008,7 +913,7 @@ async fn configured_max_image_bytes_shows_in_the_message() {
             ),
             reject(
                 "not a PNG",
-                edit_request(&jpeg_bytes(), "p"),
+                edit_request(&jfif_stub(), "p"),
                 Some("image"),
                 "invalid_image_format",
                 exact(msg),
@@ -1108,14 +1013,14 @@ async fn mask_rules() {
             ),
             reject(
                 "JPEG mask",
-                with_mask(&jpeg_bytes()),
+                with_mask(&jfif_stub()),
                 Some("mask"),
                 "invalid_image_format",
                 exact(BAD_MASK_FORMAT),
             ),
             reject(
                 "non-square mask",
-                png_part(edit_request(&rgba_png(64, true), "p"), "mask", &rgba_64x32()),
+                png_part(edit_request(&rgba_png(64, true), "p"), "mask", &rgba_png_64x32()),
                 Some("mask"),
                 "invalid_image_dimensions",
                 exact(
@@ -1184,14 +1089,14 @@ async fn order_of_checks() {
         ),
         reject(
             "field values before image bytes",
-            edit_request(&jpeg_bytes(), "p").text("n", "abc"),
+            edit_request(&jfif_stub(), "p").text("n", "abc"),
             Some("n"),
             "invalid_type",
             prefix("Invalid type for 'n'"),
         ),
         reject(
             "user before image bytes",
-            edit_request(&jpeg_bytes(), "p").text("user", "a\u{1}b"),
+            edit_request(&jfif_stub(), "p").text("user", "a\u{1}b"),
             Some("user"),
             "invalid_value",
             contains("control characters"),
@@ -1202,7 +1107,7 @@ async fn order_of_checks() {
                 "image",
                 None,
                 Some("image/jpeg"),
-                &jpeg_bytes(),
+                &jfif_stub(),
             ),
             Some("image"),
             "unsupported_file_mimetype",
@@ -1210,21 +1115,21 @@ async fn order_of_checks() {
         ),
         reject(
             "chunk CRCs before the square check",
-            edit_request(&with_bad_crc(&rgba_64x32()), "p"),
+            edit_request(&with_bad_crc(&rgba_png_64x32()), "p"),
             Some("image"),
             "invalid_image_format",
             prefix(BAD_FORMAT),
         ),
         reject(
             "dimension limit before the square check",
-            edit_request(&header_only(5000, 4000), "p"),
+            edit_request(&header_only_png(5000, 4000), "p"),
             Some("image"),
             "invalid_image_dimensions",
             contains("5000x4000"),
         ),
         reject(
             "square before the mode check",
-            edit_request(&rgb_64x32(), "p"),
+            edit_request(&rgb_png_64x32(), "p"),
             Some("image"),
             "invalid_image_dimensions",
             exact(

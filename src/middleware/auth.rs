@@ -199,4 +199,105 @@ mod tests {
         assert_eq!(bearer(&r("Basic abc")), None);
         assert_eq!(bearer(&r("Bearer ")), None);
     }
+
+    // The layer, alone over an inner service that records what reached it.
+
+    use std::sync::Mutex;
+
+    use http::StatusCode;
+    use tower::{ServiceBuilder, ServiceExt};
+
+    use crate::middleware::testing::{answer, error_of};
+
+    /// What the inner service saw of one request.
+    #[derive(Debug, Default, Clone)]
+    struct Seen {
+        caller: Option<Caller>,
+        authorization: Option<String>,
+        other: Option<String>,
+    }
+
+    /// Sends one request (`authorization` header if given, plus `x-other: kept`) through an
+    /// auth layer over [`table`]; returns the response and what the inner service saw, if it
+    /// was called.
+    async fn through(authorization: Option<&str>) -> (Response<Body>, Option<Seen>) {
+        let seen = Arc::new(Mutex::new(None));
+        let inner_seen = seen.clone();
+        let svc = ServiceBuilder::new()
+            .layer(AuthLayer::new(table()))
+            .service_fn(move |req: Request<()>| {
+                let header = |n: &str| req.headers().get(n).map(|v| v.to_str().unwrap().to_owned());
+                *inner_seen.lock().unwrap() = Some(Seen {
+                    caller: req.extensions().get::<Caller>().cloned(),
+                    authorization: header("authorization"),
+                    other: header("x-other"),
+                });
+                async { answer(StatusCode::OK) }
+            });
+        let mut req = Request::builder()
+            .uri("/v1/images/edits")
+            .header("x-other", "kept");
+        if let Some(a) = authorization {
+            req = req.header("authorization", a);
+        }
+        let Ok(resp) = svc.oneshot(req.body(()).unwrap()).await;
+        let seen = seen.lock().unwrap().clone();
+        (resp, seen)
+    }
+
+    #[tokio::test]
+    async fn a_missing_key_is_refused_401_with_a_null_code() {
+        for authorization in [None, Some("Basic a2V5LWE="), Some("Bearer ")] {
+            let (resp, seen) = through(authorization).await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{authorization:?}");
+            assert!(
+                seen.is_none(),
+                "the inner service ran for {authorization:?}"
+            );
+            let e = error_of(resp).await;
+            assert_eq!(e["type"], "invalid_request_error");
+            assert_eq!(e["code"], serde_json::Value::Null);
+            assert_eq!(e["param"], serde_json::Value::Null);
+            assert!(
+                e["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("You didn't provide an API key."),
+                "{e}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wrong_key_is_refused_401_invalid_api_key_and_masked() {
+        let (resp, seen) = through(Some("Bearer ig-live-0123456789")).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert!(seen.is_none(), "the inner service ran");
+        let e = error_of(resp).await;
+        assert_eq!(e["code"], "invalid_api_key");
+        assert_eq!(e["type"], "invalid_request_error");
+        let message = e["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("Incorrect API key provided: ig-***6789."),
+            "{message}"
+        );
+        assert!(!message.contains("0123456789"), "key leaked: {message}");
+    }
+
+    #[tokio::test]
+    async fn the_right_key_passes_as_a_caller_without_its_authorization() {
+        let (resp, seen) = through(Some("bearer key-b")).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["x-inner"], "yes");
+        let seen = seen.expect("the inner service ran");
+        assert_eq!(
+            seen.caller,
+            Some(Caller {
+                client: "b".into(),
+                index: 1
+            })
+        );
+        assert_eq!(seen.authorization, None, "the caller's key was forwarded");
+        assert_eq!(seen.other.as_deref(), Some("kept"));
+    }
 }

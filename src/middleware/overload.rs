@@ -73,3 +73,101 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use http::StatusCode;
+    use tower::{ServiceBuilder, ServiceExt};
+
+    use super::*;
+    use crate::middleware::testing::{answer, error_of, text};
+
+    /// Wait (bounded) until `n` requests are inside the inner service.
+    async fn until_inside(entered: &AtomicUsize, n: usize) {
+        for _ in 0..1000 {
+            if entered.load(Ordering::SeqCst) == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("{n} requests never got inside");
+    }
+
+    #[tokio::test]
+    async fn over_max_in_flight_is_503_until_a_permit_comes_back() {
+        let entered = Arc::new(AtomicUsize::new(0));
+        // Each request inside the inner service waits for one permit of `gate`.
+        let gate = Arc::new(Semaphore::new(0));
+        let (inner_entered, inner_gate) = (entered.clone(), gate.clone());
+        let svc = ServiceBuilder::new()
+            .layer(OverloadLayer::new(2))
+            .service_fn(move |_req: Request<()>| {
+                let (entered, gate) = (inner_entered.clone(), inner_gate.clone());
+                async move {
+                    entered.fetch_add(1, Ordering::SeqCst);
+                    gate.acquire().await.expect("never closed").forget();
+                    answer(StatusCode::OK)
+                }
+            });
+        let request = || Request::builder().uri("/").body(()).unwrap();
+
+        let held: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(svc.clone().oneshot(request())))
+            .collect();
+        until_inside(&entered, 2).await;
+
+        let Ok(shed) = svc.clone().oneshot(request()).await;
+        assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let e = error_of(shed).await;
+        assert_eq!(e["code"], "overloaded");
+        assert_eq!(e["type"], "server_error");
+        assert_eq!(
+            entered.load(Ordering::SeqCst),
+            2,
+            "the shed request went in"
+        );
+
+        gate.add_permits(2);
+        for h in held {
+            let Ok(resp) = h.await.expect("the task ran");
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(text(resp).await, "inner");
+        }
+
+        // Both permits are back: two requests are admitted again.
+        gate.add_permits(2);
+        for _ in 0..2 {
+            let Ok(resp) = svc.clone().oneshot(request()).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+        assert_eq!(entered.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn clones_share_one_limit() {
+        let layer = OverloadLayer::new(1);
+        let gate = Arc::new(Semaphore::new(0));
+        let inner_gate = gate.clone();
+        let inner = tower::service_fn(move |_req: Request<()>| {
+            let gate = inner_gate.clone();
+            async move {
+                gate.acquire().await.expect("never closed").forget();
+                answer(StatusCode::OK)
+            }
+        });
+        // Two services from the same layer, as two connections would get.
+        let first = layer.layer(inner.clone());
+        let second = layer.layer(inner);
+        let mut held = Box::pin(first.oneshot(Request::new(())));
+        assert!(futures_util::poll!(&mut held).is_pending());
+        let Ok(shed) = second.clone().oneshot(Request::new(())).await;
+        assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        drop(held); // a dropped request gives its permit back
+        gate.add_permits(1);
+        let Ok(resp) = second.oneshot(Request::new(())).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+}

@@ -97,3 +97,104 @@ where
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use http::StatusCode;
+    use tower::{ServiceBuilder, ServiceExt};
+
+    use super::*;
+    use crate::middleware::testing::answer;
+
+    /// Sends `req` through a request-id layer over an inner service that answers with
+    /// `upstream_id` as `x-request-id` when given; returns the response and the id the inner
+    /// service saw.
+    async fn through(
+        req: Request<()>,
+        upstream_id: Option<&'static str>,
+    ) -> (Response<Body>, Option<RequestId>) {
+        let seen = Arc::new(Mutex::new(None));
+        let inner_seen = seen.clone();
+        let svc = ServiceBuilder::new()
+            .layer(RequestIdLayer)
+            .service_fn(move |req: Request<()>| {
+                *inner_seen.lock().unwrap() = req.extensions().get::<RequestId>().cloned();
+                async move {
+                    let mut resp = answer(StatusCode::CREATED)?;
+                    if let Some(id) = upstream_id {
+                        resp.headers_mut()
+                            .insert("x-request-id", HeaderValue::from_static(id));
+                    }
+                    Ok(resp)
+                }
+            });
+        let Ok(resp) = svc.oneshot(req).await;
+        let seen = seen.lock().unwrap().clone();
+        (resp, seen)
+    }
+
+    fn header<'a>(resp: &'a Response<Body>, name: &str) -> &'a str {
+        resp.headers()
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .to_str()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_gateway_id_is_in_both_headers_and_the_extension() {
+        let (resp, seen) = through(Request::new(()), None).await;
+        let id = seen.expect("the inner service got a RequestId");
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        assert_eq!(header(&resp, "x-imagegate-request-id"), id.as_str());
+        assert_eq!(header(&resp, "x-request-id"), id.as_str());
+        let hex = id.as_str().strip_prefix("req_").expect("req_ prefix");
+        assert_eq!(hex.len(), 32, "{id:?}");
+        assert!(
+            hex.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            "{id:?}"
+        );
+        assert_eq!(
+            resp.headers()["x-inner"],
+            "yes",
+            "the inner response was kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_id_sent_by_the_caller_is_replaced() {
+        let req = Request::builder()
+            .header("x-request-id", "req_chosen_by_the_caller")
+            .header("x-imagegate-request-id", "req_forged")
+            .body(())
+            .unwrap();
+        let (resp, seen) = through(req, None).await;
+        let id = seen.unwrap();
+        assert_ne!(id.as_str(), "req_chosen_by_the_caller");
+        assert_ne!(id.as_str(), "req_forged");
+        assert_eq!(header(&resp, "x-request-id"), id.as_str());
+        assert_eq!(header(&resp, "x-imagegate-request-id"), id.as_str());
+    }
+
+    #[tokio::test]
+    async fn the_upstream_id_stays_in_x_request_id() {
+        let (resp, seen) = through(Request::new(()), Some("req_upstream_42")).await;
+        let id = seen.unwrap();
+        assert_eq!(header(&resp, "x-request-id"), "req_upstream_42");
+        assert_eq!(header(&resp, "x-imagegate-request-id"), id.as_str());
+        assert_eq!(resp.headers().get_all("x-request-id").iter().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn every_request_gets_a_new_id() {
+        let (first, _) = through(Request::new(()), None).await;
+        let (second, _) = through(Request::new(()), None).await;
+        assert_ne!(
+            header(&first, "x-imagegate-request-id"),
+            header(&second, "x-imagegate-request-id")
+        );
+    }
+}

@@ -165,7 +165,7 @@ mod tests {
     use super::*;
 
     fn encode(width: u16, height: u16, progressive: bool, restart: Option<u16>) -> Vec<u8> {
-        super::super::fixtures::jpeg_with(width, height, progressive, restart)
+        crate::testkit::jpeg_with(width, height, progressive, restart)
     }
 
     /// Offset of the first `FF code` byte pair (good enough for markers before the first scan

@@ -42,8 +42,6 @@
 //!
 //! The caller does the byte-size limits (§9 P3) and the sniffing that picks G11 for images.
 
-#[cfg(test)]
-mod fixtures;
 mod jpeg;
 mod webp;
 
@@ -356,8 +354,11 @@ fn markup_error(message: &str) -> GatewayError {
 
 #[cfg(test)]
 mod tests {
-    use super::fixtures::*;
     use super::*;
+    use crate::testkit::{
+        jpeg, jpeg_with, png_samples as png, rgb_png_wh as rgb_png, rgba_png_holes as rgba_png,
+        webp_lossless, webp_vp8x as webp_extended,
+    };
     use png::ColorType;
 
     fn rules() -> FileRules {

@@ -165,7 +165,7 @@ fn vp8x(body: &[u8]) -> Result<Canvas, Broken> {
 mod tests {
     use super::*;
 
-    use super::super::fixtures::{webp_extended as extended, webp_lossless as lossless};
+    use crate::testkit::{webp_lossless as lossless, webp_vp8x as extended};
 
     fn chunk(fourcc: &[u8; 4], body: &[u8]) -> Vec<u8> {
         let mut out = fourcc.to_vec();
