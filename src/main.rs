@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use imagegate::cli::{
-    AuditCommand, Cli, Command, ConfigArg, Filters, QuotaCommand, TableOrJson, warnings,
+    AuditCommand, Cli, Command, ConfigArg, Filters, QuotaCommand, TableOrJson, exposure, warnings,
 };
 use imagegate::ledger::sqlite::SqliteStore;
 use imagegate::ledger::store::LedgerStore;
@@ -49,13 +49,25 @@ fn main() -> ExitCode {
             check,
             format,
         } => models(&config, check, format),
-        Command::CheckConfig { config } => match config.load() {
-            Ok(c) => {
+        Command::CheckConfig { config, listen } => match config.load() {
+            Ok(mut c) => {
+                if let Some(addr) = listen {
+                    c.server.listen = addr;
+                }
                 for w in warnings(&c) {
                     println!("warning: {w}");
                 }
-                println!("{}: ok", config.shown());
-                ExitCode::SUCCESS
+                let problems = exposure(&c).problems;
+                for p in &problems {
+                    println!("error: {p}");
+                }
+                if problems.is_empty() {
+                    println!("{}: ok", config.shown());
+                    ExitCode::SUCCESS
+                } else {
+                    println!("{}: {} problem(s)", config.shown(), problems.len());
+                    ExitCode::from(2)
+                }
             }
             Err(problems) => {
                 for p in &problems {
@@ -76,6 +88,11 @@ fn main() -> ExitCode {
             };
             if let Some(addr) = listen {
                 c.server.listen = addr;
+            }
+            // Safe by default: refuse to expose the demo key, or a gateway without clients.
+            let refused = exposure(&c).problems;
+            if !refused.is_empty() {
+                return config_problems(&refused);
             }
             telemetry::init(log_format.unwrap_or(c.log.format), &c.log.level);
             for w in warnings(&c) {
