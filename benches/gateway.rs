@@ -355,6 +355,7 @@ async fn stages(n: u32) {
         max_bytes: 4 << 20,
         max_dimension: 4096,
         transparency: imagegate::edit::png_check::Transparency::Strict,
+        max_conversion_bytes: imagegate::edit::png_check::PngRules::DEFAULT_MAX_CONVERSION_BYTES,
     };
     let bytes = bytes::Bytes::from(image.clone());
     let t = Instant::now();

@@ -138,6 +138,7 @@ impl AppState {
                 max_bytes: v.max_image_bytes,
                 max_dimension: v.max_dimension,
                 transparency: v.transparency.into(),
+                max_conversion_bytes: v.max_conversion_bytes,
             },
             decode_permits: Arc::new(Semaphore::new(config.server.max_concurrent_decodes)),
             // One cap for the route: the larger of the two profiles' bodies.
@@ -147,9 +148,14 @@ impl AppState {
                 v.body_cap()
             },
             models: Arc::new(ModelTable::new(&config.models, &v.models)?),
-            file_rules: FileRules {
-                max_pixels: config.models.limits.max_input_pixels,
-                ..FileRules::default()
+            file_rules: {
+                let mut rules = FileRules {
+                    max_pixels: config.models.limits.max_input_pixels,
+                    ..FileRules::default()
+                };
+                // One memory budget for the shared interlaced tRNS conversion.
+                rules.png.max_conversion_bytes = v.max_conversion_bytes;
+                rules
             },
             body_timeout: config.server.body_read_timeout,
             forwarding_slots: Arc::new(Semaphore::new(config.server.max_forwarding)),

@@ -203,6 +203,9 @@ pub struct ValidationConfig {
     pub models: Vec<String>,
     /// Most multipart parts accepted in one request.
     pub max_parts: usize,
+    /// Memory the conversion of an interlaced tRNS PNG to RGBA may hold (its whole frame,
+    /// width × height × 4 or 8 bytes); larger ones are refused 400. Also bounds gpt-image masks.
+    pub max_conversion_bytes: usize,
 }
 
 impl Default for ValidationConfig {
@@ -216,6 +219,7 @@ impl Default for ValidationConfig {
             max_user_chars: 256,
             models: Vec::new(),
             max_parts: 16,
+            max_conversion_bytes: crate::edit::png_check::PngRules::DEFAULT_MAX_CONVERSION_BYTES,
         }
     }
 }
@@ -354,7 +358,7 @@ impl Default for Config {
 impl Config {
     /// Parse TOML text: the config and the unknown keys found (as problems); a syntax or type
     /// error stops the parse.
-    fn parse(text: &str) -> Result<(Config, Vec<String>), Vec<String>> {
+    pub(crate) fn parse(text: &str) -> Result<(Config, Vec<String>), Vec<String>> {
         let de = toml::Deserializer::parse(text).map_err(|e| vec![e.to_string()])?;
         let mut unknown = Vec::new();
         let parsed: Result<Config, _> =
@@ -524,6 +528,9 @@ impl Config {
         p.extend(self.models.problems(&v.models));
         if v.max_parts < 2 {
             p.push("validation.max_parts: must be at least 2".into());
+        }
+        if v.max_conversion_bytes == 0 {
+            p.push("validation.max_conversion_bytes: must be at least 1".into());
         }
         p.extend(self.limits.per_user.problems("limits.per_user"));
         p.extend(self.limits.per_client.problems("limits.per_client"));

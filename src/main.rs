@@ -22,7 +22,7 @@ fn main() -> ExitCode {
             logging = true;
             cli::serve::run(c)
         }),
-        Command::CheckConfig { config } => cli::check_config::run(config),
+        Command::CheckConfig { config, listen } => cli::check_config::run(config, *listen),
         Command::HashKey => cli::hash_key::run(),
         Command::Usage {
             config,

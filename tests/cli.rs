@@ -841,3 +841,187 @@ async fn serve_starts_when_the_models_check_fails() {
     let health = support::send(addr, "GET", "/healthz", &[], Vec::new()).await;
     assert_eq!(health.status, 200);
 }
+
+/// Run the binary to its end (at most 60 s: a gateway that serves instead of refusing is a
+/// failure, not a hang).
+fn run_to_end(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("still running after 60 s: {out:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn all_output(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn serve_refuses_the_demo_key_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    for listen in ["0.0.0.0:0", "[::]:0"] {
+        let out = run_to_end(
+            imagegate()
+                .args([
+                    "serve",
+                    "--config",
+                    "config/imagegate.toml",
+                    "--listen",
+                    listen,
+                ])
+                .env("OPENAI_API_KEY", MODELS_KEY)
+                .current_dir(env!("CARGO_MANIFEST_DIR")),
+        );
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let all = all_output(&out);
+        assert!(
+            all.contains("client 'demo' uses the documented demo key"),
+            "{all}"
+        );
+        assert!(all.contains("refusing to serve"), "{all}");
+        assert!(!all.contains("imagegate listening"), "{all}");
+        assert!(!all.contains(imagegate::cli::DEMO_KEY), "{all}");
+        assert!(!all.contains(MODELS_KEY), "{all}");
+    }
+    // The admin listener counts too.
+    let path = dir.path().join("admin.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"0.0.0.0:0\"\nkey_hash = \"{}\"\n[[clients]]\nname = \"demo\"\nkey_hash = \"{}\"\n",
+            imagegate::config::hash_key("an-admin-key-for-tests"),
+            imagegate::config::hash_key(imagegate::cli::DEMO_KEY),
+        ),
+    )
+    .unwrap();
+    let out = run_to_end(imagegate().arg("serve").arg("--config").arg(&path));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(all_output(&out).contains("admin.listen 0.0.0.0:0"));
+    // No client at all on a public address: refused too (the container's built-in config).
+    let out =
+        run_to_end(imagegate().args(["serve", "--config", "deploy/imagegate.container.toml"]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let all = all_output(&out);
+    assert!(all.contains("no clients are configured"), "{all}");
+    assert!(all.contains("refusing to serve"), "{all}");
+}
+
+#[test]
+fn check_config_reports_the_demo_key_as_a_problem_off_loopback_and_a_warning_on_it() {
+    // Shipped config, 127.0.0.1: a warning, exit 0.
+    let out = run_to_end(imagegate().args(["check-config", "--config", "config/imagegate.toml"]));
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("warning: client 'demo' uses the documented demo key")),
+        "{text}"
+    );
+    assert!(!text.contains(imagegate::cli::DEMO_KEY), "{text}");
+    // The same file served on every interface: a problem, exit 2.
+    let out = run_to_end(imagegate().args([
+        "check-config",
+        "--config",
+        "config/imagegate.toml",
+        "--listen",
+        "0.0.0.0:8080",
+    ]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("error: client 'demo' uses the documented demo key")
+                && l.contains("server.listen 0.0.0.0:8080")
+        ),
+        "{text}"
+    );
+    assert!(text.contains("1 problem(s)"), "{text}");
+    assert!(!text.contains(imagegate::cli::DEMO_KEY), "{text}");
+    // A file that listens on all interfaces itself.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("public.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"0.0.0.0:8080\"\n[[clients]]\nname = \"demo\"\nkey_hash = \"{}\"\n",
+            imagegate::config::hash_key(imagegate::cli::DEMO_KEY)
+        ),
+    )
+    .unwrap();
+    let out = run_to_end(imagegate().arg("check-config").arg("--config").arg(&path));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // The container's config has no client: a problem on 0.0.0.0, a warning on loopback.
+    let out = run_to_end(imagegate().args([
+        "check-config",
+        "--config",
+        "deploy/imagegate.container.toml",
+    ]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(all_output(&out).contains("error: no clients are configured"));
+    let out = run_to_end(imagegate().args([
+        "check-config",
+        "--config",
+        "deploy/imagegate.container.toml",
+        "--listen",
+        "127.0.0.1:8080",
+    ]));
+    assert!(out.status.success(), "{out:?}");
+    assert!(all_output(&out).contains("warning: no clients are configured"));
+}
+
+#[tokio::test]
+async fn serve_with_the_demo_key_on_loopback_still_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("demo.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[ledger]\npath = {:?}\n[log]\nformat = \"json\"\n[models]\ncheck_at_start = false\n[[clients]]\nname = \"demo\"\nkey_hash = \"{}\"\n",
+            dir.path().join("imagegate.db").display().to_string(),
+            imagegate::config::hash_key(imagegate::cli::DEMO_KEY)
+        ),
+    )
+    .unwrap();
+    let mut served = Served::start(&path);
+    let addr = served.listening().await;
+    let warning = served
+        .seen
+        .iter()
+        .find(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("uses the documented demo key"))
+        })
+        .cloned()
+        .expect("a demo key warning before listening");
+    assert_eq!(warning["level"], "WARN");
+    assert!(!warning.to_string().contains(imagegate::cli::DEMO_KEY));
+    let health = support::send(addr, "GET", "/healthz", &[], Vec::new()).await;
+    assert_eq!(health.status, 200);
+    // The demo key authenticates (the request fails later, not with 401).
+    let auth = format!("Bearer {}", imagegate::cli::DEMO_KEY);
+    let answer = support::send(
+        addr,
+        "POST",
+        "/v1/images/edits",
+        &[("authorization", auth.as_str())],
+        Vec::new(),
+    )
+    .await;
+    assert_ne!(answer.status, 401, "{answer:?}");
+}

@@ -48,6 +48,9 @@ pub enum Command {
     CheckConfig {
         #[command(flatten)]
         config: ConfigArg,
+        /// Check as if served with `serve --listen ADDR`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
     },
     /// Read a gateway key on stdin and print the form `clients[].key_hash` stores.
     HashKey,
@@ -195,23 +198,84 @@ impl ConfigArg {
     }
 }
 
-/// Warnings that do not stop the gateway but that an operator should see.
+/// Warnings that do not stop the gateway but that an operator should see. The exposure rules
+/// ([`exposure`]) add theirs: a demo key or no client on a loopback address.
 pub fn warnings(config: &Config) -> Vec<String> {
     let mut w = Vec::new();
-    if config.clients.is_empty() {
-        w.push("no clients are configured: every request will be refused with 401".into());
-    }
     if config.upstream_key.is_none() {
         w.push(format!(
             "no upstream key: set {} or upstream.api_key_file; valid requests will be answered 503",
             config.upstream.api_key_env
         ));
     }
-    let demo = config::hash_key(DEMO_KEY);
-    if config.clients.iter().any(|c| c.key_hash == demo) {
-        w.push(format!("a client uses the documented demo key '{DEMO_KEY}': replace it before exposing the gateway"));
-    }
+    w.extend(exposure(config).warnings);
     w
+}
+
+/// What the exposure rules say of a configuration about to be served.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Exposure {
+    /// Reasons to refuse to serve: `serve` exits, `check-config` exits 2.
+    pub problems: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Safe by default: a gateway reachable from other hosts (API or admin listener on a
+/// non-loopback address) must not accept the documented demo key, and must have a client. On a
+/// loopback address (127.0.0.0/8, ::1) both are only warnings, so the quick start works. No key
+/// is ever named in the messages.
+pub fn exposure(config: &Config) -> Exposure {
+    let mut e = Exposure::default();
+    let mut exposed: Vec<String> = Vec::new();
+    if !is_loopback(config.server.listen) {
+        exposed.push(format!("server.listen {}", config.server.listen));
+    }
+    if let Some(admin) = config.admin.listen
+        && !is_loopback(admin)
+    {
+        exposed.push(format!("admin.listen {admin}"));
+    }
+    let demo = config::parse_key_hash(&config::hash_key(DEMO_KEY));
+    let is_demo = |c: &&config::ClientConfig| config::parse_key_hash(&c.key_hash) == demo;
+    for c in config.clients.iter().filter(is_demo) {
+        let what = format!(
+            "client '{}' uses the documented demo key (the example configuration's, printed in \
+             the README)",
+            c.name
+        );
+        if exposed.is_empty() {
+            e.warnings.push(format!(
+                "{what}: replace it (printf %s \"$NEW_KEY\" | imagegate hash-key) before \
+                 listening on a non-loopback address"
+            ));
+        } else {
+            e.problems.push(format!(
+                "{what} while the gateway listens on a non-loopback address ({}): refusing to \
+                 serve; replace its key_hash (printf %s \"$NEW_KEY\" | imagegate hash-key) or \
+                 listen on 127.0.0.1",
+                exposed.join(", ")
+            ));
+        }
+    }
+    if config.clients.is_empty() {
+        if is_loopback(config.server.listen) {
+            e.warnings
+                .push("no clients are configured: every request will be refused with 401".into());
+        } else {
+            e.problems.push(format!(
+                "no clients are configured while the gateway listens on a non-loopback address \
+                 (server.listen {}): refusing to serve; add a [[clients]] table to the \
+                 configuration file (IMAGEGATE_CONFIG or --config)",
+                config.server.listen
+            ));
+        }
+    }
+    e
+}
+
+/// 127.0.0.0/8, ::1, and ::ffff:127.0.0.0/104.
+pub fn is_loopback(addr: SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
 }
 
 /// The demo key of the example configuration (documented in the README).
@@ -231,5 +295,70 @@ pub fn open_ledger(config: &ConfigArg) -> Result<(Config, SqliteStore), StartupE
             path: c.ledger.path.clone(),
             detail: e.to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(listen: &str, admin: Option<&str>, clients: &[&str]) -> Config {
+        let mut text = format!("[server]\nlisten = \"{listen}\"\n");
+        if let Some(admin) = admin {
+            text.push_str(&format!(
+                "[admin]\nlisten = \"{admin}\"\nkey_hash = \"{}\"\n",
+                config::hash_key("admin-key-for-tests")
+            ));
+        }
+        for (i, key) in clients.iter().enumerate() {
+            text.push_str(&format!(
+                "[[clients]]\nname = \"c{i}\"\nkey_hash = \"{}\"\n",
+                config::hash_key(key)
+            ));
+        }
+        Config::parse(&text).expect("valid").0
+    }
+
+    #[test]
+    fn the_demo_key_is_a_problem_only_off_loopback() {
+        for listen in [
+            "127.0.0.1:8080",
+            "127.1.2.3:0",
+            "[::1]:8080",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            let e = exposure(&config(listen, None, &[DEMO_KEY]));
+            assert!(e.problems.is_empty(), "{listen}: {e:?}");
+            assert_eq!(e.warnings.len(), 1, "{listen}");
+        }
+        for listen in ["0.0.0.0:8080", "[::]:8080", "10.0.0.1:8080"] {
+            let e = exposure(&config(listen, None, &["a-real-key", DEMO_KEY]));
+            assert_eq!(e.problems.len(), 1, "{listen}: {e:?}");
+            assert!(e.problems[0].contains("client 'c1' uses the documented demo key"));
+            assert!(!e.problems[0].contains(DEMO_KEY));
+        }
+        // The admin listener counts too.
+        let e = exposure(&config("127.0.0.1:8080", Some("0.0.0.0:9090"), &[DEMO_KEY]));
+        assert_eq!(e.problems.len(), 1, "{e:?}");
+        assert!(e.problems[0].contains("admin.listen 0.0.0.0:9090"));
+        // Other keys are fine anywhere.
+        assert_eq!(
+            exposure(&config(
+                "0.0.0.0:8080",
+                Some("0.0.0.0:9090"),
+                &["a-real-key"]
+            )),
+            Exposure::default()
+        );
+    }
+
+    #[test]
+    fn no_client_is_a_problem_only_off_loopback() {
+        let e = exposure(&config("0.0.0.0:8080", None, &[]));
+        assert_eq!(e.problems.len(), 1);
+        assert!(e.problems[0].contains("no clients are configured"));
+        let e = exposure(&config("127.0.0.1:8080", None, &[]));
+        assert!(e.problems.is_empty());
+        assert_eq!(e.warnings.len(), 1);
     }
 }

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use super::{ConfigArg, warnings};
+use super::{ConfigArg, exposure, warnings};
 use crate::config::Config;
 use crate::startup::StartupError;
 use crate::{models_check, server};
@@ -16,6 +16,11 @@ pub fn prepare(config: &ConfigArg, listen: Option<SocketAddr>) -> Result<Config,
     let mut c = config.load_or_fail()?;
     if let Some(addr) = listen {
         c.server.listen = addr;
+    }
+    // Safe by default: refuse to expose the demo key, or a gateway without clients.
+    let refused = exposure(&c).problems;
+    if !refused.is_empty() {
+        return Err(StartupError::Config(refused));
     }
     Ok(c)
 }

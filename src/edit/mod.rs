@@ -1,6 +1,7 @@
 //! The domain: a typed image-edit request, its multipart form rules, the PNG checks and the
 //! canonical re-encoding. Pure functions, no tower types.
 
+pub mod cancel;
 pub mod canonical;
 pub mod files;
 pub mod form;

@@ -24,6 +24,8 @@ use std::io::{Cursor, Write};
 use bytes::Bytes;
 use png::{BitDepth, ColorType, DecodeOptions, Decoder, DecodingError, Limits, Transformations};
 
+use crate::edit::cancel::Cancel;
+
 /// The transparency policy for an image sent without a mask (and for masks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transparency {
@@ -41,6 +43,14 @@ pub struct PngRules {
     /// Neither width nor height may exceed this.
     pub max_dimension: u32,
     pub transparency: Transparency,
+    /// Memory the conversion of an *interlaced* tRNS file may hold (its whole RGBA frame,
+    /// width × height × 4 or 8 bytes); a larger one is refused before decoding.
+    pub max_conversion_bytes: usize,
+}
+
+impl PngRules {
+    /// 64 MiB: an 8-bit RGBA frame of 4096 × 4096.
+    pub const DEFAULT_MAX_CONVERSION_BYTES: usize = 64 * 1024 * 1024;
 }
 
 /// A PNG that passed every check.
@@ -90,6 +100,16 @@ pub enum PngRejection {
         image: (u32, u32),
         mask: (u32, u32),
     },
+    /// An interlaced tRNS file whose RGBA frame (width × height × bytes per pixel) would exceed
+    /// `max_conversion_bytes`; refused before decoding.
+    ConversionTooLarge {
+        width: u32,
+        height: u32,
+        needed: u64,
+        limit: usize,
+    },
+    /// The caller left: the decode stopped at a row boundary. Nobody sees this answer.
+    Cancelled,
 }
 
 impl PngRejection {
@@ -99,12 +119,14 @@ impl PngRejection {
             PngRejection::TooLarge { .. }
             | PngRejection::NotPng
             | PngRejection::Corrupt(_)
-            | PngRejection::ConvertedTooLarge { .. } => "invalid_image_format",
+            | PngRejection::ConvertedTooLarge { .. }
+            | PngRejection::ConversionTooLarge { .. } => "invalid_image_format",
             PngRejection::DimensionsTooLarge { .. }
             | PngRejection::NotSquare { .. }
             | PngRejection::MaskSizeMismatch { .. } => "invalid_image_dimensions",
             PngRejection::Mode { .. } | PngRejection::MaskMissingAlpha => "invalid_image_mode",
             PngRejection::NotTransparent => "image_not_transparent",
+            PngRejection::Cancelled => "request_cancelled",
         }
     }
 
@@ -132,6 +154,17 @@ impl PngRejection {
                 "Invalid input {part} - converting its transparency to RGBA makes it {actual} \
                  bytes, which is not less than the limit of {limit} bytes."
             ),
+            PngRejection::ConversionTooLarge {
+                width,
+                height,
+                needed,
+                limit,
+            } => format!(
+                "Invalid input {part} - converting the transparency of an interlaced \
+                 {width}x{height} image to RGBA needs {needed} bytes of memory, more than the \
+                 limit of {limit} bytes. Send it non-interlaced or as RGBA."
+            ),
+            PngRejection::Cancelled => "The request was cancelled.".to_string(),
             PngRejection::DimensionsTooLarge { width, height, max } => format!(
                 "Invalid input {part} - dimensions {width}x{height} exceed the maximum of \
                  {max}x{max}."
@@ -188,6 +221,16 @@ impl fmt::Display for PngRejection {
             PngRejection::ConvertedTooLarge { limit, actual } => {
                 write!(f, "converted RGBA is {actual} bytes, must be below {limit}")
             }
+            PngRejection::ConversionTooLarge {
+                width,
+                height,
+                needed,
+                limit,
+            } => write!(
+                f,
+                "interlaced {width}x{height} conversion needs {needed} bytes, limit {limit}"
+            ),
+            PngRejection::Cancelled => f.write_str("cancelled: the caller left"),
             PngRejection::MaskSizeMismatch { image, mask } => write!(
                 f,
                 "mask {}x{} does not match image {}x{}",
@@ -231,10 +274,21 @@ pub fn check_image(
     has_mask: bool,
     rules: &PngRules,
 ) -> Result<CheckedPng, PngRejection> {
+    check_image_with(bytes, has_mask, rules, &Cancel::never())
+}
+
+/// [`check_image`] that stops at the next row with [`PngRejection::Cancelled`] once `cancel`
+/// is cancelled.
+pub fn check_image_with(
+    bytes: Bytes,
+    has_mask: bool,
+    rules: &PngRules,
+    cancel: &Cancel,
+) -> Result<CheckedPng, PngRejection> {
     let header = check_structure(&bytes, rules)?;
     let mode = header.pillow_mode();
     if has_mask {
-        decode(&bytes, &header, rules, false, false)?;
+        decode(&bytes, &header, rules, false, false, cancel)?;
         return Ok(unconverted(bytes, &header, mode));
     }
     let convert = header.needs_conversion();
@@ -242,7 +296,7 @@ pub fn check_image(
         return Err(PngRejection::Mode { mode });
     }
     let strict = rules.transparency == Transparency::Strict;
-    let outcome = decode(&bytes, &header, rules, strict, convert)?;
+    let outcome = decode(&bytes, &header, rules, strict, convert, cancel)?;
     if strict && !outcome.has_transparent_pixel {
         return Err(PngRejection::NotTransparent);
     }
@@ -255,11 +309,22 @@ pub fn check_mask(
     image_dims: (u32, u32),
     rules: &PngRules,
 ) -> Result<CheckedPng, PngRejection> {
+    check_mask_with(bytes, image_dims, rules, &Cancel::never())
+}
+
+/// [`check_mask`] that stops at the next row with [`PngRejection::Cancelled`] once `cancel` is
+/// cancelled.
+pub fn check_mask_with(
+    bytes: Bytes,
+    image_dims: (u32, u32),
+    rules: &PngRules,
+    cancel: &Cancel,
+) -> Result<CheckedPng, PngRejection> {
     let header = check_structure(&bytes, rules)?;
     if !header.has_alpha_channel() && !header.has_trns {
         return Err(PngRejection::MaskMissingAlpha);
     }
-    let checked = decode_mask(bytes, &header, rules)?;
+    let checked = decode_mask(bytes, &header, rules, cancel)?;
     if (checked.width, checked.height) != image_dims {
         return Err(PngRejection::MaskSizeMismatch {
             image: image_dims,
@@ -276,11 +341,12 @@ pub(crate) fn decode_mask(
     bytes: Bytes,
     header: &Header,
     rules: &PngRules,
+    cancel: &Cancel,
 ) -> Result<CheckedPng, PngRejection> {
     let mode = header.pillow_mode();
     let convert = header.needs_conversion();
     let strict = rules.transparency == Transparency::Strict;
-    let outcome = decode(&bytes, header, rules, strict, convert)?;
+    let outcome = decode(&bytes, header, rules, strict, convert, cancel)?;
     if strict && !outcome.has_transparent_pixel {
         return Err(PngRejection::NotTransparent);
     }
@@ -295,6 +361,7 @@ pub(crate) fn has_transparent_pixel(
     data: &[u8],
     header: &Header,
     rules: &PngRules,
+    cancel: &Cancel,
 ) -> Result<bool, PngRejection> {
     if !header.has_alpha_channel() && !header.has_trns {
         return Ok(false);
@@ -306,7 +373,7 @@ pub(crate) fn has_transparent_pixel(
         bps: if depth == BitDepth::Sixteen { 2 } else { 1 },
     };
     let mut rows = 0u64;
-    while let Some(row) = reader.next_row().map_err(decoding_error)? {
+    while let Some(row) = next_row(&mut reader, cancel)? {
         if layout.has_transparent_pixel(row.data()) {
             return Ok(true);
         }
@@ -813,7 +880,11 @@ fn decode(
     rules: &PngRules,
     scan: bool,
     convert: bool,
+    cancel: &Cancel,
 ) -> Result<DecodeOutcome, PngRejection> {
+    if convert && header.interlaced {
+        within_conversion_budget(header, rules)?;
+    }
     let mut reader = row_reader(data, rules)?;
 
     let (color, depth) = reader.output_color_type();
@@ -830,7 +901,7 @@ fn decode(
 
     let converted = if !convert {
         let mut rows = 0u64;
-        while let Some(row) = reader.next_row().map_err(decoding_error)? {
+        while let Some(row) = next_row(&mut reader, cancel)? {
             note(row.data());
             rows += 1;
         }
@@ -843,6 +914,7 @@ fn decode(
             layout,
             rules,
             &mut note,
+            cancel,
         )?)
     } else {
         Some(convert_interlaced(
@@ -851,6 +923,7 @@ fn decode(
             layout,
             rules,
             &mut note,
+            cancel,
         )?)
     };
     reader.finish().map_err(decoding_error)?;
@@ -887,6 +960,40 @@ fn row_reader<'a>(
     });
     decoder.set_transformations(Transformations::EXPAND);
     decoder.read_info().map_err(decoding_error)
+}
+
+/// The next row, or [`PngRejection::Cancelled`] once `cancel` is cancelled (checked before
+/// every row, so a decode whose caller left stops within one row).
+fn next_row<'r>(
+    reader: &'r mut png::Reader<Cursor<&[u8]>>,
+    cancel: &Cancel,
+) -> Result<Option<png::InterlacedRow<'r>>, PngRejection> {
+    if cancel.is_cancelled() {
+        return Err(PngRejection::Cancelled);
+    }
+    // `Reader::next_row` is this without the interlace info (its `Row` type is not exported).
+    reader.next_interlaced_row().map_err(decoding_error)
+}
+
+/// Bytes per sample of the expanded rows: 2 for 16-bit files, else 1.
+fn bytes_per_sample(header: &Header) -> usize {
+    if header.bit_depth == 16 { 2 } else { 1 }
+}
+
+/// The RGBA frame an interlaced conversion holds (width × height × 4 or 8 bytes) must fit
+/// `max_conversion_bytes`; checked from the header, before anything is allocated or decoded.
+fn within_conversion_budget(header: &Header, rules: &PngRules) -> Result<(), PngRejection> {
+    let needed =
+        u64::from(header.width) * u64::from(header.height) * (4 * bytes_per_sample(header)) as u64;
+    if needed > rules.max_conversion_bytes as u64 {
+        return Err(PngRejection::ConversionTooLarge {
+            width: header.width,
+            height: header.height,
+            needed,
+            limit: rules.max_conversion_bytes,
+        });
+    }
+    Ok(())
 }
 
 fn check_row_count(header: &Header, rows: u64) -> Result<(), PngRejection> {
@@ -954,6 +1061,7 @@ fn convert_streaming(
     layout: RowLayout,
     rules: &PngRules,
     note: &mut impl FnMut(&[u8]),
+    cancel: &Cancel,
 ) -> Result<CappedBuf, PngRejection> {
     let mut sink = CappedBuf::new(rules.max_bytes);
     let row_len = header.width as usize * 4 * layout.bps;
@@ -964,7 +1072,7 @@ fn convert_streaming(
             .map_err(encoding_error)?;
         let mut stream = writer.stream_writer().map_err(encoding_error)?;
         let mut rows = 0u64;
-        while let Some(row) = reader.next_row().map_err(decoding_error)? {
+        while let Some(row) = next_row(reader, cancel)? {
             let row = row.data();
             note(row);
             if rows < u64::from(header.height) {
@@ -982,14 +1090,16 @@ fn convert_streaming(
 
 /// Interlaced conversion. The Adam7 passes arrive in pass order, so the output rows are only
 /// complete after the last pass: this path decodes the whole frame (as RGBA) into one buffer
-/// before encoding it non-interlaced. The buffer is bounded by the dimension limit
-/// (max_dimension^2 * 8 bytes at most); validation itself still runs row by row.
+/// before encoding it non-interlaced. The buffer is bounded by `max_conversion_bytes` (checked
+/// from the header by [`decode`] before this runs) and by the dimension limit; validation
+/// itself still runs row by row.
 fn convert_interlaced(
     reader: &mut png::Reader<Cursor<&[u8]>>,
     header: &Header,
     layout: RowLayout,
     rules: &PngRules,
     note: &mut impl FnMut(&[u8]),
+    cancel: &Cancel,
 ) -> Result<CappedBuf, PngRejection> {
     let pixel = 4 * layout.bps;
     let stride = header.width as usize * pixel;
@@ -997,7 +1107,7 @@ fn convert_interlaced(
     let mut rgba = vec![0u8; stride];
     let bits_per_pixel = u8::try_from(pixel * 8).unwrap_or(u8::MAX);
     let mut rows = 0u64;
-    while let Some(row) = reader.next_interlaced_row().map_err(decoding_error)? {
+    while let Some(row) = next_row(reader, cancel)? {
         let data = row.data();
         note(data);
         let pass_pixels = data.len() / (layout.channels() * layout.bps);
@@ -1042,6 +1152,7 @@ mod tests {
             max_bytes: 4 * MIB,
             max_dimension: 1024,
             transparency,
+            max_conversion_bytes: PngRules::DEFAULT_MAX_CONVERSION_BYTES,
         }
     }
 
@@ -1472,6 +1583,129 @@ mod tests {
         }
         // The same limit suffices when no conversion is needed (image with a mask).
         assert!(check_image(input, true, &small).is_ok());
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Cancellation and the conversion budget
+    // -----------------------------------------------------------------------------------------
+
+    #[test]
+    fn a_cancelled_decode_stops_at_the_next_row() {
+        use std::sync::atomic::Ordering;
+        // 512 rows: without cancellation every row decodes (the image is opaque, so the strict
+        // scan reads them all) and the answer is NotTransparent.
+        let opaque = rgba8_opaque(512).bytes();
+        assert_eq!(
+            check_image(opaque.clone(), false, &strict()).unwrap_err(),
+            PngRejection::NotTransparent
+        );
+        // Cancelled from the 10th poll on: the decode stops there, long before the last row.
+        let (cancel, polls) = Cancel::after_polls(10);
+        assert_eq!(
+            check_image_with(opaque.clone(), false, &strict(), &cancel).unwrap_err(),
+            PngRejection::Cancelled
+        );
+        assert_eq!(polls.load(Ordering::Relaxed), 10);
+        // A token cancelled before the start: no row at all.
+        let token = tokio_util::sync::CancellationToken::new();
+        token.cancel();
+        let cancelled = Cancel::new(token);
+        assert_eq!(
+            check_image_with(opaque.clone(), true, &strict(), &cancelled).unwrap_err(),
+            PngRejection::Cancelled
+        );
+        // Every decoding path polls: streaming and interlaced conversion, the mask, the scan.
+        let trns = Img::new(256, 3, 8, |x, _| vec![(x % 2) as u16])
+            .plte(vec![1, 2, 3, 4, 5, 6])
+            .trns(vec![0]);
+        for img in [trns.bytes(), trns.clone().interlaced().bytes()] {
+            let (cancel, polls) = Cancel::after_polls(3);
+            assert_eq!(
+                check_image_with(img.clone(), false, &strict(), &cancel).unwrap_err(),
+                PngRejection::Cancelled
+            );
+            assert_eq!(polls.load(Ordering::Relaxed), 3);
+            let (cancel, _) = Cancel::after_polls(3);
+            assert_eq!(
+                check_mask_with(img.clone(), (256, 256), &strict(), &cancel).unwrap_err(),
+                PngRejection::Cancelled
+            );
+        }
+        let header = walk(&opaque, Trailing::Ignore).unwrap();
+        let (cancel, polls) = Cancel::after_polls(5);
+        assert_eq!(
+            has_transparent_pixel(&opaque, &header, &strict(), &cancel).unwrap_err(),
+            PngRejection::Cancelled
+        );
+        assert_eq!(polls.load(Ordering::Relaxed), 5);
+        // A handle never cancelled changes nothing.
+        assert_eq!(
+            check_image_with(opaque, false, &strict(), &Cancel::never()).unwrap_err(),
+            PngRejection::NotTransparent
+        );
+    }
+
+    #[test]
+    fn interlaced_conversion_runs_under_the_byte_budget() {
+        let palette = |size| {
+            Img::new(size, 3, 8, |x, y| vec![((x + y) % 2) as u16])
+                .plte(vec![1, 2, 3, 4, 5, 6])
+                .trns(vec![0])
+        };
+        let img = palette(64).interlaced().bytes();
+        let exact = PngRules {
+            max_conversion_bytes: 64 * 64 * 4,
+            ..strict()
+        };
+        assert!(check_image(img.clone(), false, &exact).unwrap().converted);
+        let tight = PngRules {
+            max_conversion_bytes: 64 * 64 * 4 - 1,
+            ..strict()
+        };
+        let err = check_image(img.clone(), false, &tight).unwrap_err();
+        assert_eq!(
+            err,
+            PngRejection::ConversionTooLarge {
+                width: 64,
+                height: 64,
+                needed: 16384,
+                limit: 16383
+            }
+        );
+        assert_eq!(err.code(), "invalid_image_format");
+        assert_eq!(
+            err.message("image"),
+            "Invalid input image - converting the transparency of an interlaced 64x64 image to \
+             RGBA needs 16384 bytes of memory, more than the limit of 16383 bytes. Send it \
+             non-interlaced or as RGBA."
+        );
+        // The mask too.
+        assert_eq!(check_mask(img.clone(), (64, 64), &tight).unwrap_err(), err);
+        // Refused from the header: a broken IDAT is never reached.
+        let broken = with_idat_data(&palette(64).interlaced(), b"not zlib");
+        assert_eq!(check_image(broken, false, &tight).unwrap_err(), err);
+        // 16-bit files need 8 bytes per pixel.
+        let rgb16 = Img::new(16, 2, 16, |x, _| vec![x as u16, 0, 0])
+            .trns(vec![0, 0, 0, 0, 0, 0])
+            .interlaced()
+            .bytes();
+        let rules = PngRules {
+            max_conversion_bytes: 16 * 16 * 8 - 1,
+            ..strict()
+        };
+        assert!(matches!(
+            check_image(rgb16, false, &rules),
+            Err(PngRejection::ConversionTooLarge { needed: 2048, .. })
+        ));
+        // Non-interlaced conversion streams row by row: the budget does not apply; nor does it
+        // to an interlaced image that needs no conversion, or is sent with a mask.
+        assert!(
+            check_image(palette(64).bytes(), false, &tight)
+                .unwrap()
+                .converted
+        );
+        assert!(check_image(rgba8_transparent().interlaced().bytes(), false, &tight).is_ok());
+        assert!(check_image(img, true, &tight).is_ok());
     }
 
     // -----------------------------------------------------------------------------------------
@@ -2137,6 +2371,7 @@ mod tests {
             max_bytes: 4 * MIB,
             max_dimension: 512,
             transparency: Transparency::Strict,
+            max_conversion_bytes: PngRules::DEFAULT_MAX_CONVERSION_BYTES,
         };
         let input = Bytes::from(png);
         let out = check_image(input.clone(), false, &r).unwrap();

@@ -3,7 +3,8 @@
 //! digests the ledger records. Files given by remote URL or file id are not fetched.
 //!
 //! The decode permit (`server.max_concurrent_decodes`) is taken inside the blocking job, so a
-//! caller that leaves cannot free it while the job still runs.
+//! caller that leaves cannot free it while the job still runs; the job's decodes stop at their
+//! next row once the caller left (a [`CancelOnDrop`] held by this future).
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use super::check_images::FileDigest;
+use crate::edit::cancel::{Cancel, CancelOnDrop};
 use crate::edit::files::{self, FileRules, ImageInfo};
 use crate::edit::sniff::ImageFormat;
 use crate::error::GatewayError;
@@ -60,22 +62,27 @@ pub async fn check_files(permits: &Arc<Semaphore>, rules: &FileRules, files: Fil
         };
     };
     let rules = rules.clone();
+    // Dropped with this future: cancels the decodes below.
+    let cancel_on_drop = CancelOnDrop::new();
+    let cancel = cancel_on_drop.handle();
     let job = tokio::task::spawn_blocking(move || {
         // Held by the job itself: released when the work ends, not when the caller leaves.
         let _permit = permit;
-        run(&rules, files)
+        run(&rules, files, &cancel)
     });
-    job.await.unwrap_or_else(|e| {
+    let checked = job.await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "file check task failed");
         Checked {
             first_image: None,
             mask: None,
             result: Err(GatewayError::Internal),
         }
-    })
+    });
+    drop(cancel_on_drop);
+    checked
 }
 
-fn run(rules: &FileRules, files: Files) -> Checked {
+fn run(rules: &FileRules, files: Files, cancel: &Cancel) -> Checked {
     let mut first_image = files
         .images
         .first()
@@ -90,6 +97,9 @@ fn run(rules: &FileRules, files: Files) -> Checked {
                 infos.push(None);
                 continue;
             };
+            if cancel.is_cancelled() {
+                return Err(GatewayError::Internal);
+            }
             let info = files::check_image_as(&image.param, i, bytes, format, rules)?;
             infos.push(Some(info));
         }
@@ -105,13 +115,13 @@ fn run(rules: &FileRules, files: Files) -> Checked {
         });
         let mask = match files.mask {
             Some(m) => {
-                let checked = files::check_mask(m, &first, rules)?;
+                let checked = files::check_mask_with(m, &first, rules, cancel)?;
                 Some(checked)
             }
             None => None,
         };
         if let Some(markup) = &files.markup {
-            files::check_markup(markup, &first, rules)?;
+            files::check_markup_with(markup, &first, rules, cancel)?;
         }
         Ok(CheckedFiles {
             mask,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 
 use crate::edit::ImageEdit;
+use crate::edit::cancel::CancelOnDrop;
 use crate::edit::png_check::{self, CheckedPng, PngRules};
 use crate::error::GatewayError;
 
@@ -42,7 +43,8 @@ pub struct Checked {
 }
 
 /// Run the PNG checks on the blocking pool, at most `server.max_concurrent_decodes` at once,
-/// and take the digests the ledger records (of the bytes as received).
+/// and take the digests the ledger records (of the bytes as received). When the caller leaves
+/// (this future is dropped) the running decode stops at its next row.
 pub async fn check_images(permits: &Arc<Semaphore>, rules: &PngRules, edit: &ImageEdit) -> Checked {
     let image = edit.image.bytes.clone();
     let mask = edit.mask.as_ref().map(|m| m.bytes.clone());
@@ -54,30 +56,31 @@ pub async fn check_images(permits: &Arc<Semaphore>, rules: &PngRules, edit: &Ima
     };
     let rules = rules.clone();
     let max_bytes = rules.max_bytes;
+    // Dropped with this future: cancels the decode below.
+    let cancel_on_drop = CancelOnDrop::new();
+    let cancel = cancel_on_drop.handle();
     let job = tokio::task::spawn_blocking(move || {
         // Held by the job itself: released when the decode ends, not when the caller leaves.
         let _permit = permit;
         let mut image_digest = FileDigest::of(&image);
         let mut mask_digest = mask.as_deref().map(FileDigest::of);
         let result = (|| {
-            let image =
-                png_check::check_image(image, mask.is_some(), &rules).map_err(|rejection| {
-                    GatewayError::Png {
-                        part: "image",
-                        rejection,
-                        max_bytes,
-                    }
+            let image = png_check::check_image_with(image, mask.is_some(), &rules, &cancel)
+                .map_err(|rejection| GatewayError::Png {
+                    part: "image",
+                    rejection,
+                    max_bytes,
                 })?;
             image_digest.dims = Some((image.width, image.height));
             let mask = match mask {
                 Some(m) => {
-                    let m = png_check::check_mask(m, (image.width, image.height), &rules).map_err(
-                        |rejection| GatewayError::Png {
-                            part: "mask",
-                            rejection,
-                            max_bytes,
-                        },
-                    )?;
+                    let m =
+                        png_check::check_mask_with(m, (image.width, image.height), &rules, &cancel)
+                            .map_err(|rejection| GatewayError::Png {
+                                part: "mask",
+                                rejection,
+                                max_bytes,
+                            })?;
                     if let Some(d) = mask_digest.as_mut() {
                         d.dims = Some((m.width, m.height));
                     }
@@ -92,11 +95,13 @@ pub async fn check_images(permits: &Arc<Semaphore>, rules: &PngRules, edit: &Ima
             result,
         }
     });
-    job.await.unwrap_or_else(|e| {
+    let checked = job.await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "PNG check task failed");
         Checked {
             digests: None,
             result: Err(GatewayError::Internal),
         }
-    })
+    });
+    drop(cancel_on_drop);
+    checked
 }

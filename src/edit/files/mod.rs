@@ -49,6 +49,7 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 
+use crate::edit::cancel::Cancel;
 use crate::edit::png_check::{self, PngRejection, PngRules, Trailing, Transparency};
 use crate::edit::sniff::{ImageFormat, Sniffed, sniff};
 use crate::error::GatewayError;
@@ -83,6 +84,7 @@ impl Default for FileRules {
                 max_bytes: 4 * 1024 * 1024,
                 max_dimension: 4096,
                 transparency: Transparency::Compatible,
+                max_conversion_bytes: PngRules::DEFAULT_MAX_CONVERSION_BYTES,
             },
         }
     }
@@ -181,6 +183,17 @@ pub fn check_mask(
     first: &ImageInfo,
     rules: &FileRules,
 ) -> Result<Bytes, GatewayError> {
+    check_mask_with(bytes, first, rules, &Cancel::never())
+}
+
+/// [`check_mask`] whose decode stops at the next row once `cancel` is cancelled (then
+/// [`GatewayError::Internal`]: the caller left and nobody reads the answer).
+pub fn check_mask_with(
+    bytes: Bytes,
+    first: &ImageInfo,
+    rules: &FileRules,
+    cancel: &Cancel,
+) -> Result<Bytes, GatewayError> {
     const PART: &str = "mask";
     require_png(PART, &bytes)?;
     let header = png_check::walk(&bytes, Trailing::Ignore).map_err(|_| invalid_file(PART, PART))?;
@@ -219,8 +232,20 @@ pub fn check_mask(
         max_dimension: header.width.max(header.height),
         ..rules.png.clone()
     };
-    match png_check::decode_mask(bytes, &header, &decode_rules) {
+    match png_check::decode_mask(bytes, &header, &decode_rules, cancel) {
         Ok(checked) => Ok(checked.bytes),
+        Err(PngRejection::Cancelled) => Err(GatewayError::Internal),
+        Err(PngRejection::ConversionTooLarge { needed, limit, .. }) => {
+            Err(GatewayError::image_user_error(
+                Some(PART),
+                Some("invalid_image_file"),
+                format!(
+                    "Invalid image file or mode for mask, please check your image file. An \
+                     interlaced mask whose transparency comes from tRNS is converted in memory; \
+                     this one needs {needed} bytes, more than the limit of {limit} bytes."
+                ),
+            ))
+        }
         Err(
             rejection @ (PngRejection::NotTransparent | PngRejection::ConvertedTooLarge { .. }),
         ) => Err(mask_error(
@@ -235,6 +260,17 @@ pub fn check_markup(
     bytes: &[u8],
     first: &ImageInfo,
     rules: &FileRules,
+) -> Result<(), GatewayError> {
+    check_markup_with(bytes, first, rules, &Cancel::never())
+}
+
+/// [`check_markup`] whose decode stops at the next row once `cancel` is cancelled (then
+/// [`GatewayError::Internal`]: the caller left and nobody reads the answer).
+pub fn check_markup_with(
+    bytes: &[u8],
+    first: &ImageInfo,
+    rules: &FileRules,
+    cancel: &Cancel,
 ) -> Result<(), GatewayError> {
     const PART: &str = "markup";
     require_png(PART, bytes)?;
@@ -251,12 +287,14 @@ pub fn check_markup(
         max_bytes: bytes.len().saturating_add(1),
         max_dimension: header.width.max(header.height),
         transparency: Transparency::Compatible,
+        max_conversion_bytes: rules.png.max_conversion_bytes,
     };
-    match png_check::has_transparent_pixel(bytes, &header, &decode_rules) {
+    match png_check::has_transparent_pixel(bytes, &header, &decode_rules, cancel) {
         Ok(true) => Ok(()),
         Ok(false) => Err(markup_error(
             "Invalid markup image - markup image must contain transparent pixels",
         )),
+        Err(PngRejection::Cancelled) => Err(GatewayError::Internal),
         Err(_) => Err(invalid_file(PART, PART)),
     }
 }
