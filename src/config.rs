@@ -89,6 +89,22 @@ pub struct ServerConfig {
     /// How long a request waits for room in `max_buffered_bytes`.
     #[serde(with = "humantime_serde")]
     pub buffer_wait: Duration,
+    /// Connections open at once on each listener (the API and the admin listener count
+    /// separately); a connection accepted above it is closed at once.
+    pub max_connections: usize,
+    /// A connection that carries no request for this long is closed (HTTP/1 keep-alive between
+    /// requests; HTTP/2 with no open stream, including one that sent its preface and then
+    /// nothing).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// HTTP/2: a PING is sent after this long without a frame from the client.
+    #[serde(with = "humantime_serde")]
+    pub http2_keep_alive_interval: Duration,
+    /// HTTP/2: the connection is closed when a PING is not acknowledged within this long. Also
+    /// the time a connection closed for idleness gets to finish its goodbye (GOAWAY) before it
+    /// is dropped.
+    #[serde(with = "humantime_serde")]
+    pub http2_keep_alive_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +118,10 @@ impl Default for ServerConfig {
             max_concurrent_decodes: 4,
             max_buffered_bytes: 1024 * 1024 * 1024,
             buffer_wait: Duration::from_secs(10),
+            max_connections: 1024,
+            idle_timeout: Duration::from_secs(60),
+            http2_keep_alive_interval: Duration::from_secs(20),
+            http2_keep_alive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -440,6 +460,15 @@ impl Config {
         for (name, d) in [
             ("server.header_read_timeout", s.header_read_timeout),
             ("server.body_read_timeout", s.body_read_timeout),
+            ("server.idle_timeout", s.idle_timeout),
+            (
+                "server.http2_keep_alive_interval",
+                s.http2_keep_alive_interval,
+            ),
+            (
+                "server.http2_keep_alive_timeout",
+                s.http2_keep_alive_timeout,
+            ),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.response_timeout", self.upstream.response_timeout),
             ("upstream.idle_timeout", self.upstream.idle_timeout),
@@ -450,6 +479,9 @@ impl Config {
         }
         if s.max_in_flight == 0 {
             p.push("server.max_in_flight: must be at least 1".into());
+        }
+        if s.max_connections == 0 {
+            p.push("server.max_connections: must be at least 1".into());
         }
         if s.max_concurrent_decodes == 0 {
             p.push("server.max_concurrent_decodes: must be at least 1".into());

@@ -1,27 +1,47 @@
-//! The accept loop: HTTP/1.1 and h2 on one port (hyper-util's auto builder), a header-read
-//! timeout (which hyper only enforces when a timer is set), and graceful shutdown: on the
-//! shutdown signal the listener closes, connections finish their in-flight requests, and after
-//! `server.shutdown_grace` whatever is left is dropped.
+//! The accept path, one for both listeners (the API and, when `admin.listen` is set, the admin
+//! listener): HTTP/1.1 and h2 on one port (hyper-util's auto builder), and for every connection:
+//!
+//! - a cap on open connections per listener (`server.max_connections`): a semaphore permit is
+//!   taken at accept and lives in the connection's task; a connection accepted above the cap is
+//!   closed at once, before a byte is read;
+//! - a deadline on the first bytes ([`FirstBytesDeadline`]) and hyper's header-read timeout (which
+//!   hyper only enforces when a timer is set);
+//! - HTTP/2 keep-alive pings (`server.http2_keep_alive_interval` / `_timeout`);
+//! - an idle timeout (`server.idle_timeout`): a connection that carries no request for that long
+//!   is closed gracefully (HTTP/2: GOAWAY), and dropped if it has not closed
+//!   `http2_keep_alive_timeout` later (a peer that never acknowledges the GOAWAY's PING);
+//! - graceful shutdown: on the shutdown signal both listeners close, connections finish their
+//!   in-flight requests, and after `server.shutdown_grace` whatever is left is dropped.
+//!
+//! A request counts as in progress on its connection from the moment hyper hands it to the
+//! service until its response body is finished or dropped, so a long streamed answer is not
+//! idle.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use bytes::Bytes;
+use http::Request;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::app::{self, AppState, ClientAddr};
+use crate::app::{self, AppService, AppState, ClientAddr};
+use crate::body::{Body, BoxError};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 
 /// A gateway running in the background (used by `main` and by the tests).
 pub struct RunningServer {
@@ -60,6 +80,14 @@ pub async fn spawn_with_clock(config: Config, clock: Clock) -> Result<RunningSer
     spawn_state(state).await
 }
 
+/// A bound listener and the service its connections get.
+pub struct Listening {
+    /// `api` or `admin`: the `listener` label of the connection metrics, and in logs.
+    pub name: &'static str,
+    pub listener: TcpListener,
+    pub service: AppService,
+}
+
 /// Serve an already built state in a background task (tests inject their own ledger store).
 pub async fn spawn_state(state: AppState) -> Result<RunningServer, String> {
     let listen = state.config.server.listen;
@@ -68,18 +96,34 @@ pub async fn spawn_state(state: AppState) -> Result<RunningServer, String> {
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let state = Arc::new(state);
-    let admin = crate::admin::start(state.clone()).await?;
-    let admin_addr = admin.as_ref().map(|(a, _)| *a);
+    let mut listeners = vec![Listening {
+        name: "api",
+        listener,
+        service: app::build(state.clone()),
+    }];
+    let mut admin_addr = None;
+    if let Some(service) = crate::admin::build(state.clone())? {
+        let listen = state
+            .config
+            .admin
+            .listen
+            .expect("admin::build returns a service only when admin.listen is set");
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen} (admin): {e}"))?;
+        let bound = listener.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!(addr = %bound, "admin listener");
+        admin_addr = Some(bound);
+        listeners.push(Listening {
+            name: "admin",
+            listener,
+            service,
+        });
+    }
     let (tx, rx) = oneshot::channel();
-    let serving = serve(listener, state.clone(), async {
+    let task = tokio::spawn(serve(listeners, state.clone(), async {
         let _ = rx.await;
-    });
-    let task = tokio::spawn(async move {
-        serving.await;
-        if let Some((_, admin)) = admin {
-            admin.abort();
-        }
-    });
+    }));
     Ok(RunningServer {
         addr,
         admin_addr,
@@ -89,14 +133,37 @@ pub async fn spawn_state(state: AppState) -> Result<RunningServer, String> {
     })
 }
 
-/// Serve until `shutdown` resolves, then drain.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<AppState>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let server = &state.config.server;
-    let app = app::build(state.clone());
+/// How every connection is handled, from `[server]`.
+#[derive(Debug, Clone)]
+struct ConnSettings {
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    /// Also how long a connection closed for idleness gets to say goodbye.
+    keep_alive_timeout: Duration,
+    max_connections: usize,
+}
+
+impl ConnSettings {
+    fn new(server: &ServerConfig) -> Self {
+        ConnSettings {
+            header_read_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
+            keep_alive_timeout: server.http2_keep_alive_timeout,
+            max_connections: server.max_connections,
+        }
+    }
+}
+
+/// The two stages of stopping: `drain` stops the accept loops and asks every connection to
+/// finish its requests and close; `abort` (at the end of the grace period, or when the serving
+/// future is dropped) drops whatever is left.
+#[derive(Clone, Default)]
+struct Stop {
+    drain: CancellationToken,
+    abort: CancellationToken,
+}
+
+fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -106,8 +173,25 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(64);
-    let graceful = GracefulShutdown::new();
+        .max_concurrent_streams(64)
+        .keep_alive_interval(server.http2_keep_alive_interval)
+        .keep_alive_timeout(server.http2_keep_alive_timeout);
+    builder
+}
+
+/// Serve every listener until `shutdown` resolves, then drain.
+pub async fn serve(
+    listeners: Vec<Listening>,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let server = &state.config.server;
+    let settings = Arc::new(ConnSettings::new(server));
+    let builder = connection_builder(server);
+    let stop = Stop::default();
+    // If this future is dropped (the task aborted), the connections go with it.
+    let _abort_on_drop = stop.abort.clone().drop_guard();
+    let connections = TaskTracker::new();
     // Forget end users whose buckets are full again, so idle users do not hold memory.
     let sweeper = {
         let rates = state.rates.clone();
@@ -119,36 +203,27 @@ pub async fn serve(
             }
         })
     };
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            accept_loop(
+                l,
+                builder.clone(),
+                settings.clone(),
+                connections.clone(),
+                stop.clone(),
+            )
+        })
+        .collect();
+    let accepting = futures_util::future::join_all(accepting);
     tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Usually out of file descriptors: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let svc = hyper::service::service_fn(move |mut req| {
-            req.extensions_mut().insert(ClientAddr(peer));
-            app.clone().oneshot(req)
-        });
-        let io = FirstBytesDeadline::new(stream, server.header_read_timeout);
-        let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
-        });
+    tokio::select! {
+        () = &mut shutdown => {}
+        _ = accepting => unreachable!("accept loops run until the drain token is cancelled"),
     }
-    drop(listener);
+    // The accept loops return at once on `drain` (dropping their listeners); every connection
+    // gets its graceful shutdown.
+    stop.drain.cancel();
     sweeper.abort();
     let grace = server.shutdown_grace;
     tracing::info!(
@@ -156,9 +231,16 @@ pub async fn serve(
         "shutting down: draining in-flight requests"
     );
     let deadline = tokio::time::Instant::now() + grace;
+    connections.close();
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over, dropping remaining connections"),
+        () = connections.wait() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep_until(deadline) => {
+            tracing::warn!(
+                connections = connections.len(),
+                "grace period over, dropping remaining connections"
+            );
+            stop.abort.cancel();
+        }
     }
     // Forwarding tasks outlive their connections: let them finish their ledger records.
     state.tasks.close();
@@ -176,6 +258,205 @@ pub async fn serve(
         Err(e) => {
             tracing::error!(error = %e, "ledger closed with records not written (they are logged)")
         }
+    }
+}
+
+/// Accept on one listener until `stop.drain`; each connection runs in its own task, tracked by
+/// `connections`, holding one of the listener's `max_connections` permits.
+async fn accept_loop(
+    listening: Listening,
+    builder: auto::Builder<TokioExecutor>,
+    settings: Arc<ConnSettings>,
+    connections: TaskTracker,
+    stop: Stop,
+) {
+    let Listening {
+        name,
+        listener,
+        service,
+    } = listening;
+    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let open = metrics::gauge!("imagegate_open_connections", "listener" => name);
+    let refused = metrics::counter!("imagegate_connections_refused_total", "listener" => name);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually out of file descriptors: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, listener = name, "accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                        () = stop.drain.cancelled() => break,
+                    }
+                }
+            },
+            () = stop.drain.cancelled() => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Closing at once (rather than leaving the connection in the kernel's backlog)
+            // tells the client now, and frees the descriptor.
+            refused.increment(1);
+            tracing::debug!(%peer, listener = name, "max_connections reached: connection closed");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        open.increment(1.0);
+        let conn = connection(
+            stream,
+            peer,
+            permit,
+            service.clone(),
+            builder.clone(),
+            settings.clone(),
+            stop.clone(),
+        );
+        let open = open.clone();
+        connections.spawn(async move {
+            conn.await;
+            open.decrement(1.0);
+        });
+    }
+    tracing::debug!(listener = name, "listener closed");
+}
+
+/// Why a connection is asked to close before its peer closes it.
+#[derive(Debug, Clone, Copy)]
+enum Closing {
+    Drain,
+    Idle,
+}
+
+/// Serve one connection to its end: until the peer closes it, it errs, or it is closed for
+/// idleness or by the drain. `_permit` is the connection's place under `max_connections`.
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    app: AppService,
+    builder: auto::Builder<TokioExecutor>,
+    settings: Arc<ConnSettings>,
+    stop: Stop,
+) {
+    let activity = Activity::default();
+    let svc = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ClientAddr(peer));
+            let active = activity.start();
+            let answer = app.clone().oneshot(req);
+            async move {
+                let resp = answer.await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|body| {
+                    Body::new(Tracked {
+                        inner: body,
+                        _active: active,
+                    })
+                }))
+            }
+        })
+    };
+    let io = FirstBytesDeadline::new(stream, settings.header_read_timeout);
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let closing = tokio::select! {
+        ended = conn.as_mut() => return log_end(ended, peer),
+        () = stop.drain.cancelled() => Closing::Drain,
+        () = activity.idle_for(settings.idle_timeout) => Closing::Idle,
+    };
+    tracing::debug!(%peer, ?closing, "closing connection");
+    conn.as_mut().graceful_shutdown();
+    // A draining connection finishes its requests (the grace period bounds it through `abort`);
+    // an idle one has none, and gets the keep-alive timeout to finish its goodbye.
+    let goodbye = match closing {
+        Closing::Drain => None,
+        Closing::Idle => Some(settings.keep_alive_timeout),
+    };
+    let bounded = async {
+        match goodbye {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        ended = conn.as_mut() => log_end(ended, peer),
+        () = bounded => tracing::debug!(%peer, "connection dropped: it did not close after its goodbye"),
+        () = stop.abort.cancelled() => tracing::debug!(%peer, "connection dropped at the end of the grace period"),
+    }
+}
+
+fn log_end(ended: Result<(), BoxError>, peer: SocketAddr) {
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
+    }
+}
+
+/// Requests in progress on one connection: started when hyper calls the service, finished when
+/// the response body is finished or dropped.
+#[derive(Clone, Default)]
+struct Activity(Arc<watch::Sender<usize>>);
+
+/// One request in progress; dropping it ends it.
+struct Active(Arc<watch::Sender<usize>>);
+
+impl Activity {
+    fn start(&self) -> Active {
+        self.0.send_modify(|n| *n += 1);
+        Active(self.0.clone())
+    }
+
+    /// Resolves once no request has been in progress for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        let mut rx = self.0.subscribe();
+        loop {
+            if rx.wait_for(|n| *n == 0).await.is_err() {
+                // Unreachable while `self` holds the sender; never call the connection idle.
+                return std::future::pending().await;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(timeout) => return,
+                changed = rx.changed() => if changed.is_err() {
+                    return std::future::pending().await;
+                },
+            }
+        }
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in progress until it is finished or
+    /// dropped.
+    struct Tracked {
+        #[pin]
+        inner: Body,
+        _active: Active,
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
