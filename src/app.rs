@@ -8,13 +8,23 @@
 //! 4. [`UsageLayer`]: opens the request's ledger record (the [`Trail`](crate::middleware::usage::Trail)),
 //!    writes it for every outcome that was not forwarded.
 //! 5. `CatchPanic`: a panic below becomes a JSON 500.
-//! 6. [`OverloadLayer`]: global in-flight cap, load shed → 503.
-//! 7. [`Router`]: path then method (404/405 in the JSON envelope); `/healthz`, `/readyz`.
+//! 6. [`Router`]: path then method (404/405 in the JSON envelope); `/healthz` and `/readyz` are
+//!    answered here, so they never reach the overload layer.
+//! 7. [`OverloadLayer`]: global in-flight cap, load shed → 503 — on the edits route only.
 //! 8. [`AuthLayer`]: gateway key → client (401), the caller's key removed.
 //! 9. [`ClientLimitLayer`]: the per-client request rate (429), before the body is read.
 //! 10. [`EditsService`], the phases of `src/edits/` (see its module doc): content type → read
 //!     body → parse form → resolve end user → field rules → user limits → reserve quota →
 //!     check images → canonical body → forward → relay → settle and record.
+//!
+//! Why the router sits above the overload layer: load shedding refuses everything below it, and
+//! a gateway at `max_in_flight` is busy, not broken. Were the health routes below it, a load
+//! balancer or Kubernetes would see failing probes exactly when the gateway is busiest, take it
+//! out of rotation (or restart it, dropping the requests in flight), and push its load onto the
+//! others. Routing first costs nothing (a string match) and lets the 404/405 answers skip the
+//! shedding as well; only requests that do real work take an in-flight permit.
+//!
+//! The admin listener (`src/admin.rs`) has its own small service, served by the same accept path.
 //!
 //! Request extensions (who inserts → who reads):
 //! - [`ClientAddr`]: `server` → the usage layer.
@@ -34,7 +44,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 use tower::util::BoxCloneSyncService;
-use tower::{Service, ServiceBuilder};
+use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
@@ -189,15 +199,19 @@ fn edits(state: &AppState) -> Edits {
 
 pub fn build(state: Arc<AppState>) -> AppService {
     let edits = ServiceBuilder::new()
+        // Shed load before doing any work for an edit. Below the router, so the health routes
+        // answer however busy the gateway is.
+        .layer(OverloadLayer::new(state.config.server.max_in_flight))
         // Authentication is cheap and needs only headers: it runs before the body is read.
         .layer(AuthLayer::new(state.keys.clone()))
         // The per-client limit needs only the caller: also before the body is read.
         .layer(ClientLimitLayer::new(state.rates.clone()))
         .service(EditsService::new(Arc::new(edits(&state))));
-    let router = Router {
-        edits: BoxCloneSyncService::new(edits),
-        state: state.clone(),
+    let readiness = {
+        let state = state.clone();
+        move || state.upstream.has_key() && state.ledger.healthy()
     };
+    let router = Router::new(BoxCloneSyncService::new(edits), readiness);
     let stack = ServiceBuilder::new()
         // Outermost: ids and the span, so every response (panics and shedding included) carries
         // `x-request-id` and every log line below has the request id.
@@ -219,54 +233,71 @@ pub fn build(state: Arc<AppState>) -> AppService {
                 GatewayError::Internal.into_response()
             },
         ))
-        // Shed load before doing any work for a request.
-        .layer(OverloadLayer::new(state.config.server.max_in_flight))
         .service(router);
     BoxCloneSyncService::new(stack)
 }
 
-/// Routes by path, then method: `POST /v1/images/edits`, `GET /healthz`, `GET /readyz`; other
-/// paths 404 and other methods 405, both in the JSON envelope.
+/// Ready to serve: an upstream key is configured and the ledger can be written.
+pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Routes by path, then method: `POST /v1/images/edits` to the edits stack (overload layer
+/// included), `GET`/`HEAD` `/healthz` and `/readyz` answered here; other paths 404 and other
+/// methods 405, both in the JSON envelope. Generic over the edits service and the request body,
+/// so it can be tested without a connection.
 #[derive(Clone)]
-struct Router {
-    edits: BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>,
-    state: Arc<AppState>,
+pub struct Router<E> {
+    edits: E,
+    ready: Readiness,
 }
 
-impl Service<Request<Incoming>> for Router {
+impl<E> Router<E> {
+    pub fn new(edits: E, ready: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        Router {
+            edits,
+            ready: Arc::new(ready),
+        }
+    }
+}
+
+impl<E, B> Service<Request<B>> for Router<E>
+where
+    E: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    E::Future: Send,
+    B: Send + 'static,
+{
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture<Result<Response<Body>, Infallible>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Each route's readiness is awaited in its own call (a clone, `oneshot`).
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let path = req.uri().path().to_owned();
-        let method = req.method().clone();
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        let method = req.method();
         let refuse =
             |e: GatewayError| -> Self::Future { Box::pin(async move { Ok(e.into_response()) }) };
         let not_allowed = |allowed: &'static str| GatewayError::MethodNotAllowed {
             method: method.to_string(),
-            path: path.clone(),
+            path: path.to_owned(),
             allowed,
         };
-        match path.as_str() {
+        let health = method == Method::GET || method == Method::HEAD;
+        match path {
             p if crate::middleware::usage::is_edits_route(p) => {
                 if method == Method::POST {
-                    let mut edits = self.edits.clone();
-                    Box::pin(async move { edits.call(req).await })
+                    let edits = self.edits.clone();
+                    Box::pin(edits.oneshot(req))
                 } else {
                     refuse(not_allowed("POST"))
                 }
             }
-            "/healthz" | "/readyz" if method != Method::GET && method != Method::HEAD => {
-                refuse(not_allowed("GET, HEAD"))
-            }
+            "/healthz" | "/readyz" if !health => refuse(not_allowed("GET, HEAD")),
             "/healthz" => Box::pin(async { Ok(json(StatusCode::OK, r#"{"status":"ok"}"#)) }),
             "/readyz" => {
-                let ready = self.state.upstream.has_key() && self.state.ledger.healthy();
+                let ready = (self.ready)();
                 Box::pin(async move {
                     Ok(if ready {
                         json(StatusCode::OK, r#"{"status":"ready"}"#)
@@ -280,7 +311,7 @@ impl Service<Request<Incoming>> for Router {
             }
             _ => refuse(GatewayError::UnknownUrl {
                 method: method.to_string(),
-                path,
+                path: path.to_owned(),
             }),
         }
     }
