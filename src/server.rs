@@ -547,3 +547,112 @@ impl<T: AsyncWrite> AsyncWrite for FirstBytesDeadline<T> {
         self.io.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// A guarded reader over an in-memory pipe, and the writer end that plays the client.
+    fn guarded() -> (
+        FirstBytesDeadline<tokio::io::DuplexStream>,
+        tokio::io::DuplexStream,
+    ) {
+        let (server, client) = tokio::io::duplex(1024);
+        (FirstBytesDeadline::new(server, TIMEOUT), client)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_times_out_at_the_deadline() {
+        let (mut io, _client) = guarded();
+        let started = tokio::time::Instant::now();
+        let err = io.read(&mut [0u8; 64]).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), TIMEOUT, "not a moment earlier or later");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fewer_than_24_bytes_do_not_disarm_it() {
+        let (mut io, mut client) = guarded();
+        client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 16);
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn twenty_four_bytes_disarm_it() {
+        let (mut io, mut client) = guarded();
+        // Two pieces: the count adds up across reads.
+        client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 16);
+        client.write_all(b"\r\nSM\r\n\r\n").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 8);
+        // Long past the deadline, a read simply waits for data.
+        let quiet = tokio::time::timeout(TIMEOUT * 3, io.read(&mut buf)).await;
+        assert!(quiet.is_err(), "a read after the preface is not cut off");
+        client.write_all(b"more").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn end_of_stream_is_passed_through_and_disarms_it() {
+        let (mut io, client) = guarded();
+        drop(client);
+        assert_eq!(io.read(&mut [0u8; 8]).await.unwrap(), 0);
+        tokio::time::advance(TIMEOUT * 2).await;
+        assert_eq!(io.read(&mut [0u8; 8]).await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_pass_through() {
+        let (mut io, mut client) = guarded();
+        io.write_all(b"HTTP/1.1 408").await.unwrap();
+        io.flush().await.unwrap();
+        let mut buf = [0u8; 12];
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 408");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idleness_counts_from_the_end_of_the_last_request() {
+        let idle = Duration::from_secs(60);
+        let activity = Activity::default();
+        let started = tokio::time::Instant::now();
+        // No request at all: idle after the timeout.
+        activity.idle_for(idle).await;
+        assert_eq!(started.elapsed(), idle);
+
+        // A request in progress (a long streamed answer) is never idle.
+        let active = activity.start();
+        let waiting = tokio::time::timeout(idle * 5, activity.idle_for(idle)).await;
+        assert!(
+            waiting.is_err(),
+            "busy for five idle timeouts, still not idle"
+        );
+        // Its end starts the clock again.
+        let ended = tokio::time::Instant::now();
+        drop(active);
+        activity.idle_for(idle).await;
+        assert_eq!(ended.elapsed(), idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_during_the_idle_wait_restarts_it() {
+        let idle = Duration::from_secs(60);
+        let activity = Activity::default();
+        let started = tokio::time::Instant::now();
+        let waiter = {
+            let activity = activity.clone();
+            tokio::spawn(async move { activity.idle_for(idle).await })
+        };
+        tokio::time::sleep(idle / 2).await;
+        drop(activity.start());
+        waiter.await.unwrap();
+        assert_eq!(started.elapsed(), idle / 2 + idle);
+    }
+}
