@@ -8,7 +8,8 @@
 //!
 //! Served by the API's accept path (`server.rs`): the same connection cap, first-bytes deadline,
 //! header-read and idle timeouts, and graceful drain. Errors are [`GatewayError`]s in the same
-//! envelope as the API's. The admin key is checked before anything else, so an unauthenticated
+//! envelope as the API's, with `x-request-id` (the request-id layer) and `Authorization` marked
+//! sensitive. The admin key is checked before anything else, so an unauthenticated
 //! caller learns nothing about which paths exist; then the path picks the route (404
 //! `unknown_url` for others) and the method must be `GET` (405 with `Allow: GET`).
 
@@ -18,7 +19,9 @@ use std::sync::Arc;
 use http::{HeaderValue, Method, Request, Response, header};
 use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
+use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::app::{AppService, AppState};
 use crate::body::{Body, full};
@@ -27,6 +30,7 @@ use crate::config::parse_key_hash;
 use crate::error::GatewayError;
 use crate::ledger::writer::LedgerReader;
 use crate::middleware::auth::{bearer, key_digest};
+use crate::middleware::request_id::RequestIdLayer;
 
 struct Admin {
     state: Arc<AppState>,
@@ -85,7 +89,16 @@ pub fn build(state: Arc<AppState>) -> Result<Option<AppService>, String> {
             })
         }
     });
-    Ok(Some(BoxCloneSyncService::new(svc)))
+    let stack = ServiceBuilder::new()
+        // As on the API: every answer carries `x-request-id`, every log line below has it.
+        .layer(RequestIdLayer)
+        // The admin key is a secret like any other.
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+        ]))
+        .map_response(|r: Response<_>| r.map(Body::new))
+        .service(svc);
+    Ok(Some(BoxCloneSyncService::new(stack)))
 }
 
 fn json(value: &impl serde::Serialize) -> Result<Response<Body>, GatewayError> {
