@@ -219,10 +219,11 @@ pub async fn serve(
     tokio::pin!(shutdown);
     tokio::select! {
         () = &mut shutdown => {}
-        _ = accepting => unreachable!("accept loops run until the drain token is cancelled"),
+        _ = accepting => tracing::error!("the accept loops ended before the shutdown signal"),
     }
-    // The accept loops return at once on `drain` (dropping their listeners); every connection
-    // gets its graceful shutdown.
+    // The accept loops are dropped with this select (and their listeners with them: new
+    // connections are refused from here on); `drain` asks every connection to finish its
+    // requests and close.
     stop.drain.cancel();
     sweeper.abort();
     let grace = server.shutdown_grace;
