@@ -83,6 +83,8 @@ pub struct AppState {
     /// Byte-level checks of gpt-image files.
     pub file_rules: FileRules,
     pub decode_permits: Arc<Semaphore>,
+    /// The overload layer's permits (`server.max_in_flight`): one per edit being handled.
+    pub in_flight: Arc<Semaphore>,
     pub body_cap: usize,
     pub body_timeout: Duration,
     /// Request bytes held in memory across all requests.
@@ -139,6 +141,7 @@ impl AppState {
                 transparency: v.transparency.into(),
             },
             decode_permits: Arc::new(Semaphore::new(config.server.max_concurrent_decodes)),
+            in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
             // One cap for the route: the larger of the two profiles' bodies.
             body_cap: if config.models.serves_gpt_image() {
                 v.body_cap().max(config.models.limits.body_cap())
@@ -201,7 +204,7 @@ pub fn build(state: Arc<AppState>) -> AppService {
     let edits = ServiceBuilder::new()
         // Shed load before doing any work for an edit. Below the router, so the health routes
         // answer however busy the gateway is.
-        .layer(OverloadLayer::new(state.config.server.max_in_flight))
+        .layer(OverloadLayer::with_permits(state.in_flight.clone()))
         // Authentication is cheap and needs only headers: it runs before the body is read.
         .layer(AuthLayer::new(state.keys.clone()))
         // The per-client limit needs only the caller: also before the body is read.
