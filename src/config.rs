@@ -101,8 +101,8 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub http2_keep_alive_interval: Duration,
     /// HTTP/2: the connection is closed when a PING is not acknowledged within this long. Also
-    /// the time a connection closed for idleness gets to finish its goodbye (GOAWAY) before it
-    /// is dropped.
+    /// the time a closing connection (idle, or draining on shutdown) with no request left gets
+    /// to finish its goodbye (GOAWAY) before it is dropped.
     #[serde(with = "humantime_serde")]
     pub http2_keep_alive_timeout: Duration,
 }

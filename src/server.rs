@@ -11,7 +11,9 @@
 //!   is closed gracefully (HTTP/2: GOAWAY), and dropped if it has not closed
 //!   `http2_keep_alive_timeout` later (a peer that never acknowledges the GOAWAY's PING);
 //! - graceful shutdown: on the shutdown signal both listeners close, connections finish their
-//!   in-flight requests, and after `server.shutdown_grace` whatever is left is dropped.
+//!   in-flight requests (a connection with none left is dropped if it has not closed
+//!   `http2_keep_alive_timeout` after its goodbye), and after `server.shutdown_grace` whatever
+//!   is left is dropped.
 //!
 //! A request counts as in progress on its connection from the moment hyper hands it to the
 //! service until its response body is finished or dropped, so a long streamed answer is not
@@ -138,7 +140,7 @@ pub async fn spawn_state(state: AppState) -> Result<RunningServer, String> {
 struct ConnSettings {
     header_read_timeout: Duration,
     idle_timeout: Duration,
-    /// Also how long a connection closed for idleness gets to say goodbye.
+    /// Also how long a closing connection with no request left gets to finish its goodbye.
     keep_alive_timeout: Duration,
     max_connections: usize,
 }
@@ -368,22 +370,18 @@ async fn connection(
     };
     tracing::debug!(%peer, ?closing, "closing connection");
     conn.as_mut().graceful_shutdown();
-    // A draining connection finishes its requests (the grace period bounds it through `abort`);
-    // an idle one has none, and gets the keep-alive timeout to finish its goodbye.
-    let goodbye = match closing {
-        Closing::Drain => None,
-        Closing::Idle => Some(settings.keep_alive_timeout),
-    };
-    let bounded = async {
-        match goodbye {
-            Some(limit) => tokio::time::sleep(limit).await,
-            None => std::future::pending().await,
-        }
-    };
+    // Requests in progress finish (on a drain the grace period bounds them, through `abort`).
+    // Once none is, the connection has the keep-alive timeout to finish its goodbye: an h2 peer
+    // that never acknowledges the GOAWAY's PING would otherwise hold it open (and a drain would
+    // last the whole grace period for it).
     tokio::select! {
         ended = conn.as_mut() => log_end(ended, peer),
-        () = bounded => tracing::debug!(%peer, "connection dropped: it did not close after its goodbye"),
-        () = stop.abort.cancelled() => tracing::debug!(%peer, "connection dropped at the end of the grace period"),
+        () = activity.idle_for(settings.keep_alive_timeout) => {
+            tracing::debug!(%peer, ?closing, "connection dropped: it did not close after its goodbye");
+        }
+        () = stop.abort.cancelled() => {
+            tracing::debug!(%peer, "connection dropped at the end of the grace period");
+        }
     }
 }
 

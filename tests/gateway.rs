@@ -677,3 +677,44 @@ async fn health_answers_while_max_in_flight_edits_are_held() {
         h.abort();
     }
 }
+
+#[tokio::test]
+async fn a_silent_h2_peer_does_not_hold_up_the_drain() {
+    let gw = Gateway::start_with(|c| {
+        c.server.shutdown_grace = Duration::from_secs(20);
+        c.server.idle_timeout = Duration::from_secs(3600);
+        c.server.http2_keep_alive_interval = Duration::from_secs(3600);
+        c.server.http2_keep_alive_timeout = Duration::from_millis(300);
+    })
+    .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    stream
+        .write_all(&[H2_PREFACE, H2_EMPTY_SETTINGS].concat())
+        .await
+        .unwrap();
+    // The server's SETTINGS: the connection is being served as h2. It will not answer the
+    // GOAWAY's PING.
+    let mut first = [0u8; 9];
+    stream.read_exact(&mut first).await.unwrap();
+    assert_eq!(first[3], 4, "a SETTINGS frame");
+    let len = u32::from_be_bytes([0, first[0], first[1], first[2]]) as usize;
+    stream.read_exact(&mut vec![0u8; len]).await.unwrap();
+
+    let Gateway { server, mock, .. } = gw;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), server.shutdown())
+        .await
+        .expect("the drain does not wait for the grace period");
+    let took = started.elapsed();
+    eprintln!("shutdown with a silent h2 peer took {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(
+        h2_frame_types(&rest).contains(&GOAWAY),
+        "{:?}",
+        h2_frame_types(&rest)
+    );
+    drop(mock);
+}
