@@ -97,6 +97,8 @@ pub struct ServerConfig {
     /// nothing).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// HTTP/2: streams (requests) open at once on one connection.
+    pub http2_max_concurrent_streams: u32,
     /// HTTP/2: a PING is sent after this long without a frame from the client.
     #[serde(with = "humantime_serde")]
     pub http2_keep_alive_interval: Duration,
@@ -120,6 +122,7 @@ impl Default for ServerConfig {
             buffer_wait: Duration::from_secs(10),
             max_connections: 1024,
             idle_timeout: Duration::from_secs(60),
+            http2_max_concurrent_streams: 64,
             http2_keep_alive_interval: Duration::from_secs(20),
             http2_keep_alive_timeout: Duration::from_secs(20),
         }
@@ -483,6 +486,9 @@ impl Config {
         if s.max_connections == 0 {
             p.push("server.max_connections: must be at least 1".into());
         }
+        if s.http2_max_concurrent_streams == 0 {
+            p.push("server.http2_max_concurrent_streams: must be at least 1".into());
+        }
         if s.max_concurrent_decodes == 0 {
             p.push("server.max_concurrent_decodes: must be at least 1".into());
         }
@@ -659,6 +665,37 @@ mod tests {
         assert!(all.contains("allow_http"), "{all}");
         assert!(all.contains("clients[0].key_hash"), "{all}");
         assert_eq!(errs.len(), 5, "{all}");
+    }
+
+    #[test]
+    fn connection_settings_must_be_positive() {
+        let text = r#"
+            [server]
+            max_connections = 0
+            idle_timeout = "0s"
+            http2_max_concurrent_streams = 0
+            http2_keep_alive_interval = "0s"
+            http2_keep_alive_timeout = "0s"
+        "#;
+        let all = Config::from_toml(text).unwrap_err().join("\n");
+        for key in [
+            "server.max_connections",
+            "server.idle_timeout",
+            "server.http2_max_concurrent_streams",
+            "server.http2_keep_alive_interval",
+            "server.http2_keep_alive_timeout",
+        ] {
+            assert!(all.contains(key), "{key} missing from: {all}");
+        }
+        let s = ServerConfig::default();
+        assert_eq!(
+            (
+                s.max_connections,
+                s.idle_timeout,
+                s.http2_max_concurrent_streams
+            ),
+            (1024, Duration::from_secs(60), 64)
+        );
     }
 
     #[test]

@@ -175,7 +175,7 @@ fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(64)
+        .max_concurrent_streams(server.http2_max_concurrent_streams)
         .keep_alive_interval(server.http2_keep_alive_interval)
         .keep_alive_timeout(server.http2_keep_alive_timeout);
     builder
