@@ -9,7 +9,9 @@
 //! - HTTP/2 keep-alive pings (`server.http2_keep_alive_interval` / `_timeout`);
 //! - an idle timeout (`server.idle_timeout`): a connection that carries no request for that long
 //!   is closed gracefully (HTTP/2: GOAWAY), and dropped if it has not closed
-//!   `http2_keep_alive_timeout` later (a peer that never acknowledges the GOAWAY's PING);
+//!   `http2_keep_alive_timeout` later (a peer that never acknowledges the GOAWAY's PING). On
+//!   HTTP/1, hyper's header-read timer also runs while a keep-alive connection waits for its next
+//!   request, so there the shorter of the two timeouts applies;
 //! - graceful shutdown: on the shutdown signal both listeners close, connections finish their
 //!   in-flight requests (a connection with none left is dropped if it has not closed
 //!   `http2_keep_alive_timeout` after its goodbye), and after `server.shutdown_grace` whatever
