@@ -5,24 +5,32 @@
 //!   as JSON (the same filters and figures as `imagegate usage`);
 //! - `GET /admin/requests/{request_id}`: one ledger record as JSON, 404 when unknown;
 //! - `GET /metrics`: Prometheus text.
+//!
+//! Served by the API's accept path (`server.rs`): the same connection cap, first-bytes deadline,
+//! header-read and idle timeouts, and graceful drain. Errors are [`GatewayError`]s in the same
+//! envelope as the API's, with `x-request-id` (the request-id layer) and `Authorization` marked
+//! sensitive. The admin key is checked before anything else, so an unauthenticated
+//! caller learns nothing about which paths exist; then the path picks the route (404
+//! `unknown_url` for others) and the method must be `GET` (405 with `Allow: GET`).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, header};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use subtle::ConstantTimeEq;
-use tokio::net::TcpListener;
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
-use crate::app::AppState;
+use crate::app::{AppService, AppState};
 use crate::body::{Body, full};
 use crate::config::parse_key_hash;
-use crate::error::{ErrorParts, error_response};
+use crate::error::GatewayError;
 use crate::ledger::UsageFilters;
 use crate::ledger::writer::LedgerReader;
 use crate::middleware::auth::{bearer, key_digest};
+use crate::middleware::request_id::RequestIdLayer;
 use crate::startup::StartupError;
 
 struct Admin {
@@ -41,13 +49,33 @@ struct UsageParams {
     group_by: Option<String>,
 }
 
-/// Bind the admin listener if one is configured. Returns the bound address.
-pub async fn start(
-    state: Arc<AppState>,
-) -> Result<Option<(SocketAddr, tokio::task::JoinHandle<()>)>, StartupError> {
-    let Some(listen) = state.config.admin.listen else {
+/// The admin routes.
+#[derive(Debug, PartialEq)]
+enum Route<'a> {
+    Metrics,
+    Usage,
+    Record(&'a str),
+}
+
+impl<'a> Route<'a> {
+    fn of(path: &'a str) -> Option<Route<'a>> {
+        match path {
+            "/metrics" => Some(Route::Metrics),
+            "/admin/usage" => Some(Route::Usage),
+            _ => path
+                .strip_prefix("/admin/requests/")
+                .filter(|id| !id.is_empty() && !id.contains('/'))
+                .map(Route::Record),
+        }
+    }
+}
+
+/// The admin service, when `admin.listen` is set (the server binds the address and serves it
+/// like the API listener).
+pub fn build(state: Arc<AppState>) -> Result<Option<AppService>, StartupError> {
+    if state.config.admin.listen.is_none() {
         return Ok(None);
-    };
+    }
     let key = parse_key_hash(state.config.admin.key_hash.as_deref().unwrap_or_default())
         .map_err(StartupError::AdminKeyHash)?;
     let reader = LedgerReader::open_sqlite(&state.config.ledger.path).map_err(|e| {
@@ -56,72 +84,39 @@ pub async fn start(
             detail: e.to_string(),
         }
     })?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| StartupError::Listen {
-            addr: listen,
-            admin: true,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(StartupError::LocalAddr)?;
     let admin = Arc::new(Admin { state, reader, key });
-    let task = tokio::spawn(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Usually out of file descriptors: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let timeout = admin.state.config.server.header_read_timeout;
-            let admin = admin.clone();
-            let svc = hyper::service::service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req).await) }
-            });
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(timeout)
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+    let svc = tower::service_fn(move |req: Request<Incoming>| {
+        let admin = admin.clone();
+        async move {
+            Ok::<_, Infallible>(match admin.handle(req).await {
+                Ok(resp) => resp,
+                Err(e) => e.into_response(),
+            })
         }
     });
-    tracing::info!(%addr, "admin listener");
-    Ok(Some((addr, task)))
+    let stack = ServiceBuilder::new()
+        // As on the API: every answer carries `x-request-id`, every log line below has it.
+        .layer(RequestIdLayer)
+        // The admin key is a secret like any other.
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+        ]))
+        .map_response(|r: Response<_>| r.map(Body::new))
+        .service(svc);
+    Ok(Some(BoxCloneSyncService::new(stack)))
 }
 
-fn error(status: StatusCode, code: &'static str, message: String) -> Response<Body> {
-    error_response(&ErrorParts {
-        status,
-        kind: "invalid_request_error",
-        param: None,
-        code: Some(code),
-        message,
-    })
-}
-
-fn json(value: &impl serde::Serialize) -> Response<Body> {
-    match serde_json::to_vec(value) {
-        Ok(bytes) => {
-            let mut r = Response::new(full(bytes));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            r
-        }
-        Err(_) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "could not render the answer".into(),
-        ),
-    }
+fn json(value: &impl serde::Serialize) -> Result<Response<Body>, GatewayError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| {
+        tracing::error!(error = %e, "admin answer could not be rendered");
+        GatewayError::Internal
+    })?;
+    let mut r = Response::new(full(bytes));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(r)
 }
 
 impl Admin {
@@ -129,94 +124,97 @@ impl Admin {
         bearer(req).is_some_and(|key| bool::from(key_digest(key).ct_eq(&self.key)))
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
         if !self.authorized(&req) {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_api_key",
-                "The admin routes need the admin key as a Bearer token.".into(),
-            );
+            return Err(GatewayError::AdminKeyRequired);
         }
+        let path = req.uri().path();
+        let Some(route) = Route::of(path) else {
+            return Err(GatewayError::UnknownUrl {
+                method: req.method().to_string(),
+                path: path.to_owned(),
+            });
+        };
         if req.method() != Method::GET {
-            return error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("Method {} is not allowed here.", req.method()),
-            );
+            return Err(GatewayError::MethodNotAllowed {
+                method: req.method().to_string(),
+                path: path.to_owned(),
+                allowed: "GET",
+            });
         }
-        let path = req.uri().path().to_owned();
-        if path == "/metrics" {
-            metrics::gauge!("imagegate_ledger_queue_depth")
-                .set(self.state.ledger.queue_depth() as f64);
-            let mut r = Response::new(full(crate::metrics::handle().render()));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            return r;
+        match route {
+            Route::Metrics => Ok(self.metrics()),
+            Route::Usage => self.usage(req.uri().query().unwrap_or("")).await,
+            Route::Record(id) => self.record(id).await,
         }
-        if path == "/admin/usage" {
-            let params: UsageParams =
-                match serde_urlencoded::from_str(req.uri().query().unwrap_or("")) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            "invalid_value",
-                            format!("Bad query string: {e}."),
-                        );
-                    }
-                };
-            let filters = UsageFilters {
-                since: params.since,
-                until: params.until,
-                client: params.client,
-                user: params.user,
-            };
-            let query = match filters.query(
+    }
+
+    fn metrics(&self) -> Response<Body> {
+        metrics::gauge!("imagegate_ledger_queue_depth").set(self.state.ledger.queue_depth() as f64);
+        let mut r = Response::new(full(crate::metrics::handle().render()));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        r
+    }
+
+    async fn usage(&self, query: &str) -> Result<Response<Body>, GatewayError> {
+        let params: UsageParams =
+            serde_urlencoded::from_str(query).map_err(|e| GatewayError::InvalidQuery {
+                message: format!("Bad query string: {e}."),
+            })?;
+        let filters = UsageFilters {
+            since: params.since,
+            until: params.until,
+            client: params.client,
+            user: params.user,
+        };
+        let query = filters
+            .query(
                 params.group_by.as_deref(),
                 &self.state.config.quotas.time_zone,
-            ) {
-                Ok(q) => q,
-                Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_value", e),
-            };
-            return match self.reader.usage(query).await {
-                Ok(rows) => json(&rows),
-                Err(e) => {
-                    tracing::error!(error = %e, "admin usage query failed");
-                    error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "ledger_unavailable",
-                        "The ledger could not be read.".into(),
-                    )
-                }
-            };
+            )
+            .map_err(|message| GatewayError::InvalidQuery { message })?;
+        let rows = self.reader.usage(query).await.map_err(|e| {
+            tracing::error!(error = %e, "admin usage query failed");
+            GatewayError::LedgerUnreadable
+        })?;
+        json(&rows)
+    }
+
+    async fn record(&self, id: &str) -> Result<Response<Body>, GatewayError> {
+        match self.reader.get(id.to_owned()).await {
+            Ok(Some(record)) => json(&record),
+            Ok(None) => Err(GatewayError::RecordNotFound { id: id.to_owned() }),
+            Err(e) => {
+                tracing::error!(error = %e, "admin record lookup failed");
+                Err(GatewayError::LedgerUnreadable)
+            }
         }
-        if let Some(id) = path
-            .strip_prefix("/admin/requests/")
-            .filter(|id| !id.is_empty() && !id.contains('/'))
-        {
-            return match self.reader.get(id.to_owned()).await {
-                Ok(Some(record)) => json(&record),
-                Ok(None) => error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("No request '{id}' in the ledger."),
-                ),
-                Err(e) => {
-                    tracing::error!(error = %e, "admin record lookup failed");
-                    error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "ledger_unavailable",
-                        "The ledger could not be read.".into(),
-                    )
-                }
-            };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Route;
+
+    #[test]
+    fn routes_by_path() {
+        assert_eq!(Route::of("/metrics"), Some(Route::Metrics));
+        assert_eq!(Route::of("/admin/usage"), Some(Route::Usage));
+        assert_eq!(
+            Route::of("/admin/requests/req_1"),
+            Some(Route::Record("req_1"))
+        );
+        for unknown in [
+            "/admin/requests/",
+            "/admin/requests/a/b",
+            "/admin/usage/",
+            "/",
+            "/healthz",
+        ] {
+            assert_eq!(Route::of(unknown), None, "{unknown}");
         }
-        error(
-            StatusCode::NOT_FOUND,
-            "unknown_url",
-            format!("Invalid URL (GET {path})"),
-        )
     }
 }

@@ -8,13 +8,23 @@
 //! 4. [`UsageLayer`]: opens the request's ledger record (the [`Trail`](crate::middleware::usage::Trail)),
 //!    writes it for every outcome that was not forwarded.
 //! 5. `CatchPanic`: a panic below becomes a JSON 500.
-//! 6. [`OverloadLayer`]: global in-flight cap, load shed → 503.
-//! 7. [`Router`]: path then method (404/405 in the JSON envelope); `/healthz`, `/readyz`.
+//! 6. [`Router`]: path then method (404/405 in the JSON envelope); `/healthz` and `/readyz` are
+//!    answered here, so they never reach the overload layer.
+//! 7. [`OverloadLayer`]: global in-flight cap, load shed → 503 — on the edits route only.
 //! 8. [`AuthLayer`]: gateway key → client (401), the caller's key removed.
 //! 9. [`ClientLimitLayer`]: the per-client request rate (429), before the body is read.
 //! 10. [`EditsService`], the phases of `src/edits/` (see its module doc): content type → read
 //!     body → parse form → resolve end user → field rules → user limits → reserve quota →
 //!     check images → canonical body → forward → relay → settle and record.
+//!
+//! Why the router sits above the overload layer: load shedding refuses everything below it, and
+//! a gateway at `max_in_flight` is busy, not broken. Were the health routes below it, a load
+//! balancer or Kubernetes would see failing probes exactly when the gateway is busiest, take it
+//! out of rotation (or restart it, dropping the requests in flight), and push its load onto the
+//! others. Routing first costs nothing (a string match) and lets the 404/405 answers skip the
+//! shedding as well; only requests that do real work take an in-flight permit.
+//!
+//! The admin listener (`src/admin.rs`) has its own small service, served by the same accept path.
 //!
 //! Request extensions (who inserts → who reads):
 //! - [`ClientAddr`]: `server` → the usage layer.
@@ -34,7 +44,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 use tower::util::BoxCloneSyncService;
-use tower::{Service, ServiceBuilder};
+use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
@@ -75,6 +85,8 @@ pub struct AppState {
     /// Byte-level checks of gpt-image files.
     pub file_rules: FileRules,
     pub decode_permits: Arc<Semaphore>,
+    /// The overload layer's permits (`server.max_in_flight`): one per edit being handled.
+    pub in_flight: Arc<Semaphore>,
     pub body_cap: usize,
     pub body_timeout: Duration,
     /// Forwarding tasks that may run at once.
@@ -141,6 +153,7 @@ impl AppState {
                 max_conversion_bytes: v.max_conversion_bytes,
             },
             decode_permits: Arc::new(Semaphore::new(config.server.max_concurrent_decodes)),
+            in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
             // One cap for the route: the larger of the two profiles' bodies.
             body_cap: if config.models.serves_gpt_image() {
                 v.body_cap().max(config.models.limits.body_cap())
@@ -211,15 +224,19 @@ fn edits(state: &AppState) -> Edits {
 
 pub fn build(state: Arc<AppState>) -> AppService {
     let edits = ServiceBuilder::new()
+        // Shed load before doing any work for an edit. Below the router, so the health routes
+        // answer however busy the gateway is.
+        .layer(OverloadLayer::with_permits(state.in_flight.clone()))
         // Authentication is cheap and needs only headers: it runs before the body is read.
         .layer(AuthLayer::new(state.keys.clone()))
         // The per-client limit needs only the caller: also before the body is read.
         .layer(ClientLimitLayer::new(state.rates.clone()))
         .service(EditsService::new(Arc::new(edits(&state))));
-    let router = Router {
-        edits: BoxCloneSyncService::new(edits),
-        state: state.clone(),
+    let readiness = {
+        let state = state.clone();
+        move || state.upstream.has_key() && state.ledger.healthy()
     };
+    let router = Router::new(BoxCloneSyncService::new(edits), readiness);
     let stack = ServiceBuilder::new()
         // Outermost: ids and the span, so every response (panics and shedding included) carries
         // `x-request-id` and every log line below has the request id.
@@ -241,54 +258,71 @@ pub fn build(state: Arc<AppState>) -> AppService {
                 GatewayError::Internal.into_response()
             },
         ))
-        // Shed load before doing any work for a request.
-        .layer(OverloadLayer::new(state.config.server.max_in_flight))
         .service(router);
     BoxCloneSyncService::new(stack)
 }
 
-/// Routes by path, then method: `POST /v1/images/edits`, `GET /healthz`, `GET /readyz`; other
-/// paths 404 and other methods 405, both in the JSON envelope.
+/// Ready to serve: an upstream key is configured and the ledger can be written.
+pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Routes by path, then method: `POST /v1/images/edits` to the edits stack (overload layer
+/// included), `GET`/`HEAD` `/healthz` and `/readyz` answered here; other paths 404 and other
+/// methods 405, both in the JSON envelope. Generic over the edits service and the request body,
+/// so it can be tested without a connection.
 #[derive(Clone)]
-struct Router {
-    edits: BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>,
-    state: Arc<AppState>,
+pub struct Router<E> {
+    edits: E,
+    ready: Readiness,
 }
 
-impl Service<Request<Incoming>> for Router {
+impl<E> Router<E> {
+    pub fn new(edits: E, ready: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        Router {
+            edits,
+            ready: Arc::new(ready),
+        }
+    }
+}
+
+impl<E, B> Service<Request<B>> for Router<E>
+where
+    E: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    E::Future: Send,
+    B: Send + 'static,
+{
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture<Result<Response<Body>, Infallible>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Each route's readiness is awaited in its own call (a clone, `oneshot`).
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let path = req.uri().path().to_owned();
-        let method = req.method().clone();
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        let method = req.method();
         let refuse =
             |e: GatewayError| -> Self::Future { Box::pin(async move { Ok(e.into_response()) }) };
         let not_allowed = |allowed: &'static str| GatewayError::MethodNotAllowed {
             method: method.to_string(),
-            path: path.clone(),
+            path: path.to_owned(),
             allowed,
         };
-        match path.as_str() {
+        let health = method == Method::GET || method == Method::HEAD;
+        match path {
             p if crate::middleware::usage::is_edits_route(p) => {
                 if method == Method::POST {
-                    let mut edits = self.edits.clone();
-                    Box::pin(async move { edits.call(req).await })
+                    let edits = self.edits.clone();
+                    Box::pin(edits.oneshot(req))
                 } else {
                     refuse(not_allowed("POST"))
                 }
             }
-            "/healthz" | "/readyz" if method != Method::GET && method != Method::HEAD => {
-                refuse(not_allowed("GET, HEAD"))
-            }
+            "/healthz" | "/readyz" if !health => refuse(not_allowed("GET, HEAD")),
             "/healthz" => Box::pin(async { Ok(json(StatusCode::OK, r#"{"status":"ok"}"#)) }),
             "/readyz" => {
-                let ready = self.state.upstream.has_key() && self.state.ledger.healthy();
+                let ready = (self.ready)();
                 Box::pin(async move {
                     Ok(if ready {
                         json(StatusCode::OK, r#"{"status":"ready"}"#)
@@ -302,7 +336,7 @@ impl Service<Request<Incoming>> for Router {
             }
             _ => refuse(GatewayError::UnknownUrl {
                 method: method.to_string(),
-                path,
+                path: path.to_owned(),
             }),
         }
     }
@@ -319,3 +353,157 @@ fn json(status: StatusCode, body: &'static str) -> Response<Body> {
 }
 
 pub use crate::extensions::ClientAddr;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tower::service_fn;
+
+    /// A router whose edits service answers 200 "edited".
+    fn router(
+        ready: Arc<AtomicBool>,
+    ) -> Router<BoxCloneSyncService<Request<()>, Response<Body>, Infallible>> {
+        let edits = service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(full("edited")))
+        });
+        Router::new(BoxCloneSyncService::new(edits), move || {
+            ready.load(Ordering::SeqCst)
+        })
+    }
+
+    fn request(method: Method, path: &str) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .body(())
+            .unwrap()
+    }
+
+    async fn call<S>(
+        svc: &S,
+        method: Method,
+        path: &str,
+    ) -> (StatusCode, http::HeaderMap, serde_json::Value)
+    where
+        S: Service<Request<()>, Response = Response<Body>, Error = Infallible> + Clone,
+    {
+        let resp = svc.clone().oneshot(request(method, path)).await.unwrap();
+        let (head, body) = resp.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
+        (head.status, head.headers, json)
+    }
+
+    fn assert_envelope(json: &serde_json::Value, code: &str) {
+        let e = &json["error"];
+        assert_eq!(e["type"], "invalid_request_error", "{json}");
+        assert_eq!(e["code"], code, "{json}");
+        assert!(e["param"].is_null(), "{json}");
+        assert!(e["message"].is_string(), "{json}");
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_are_404_in_the_envelope() {
+        let r = router(Arc::new(AtomicBool::new(true)));
+        for path in ["/", "/v1/images/generations", "/metrics", "/healthz/x"] {
+            let (status, headers, json) = call(&r, Method::GET, path).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+            assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+            assert_envelope(&json, "unknown_url");
+            assert_eq!(
+                json["error"]["message"],
+                format!("Invalid URL (GET {path})")
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn wrong_methods_are_405_with_allow() {
+        let r = router(Arc::new(AtomicBool::new(true)));
+        for (method, path, allow) in [
+            (Method::GET, "/v1/images/edits", "POST"),
+            (Method::PUT, "/v1/images/edits/", "POST"),
+            (Method::POST, "/healthz", "GET, HEAD"),
+            (Method::DELETE, "/readyz", "GET, HEAD"),
+        ] {
+            let (status, headers, json) = call(&r, method.clone(), path).await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert_eq!(headers[header::ALLOW], allow);
+            assert_envelope(&json, "method_not_allowed");
+        }
+    }
+
+    #[tokio::test]
+    async fn health_routes_and_the_edits_route() {
+        let ready = Arc::new(AtomicBool::new(true));
+        let r = router(ready.clone());
+        for method in [Method::GET, Method::HEAD] {
+            let (status, _, json) = call(&r, method, "/healthz").await;
+            assert_eq!((status, &json["status"]), (StatusCode::OK, &"ok".into()));
+        }
+        let (status, _, json) = call(&r, Method::GET, "/readyz").await;
+        assert_eq!((status, &json["status"]), (StatusCode::OK, &"ready".into()));
+        ready.store(false, Ordering::SeqCst);
+        let (status, _, json) = call(&r, Method::GET, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(json["status"], "not ready");
+        let (status, _, _) = call(&r, Method::GET, "/healthz").await;
+        assert_eq!(status, StatusCode::OK, "alive even when not ready");
+        for path in ["/v1/images/edits", "/v1/images/edits/"] {
+            let (status, _, body) = call(&r, Method::POST, path).await;
+            assert_eq!((status, body), (StatusCode::OK, "edited".into()), "{path}");
+        }
+    }
+
+    /// The order `build` uses: router above the overload layer, which wraps only the edits
+    /// service. With every in-flight permit taken by an edit that does not finish, the next edit
+    /// is shed and the health routes still answer.
+    #[tokio::test]
+    async fn health_answers_while_edits_are_shed() {
+        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+        let held = Arc::new(tokio::sync::Notify::new());
+        let hanging = {
+            let held = held.clone();
+            service_fn(move |_req: Request<()>| {
+                let (entered_tx, held) = (entered_tx.clone(), held.clone());
+                async move {
+                    // Registered before saying "entered", so the release cannot be missed.
+                    let released = held.notified();
+                    let _ = entered_tx.send(());
+                    released.await;
+                    Ok::<_, Infallible>(Response::new(full("edited")))
+                }
+            })
+        };
+        let edits = ServiceBuilder::new()
+            .layer(OverloadLayer::new(2))
+            .service(hanging);
+        let r = Router::new(BoxCloneSyncService::new(edits), || true);
+        let in_flight: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(r.clone().oneshot(request(Method::POST, "/v1/images/edits"))))
+            .collect();
+        for _ in 0..2 {
+            entered.recv().await.unwrap();
+        }
+        let (status, _, json) = call(&r, Method::POST, "/v1/images/edits").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(json["error"]["code"], "overloaded");
+        for path in ["/healthz", "/readyz"] {
+            let (status, _, _) = call(&r, Method::GET, path).await;
+            assert_eq!(status, StatusCode::OK, "{path} under load");
+        }
+        let (status, _, _) = call(&r, Method::GET, "/nope").await;
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "routing answers are not shed either"
+        );
+        held.notify_waiters();
+        for t in in_flight {
+            assert_eq!(t.await.unwrap().unwrap().status(), StatusCode::OK);
+        }
+    }
+}

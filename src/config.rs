@@ -96,6 +96,24 @@ pub struct ServerConfig {
     /// How long a request waits for room in `max_buffered_bytes`.
     #[serde(with = "humantime_serde")]
     pub buffer_wait: Duration,
+    /// Connections open at once on each listener (the API and the admin listener count
+    /// separately); a connection accepted above it is closed at once.
+    pub max_connections: usize,
+    /// A connection that carries no request for this long is closed (HTTP/1 keep-alive between
+    /// requests; HTTP/2 with no open stream, including one that sent its preface and then
+    /// nothing).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// HTTP/2: streams (requests) open at once on one connection.
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2: a PING is sent after this long without a frame from the client.
+    #[serde(with = "humantime_serde")]
+    pub http2_keep_alive_interval: Duration,
+    /// HTTP/2: the connection is closed when a PING is not acknowledged within this long. Also
+    /// the time a closing connection (idle, or draining on shutdown) with no request left gets
+    /// to finish its goodbye (GOAWAY) before it is dropped.
+    #[serde(with = "humantime_serde")]
+    pub http2_keep_alive_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -111,6 +129,11 @@ impl Default for ServerConfig {
             max_forwarding: 512,
             caller_idle_timeout: Duration::from_secs(60),
             buffer_wait: Duration::from_secs(10),
+            max_connections: 1024,
+            idle_timeout: Duration::from_secs(60),
+            http2_max_concurrent_streams: 64,
+            http2_keep_alive_interval: Duration::from_secs(20),
+            http2_keep_alive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -453,6 +476,15 @@ impl Config {
         for (name, d) in [
             ("server.header_read_timeout", s.header_read_timeout),
             ("server.body_read_timeout", s.body_read_timeout),
+            ("server.idle_timeout", s.idle_timeout),
+            (
+                "server.http2_keep_alive_interval",
+                s.http2_keep_alive_interval,
+            ),
+            (
+                "server.http2_keep_alive_timeout",
+                s.http2_keep_alive_timeout,
+            ),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.response_timeout", self.upstream.response_timeout),
             ("upstream.idle_timeout", self.upstream.idle_timeout),
@@ -480,6 +512,12 @@ impl Config {
             p.push(format!(
                 "server.max_buffered_bytes: must be at least the largest body cap ({largest_body} bytes), or the largest valid request could never be read"
             ));
+        }
+        if s.max_connections == 0 {
+            p.push("server.max_connections: must be at least 1".into());
+        }
+        if s.http2_max_concurrent_streams == 0 {
+            p.push("server.http2_max_concurrent_streams: must be at least 1".into());
         }
         if s.max_concurrent_decodes == 0 {
             p.push("server.max_concurrent_decodes: must be at least 1".into());
@@ -660,6 +698,37 @@ mod tests {
         assert!(all.contains("allow_http"), "{all}");
         assert!(all.contains("clients[0].key_hash"), "{all}");
         assert_eq!(errs.len(), 5, "{all}");
+    }
+
+    #[test]
+    fn connection_settings_must_be_positive() {
+        let text = r#"
+            [server]
+            max_connections = 0
+            idle_timeout = "0s"
+            http2_max_concurrent_streams = 0
+            http2_keep_alive_interval = "0s"
+            http2_keep_alive_timeout = "0s"
+        "#;
+        let all = Config::from_toml(text).unwrap_err().join("\n");
+        for key in [
+            "server.max_connections",
+            "server.idle_timeout",
+            "server.http2_max_concurrent_streams",
+            "server.http2_keep_alive_interval",
+            "server.http2_keep_alive_timeout",
+        ] {
+            assert!(all.contains(key), "{key} missing from: {all}");
+        }
+        let s = ServerConfig::default();
+        assert_eq!(
+            (
+                s.max_connections,
+                s.idle_timeout,
+                s.http2_max_concurrent_streams
+            ),
+            (1024, Duration::from_secs(60), 64)
+        );
     }
 
     #[test]

@@ -66,6 +66,12 @@ pub enum GatewayError {
         message: String,
         retry_after: Option<Duration>,
     },
+    /// An admin route without the admin key (a gateway key is not one).
+    AdminKeyRequired,
+    /// An admin route's query string or filter is not understood.
+    InvalidQuery { message: String },
+    /// `/admin/requests/{id}` names no request in the ledger.
+    RecordNotFound { id: String },
 
     // ---- upstream faults ----
     /// The upstream could not be reached (connect, TLS, reset before an answer).
@@ -82,6 +88,8 @@ pub enum GatewayError {
     UpstreamKeyMissing,
     /// The usage ledger cannot record the request, so it is not forwarded.
     LedgerUnavailable,
+    /// The usage ledger cannot be read (an admin report or lookup).
+    LedgerUnreadable,
     /// A bug. The detail goes to the log only.
     Internal,
 }
@@ -256,6 +264,27 @@ impl GatewayError {
                 Some("insufficient_quota"),
                 message.clone(),
             ),
+            AdminKeyRequired => p(
+                StatusCode::UNAUTHORIZED,
+                INVALID,
+                None,
+                Some("invalid_api_key"),
+                "The admin routes need the admin key as a Bearer token.".into(),
+            ),
+            InvalidQuery { message } => p(
+                StatusCode::BAD_REQUEST,
+                INVALID,
+                None,
+                Some("invalid_value"),
+                message.clone(),
+            ),
+            RecordNotFound { id } => p(
+                StatusCode::NOT_FOUND,
+                INVALID,
+                None,
+                Some("not_found"),
+                format!("No request '{id}' in the ledger."),
+            ),
             // upstream faults
             UpstreamUnreachable => p(
                 StatusCode::BAD_GATEWAY,
@@ -299,6 +328,13 @@ impl GatewayError {
                 None,
                 Some("ledger_unavailable"),
                 "The gateway cannot record this request in its usage ledger, so it was not forwarded. Please try again later.".into(),
+            ),
+            LedgerUnreadable => p(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                Some("ledger_unavailable"),
+                "The ledger could not be read.".into(),
             ),
             Internal => p(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,27 +1,51 @@
-//! The accept loop: HTTP/1.1 and h2 on one port (hyper-util's auto builder), a header-read
-//! timeout (which hyper only enforces when a timer is set), and graceful shutdown: on the
-//! shutdown signal the listener closes, connections finish their in-flight requests, and after
-//! `server.shutdown_grace` whatever is left is dropped.
+//! The accept path, one for both listeners (the API and, when `admin.listen` is set, the admin
+//! listener): HTTP/1.1 and h2 on one port (hyper-util's auto builder), and for every connection:
+//!
+//! - a cap on open connections per listener (`server.max_connections`): a semaphore permit is
+//!   taken at accept and lives in the connection's task; a connection accepted above the cap is
+//!   closed at once, before a byte is read;
+//! - a deadline on the first bytes ([`FirstBytesDeadline`]) and hyper's header-read timeout (which
+//!   hyper only enforces when a timer is set);
+//! - HTTP/2 keep-alive pings (`server.http2_keep_alive_interval` / `_timeout`);
+//! - an idle timeout (`server.idle_timeout`): a connection that carries no request for that long
+//!   is closed gracefully (HTTP/2: GOAWAY), and dropped if it has not closed
+//!   `http2_keep_alive_timeout` later (a peer that never acknowledges the GOAWAY's PING). On
+//!   HTTP/1, hyper's header-read timer also runs while a keep-alive connection waits for its next
+//!   request, so there the shorter of the two timeouts applies;
+//! - graceful shutdown: on the shutdown signal both listeners close, connections finish their
+//!   in-flight requests (a connection with none left is dropped if it has not closed
+//!   `http2_keep_alive_timeout` after its goodbye), and after `server.shutdown_grace` whatever
+//!   is left is dropped.
+//!
+//! A request counts as in progress on its connection from the moment hyper hands it to the
+//! service until its response body is finished or dropped, so a long streamed answer is not
+//! idle.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use bytes::Bytes;
+use http::Request;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::app::{self, AppState, ClientAddr};
+use crate::app::{self, AppService, AppState, ClientAddr};
+use crate::body::{Body, BoxError};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::startup::StartupError;
 
 /// A gateway running in the background (used by `main` and by the tests).
@@ -61,6 +85,14 @@ pub async fn spawn_with_clock(config: Config, clock: Clock) -> Result<RunningSer
     spawn_state(state).await
 }
 
+/// A bound listener and the service its connections get.
+pub struct Listening {
+    /// `api` or `admin`: the `listener` label of the connection metrics, and in logs.
+    pub name: &'static str,
+    pub listener: TcpListener,
+    pub service: AppService,
+}
+
 /// Serve an already built state in a background task (tests inject their own ledger store).
 pub async fn spawn_state(state: AppState) -> Result<RunningServer, StartupError> {
     let listen = state.config.server.listen;
@@ -73,18 +105,38 @@ pub async fn spawn_state(state: AppState) -> Result<RunningServer, StartupError>
         })?;
     let addr = listener.local_addr().map_err(StartupError::LocalAddr)?;
     let state = Arc::new(state);
-    let admin = crate::admin::start(state.clone()).await?;
-    let admin_addr = admin.as_ref().map(|(a, _)| *a);
+    let mut listeners = vec![Listening {
+        name: "api",
+        listener,
+        service: app::build(state.clone()),
+    }];
+    let mut admin_addr = None;
+    if let Some(service) = crate::admin::build(state.clone())? {
+        let listen = state
+            .config
+            .admin
+            .listen
+            .expect("admin::build returns a service only when admin.listen is set");
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| StartupError::Listen {
+                addr: listen,
+                admin: true,
+                source,
+            })?;
+        let bound = listener.local_addr().map_err(StartupError::LocalAddr)?;
+        tracing::info!(addr = %bound, "admin listener");
+        admin_addr = Some(bound);
+        listeners.push(Listening {
+            name: "admin",
+            listener,
+            service,
+        });
+    }
     let (tx, rx) = oneshot::channel();
-    let serving = serve(listener, state.clone(), async {
+    let task = tokio::spawn(serve(listeners, state.clone(), async {
         let _ = rx.await;
-    });
-    let task = tokio::spawn(async move {
-        serving.await;
-        if let Some((_, admin)) = admin {
-            admin.abort();
-        }
-    });
+    }));
     Ok(RunningServer {
         addr,
         admin_addr,
@@ -94,14 +146,37 @@ pub async fn spawn_state(state: AppState) -> Result<RunningServer, StartupError>
     })
 }
 
-/// Serve until `shutdown` resolves, then drain.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<AppState>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let server = &state.config.server;
-    let app = app::build(state.clone());
+/// How every connection is handled, from `[server]`.
+#[derive(Debug, Clone)]
+struct ConnSettings {
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    /// Also how long a closing connection with no request left gets to finish its goodbye.
+    keep_alive_timeout: Duration,
+    max_connections: usize,
+}
+
+impl ConnSettings {
+    fn new(server: &ServerConfig) -> Self {
+        ConnSettings {
+            header_read_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
+            keep_alive_timeout: server.http2_keep_alive_timeout,
+            max_connections: server.max_connections,
+        }
+    }
+}
+
+/// The two stages of stopping: `drain` stops the accept loops and asks every connection to
+/// finish its requests and close; `abort` (at the end of the grace period, or when the serving
+/// future is dropped) drops whatever is left.
+#[derive(Clone, Default)]
+struct Stop {
+    drain: CancellationToken,
+    abort: CancellationToken,
+}
+
+fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -111,8 +186,25 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(64);
-    let graceful = GracefulShutdown::new();
+        .max_concurrent_streams(server.http2_max_concurrent_streams)
+        .keep_alive_interval(server.http2_keep_alive_interval)
+        .keep_alive_timeout(server.http2_keep_alive_timeout);
+    builder
+}
+
+/// Serve every listener until `shutdown` resolves, then drain.
+pub async fn serve(
+    listeners: Vec<Listening>,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let server = &state.config.server;
+    let settings = Arc::new(ConnSettings::new(server));
+    let builder = connection_builder(server);
+    let stop = Stop::default();
+    // If this future is dropped (the task aborted), the connections go with it.
+    let _abort_on_drop = stop.abort.clone().drop_guard();
+    let connections = TaskTracker::new();
     // Forget end users whose buckets are full again, so idle users do not hold memory.
     let sweeper = {
         let rates = state.rates.clone();
@@ -124,36 +216,28 @@ pub async fn serve(
             }
         })
     };
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            accept_loop(
+                l,
+                builder.clone(),
+                settings.clone(),
+                connections.clone(),
+                stop.clone(),
+            )
+        })
+        .collect();
+    let accepting = futures_util::future::join_all(accepting);
     tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Usually out of file descriptors: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let svc = hyper::service::service_fn(move |mut req| {
-            req.extensions_mut().insert(ClientAddr(peer));
-            app.clone().oneshot(req)
-        });
-        let io = FirstBytesDeadline::new(stream, server.header_read_timeout);
-        let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
-        });
+    tokio::select! {
+        () = &mut shutdown => {}
+        _ = accepting => tracing::error!("the accept loops ended before the shutdown signal"),
     }
-    drop(listener);
+    // The accept loops are dropped with this select (and their listeners with them: new
+    // connections are refused from here on); `drain` asks every connection to finish its
+    // requests and close.
+    stop.drain.cancel();
     sweeper.abort();
     let grace = server.shutdown_grace;
     tracing::info!(
@@ -161,9 +245,16 @@ pub async fn serve(
         "shutting down: draining in-flight requests"
     );
     let deadline = tokio::time::Instant::now() + grace;
+    connections.close();
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over, dropping remaining connections"),
+        () = connections.wait() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep_until(deadline) => {
+            tracing::warn!(
+                connections = connections.len(),
+                "grace period over, dropping remaining connections"
+            );
+            stop.abort.cancel();
+        }
     }
     // Forwarding tasks outlive their connections: let them finish their ledger records.
     state.tasks.close();
@@ -181,6 +272,201 @@ pub async fn serve(
         Err(e) => {
             tracing::error!(error = %e, "ledger closed with records not written (they are logged)")
         }
+    }
+}
+
+/// Accept on one listener until `stop.drain`; each connection runs in its own task, tracked by
+/// `connections`, holding one of the listener's `max_connections` permits.
+async fn accept_loop(
+    listening: Listening,
+    builder: auto::Builder<TokioExecutor>,
+    settings: Arc<ConnSettings>,
+    connections: TaskTracker,
+    stop: Stop,
+) {
+    let Listening {
+        name,
+        listener,
+        service,
+    } = listening;
+    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let open = metrics::gauge!("imagegate_open_connections", "listener" => name);
+    let refused = metrics::counter!("imagegate_connections_refused_total", "listener" => name);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually out of file descriptors: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, listener = name, "accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                        () = stop.drain.cancelled() => break,
+                    }
+                }
+            },
+            () = stop.drain.cancelled() => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Closing at once (rather than leaving the connection in the kernel's backlog)
+            // tells the client now, and frees the descriptor.
+            refused.increment(1);
+            tracing::debug!(%peer, listener = name, "max_connections reached: connection closed");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        open.increment(1.0);
+        let conn = connection(
+            stream,
+            peer,
+            permit,
+            service.clone(),
+            builder.clone(),
+            settings.clone(),
+            stop.clone(),
+        );
+        let open = open.clone();
+        connections.spawn(async move {
+            conn.await;
+            open.decrement(1.0);
+        });
+    }
+    tracing::debug!(listener = name, "listener closed");
+}
+
+/// Why a connection is asked to close before its peer closes it.
+#[derive(Debug, Clone, Copy)]
+enum Closing {
+    Drain,
+    Idle,
+}
+
+/// Serve one connection to its end: until the peer closes it, it errs, or it is closed for
+/// idleness or by the drain. `_permit` is the connection's place under `max_connections`.
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    app: AppService,
+    builder: auto::Builder<TokioExecutor>,
+    settings: Arc<ConnSettings>,
+    stop: Stop,
+) {
+    let activity = Activity::default();
+    let svc = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ClientAddr(peer));
+            let active = activity.start();
+            let answer = app.clone().oneshot(req);
+            async move {
+                let resp = answer.await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|body| {
+                    Body::new(Tracked {
+                        inner: body,
+                        _active: active,
+                    })
+                }))
+            }
+        })
+    };
+    let io = FirstBytesDeadline::new(stream, settings.header_read_timeout);
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let closing = tokio::select! {
+        ended = conn.as_mut() => return log_end(ended, peer),
+        () = stop.drain.cancelled() => Closing::Drain,
+        () = activity.idle_for(settings.idle_timeout) => Closing::Idle,
+    };
+    tracing::debug!(%peer, ?closing, "closing connection");
+    conn.as_mut().graceful_shutdown();
+    // Requests in progress finish (on a drain the grace period bounds them, through `abort`).
+    // Once none is, the connection has the keep-alive timeout to finish its goodbye: an h2 peer
+    // that never acknowledges the GOAWAY's PING would otherwise hold it open (and a drain would
+    // last the whole grace period for it).
+    tokio::select! {
+        ended = conn.as_mut() => log_end(ended, peer),
+        () = activity.idle_for(settings.keep_alive_timeout) => {
+            tracing::debug!(%peer, ?closing, "connection dropped: it did not close after its goodbye");
+        }
+        () = stop.abort.cancelled() => {
+            tracing::debug!(%peer, "connection dropped at the end of the grace period");
+        }
+    }
+}
+
+fn log_end(ended: Result<(), BoxError>, peer: SocketAddr) {
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
+    }
+}
+
+/// Requests in progress on one connection: started when hyper calls the service, finished when
+/// the response body is finished or dropped.
+#[derive(Clone, Default)]
+struct Activity(Arc<watch::Sender<usize>>);
+
+/// One request in progress; dropping it ends it.
+struct Active(Arc<watch::Sender<usize>>);
+
+impl Activity {
+    fn start(&self) -> Active {
+        self.0.send_modify(|n| *n += 1);
+        Active(self.0.clone())
+    }
+
+    /// Resolves once no request has been in progress for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        let mut rx = self.0.subscribe();
+        loop {
+            if rx.wait_for(|n| *n == 0).await.is_err() {
+                // Unreachable while `self` holds the sender; never call the connection idle.
+                return std::future::pending().await;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(timeout) => return,
+                changed = rx.changed() => if changed.is_err() {
+                    return std::future::pending().await;
+                },
+            }
+        }
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in progress until it is finished or
+    /// dropped.
+    struct Tracked {
+        #[pin]
+        inner: Body,
+        _active: Active,
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -269,5 +555,114 @@ impl<T: AsyncWrite> AsyncWrite for FirstBytesDeadline<T> {
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// A guarded reader over an in-memory pipe, and the writer end that plays the client.
+    fn guarded() -> (
+        FirstBytesDeadline<tokio::io::DuplexStream>,
+        tokio::io::DuplexStream,
+    ) {
+        let (server, client) = tokio::io::duplex(1024);
+        (FirstBytesDeadline::new(server, TIMEOUT), client)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_times_out_at_the_deadline() {
+        let (mut io, _client) = guarded();
+        let started = tokio::time::Instant::now();
+        let err = io.read(&mut [0u8; 64]).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), TIMEOUT, "not a moment earlier or later");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fewer_than_24_bytes_do_not_disarm_it() {
+        let (mut io, mut client) = guarded();
+        client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 16);
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn twenty_four_bytes_disarm_it() {
+        let (mut io, mut client) = guarded();
+        // Two pieces: the count adds up across reads.
+        client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 16);
+        client.write_all(b"\r\nSM\r\n\r\n").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 8);
+        // Long past the deadline, a read simply waits for data.
+        let quiet = tokio::time::timeout(TIMEOUT * 3, io.read(&mut buf)).await;
+        assert!(quiet.is_err(), "a read after the preface is not cut off");
+        client.write_all(b"more").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn end_of_stream_is_passed_through_and_disarms_it() {
+        let (mut io, client) = guarded();
+        drop(client);
+        assert_eq!(io.read(&mut [0u8; 8]).await.unwrap(), 0);
+        tokio::time::advance(TIMEOUT * 2).await;
+        assert_eq!(io.read(&mut [0u8; 8]).await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_pass_through() {
+        let (mut io, mut client) = guarded();
+        io.write_all(b"HTTP/1.1 408").await.unwrap();
+        io.flush().await.unwrap();
+        let mut buf = [0u8; 12];
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 408");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idleness_counts_from_the_end_of_the_last_request() {
+        let idle = Duration::from_secs(60);
+        let activity = Activity::default();
+        let started = tokio::time::Instant::now();
+        // No request at all: idle after the timeout.
+        activity.idle_for(idle).await;
+        assert_eq!(started.elapsed(), idle);
+
+        // A request in progress (a long streamed answer) is never idle.
+        let active = activity.start();
+        let waiting = tokio::time::timeout(idle * 5, activity.idle_for(idle)).await;
+        assert!(
+            waiting.is_err(),
+            "busy for five idle timeouts, still not idle"
+        );
+        // Its end starts the clock again.
+        let ended = tokio::time::Instant::now();
+        drop(active);
+        activity.idle_for(idle).await;
+        assert_eq!(ended.elapsed(), idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_during_the_idle_wait_restarts_it() {
+        let idle = Duration::from_secs(60);
+        let activity = Activity::default();
+        let started = tokio::time::Instant::now();
+        let waiter = {
+            let activity = activity.clone();
+            tokio::spawn(async move { activity.idle_for(idle).await })
+        };
+        tokio::time::sleep(idle / 2).await;
+        drop(activity.start());
+        waiter.await.unwrap();
+        assert_eq!(started.elapsed(), idle / 2 + idle);
     }
 }

@@ -5,12 +5,17 @@
 mod support;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
 
 use imagegate::config::hash_key;
 use support::fixtures::rgba_png;
 use support::gateway::*;
 use support::multipart::edit_request;
-use support::{Resp, send};
+use support::{Resp, raw_exchange_for, raw_status, send};
 
 const ADMIN_KEY: &str = "ig-admin-key-for-tests-000111";
 
@@ -305,4 +310,94 @@ async fn usage_and_audit_commands() {
         String::from_utf8_lossy(&broken.stdout)
     );
     drop(tmp);
+}
+
+#[tokio::test]
+async fn admin_connections_are_drained_on_shutdown() {
+    let gw = Gateway::start_with(|c| {
+        with_admin(c);
+        c.server.shutdown_grace = Duration::from_secs(20);
+        // Neither timeout may be what closes the connection below.
+        c.server.header_read_timeout = Duration::from_secs(60);
+        c.server.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let admin = gw.server.admin_addr.unwrap();
+    // An admin keep-alive connection, open and idle when the shutdown comes.
+    let stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let closed = tokio::spawn(conn);
+    let req = http::Request::get("/metrics")
+        .header("host", "admin")
+        .header("authorization", format!("Bearer {ADMIN_KEY}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+
+    let Gateway { server, mock, .. } = gw;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), server.shutdown())
+        .await
+        .expect("shutdown ends once the admin connection is closed, long before the grace");
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the admin connection was closed by the drain")
+        .unwrap()
+        .expect("closed cleanly");
+    eprintln!(
+        "shutdown with an idle admin connection took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        tokio::net::TcpStream::connect(admin).await.is_err(),
+        "the admin listener is closed"
+    );
+    drop(mock);
+}
+
+#[tokio::test]
+async fn a_silent_admin_connection_is_dropped() {
+    let gw = Gateway::start_with(|c| {
+        with_admin(c);
+        c.server.header_read_timeout = Duration::from_millis(500);
+        c.server.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let admin = gw.server.admin_addr.unwrap();
+    for partial in [&b""[..], &b"PRI * HTTP/2.0\r\n"[..], &b"GET /metr"[..]] {
+        let started = Instant::now();
+        let out = raw_exchange_for(admin, partial, Duration::from_secs(10)).await;
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "{:?}: closed by the first-bytes deadline (took {took:?})",
+            String::from_utf8_lossy(partial)
+        );
+        let status = raw_status(&out);
+        assert!(out.is_empty() || status == Some(408), "{out:?}");
+    }
+    // Errors on the admin listener use the API's envelope.
+    let r = admin_get(admin, "/admin/nope", Some(ADMIN_KEY)).await;
+    assert_error(&r, 404, "invalid_request_error", None, Some("unknown_url"));
+    let r = send(
+        admin,
+        "DELETE",
+        "/admin/usage",
+        &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
+        vec![],
+    )
+    .await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow").as_deref(), Some("GET"));
+    let r = admin_get(admin, "/admin/nope", None).await;
+    assert_eq!(r.status, 401, "the key is checked before the path");
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    assert_eq!(
+        admin_get(admin, "/metrics", Some(ADMIN_KEY)).await.status,
+        200
+    );
 }

@@ -410,3 +410,311 @@ async fn organization_and_project_headers_are_sent_upstream() {
     );
     assert!(rec.header("user-agent").unwrap().starts_with("imagegate/"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// connections: cap, idle timeout, HTTP/2 keep-alive, health under load
+// ---------------------------------------------------------------------------------------------
+
+/// An HTTP/1.1 connection kept open across requests; `closed` resolves when the server closes it.
+struct KeptConn {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    closed: tokio::task::JoinHandle<()>,
+}
+
+async fn keep_conn(addr: std::net::SocketAddr) -> KeptConn {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let closed = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    KeptConn { sender, closed }
+}
+
+impl KeptConn {
+    async fn get(&mut self, path: &str) -> Result<u16, hyper::Error> {
+        let req = http::Request::get(path)
+            .header("host", "gateway")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let resp = self.sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        use http_body_util::BodyExt;
+        resp.into_body().collect().await?;
+        Ok(status)
+    }
+}
+
+const HEALTH_REQUEST: &[u8] =
+    b"GET /healthz HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\n\r\n";
+
+#[tokio::test]
+async fn connections_over_max_connections_are_closed_while_the_others_work() {
+    let gw = Gateway::start_with(|c| {
+        c.server.max_connections = 2;
+        c.admin.listen = Some("127.0.0.1:0".parse().unwrap());
+        c.admin.key_hash = Some(imagegate::config::hash_key("ig-admin-key-for-tests-000111"));
+    })
+    .await;
+    let mut first = keep_conn(gw.addr()).await;
+    let mut second = keep_conn(gw.addr()).await;
+    assert_eq!(first.get("/healthz").await.unwrap(), 200);
+    assert_eq!(second.get("/healthz").await.unwrap(), 200);
+
+    // Both permits are held by open connections: a third is closed before it is read.
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let out =
+            support::raw_exchange_for(gw.addr(), HEALTH_REQUEST, Duration::from_secs(10)).await;
+        assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+        assert!(started.elapsed() < Duration::from_secs(5), "closed at once");
+    }
+    // The earlier connections still work.
+    assert_eq!(first.get("/healthz").await.unwrap(), 200);
+    assert_eq!(second.get("/readyz").await.unwrap(), 200);
+    // The admin listener counts its own connections: the API's are not in its way.
+    let admin = gw.server.admin_addr.unwrap();
+    let r = send(
+        admin,
+        "GET",
+        "/metrics",
+        &[("authorization", "Bearer ig-admin-key-for-tests-000111")],
+        vec![],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // The counter is process-wide (other tests' gateways share it): at least these three.
+    let refused = r
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix("imagegate_connections_refused_total{listener=\"api\"} "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(refused.is_some_and(|n| n >= 3.0), "{}", r.text());
+
+    // A closed connection gives its place back (once the server has seen it close).
+    drop(first);
+    let reused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let out =
+                support::raw_exchange_for(gw.addr(), HEALTH_REQUEST, Duration::from_secs(5)).await;
+            if support::raw_status(&out) == Some(200) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(
+        reused.is_ok(),
+        "the freed place is used by a new connection"
+    );
+    assert_eq!(second.get("/healthz").await.unwrap(), 200);
+}
+
+/// 24 bytes of client preface, then an empty SETTINGS frame.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+/// The frame types in a server's HTTP/2 byte stream (stops at a partial frame).
+fn h2_frame_types(mut bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    while bytes.len() >= 9 {
+        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        types.push(bytes[3]);
+        bytes = &bytes[(9 + len).min(bytes.len())..];
+    }
+    types
+}
+
+const GOAWAY: u8 = 7;
+const PING: u8 = 6;
+
+#[tokio::test]
+async fn an_h2_connection_that_sends_only_its_preface_is_closed_after_the_idle_timeout() {
+    let idle = Duration::from_millis(300);
+    let gw = Gateway::start_with(|c| {
+        c.server.idle_timeout = idle;
+        c.server.http2_keep_alive_timeout = Duration::from_millis(300);
+        // Keep-alive pings out of the way: this is the idle timeout's work.
+        c.server.http2_keep_alive_interval = Duration::from_secs(3600);
+        c.server.header_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    for (what, hello) in [
+        ("preface", H2_PREFACE.to_vec()),
+        (
+            "preface and SETTINGS",
+            [H2_PREFACE, H2_EMPTY_SETTINGS].concat(),
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let out = support::raw_exchange_for(gw.addr(), &hello, Duration::from_secs(10)).await;
+        let took = started.elapsed();
+        eprintln!("{what}: closed after {took:?}");
+        assert!(
+            took >= idle,
+            "{what}: not before the idle timeout ({took:?})"
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "{what}: closed within a bounded time ({took:?})"
+        );
+        let frames = h2_frame_types(&out);
+        assert_eq!(
+            frames.first(),
+            Some(&4),
+            "{what}: the server's SETTINGS first: {frames:?}"
+        );
+        assert!(frames.contains(&GOAWAY), "{what}: told goodbye: {frames:?}");
+    }
+    // An h2 connection that is used is not idle while its request runs.
+    let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let closed = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/healthz", gw.addr()))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+    // ... and once it is idle, it is closed cleanly (GOAWAY, which hyper's client acknowledges).
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the idle h2 connection is closed")
+        .unwrap()
+        .expect("a clean close");
+    eprintln!(
+        "used h2 connection: closed {:?} after its answer",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_h2_peer_that_does_not_answer_pings_is_closed() {
+    let gw = Gateway::start_with(|c| {
+        c.server.idle_timeout = Duration::from_secs(3600);
+        c.server.http2_keep_alive_interval = Duration::from_millis(200);
+        c.server.http2_keep_alive_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let hello = [H2_PREFACE, H2_EMPTY_SETTINGS].concat();
+    let out = support::raw_exchange_for(gw.addr(), &hello, Duration::from_secs(10)).await;
+    let took = started.elapsed();
+    eprintln!("unanswered pings: closed after {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "closed within a bounded time ({took:?})"
+    );
+    assert!(
+        h2_frame_types(&out).contains(&PING),
+        "{:?}",
+        h2_frame_types(&out)
+    );
+}
+
+#[tokio::test]
+async fn an_idle_http1_keep_alive_connection_is_closed() {
+    let idle = Duration::from_millis(300);
+    let gw = Gateway::start_with(|c| {
+        c.server.idle_timeout = idle;
+        c.server.header_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut conn = keep_conn(gw.addr()).await;
+    assert_eq!(conn.get("/healthz").await.unwrap(), 200);
+    // Still open for the next request.
+    assert_eq!(conn.get("/healthz").await.unwrap(), 200);
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), &mut conn.closed)
+        .await
+        .expect("the idle keep-alive connection is closed")
+        .unwrap();
+    let took = started.elapsed();
+    eprintln!("idle HTTP/1.1 keep-alive connection: closed after {took:?}");
+    assert!(took >= idle - Duration::from_millis(50), "{took:?}");
+}
+
+#[tokio::test]
+async fn health_answers_while_max_in_flight_edits_are_held() {
+    let gw = Gateway::start_with(|c| {
+        c.server.max_in_flight = 2;
+        c.upstream.response_timeout = Duration::from_secs(30);
+    })
+    .await;
+    gw.mock.set_behavior(Behavior::Hang);
+    let form = edit_request(&rgba_png(16, true), "p");
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, ct, body) = (gw.addr(), form.content_type(), form.body());
+            tokio::spawn(async move { post_edit(addr, APP_KEY, &ct, body).await })
+        })
+        .collect();
+    // Both reached the upstream, which holds them: every in-flight permit is taken.
+    gw.mock.wait_for(2).await;
+
+    let shed = gw.edit(APP_KEY, &form).await;
+    assert_error(&shed, 503, "server_error", None, Some("overloaded"));
+    for path in ["/healthz", "/readyz"] {
+        let r = send(gw.addr(), "GET", path, &[], vec![]).await;
+        assert_eq!(r.status, 200, "{path} while edits are shed: {}", r.text());
+        assert!(r.header("x-request-id").is_some());
+    }
+    let r = send(gw.addr(), "HEAD", "/healthz", &[], vec![]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        gw.mock.count(),
+        2,
+        "the shed edit never reached the upstream"
+    );
+    for h in held {
+        h.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_silent_h2_peer_does_not_hold_up_the_drain() {
+    let gw = Gateway::start_with(|c| {
+        c.server.shutdown_grace = Duration::from_secs(20);
+        c.server.idle_timeout = Duration::from_secs(3600);
+        c.server.http2_keep_alive_interval = Duration::from_secs(3600);
+        c.server.http2_keep_alive_timeout = Duration::from_millis(300);
+    })
+    .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    stream
+        .write_all(&[H2_PREFACE, H2_EMPTY_SETTINGS].concat())
+        .await
+        .unwrap();
+    // The server's SETTINGS: the connection is being served as h2. It will not answer the
+    // GOAWAY's PING.
+    let mut first = [0u8; 9];
+    stream.read_exact(&mut first).await.unwrap();
+    assert_eq!(first[3], 4, "a SETTINGS frame");
+    let len = u32::from_be_bytes([0, first[0], first[1], first[2]]) as usize;
+    stream.read_exact(&mut vec![0u8; len]).await.unwrap();
+
+    let Gateway { server, mock, .. } = gw;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), server.shutdown())
+        .await
+        .expect("the drain does not wait for the grace period");
+    let took = started.elapsed();
+    eprintln!("shutdown with a silent h2 peer took {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(
+        h2_frame_types(&rest).contains(&GOAWAY),
+        "{:?}",
+        h2_frame_types(&rest)
+    );
+    drop(mock);
+}

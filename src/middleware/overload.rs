@@ -26,6 +26,11 @@ impl OverloadLayer {
             permits: Arc::new(Semaphore::new(max_in_flight)),
         }
     }
+
+    /// Share permits held elsewhere (the app state, so the number in flight can be observed).
+    pub fn with_permits(permits: Arc<Semaphore>) -> Self {
+        OverloadLayer { permits }
+    }
 }
 
 impl<S> Layer<S> for OverloadLayer {
