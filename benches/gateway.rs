@@ -1,7 +1,8 @@
 //! Benchmarks reported in the issue notes (never asserted by tests). Loopback only, bounded.
 //!
 //!   cargo bench --bench gateway                 # all
-//!   cargo bench --bench gateway -- latency      # one: latency | bomb | limits
+//!   cargo bench --bench gateway -- latency      # one: latency | stages | load | bomb | ledger |
+//!                                               # limits | gpt | gpt-memory | gpt-stream
 //!
 //! latency: median added latency of the gateway for a valid 1024x1024 RGBA edit (~1.5 MB):
 //!          the same request sent N times straight to the mock upstream and N times through
@@ -16,6 +17,17 @@
 //!          the latency begin_forwarding adds (the commit awaited before forwarding).
 //! limits:  cost of the per-user rate-limit check and of a quota reserve+settle, and memory per
 //!          tracked end user.
+//! gpt:     gpt-image-2 edits (the shipped model table): added median and p99 latency of the
+//!          gateway for a 1024x1024 noisy PNG, a 1024x1024 JPEG and a 4-image request (2 PNG +
+//!          2 JPEG), 200 requests each straight to the mock and through it, in alternating
+//!          blocks of 20; and the gateway's CPU time per request: process CPU (/proc/self/stat)
+//!          during the gateway blocks minus during the direct blocks, over the requests.
+//! gpt-memory: peak RSS growth (VmHWM, reset through /proc/self/clear_refs) of one request of
+//!          16 x 49 MiB PNGs (~784 MiB) through the gateway minus the same request sent straight
+//!          to the mock, its ratio to the body size, and the time to validate + forward.
+//! gpt-stream: per-event delay the SSE relay adds: the mock (Behavior::GptStreamTimed) stamps
+//!          each event when handing it to hyper, the client notes its arrival; through the
+//!          gateway vs straight to the mock, small events and ~1.4 MB events.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -23,9 +35,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::fixtures::{bomb_png, rgba_png_noisy};
+use support::fixtures::{bomb_png, jpeg, rgba_png, rgba_png_noisy};
 use support::gateway::{APP_KEY, Gateway, post_edit};
-use support::multipart::edit_request;
+use support::mock_upstream::Behavior;
+use support::multipart::{Multipart, edit_request};
 use support::send;
 
 fn median(v: &mut [Duration]) -> Duration {
@@ -369,6 +382,479 @@ async fn stages(n: u32) {
     );
 }
 
+// ---------------------------------------------------------------------------------------
+// gpt-image benchmarks: gpt, gpt-memory, gpt-stream
+// ---------------------------------------------------------------------------------------
+
+/// Process CPU time (user + system, every thread, exited ones included) from
+/// `/proc/self/stat` fields 14 and 15, in clock ticks.
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 if that fails).
+fn clk_tck() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// Resets VmHWM to the current RSS (`5` to `/proc/self/clear_refs`); false when not allowed.
+fn reset_hwm() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn signed_us(a: Duration, b: Duration) -> f64 {
+    us(a) - us(b)
+}
+
+fn gpt_form() -> Multipart {
+    Multipart::new()
+        .text("model", "gpt-image-2")
+        .text("prompt", "bench")
+        .text("user", "bench")
+}
+
+struct GptRow {
+    name: &'static str,
+    body: usize,
+    n: usize,
+    direct: Vec<Duration>,
+    via: Vec<Duration>,
+    cpu_direct_ticks: u64,
+    cpu_via_ticks: u64,
+}
+
+/// Direct and gateway requests of one body in alternating blocks of `block`, `n` each at most
+/// (stops at `limit`); process CPU read around each block, 20 ms after its last answer.
+async fn gpt_case(
+    gw: &Gateway,
+    name: &'static str,
+    form: Multipart,
+    n: usize,
+    limit: Duration,
+) -> GptRow {
+    let (ct, body) = (form.content_type(), form.body());
+    let mock = gw.mock.addr();
+    let direct_once = |body: Vec<u8>| {
+        let ct = ct.clone();
+        async move {
+            let r = send(
+                mock,
+                "POST",
+                "/v1/images/edits",
+                &[("content-type", &ct)],
+                body,
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    };
+    for _ in 0..5 {
+        direct_once(body.clone()).await;
+        let r = post_edit(gw.addr(), APP_KEY, &ct, body.clone()).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    gw.mock.clear_received();
+    let settle = || tokio::time::sleep(Duration::from_millis(20));
+    let mut row = GptRow {
+        name,
+        body: body.len(),
+        n: 0,
+        direct: Vec::with_capacity(n),
+        via: Vec::with_capacity(n),
+        cpu_direct_ticks: 0,
+        cpu_via_ticks: 0,
+    };
+    let block = 20;
+    let deadline = Instant::now() + limit;
+    while row.n < n && Instant::now() < deadline {
+        let k = block.min(n - row.n);
+        settle().await;
+        let c0 = cpu_ticks();
+        for _ in 0..k {
+            let b = body.clone();
+            let t = Instant::now();
+            direct_once(b).await;
+            row.direct.push(t.elapsed());
+        }
+        settle().await;
+        let c1 = cpu_ticks();
+        for _ in 0..k {
+            let b = body.clone();
+            let t = Instant::now();
+            let r = post_edit(gw.addr(), APP_KEY, &ct, b).await;
+            row.via.push(t.elapsed());
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        settle().await;
+        let c2 = cpu_ticks();
+        row.cpu_direct_ticks += c1 - c0;
+        row.cpu_via_ticks += c2 - c1;
+        row.n += k;
+        gw.mock.clear_received();
+    }
+    row.direct.sort();
+    row.via.sort();
+    row
+}
+
+async fn gpt_latency(n: usize) {
+    let gw = Gateway::start_with(support::gateway::gpt).await;
+    let png = rgba_png_noisy(1024);
+    let jpg = jpeg(1024, 1024);
+    let png_form = gpt_form().file("image", Some("a.png"), Some("image/png"), &png);
+    let jpg_form = gpt_form().file("image", Some("a.jpg"), Some("image/jpeg"), &jpg);
+    let mut four = gpt_form();
+    for i in 0..4 {
+        four = if i % 2 == 0 {
+            four.file("image[]", Some("a.png"), Some("image/png"), &png)
+        } else {
+            four.file("image[]", Some("a.jpg"), Some("image/jpeg"), &jpg)
+        };
+    }
+    let limit = Duration::from_secs(120);
+    let rows = [
+        gpt_case(&gw, "1024x1024 PNG (noisy RGBA)", png_form, n, limit).await,
+        gpt_case(&gw, "1024x1024 JPEG (q85)", jpg_form, n, limit).await,
+        gpt_case(&gw, "4 images (2 PNG + 2 JPEG)", four, n, limit).await,
+    ];
+    let tck = clk_tck();
+    println!(
+        "gpt: gpt-image-2 edits (JSON answer with usage), each request on a fresh connection; PNG {} bytes, JPEG {} bytes",
+        png.len(),
+        jpg.len()
+    );
+    println!(
+        "  method: per case, blocks of 20 requests straight to the mock then 20 through the gateway (same body, same client), alternating; added = gateway - direct percentile;"
+    );
+    println!(
+        "          CPU = process user+system time from /proc/self/stat (CLK_TCK {tck}, read 20 ms after each block's last answer), (gateway blocks - direct blocks) / requests"
+    );
+    println!(
+        "  {:<28} {:>9} {:>4} | {:>9} {:>9} | {:>9} {:>9} | {:>11} {:>11} | {:>12}",
+        "case",
+        "body B",
+        "n",
+        "direct p50",
+        "p99",
+        "gw p50",
+        "p99",
+        "added p50",
+        "added p99",
+        "gw CPU/req"
+    );
+    for r in &rows {
+        let (d50, d99) = (pct(&r.direct, 0.5), pct(&r.direct, 0.99));
+        let (v50, v99) = (pct(&r.via, 0.5), pct(&r.via, 0.99));
+        let cpu_us =
+            (r.cpu_via_ticks as f64 - r.cpu_direct_ticks as f64) * 1e6 / tck as f64 / r.n as f64;
+        println!(
+            "  {:<28} {:>9} {:>4} | {:>7.0}µs {:>7.0}µs | {:>7.0}µs {:>7.0}µs | {:>9.0}µs {:>9.0}µs | {:>10.0}µs",
+            r.name,
+            r.body,
+            r.n,
+            us(d50),
+            us(d99),
+            us(v50),
+            us(v99),
+            signed_us(v50, d50),
+            signed_us(v99, d99),
+            cpu_us
+        );
+    }
+}
+
+/// A valid RGBA PNG of about `bytes` bytes: deflate stored blocks (no compression), no filter.
+fn stored_png(bytes: usize) -> Vec<u8> {
+    let width = 3584u32;
+    let row = 1 + 4 * width as usize;
+    let height = (bytes * 9999 / 10000 / row) as u32;
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut data = vec![0u8; width as usize * 4 * height as usize];
+    for px in data.chunks_exact_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        px.copy_from_slice(&state.to_le_bytes());
+    }
+    for a in data.iter_mut().skip(3).step_by(4) {
+        *a = 255;
+    }
+    let mut out = Vec::with_capacity(bytes);
+    {
+        let mut enc = png::Encoder::new(&mut out, width, height);
+        enc.set_color(png::ColorType::Rgba);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.set_compression(png::Compression::NoCompression);
+        enc.set_filter(png::Filter::NoFilter);
+        let mut w = enc.write_header().expect("png header");
+        w.write_image_data(&data).expect("png image data");
+        w.finish().expect("png finish");
+    }
+    out
+}
+
+struct MemRun {
+    rss_before: u64,
+    hwm_after: u64,
+    rss_after: u64,
+    elapsed: Duration,
+}
+
+impl MemRun {
+    fn growth(&self) -> u64 {
+        self.hwm_after.saturating_sub(self.rss_before)
+    }
+}
+
+async fn gpt_memory() {
+    let gw = Gateway::start_with(support::gateway::gpt).await;
+    let image = stored_png(49 << 20);
+    let mut form = gpt_form();
+    for _ in 0..16 {
+        form = form.file("image[]", Some("big.png"), Some("image/png"), &image);
+    }
+    let ct = form.content_type();
+    let body = form.body();
+    drop(form);
+    let body_len = body.len();
+    // Warm both paths (connections, ledger, allocator) with a small gpt edit.
+    let small = gpt_form().file(
+        "image",
+        Some("s.png"),
+        Some("image/png"),
+        &rgba_png(64, true),
+    );
+    assert_eq!(gw.edit(APP_KEY, &small).await.status, 200);
+    let r = send(
+        gw.mock.addr(),
+        "POST",
+        "/v1/images/edits",
+        &[("content-type", &small.content_type())],
+        small.body(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    gw.mock.clear_received();
+    let mut resets = true;
+    let mut run = |via: bool, body: Vec<u8>| {
+        let (gw, ct) = (&gw, &ct);
+        resets &= reset_hwm();
+        async move {
+            let rss_before = vm_rss_kib();
+            let t = Instant::now();
+            let r = if via {
+                post_edit(gw.addr(), APP_KEY, ct, body).await
+            } else {
+                send(
+                    gw.mock.addr(),
+                    "POST",
+                    "/v1/images/edits",
+                    &[("content-type", ct)],
+                    body,
+                )
+                .await
+            };
+            let elapsed = t.elapsed();
+            assert_eq!(r.status, 200, "{}", r.text());
+            let got = gw.mock.last().expect("the mock got the request");
+            assert_eq!(got.parts.iter().filter(|p| p.name == "image[]").count(), 16);
+            drop(got);
+            let m = MemRun {
+                rss_before,
+                hwm_after: vm_hwm_kib(),
+                rss_after: vm_rss_kib(),
+                elapsed,
+            };
+            gw.mock.clear_received();
+            m
+        }
+    };
+    let direct = run(false, body.clone()).await;
+    let via = run(true, body).await;
+    let body_kib = body_len as f64 / 1024.0;
+    println!(
+        "gpt-memory: one gpt-image-2 edit of 16 x {} byte PNGs (RGBA 3584 wide, stored deflate blocks), body {} bytes ({:.0} MiB)",
+        image.len(),
+        body_len,
+        body_kib / 1024.0
+    );
+    println!(
+        "  method: VmHWM/VmRSS of this process (client, gateway and mock share it); {}; growth = VmHWM after - VmRSS before the request; the same body is sent once straight to the mock, then once through the gateway",
+        if resets {
+            "VmHWM reset before each request by writing 5 to /proc/self/clear_refs"
+        } else {
+            "/proc/self/clear_refs NOT writable: VmHWM is the process lifetime peak"
+        }
+    );
+    for (name, m) in [("direct to mock", &direct), ("via gateway", &via)] {
+        println!(
+            "  {name:<15}: {:>5.1} s, VmRSS before {:>8} KiB, VmHWM after {:>8} KiB, VmRSS after {:>8} KiB, growth {:>8} KiB ({:.2} x body)",
+            m.elapsed.as_secs_f64(),
+            m.rss_before,
+            m.hwm_after,
+            m.rss_after,
+            m.growth(),
+            m.growth() as f64 / body_kib
+        );
+    }
+    let added = via.growth() as i64 - direct.growth() as i64;
+    println!(
+        "  gateway peak memory (growth via - growth direct): {} KiB = {:.2} x body; validate+forward time added: {:.2} s (via {:.2} s, direct {:.2} s)",
+        added,
+        added as f64 / body_kib,
+        via.elapsed.as_secs_f64() - direct.elapsed.as_secs_f64(),
+        via.elapsed.as_secs_f64(),
+        direct.elapsed.as_secs_f64()
+    );
+}
+
+/// Reads an SSE answer as it comes; for every event carrying `mock_sent_us`, the delay from
+/// the mock's stamp to the arrival of the chunk that completed the event, in µs.
+async fn sse_delays(
+    addr: std::net::SocketAddr,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Vec<u64> {
+    use http_body_util::{BodyExt, Full};
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri("/v1/images/edits")
+        .header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(bytes::Bytes::from(body))).unwrap();
+    let resp = sender.send_request(req).await.expect("send_request");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut scanned: usize = 0;
+    let mut delays = Vec::new();
+    const KEY: &[u8] = b"\"mock_sent_us\":";
+    while let Some(frame) = body.frame().await {
+        let now = support::mock_upstream::mock_clock_us();
+        let Ok(data) = frame.expect("body frame").into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(end) = memchr::memmem::find(&buf[scanned.saturating_sub(1)..], b"\n\n")
+            .map(|i| i + scanned.saturating_sub(1) + 2)
+        {
+            let event = &buf[..end];
+            if let Some(k) = memchr::memmem::rfind(event, KEY) {
+                let digits: String = event[k + KEY.len()..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_digit())
+                    .map(|&b| b as char)
+                    .collect();
+                let sent: u64 = digits.parse().expect("a stamp");
+                delays.push(now.saturating_sub(sent));
+            }
+            buf.drain(..end);
+            scanned = 0;
+        }
+        scanned = buf.len();
+    }
+    driver.abort();
+    delays
+}
+
+async fn gpt_stream(runs: usize, pause_ms: u64) {
+    let gw = Gateway::start_with(support::gateway::gpt).await;
+    let form = gpt_form()
+        .text("stream", "true")
+        .text("partial_images", "3")
+        .file(
+            "image",
+            Some("a.png"),
+            Some("image/png"),
+            &rgba_png(64, true),
+        );
+    let (ct, body) = (form.content_type(), form.body());
+    let auth = format!("Bearer {APP_KEY}");
+    let via_headers = [("authorization", auth.as_str()), ("content-type", &ct)];
+    let direct_headers = [("content-type", ct.as_str())];
+    println!(
+        "gpt-stream: gpt-image-2 edit with stream=true; the mock sends 3 partial_image events and 1 completed event, {pause_ms} ms apart, each one chunk stamped (monotonic µs) when handed to hyper;"
+    );
+    println!(
+        "  delay = arrival at the client of the chunk completing the event - stamp; streams alternate direct / via gateway; added = gateway - direct percentile"
+    );
+    println!(
+        "  {:<24} {:>7} | {:>10} {:>10} | {:>10} {:>10} | {:>10} {:>10}",
+        "event b64_json", "events", "direct p50", "p99", "gw p50", "p99", "added p50", "added p99"
+    );
+    for b64_len in [64usize, 1_400_000] {
+        gw.mock.set_behavior(Behavior::GptStreamTimed {
+            partials: 3,
+            pause_ms,
+            b64_len,
+        });
+        let (mut direct, mut via) = (Vec::new(), Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for i in 0..runs + 2 {
+            if Instant::now() > deadline {
+                break;
+            }
+            let d = sse_delays(gw.mock.addr(), &direct_headers, body.clone()).await;
+            let v = tokio::time::timeout(
+                Duration::from_secs(30),
+                sse_delays(gw.addr(), &via_headers, body.clone()),
+            )
+            .await
+            .expect("the gateway streams within 30 s");
+            assert_eq!(d.len(), 4, "direct events");
+            assert_eq!(v.len(), 4, "relayed events");
+            if i >= 2 {
+                // The first two streams warm up.
+                direct.extend(d);
+                via.extend(v);
+            }
+            gw.mock.clear_received();
+        }
+        direct.sort();
+        via.sort();
+        let p = |v: &[u64], q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize] as i64;
+        println!(
+            "  {:<24} {:>7} | {:>8}µs {:>8}µs | {:>8}µs {:>8}µs | {:>8}µs {:>8}µs",
+            format!("{b64_len} chars"),
+            via.len(),
+            p(&direct, 0.5),
+            p(&direct, 0.99),
+            p(&via, 0.5),
+            p(&via, 0.99),
+            p(&via, 0.5) - p(&direct, 0.5),
+            p(&via, 0.99) - p(&direct, 0.99)
+        );
+    }
+}
+
 fn main() {
     let which: Vec<String> = std::env::args()
         .skip(1)
@@ -396,5 +882,14 @@ fn main() {
     }
     if want("limits") {
         limits(100_000, 200_000);
+    }
+    if want("gpt") {
+        rt.block_on(gpt_latency(200));
+    }
+    if want("gpt-memory") {
+        rt.block_on(gpt_memory());
+    }
+    if want("gpt-stream") {
+        rt.block_on(gpt_stream(50, 20));
     }
 }

@@ -14,12 +14,14 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::Stream;
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
@@ -94,6 +96,18 @@ pub enum Behavior {
     /// event, then the response body fails (HTTP/1.1: the connection closes without the last
     /// chunk; HTTP/2: the stream is reset).
     GptStreamBroken,
+    /// Extra (benchmarks): a GPT-image SSE answer paced in real time: `partials`
+    /// `image_edit.partial_image` events, then one `image_edit.completed` event with the usage
+    /// of [`GPT_STREAM_USAGE`], each event one chunk, with a `pause_ms` sleep (tokio timer)
+    /// before every event but the first. Each event's `b64_json` is `b64_len` (rounded down to
+    /// a multiple of 4) `A` characters, and its JSON data ends with `"mock_sent_us"`: the
+    /// [`mock_clock_us`] read after the event was built, when the body hands it to hyper (so
+    /// right before it is written). Headers as `GptStream`; the request's fields are not echoed.
+    GptStreamTimed {
+        partials: usize,
+        pause_ms: u64,
+        b64_len: usize,
+    },
 }
 
 impl Behavior {
@@ -405,6 +419,14 @@ impl MockUpstream {
         *self.shared.models.lock().unwrap() = answer;
     }
 
+    /// Extra: forgets every recorded request ([`MockUpstream::count`] restarts from 0), so long
+    /// benchmark loops do not keep every body they sent.
+    pub fn clear_received(&self) {
+        let mut recorded = self.shared.recorded.lock().unwrap();
+        recorded.clear();
+        self.shared.count_tx.send_replace(0);
+    }
+
     /// Extra: the behaviour currently in force.
     pub fn behavior(&self) -> Behavior {
         self.shared.behavior.lock().unwrap().clone()
@@ -547,6 +569,18 @@ async fn handle(
                 chunks.extend(three_pieces(Bytes::from(event.clone())));
             }
             let mut resp = Response::new(MockBody::pieces(chunks, broken));
+            openai_headers(resp.headers_mut(), id, version);
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            return Ok(resp);
+        }
+        Behavior::GptStreamTimed {
+            partials,
+            pause_ms,
+            b64_len,
+        } => {
+            let events = timed_events(partials, Duration::from_millis(pause_ms), b64_len);
+            let mut resp = Response::new(MockBody::timed(events));
             openai_headers(resp.headers_mut(), id, version);
             resp.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -738,6 +772,53 @@ impl GptAnswer {
     }
 }
 
+/// Extra: microseconds on a monotonic clock shared by the whole process (its zero is the first
+/// call), as written in the `mock_sent_us` field of [`Behavior::GptStreamTimed`] events.
+pub fn mock_clock_us() -> u64 {
+    static ZERO: OnceLock<Instant> = OnceLock::new();
+    ZERO.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
+
+/// The events of [`Behavior::GptStreamTimed`], each built (and stamped) when polled.
+fn timed_events(partials: usize, pause: Duration, b64_len: usize) -> EventStream {
+    let b64: Arc<str> = "A".repeat(b64_len / 4 * 4).into();
+    mock_clock_us(); // start the clock before the first stamp
+    Box::pin(futures_util::stream::unfold(0usize, move |i| {
+        let b64 = b64.clone();
+        async move {
+            if i > partials {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            let kind = if i < partials {
+                "image_edit.partial_image"
+            } else {
+                "image_edit.completed"
+            };
+            let mut e = String::with_capacity(b64.len() + 512);
+            e.push_str(&format!(
+                "event: {kind}\ndata: {{\"type\":\"{kind}\",\"b64_json\":\""
+            ));
+            e.push_str(&b64);
+            e.push_str(&format!(
+                "\",\"created_at\":{},\"size\":\"1024x1024\",\"quality\":\"low\",\"background\":\"opaque\",\"output_format\":\"png\",",
+                unix_now()
+            ));
+            if i < partials {
+                e.push_str(&format!("\"partial_image_index\":{i},"));
+            } else {
+                e.push_str(&format!("\"usage\":{GPT_STREAM_USAGE},"));
+            }
+            e.push_str(&format!("\"mock_sent_us\":{}}}\n\n", mock_clock_us()));
+            Some((Bytes::from(e), i + 1))
+        }
+    }))
+}
+
 /// Three pieces: the first ends 4 bytes into the `data:` line, the second in the middle of what
 /// is left (at most one piece per byte).
 fn three_pieces(b: Bytes) -> Vec<Bytes> {
@@ -852,6 +933,8 @@ pub struct MockBody {
     slow: bool,
     yield_next: bool,
     fail_at_end: bool,
+    /// Events produced on demand (then `chunks` is empty).
+    timed: Option<EventStream>,
 }
 
 impl MockBody {
@@ -863,6 +946,7 @@ impl MockBody {
             slow: false,
             yield_next: false,
             fail_at_end: false,
+            timed: None,
         }
     }
 
@@ -874,6 +958,19 @@ impl MockBody {
             slow: true,
             yield_next: false,
             fail_at_end,
+            timed: None,
+        }
+    }
+
+    /// The items of `events` as they come, no length.
+    fn timed(events: EventStream) -> Self {
+        MockBody {
+            chunks: VecDeque::new(),
+            exact_len: None,
+            slow: false,
+            yield_next: false,
+            fail_at_end: false,
+            timed: Some(events),
         }
     }
 
@@ -894,6 +991,7 @@ impl MockBody {
             slow: true,
             yield_next: false,
             fail_at_end: false,
+            timed: None,
         }
     }
 }
@@ -907,6 +1005,12 @@ impl Body for MockBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = &mut *self;
+        if let Some(events) = this.timed.as_mut() {
+            return events
+                .as_mut()
+                .poll_next(cx)
+                .map(|e| e.map(|b| Ok(Frame::data(b))));
+        }
         if this.yield_next {
             // Equivalent of tokio::task::yield_now(): reschedule, let others run.
             this.yield_next = false;
@@ -929,7 +1033,7 @@ impl Body for MockBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.chunks.is_empty() && !self.fail_at_end
+        self.timed.is_none() && self.chunks.is_empty() && !self.fail_at_end
     }
 
     fn size_hint(&self) -> SizeHint {
