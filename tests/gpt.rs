@@ -286,3 +286,207 @@ async fn a_mask_of_another_size_is_refused() {
         "Invalid mask image format - mask size does not match image size"
     );
 }
+
+#[tokio::test]
+async fn every_live_model_is_served() {
+    let gw = Gateway::start_with(gpt).await;
+    for model in [
+        "gpt-image-2",
+        "gpt-image-2-2026-04-21",
+        "gpt-image-2.5-flare",
+        "gpt-image-2.5-flare-2026-09-08",
+        "gpt-image-2.5-sunburst",
+        "gpt-image-2.5-sunburst-2026-09-08",
+        "gpt-image-2.6-flare",
+        "gpt-image-2.6-sunburst",
+    ] {
+        let f = Multipart::new()
+            .text("model", model)
+            .text("prompt", "p")
+            .file(
+                "image",
+                Some("x.png"),
+                Some("image/png"),
+                &rgba_png(32, true),
+            );
+        let resp = gw.edit(APP_KEY, &f).await;
+        assert_eq!(resp.status, 200, "{model}: {}", resp.text());
+        assert_eq!(
+            gw.mock.last().unwrap().field("model").as_deref(),
+            Some(model)
+        );
+        assert_eq!(gw.record_of(&resp).model.as_deref(), Some(model));
+    }
+}
+
+#[tokio::test]
+async fn quality_values_follow_the_family() {
+    let gw = Gateway::start_with(gpt).await;
+    let with = |model: &str, quality: &str| {
+        Multipart::new()
+            .text("model", model)
+            .text("prompt", "p")
+            .text("quality", quality)
+            .file(
+                "image",
+                Some("x.png"),
+                Some("image/png"),
+                &rgba_png(32, true),
+            )
+    };
+    let resp = gw.edit(APP_KEY, &with("gpt-image-2", "max")).await;
+    let msg = assert_error(
+        &resp,
+        400,
+        "invalid_request_error",
+        Some("quality"),
+        Some("invalid_value"),
+    );
+    assert_eq!(
+        msg,
+        "Invalid value: 'max'. Supported values are: 'low', 'medium', 'high', and 'auto'."
+    );
+    let resp = gw.edit(APP_KEY, &with("gpt-image-2.5-flare", "max")).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+}
+
+#[tokio::test]
+async fn sizes_at_each_bound() {
+    let gw = Gateway::start_with(gpt).await;
+    let with = |size: &str| form(&rgba_png(32, true)).text("size", size);
+    for ok in ["auto", "1024x640", "3840x2160", "2160x3840", "3840x1280"] {
+        let resp = gw.edit(APP_KEY, &with(ok)).await;
+        assert_eq!(resp.status, 200, "{ok}: {}", resp.text());
+        assert_eq!(gw.mock.last().unwrap().field("size").as_deref(), Some(ok));
+    }
+    for (bad, message) in [
+        (
+            "bogus",
+            "Invalid size 'bogus'. Expected WIDTHxHEIGHT, for example '1824x1024'.",
+        ),
+        (
+            "1792x936",
+            "Invalid size '1792x936'. Width and height must both be divisible by 16.",
+        ),
+        (
+            "4096x1024",
+            "Invalid size '4096x1024'. Width and height must be at most 3840 pixels.",
+        ),
+        (
+            "3840x1024",
+            "Invalid size '3840x1024'. The aspect ratio must be between 1:3 and 3:1.",
+        ),
+        (
+            "768x768",
+            "Requested resolution is below the current minimum pixel budget.",
+        ),
+    ] {
+        let resp = gw.edit(APP_KEY, &with(bad)).await;
+        let msg = assert_error(
+            &resp,
+            400,
+            "image_generation_user_error",
+            Some("size"),
+            Some("invalid_value"),
+        );
+        assert_eq!(msg, message, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn a_mask_and_a_markup_pass_and_their_faults_are_named() {
+    let gw = Gateway::start_with(gpt).await;
+    // A mask of the first image's size, with alpha.
+    let f = form(&rgba_png(64, false)).file("mask", Some("m.png"), None, &rgba_png(64, true));
+    let resp = gw.edit(APP_KEY, &f).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let sent = gw.mock.last().unwrap();
+    assert_eq!(
+        sent.part("mask").unwrap().content_type.as_deref(),
+        Some("image/png")
+    );
+    let r = gw.record_of(&resp);
+    assert!(r.mask_sha256.is_some() && r.mask_width == Some(64), "{r:?}");
+
+    // A markup with transparent pixels, then a fully opaque one.
+    let f = form(&rgba_png(64, false)).file("markup", Some("k.png"), None, &rgba_png(64, true));
+    let resp = gw.edit(APP_KEY, &f).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(gw.mock.last().unwrap().part("markup").is_some());
+    let f = form(&rgba_png(64, false)).file("markup", Some("k.png"), None, &rgba_png(64, false));
+    let resp = gw.edit(APP_KEY, &f).await;
+    let msg = assert_error(
+        &resp,
+        400,
+        "image_generation_user_error",
+        Some("markup"),
+        Some("invalid_markup_image_format"),
+    );
+    assert_eq!(
+        msg,
+        "Invalid markup image - markup image must contain transparent pixels"
+    );
+
+    // A mask without alpha.
+    let f = form(&rgba_png(64, false)).file("mask", Some("m.png"), None, &rgb_png(64));
+    let resp = gw.edit(APP_KEY, &f).await;
+    let msg = assert_error(
+        &resp,
+        400,
+        "image_generation_user_error",
+        Some("mask"),
+        Some("invalid_mask_image_format"),
+    );
+    assert_eq!(
+        msg,
+        "Invalid mask image format - mask image missing alpha channel"
+    );
+}
+
+#[tokio::test]
+async fn a_gif_is_refused_naming_its_real_type() {
+    let gw = Gateway::start_with(gpt).await;
+    let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;".to_vec();
+    let f = Multipart::new()
+        .text("model", "gpt-image-2")
+        .text("prompt", "p")
+        .file("image", Some("a.png"), Some("image/png"), &gif);
+    let resp = gw.edit(APP_KEY, &f).await;
+    let msg = assert_error(
+        &resp,
+        400,
+        "invalid_request_error",
+        Some("image"),
+        Some("unsupported_file_mimetype"),
+    );
+    assert_eq!(
+        msg,
+        "Invalid file 'image': unsupported mimetype ('image/gif'). Supported file formats are 'image/jpeg', 'image/png', and 'image/webp'."
+    );
+    assert_eq!(gw.mock.count(), 0);
+}
+
+#[tokio::test]
+async fn the_dall_e_2_profile_still_serves_its_ids_next_to_gpt_image() {
+    let gw = Gateway::start_with(|c| {
+        gpt(c);
+        c.validation.models = vec!["dall-e-2".into()];
+    })
+    .await;
+    let f = Multipart::new()
+        .text("model", "dall-e-2")
+        .text("prompt", "p")
+        .file("image", Some("x.png"), None, &rgba_png(64, true));
+    let resp = gw.edit(APP_KEY, &f).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let sent = gw.mock.last().unwrap();
+    assert_eq!(
+        sent.field("response_format").as_deref(),
+        Some("url"),
+        "dall-e-2 defaults written"
+    );
+    assert_eq!(
+        gw.record_of(&resp).cost_basis,
+        Some(imagegate::ledger::CostBasis::PerImage)
+    );
+}
