@@ -176,7 +176,7 @@ impl Default for UpstreamConfig {
             base_url: "https://api.openai.com/v1".into(),
             allow_http: false,
             connect_timeout: Duration::from_secs(10),
-            response_timeout: Duration::from_secs(180),
+            response_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(300),
             pool_idle_timeout: Duration::from_secs(90),
             api_key_env: "OPENAI_API_KEY".into(),
