@@ -58,6 +58,7 @@ use crate::edits::forward::Forwarder;
 use crate::edits::gpt::ModelTable;
 use crate::edits::read_body::{BodyLimits, BufferBudget};
 use crate::edits::relay::RelayTimeouts;
+use crate::edits::validated::{CacheLimits, ValidatedCache};
 use crate::edits::{Edits, EditsService, EndUserRules};
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
@@ -85,6 +86,8 @@ pub struct AppState {
     /// Byte-level checks of gpt-image files.
     pub file_rules: FileRules,
     pub decode_permits: Arc<Semaphore>,
+    /// Files that passed the checks recently (`[cache]`), shared by both profiles.
+    pub validated: Arc<ValidatedCache>,
     /// The overload layer's permits (`server.max_in_flight`): one per edit being handled.
     pub in_flight: Arc<Semaphore>,
     pub body_cap: usize,
@@ -128,6 +131,14 @@ impl AppState {
         crate::metrics::handle();
         let config = Arc::new(config);
         let v = &config.validation;
+        let validated = Arc::new(ValidatedCache::new(
+            CacheLimits {
+                max_entries: config.cache.validated_images_max_entries,
+                max_bytes: config.cache.validated_images_max_bytes,
+                ttl: config.cache.validated_images_ttl,
+            },
+            clock.clone(),
+        ));
         Ok(AppState {
             rates: Arc::new(RateLimits::new(&config, clock.clone())),
             quotas: Arc::new(QuotaStore::open(
@@ -153,6 +164,7 @@ impl AppState {
                 max_conversion_bytes: v.max_conversion_bytes,
             },
             decode_permits: Arc::new(Semaphore::new(config.server.max_concurrent_decodes)),
+            validated,
             in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
             // One cap for the route: the larger of the two profiles' bodies.
             body_cap: if config.models.serves_gpt_image() {
@@ -209,6 +221,7 @@ fn edits(state: &AppState) -> Edits {
         files: state.file_rules.clone(),
         clock: state.clock.clone(),
         decode_permits: state.decode_permits.clone(),
+        validated: state.validated.clone(),
         forwarder: Forwarder {
             upstream: state.upstream.clone(),
             timeouts: RelayTimeouts {

@@ -10,6 +10,8 @@
 //! | `imagegate_quota_rejections_total` | counter | |
 //! | `imagegate_request_duration_seconds` | histogram | |
 //! | `imagegate_validation_duration_seconds` | histogram | |
+//! | `imagegate_validation_cache_hits_total` | counter | |
+//! | `imagegate_validation_cache_misses_total` | counter | |
 //! | `imagegate_upstream_duration_seconds` | histogram | |
 //! | `imagegate_in_flight_requests` | gauge | |
 //! | `imagegate_ledger_queue_depth` | gauge | |
@@ -74,6 +76,14 @@ fn describe() {
     describe_histogram!(
         "imagegate_validation_duration_seconds",
         "Time spent parsing and checking a request"
+    );
+    describe_counter!(
+        "imagegate_validation_cache_hits_total",
+        "Files known valid from the validated-image cache (not checked again)"
+    );
+    describe_counter!(
+        "imagegate_validation_cache_misses_total",
+        "Files looked up in the validated-image cache and checked"
     );
     describe_histogram!(
         "imagegate_upstream_duration_seconds",

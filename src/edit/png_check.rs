@@ -325,13 +325,20 @@ pub fn check_mask_with(
         return Err(PngRejection::MaskMissingAlpha);
     }
     let checked = decode_mask(bytes, &header, rules, cancel)?;
-    if (checked.width, checked.height) != image_dims {
+    mask_fits((checked.width, checked.height), image_dims)?;
+    Ok(checked)
+}
+
+/// The one rule of [`check_mask`] that depends on the request rather than the mask alone: its
+/// size must be the image's (also applied to a mask known valid from the validated cache).
+pub fn mask_fits(mask_dims: (u32, u32), image_dims: (u32, u32)) -> Result<(), PngRejection> {
+    if mask_dims != image_dims {
         return Err(PngRejection::MaskSizeMismatch {
             image: image_dims,
-            mask: (checked.width, checked.height),
+            mask: mask_dims,
         });
     }
-    Ok(checked)
+    Ok(())
 }
 
 /// The decode half of [`check_mask`] (steps 7 and 8) for callers that applied their own header

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use super::check_images::FileDigest;
+use super::validated::{Key, Role, Validated, ValidatedCache, fingerprint};
 use crate::edit::cancel::{Cancel, CancelOnDrop};
 use crate::edit::files::{self, FileRules, ImageInfo};
 use crate::edit::sniff::ImageFormat;
@@ -52,8 +53,15 @@ pub struct Checked {
     pub result: Result<CheckedFiles, GatewayError>,
 }
 
-/// Run the checks on the blocking pool, at most `permits` at once.
-pub async fn check_files(permits: &Arc<Semaphore>, rules: &FileRules, files: Files) -> Checked {
+/// Run the checks on the blocking pool, at most `permits` at once. A first image, mask or
+/// markup the `validated` cache knows passed under the same rules is not checked again (its
+/// size is still compared with the first image's).
+pub async fn check_files(
+    permits: &Arc<Semaphore>,
+    validated: &Arc<ValidatedCache>,
+    rules: &FileRules,
+    files: Files,
+) -> Checked {
     let Ok(permit) = permits.clone().acquire_owned().await else {
         return Checked {
             first_image: None,
@@ -62,13 +70,14 @@ pub async fn check_files(permits: &Arc<Semaphore>, rules: &FileRules, files: Fil
         };
     };
     let rules = rules.clone();
+    let cache = validated.clone();
     // Dropped with this future: cancels the decodes below.
     let cancel_on_drop = CancelOnDrop::new();
     let cancel = cancel_on_drop.handle();
     let job = tokio::task::spawn_blocking(move || {
         // Held by the job itself: released when the work ends, not when the caller leaves.
         let _permit = permit;
-        run(&rules, files, &cancel)
+        run(&rules, &cache, files, &cancel)
     });
     let checked = job.await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "file check task failed");
@@ -82,13 +91,17 @@ pub async fn check_files(permits: &Arc<Semaphore>, rules: &FileRules, files: Fil
     checked
 }
 
-fn run(rules: &FileRules, files: Files, cancel: &Cancel) -> Checked {
+fn run(rules: &FileRules, cache: &ValidatedCache, files: Files, cancel: &Cancel) -> Checked {
     let mut first_image = files
         .images
         .first()
         .and_then(|i| i.bytes.as_deref())
         .map(FileDigest::of);
     let mut mask_digest = files.mask.as_deref().map(FileDigest::of);
+    let tag = if cache.is_on() { fingerprint(rules) } else { 0 };
+    let key = |digest: &FileDigest, role| Key::new(digest.sha256(), tag, role);
+    // Recorded only when the whole request passes.
+    let mut mask_dims = None;
     let result = (|| {
         let count = files.images.len();
         let mut infos = Vec::with_capacity(count);
@@ -100,7 +113,26 @@ fn run(rules: &FileRules, files: Files, cancel: &Cancel) -> Checked {
             if cancel.is_cancelled() {
                 return Err(GatewayError::Internal);
             }
-            let info = files::check_image_as(&image.param, i, bytes, format, rules)?;
+            // Input images are checked by structure alone, which costs less than a SHA-256:
+            // only the first, whose digest the ledger takes anyway, goes through the cache.
+            let cached = match (&first_image, i) {
+                (Some(d), 0) if cache.is_on() => Some(key(d, Role::GptImage(format))),
+                _ => None,
+            };
+            let info = match cached.as_ref().and_then(|k| cache.get(k)) {
+                Some(v) => ImageInfo {
+                    format: v.format,
+                    width: v.width,
+                    height: v.height,
+                },
+                None => {
+                    let info = files::check_image_as(&image.param, i, bytes, format, rules)?;
+                    if let Some(k) = cached {
+                        cache.insert(k, validated(info));
+                    }
+                    info
+                }
+            };
             infos.push(Some(info));
         }
         if let (Some(d), Some(Some(info))) = (first_image.as_mut(), infos.first()) {
@@ -113,30 +145,66 @@ fn run(rules: &FileRules, files: Files, cancel: &Cancel) -> Checked {
             width: 0,
             height: 0,
         });
-        let mask = match files.mask {
-            Some(m) => {
-                let checked = files::check_mask_with(m, &first, rules, cancel)?;
-                Some(checked)
+        let mask = match (files.mask, mask_digest.as_ref()) {
+            (Some(m), Some(digest)) => {
+                let k = key(digest, Role::GptMask);
+                match cache.get(&k) {
+                    Some(v) => {
+                        // A fact of this request, never cached: compared on every hit.
+                        files::mask_fits((v.width, v.height), &first)?;
+                        mask_dims = Some((v.width, v.height));
+                        Some(m)
+                    }
+                    None => {
+                        let checked = files::check_mask_with(m.clone(), &first, rules, cancel)?;
+                        if let Ok(info) = files::inspect(&checked, ImageFormat::Png) {
+                            mask_dims = Some((info.width, info.height));
+                            // Only a mask forwarded as sent (the same buffer: not converted)
+                            // is remembered.
+                            if checked.as_ptr() == m.as_ptr() && checked.len() == m.len() {
+                                cache.insert(k, validated(info));
+                            }
+                        }
+                        Some(checked)
+                    }
+                }
             }
-            None => None,
+            _ => None,
         };
         if let Some(markup) = &files.markup {
-            files::check_markup_with(markup, &first, rules, cancel)?;
+            let k = cache
+                .is_on()
+                .then(|| key(&FileDigest::of(markup), Role::GptMarkup));
+            match k.as_ref().and_then(|k| cache.get(k)) {
+                Some(v) => files::markup_fits((v.width, v.height), &first)?,
+                None => {
+                    files::check_markup_with(markup, &first, rules, cancel)?;
+                    if let (Some(k), Ok(info)) = (k, files::inspect(markup, ImageFormat::Png)) {
+                        cache.insert(k, validated(info));
+                    }
+                }
+            }
         }
         Ok(CheckedFiles {
             mask,
             images: infos,
         })
     })();
-    if let (Some(d), Ok(c)) = (mask_digest.as_mut(), &result)
-        && let Some(m) = &c.mask
-        && let Ok(info) = files::inspect(m, ImageFormat::Png)
-    {
-        d.dims = Some((info.width, info.height));
+    if let (Some(d), Ok(_)) = (mask_digest.as_mut(), &result) {
+        d.dims = mask_dims;
     }
     Checked {
         first_image,
         mask: mask_digest,
         result,
+    }
+}
+
+fn validated(info: ImageInfo) -> Validated {
+    Validated {
+        format: info.format,
+        width: info.width,
+        height: info.height,
+        mode: "",
     }
 }

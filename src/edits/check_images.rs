@@ -4,17 +4,21 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::Semaphore;
+
+use super::validated::{Key, Role, Validated, ValidatedCache, fingerprint};
 
 use crate::edit::ImageEdit;
 use crate::edit::cancel::CancelOnDrop;
-use crate::edit::png_check::{self, CheckedPng, PngRules};
+use crate::edit::png_check::{self, CheckedPng, PngRejection, PngRules};
+use crate::edit::sniff::ImageFormat;
 use crate::error::GatewayError;
 
 /// What the ledger keeps of an uploaded file: digest and size always, dimensions once known.
 #[derive(Debug, Clone)]
 pub struct FileDigest {
-    sha256: String,
+    sha256: [u8; 32],
     bytes: u64,
     pub dims: Option<(u32, u32)>,
 }
@@ -23,16 +27,21 @@ impl FileDigest {
     pub fn of(data: &[u8]) -> FileDigest {
         use sha2::Digest;
         FileDigest {
-            sha256: hex::encode(sha2::Sha256::digest(data)),
+            sha256: sha2::Sha256::digest(data).into(),
             bytes: data.len() as u64,
             dims: None,
         }
     }
 
+    /// The SHA-256 of the file.
+    pub fn sha256(&self) -> [u8; 32] {
+        self.sha256
+    }
+
     /// The record's (sha256, bytes, width, height) for this file.
     pub fn fields(&self) -> (Option<String>, Option<u64>, Option<u32>, Option<u32>) {
         let (w, h) = self.dims.unzip();
-        (Some(self.sha256.clone()), Some(self.bytes), w, h)
+        (Some(hex::encode(self.sha256)), Some(self.bytes), w, h)
     }
 }
 
@@ -43,9 +52,16 @@ pub struct Checked {
 }
 
 /// Run the PNG checks on the blocking pool, at most `server.max_concurrent_decodes` at once,
-/// and take the digests the ledger records (of the bytes as received). When the caller leaves
-/// (this future is dropped) the running decode stops at its next row.
-pub async fn check_images(permits: &Arc<Semaphore>, rules: &PngRules, edit: &ImageEdit) -> Checked {
+/// and take the digests the ledger records (of the bytes as received). A file the `validated`
+/// cache knows passed under the same rules is not decoded again (the mask's size is still
+/// compared with the image's). When the caller leaves (this future is dropped) the running
+/// decode stops at its next row.
+pub async fn check_images(
+    permits: &Arc<Semaphore>,
+    validated: &Arc<ValidatedCache>,
+    rules: &PngRules,
+    edit: &ImageEdit,
+) -> Checked {
     let image = edit.image.bytes.clone();
     let mask = edit.mask.as_ref().map(|m| m.bytes.clone());
     let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -55,6 +71,7 @@ pub async fn check_images(permits: &Arc<Semaphore>, rules: &PngRules, edit: &Ima
         };
     };
     let rules = rules.clone();
+    let cache = validated.clone();
     let max_bytes = rules.max_bytes;
     // Dropped with this future: cancels the decode below.
     let cancel_on_drop = CancelOnDrop::new();
@@ -64,29 +81,43 @@ pub async fn check_images(permits: &Arc<Semaphore>, rules: &PngRules, edit: &Ima
         let _permit = permit;
         let mut image_digest = FileDigest::of(&image);
         let mut mask_digest = mask.as_deref().map(FileDigest::of);
+        let tag = if cache.is_on() {
+            fingerprint(&rules)
+        } else {
+            0
+        };
+        let png_error = |part| {
+            move |rejection| GatewayError::Png {
+                part,
+                rejection,
+                max_bytes,
+            }
+        };
         let result = (|| {
-            let image = png_check::check_image_with(image, mask.is_some(), &rules, &cancel)
-                .map_err(|rejection| GatewayError::Png {
-                    part: "image",
-                    rejection,
-                    max_bytes,
-                })?;
+            let role = Role::DallE2Image {
+                has_mask: mask.is_some(),
+            };
+            let image = cached_check(&cache, &image_digest, tag, role, image, |bytes| {
+                png_check::check_image_with(bytes, mask.is_some(), &rules, &cancel)
+            })
+            .map_err(png_error("image"))?;
             image_digest.dims = Some((image.width, image.height));
-            let mask = match mask {
-                Some(m) => {
-                    let m =
-                        png_check::check_mask_with(m, (image.width, image.height), &rules, &cancel)
-                            .map_err(|rejection| GatewayError::Png {
-                                part: "mask",
-                                rejection,
-                                max_bytes,
-                            })?;
-                    if let Some(d) = mask_digest.as_mut() {
-                        d.dims = Some((m.width, m.height));
-                    }
+            let mask = match (mask, mask_digest.as_mut()) {
+                (Some(m), Some(digest)) => {
+                    let image_dims = (image.width, image.height);
+                    let m = cached_check(&cache, digest, tag, Role::DallE2Mask, m, |bytes| {
+                        png_check::check_mask_with(bytes, image_dims, &rules, &cancel)
+                    })
+                    .and_then(|m| {
+                        // A fact of this request, never cached: compared on every hit too.
+                        png_check::mask_fits((m.width, m.height), image_dims)?;
+                        Ok(m)
+                    })
+                    .map_err(png_error("mask"))?;
+                    digest.dims = Some((m.width, m.height));
                     Some(m)
                 }
-                None => None,
+                _ => None,
             };
             Ok((image, mask))
         })();
@@ -104,4 +135,42 @@ pub async fn check_images(permits: &Arc<Semaphore>, rules: &PngRules, edit: &Ima
     });
     drop(cancel_on_drop);
     checked
+}
+
+/// `check` of one file, or its cached success: a file that passed unchanged is stored (one that
+/// was converted is not: the converted bytes would have to be kept), a refusal never is.
+fn cached_check(
+    cache: &ValidatedCache,
+    digest: &FileDigest,
+    rules: u64,
+    role: Role,
+    bytes: Bytes,
+    check: impl FnOnce(Bytes) -> Result<CheckedPng, PngRejection>,
+) -> Result<CheckedPng, PngRejection> {
+    if !cache.is_on() {
+        return check(bytes);
+    }
+    let key = Key::new(digest.sha256(), rules, role);
+    if let Some(v) = cache.get(&key) {
+        return Ok(CheckedPng {
+            bytes,
+            converted: false,
+            width: v.width,
+            height: v.height,
+            mode: v.mode,
+        });
+    }
+    let checked = check(bytes)?;
+    if !checked.converted {
+        cache.insert(
+            key,
+            Validated {
+                format: ImageFormat::Png,
+                width: checked.width,
+                height: checked.height,
+                mode: checked.mode,
+            },
+        );
+    }
+    Ok(checked)
 }

@@ -19,6 +19,7 @@ pub mod gpt;
 pub mod read_body;
 pub mod relay;
 pub mod reserve;
+pub mod validated;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -78,6 +79,8 @@ pub struct Edits {
     pub files: FileRules,
     pub clock: Clock,
     pub decode_permits: Arc<Semaphore>,
+    /// Files that passed the checks recently: not decoded again.
+    pub validated: Arc<validated::ValidatedCache>,
     pub forwarder: Forwarder,
 }
 
@@ -252,7 +255,8 @@ impl Edits {
             .await?;
             trail.update(|r| r.cost_reserved_micros = reservation.reserved_micros());
             // check images
-            let checked = check_images(&this.decode_permits, &this.png, &edit).await;
+            let checked =
+                check_images(&this.decode_permits, &this.validated, &this.png, &edit).await;
             if let Some((image, mask)) = &checked.digests {
                 trail.update(|r| {
                     (r.image_sha256, r.image_bytes, r.image_width, r.image_height) = image.fields();
@@ -366,8 +370,13 @@ impl Edits {
             .await?;
             trail.update(|r| r.cost_reserved_micros = reservation.reserved_micros());
             // check files: by structure, on the blocking pool
-            let checked =
-                check_files(&this.decode_permits, &this.files, gpt::files_of(&edit)).await;
+            let checked = check_files(
+                &this.decode_permits,
+                &this.validated,
+                &this.files,
+                gpt::files_of(&edit),
+            )
+            .await;
             trail.update(|r| {
                 if let Some(d) = &checked.first_image {
                     (r.image_sha256, r.image_bytes, r.image_width, r.image_height) = d.fields();

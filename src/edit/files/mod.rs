@@ -198,13 +198,7 @@ pub fn check_mask_with(
     require_png(PART, &bytes)?;
     let header = png_check::walk(&bytes, Trailing::Ignore).map_err(|_| invalid_file(PART, PART))?;
     part_within_limits(PART, header.width, header.height, rules)?;
-    if first.format == ImageFormat::Png
-        && (header.width, header.height) != (first.width, first.height)
-    {
-        return Err(mask_error(
-            "Invalid mask image format - mask size does not match image size",
-        ));
-    }
+    mask_fits((header.width, header.height), first)?;
     if !header.has_alpha_channel() && !header.has_trns {
         return Err(mask_error(
             "Invalid mask image format - mask image missing alpha channel",
@@ -255,6 +249,31 @@ pub fn check_mask_with(
     }
 }
 
+/// The rule of [`check_mask`] that depends on the request rather than the mask alone: a mask
+/// sent with a PNG first image has its size (also applied to a mask known valid from the
+/// validated cache).
+pub fn mask_fits(mask_dims: (u32, u32), first: &ImageInfo) -> Result<(), GatewayError> {
+    if first.format == ImageFormat::Png && mask_dims != (first.width, first.height) {
+        return Err(mask_error(
+            "Invalid mask image format - mask size does not match image size",
+        ));
+    }
+    Ok(())
+}
+
+/// The rule of [`check_markup`] that depends on the request: a markup sent with a PNG or WebP
+/// first image has its size.
+pub fn markup_fits(markup_dims: (u32, u32), first: &ImageInfo) -> Result<(), GatewayError> {
+    if matches!(first.format, ImageFormat::Png | ImageFormat::Webp)
+        && markup_dims != (first.width, first.height)
+    {
+        return Err(markup_error(
+            "Invalid markup image - markup size does not match image size",
+        ));
+    }
+    Ok(())
+}
+
 /// I5: checks the markup against the first image.
 pub fn check_markup(
     bytes: &[u8],
@@ -276,13 +295,7 @@ pub fn check_markup_with(
     require_png(PART, bytes)?;
     let header = png_check::walk(bytes, Trailing::Ignore).map_err(|_| invalid_file(PART, PART))?;
     part_within_limits(PART, header.width, header.height, rules)?;
-    if matches!(first.format, ImageFormat::Png | ImageFormat::Webp)
-        && (header.width, header.height) != (first.width, first.height)
-    {
-        return Err(markup_error(
-            "Invalid markup image - markup size does not match image size",
-        ));
-    }
+    markup_fits((header.width, header.height), first)?;
     let decode_rules = PngRules {
         max_bytes: bytes.len().saturating_add(1),
         max_dimension: header.width.max(header.height),
