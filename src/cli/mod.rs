@@ -17,7 +17,6 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, Config, LogFormat};
 use crate::ledger::UsageFilters;
-use crate::ledger::sqlite::SqliteStore;
 use crate::startup::StartupError;
 
 #[derive(Debug, Parser)]
@@ -282,17 +281,19 @@ pub fn is_loopback(addr: SocketAddr) -> bool {
 pub const DEMO_KEY: &str = "ig-demo-key-change-me";
 
 /// Open the ledger named by a config for reading (`usage`, `audit`).
-pub fn open_ledger(config: &ConfigArg) -> Result<(Config, SqliteStore), StartupError> {
+pub fn open_ledger(
+    config: &ConfigArg,
+) -> Result<(Config, Box<dyn crate::ledger::LedgerStore>), StartupError> {
     let c = config.load_or_fail()?;
-    if !c.ledger.path.exists() {
+    if c.ledger.backend == config::LedgerBackend::Sqlite && !c.ledger.path.exists() {
         return Err(StartupError::NoLedger {
             path: c.ledger.path.clone(),
         });
     }
-    match SqliteStore::open_reader(&c.ledger.path) {
+    match crate::ledger::open_reader(&c.ledger) {
         Ok(store) => Ok((c, store)),
         Err(e) => Err(StartupError::LedgerRead {
-            path: c.ledger.path.clone(),
+            path: c.ledger.location(),
             detail: e.to_string(),
         }),
     }

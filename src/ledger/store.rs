@@ -195,6 +195,17 @@ pub struct VerifyReport {
     pub head: Option<ChainHead>,
     /// `None` when everything verified.
     pub first_broken: Option<BrokenLink>,
+    /// PostgreSQL: the head of each replica's chain (`head` is this replica's). Empty for
+    /// SQLite (one chain).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chains: Vec<ReplicaHead>,
+}
+
+/// The head of one replica's chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ReplicaHead {
+    pub replica: String,
+    pub head: ChainHead,
 }
 
 impl VerifyReport {
