@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod check_config;
 pub mod hash_key;
+pub mod migrate;
 pub mod models;
 pub mod quota;
 pub mod serve;
@@ -53,6 +54,12 @@ pub enum Command {
     },
     /// Read a gateway key on stdin and print the form `clients[].key_hash` stores.
     HashKey,
+    /// Create or upgrade the ledger's tables (PostgreSQL: the versioned migrations; SQLite:
+    /// the in-place upgrade), then exit. `serve` does the same at start.
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Usage report from the ledger: requests, images, spend, tokens, rejections by reason.
     Usage {
         #[command(flatten)]

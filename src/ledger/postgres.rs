@@ -543,7 +543,7 @@ impl PostgresStore {
     /// This replica's last chain entry.
     pub fn head(&self) -> Result<Option<ChainHead>, LedgerError> {
         let tip = self.load_tip()?;
-        Ok((tip.seq > 0).then(|| ChainHead {
+        Ok((tip.seq > 0).then_some(ChainHead {
             seq: tip.seq as u64,
             hash: tip.hash,
         }))
