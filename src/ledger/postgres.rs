@@ -87,19 +87,23 @@ pub fn redact_url(url: &str) -> String {
             },
             None => authority.to_owned(),
         };
-        let tail = tail
-            .split('&')
-            .map(|p| {
-                let lower = p.to_ascii_lowercase();
-                if lower.starts_with("password=") || lower.starts_with("?password=") {
-                    let k = &p[..p.find('=').unwrap_or(0)];
-                    format!("{k}=***")
-                } else {
-                    p.to_owned()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("&");
+        let tail = match tail.split_once('?') {
+            None => tail.to_owned(),
+            Some((path, query)) => {
+                let query = query
+                    .split('&')
+                    .map(|p| {
+                        if p.to_ascii_lowercase().starts_with("password=") {
+                            "password=***".to_owned()
+                        } else {
+                            p.to_owned()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("&");
+                format!("{path}?{query}")
+            }
+        };
         format!("{scheme}://{authority}{tail}")
     } else {
         url.split_whitespace()
