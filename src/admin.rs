@@ -78,12 +78,11 @@ pub fn build(state: Arc<AppState>) -> Result<Option<AppService>, StartupError> {
     }
     let key = parse_key_hash(state.config.admin.key_hash.as_deref().unwrap_or_default())
         .map_err(StartupError::AdminKeyHash)?;
-    let reader = LedgerReader::open_sqlite(&state.config.ledger.path).map_err(|e| {
-        StartupError::AdminLedger {
-            path: state.config.ledger.path.clone(),
+    let reader =
+        LedgerReader::open(&state.config.ledger).map_err(|e| StartupError::AdminLedger {
+            path: state.config.ledger.location(),
             detail: e.to_string(),
-        }
-    })?;
+        })?;
     let admin = Arc::new(Admin { state, reader, key });
     let svc = tower::service_fn(move |req: Request<Incoming>| {
         let admin = admin.clone();

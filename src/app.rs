@@ -108,11 +108,16 @@ impl AppState {
     /// Build the state, opening the SQLite ledger at `ledger.path` (recovering what a crash
     /// left `forwarding`).
     pub fn new(config: Config, clock: Clock) -> Result<AppState, StartupError> {
-        let (ledger, recovered) = Ledger::open_sqlite(&config.ledger.path, config.ledger.queue)
-            .map_err(|e| StartupError::LedgerOpen {
-                path: config.ledger.path.clone(),
-                detail: e.to_string(),
-            })?;
+        let opened = match config.ledger.postgres() {
+            Some(settings) => {
+                Ledger::open_postgres(settings, &config.ledger.replica(), config.ledger.queue)
+            }
+            None => Ledger::open_sqlite(&config.ledger.path, config.ledger.queue),
+        };
+        let (ledger, recovered) = opened.map_err(|e| StartupError::LedgerOpen {
+            path: config.ledger.location(),
+            detail: e.to_string(),
+        })?;
         if recovered > 0 {
             tracing::warn!(
                 recovered,
@@ -141,11 +146,7 @@ impl AppState {
         ));
         Ok(AppState {
             rates: Arc::new(RateLimits::new(&config, clock.clone())),
-            quotas: Arc::new(QuotaStore::open(
-                &config.ledger.path,
-                config.clone(),
-                clock.clone(),
-            )?),
+            quotas: Arc::new(QuotaStore::open_configured(config.clone(), clock.clone())?),
             clock,
             ledger,
             tasks: TaskTracker::new(),

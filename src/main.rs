@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         }),
         Command::CheckConfig { config, listen } => cli::check_config::run(config, *listen),
         Command::HashKey => cli::hash_key::run(),
+        Command::Migrate { config } => cli::migrate::run(config),
         Command::Usage {
             config,
             filters,

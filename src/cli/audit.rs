@@ -5,7 +5,6 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use super::{AuditCommand, ConfigArg, Filters, open_ledger};
-use crate::ledger::store::LedgerStore;
 use crate::ledger::{UsageFilters, write_export};
 use crate::startup::StartupError;
 
@@ -48,7 +47,7 @@ fn export(
         },
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    let result = write_export(&store, &query, format, &mut *out);
+    let result = write_export(store.as_ref(), &query, format, &mut *out);
     let flushed = out.flush();
     let n = result.map_err(|e| StartupError::Query(e.to_string()))?;
     flushed.map_err(StartupError::Write)?;

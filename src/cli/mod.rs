@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod check_config;
 pub mod hash_key;
+pub mod migrate;
 pub mod models;
 pub mod quota;
 pub mod serve;
@@ -17,7 +18,6 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, Config, LogFormat};
 use crate::ledger::UsageFilters;
-use crate::ledger::sqlite::SqliteStore;
 use crate::startup::StartupError;
 
 #[derive(Debug, Parser)]
@@ -54,6 +54,12 @@ pub enum Command {
     },
     /// Read a gateway key on stdin and print the form `clients[].key_hash` stores.
     HashKey,
+    /// Create or upgrade the ledger's tables (PostgreSQL: the versioned migrations; SQLite:
+    /// the in-place upgrade), then exit. `serve` does the same at start.
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Usage report from the ledger: requests, images, spend, tokens, rejections by reason.
     Usage {
         #[command(flatten)]
@@ -282,17 +288,19 @@ pub fn is_loopback(addr: SocketAddr) -> bool {
 pub const DEMO_KEY: &str = "ig-demo-key-change-me";
 
 /// Open the ledger named by a config for reading (`usage`, `audit`).
-pub fn open_ledger(config: &ConfigArg) -> Result<(Config, SqliteStore), StartupError> {
+pub fn open_ledger(
+    config: &ConfigArg,
+) -> Result<(Config, Box<dyn crate::ledger::LedgerStore>), StartupError> {
     let c = config.load_or_fail()?;
-    if !c.ledger.path.exists() {
+    if c.ledger.backend == config::LedgerBackend::Sqlite && !c.ledger.path.exists() {
         return Err(StartupError::NoLedger {
             path: c.ledger.path.clone(),
         });
     }
-    match SqliteStore::open_reader(&c.ledger.path) {
+    match crate::ledger::open_reader(&c.ledger) {
         Ok(store) => Ok((c, store)),
         Err(e) => Err(StartupError::LedgerRead {
-            path: c.ledger.path.clone(),
+            path: c.ledger.location(),
             detail: e.to_string(),
         }),
     }

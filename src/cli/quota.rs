@@ -16,8 +16,7 @@ pub fn run(command: &QuotaCommand) -> Result<ExitCode, StartupError> {
         format,
     } = command;
     let c = config.load_or_fail()?;
-    let path = c.ledger.path.clone();
-    let store = QuotaStore::open(&path, Arc::new(c), Clock::system())?;
+    let store = QuotaStore::open_configured(Arc::new(c), Clock::system())?;
     let lines = store
         .show(client.as_deref(), user.as_deref())
         .map_err(StartupError::Query)?;

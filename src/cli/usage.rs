@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use super::{ConfigArg, Filters, open_ledger};
-use crate::ledger::store::LedgerStore;
 use crate::ledger::{UsageFilters, render_usage};
 use crate::startup::StartupError;
 

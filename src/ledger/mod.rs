@@ -25,6 +25,8 @@
 //! - [`store`]: the synchronous [`LedgerStore`] trait (SQLite now, PostgreSQL later), the ops it
 //!   writes and the query types.
 //! - [`sqlite`]: [`SqliteStore`] (WAL, `synchronous=FULL`, one transaction per batch).
+//! - [`postgres`]: [`PostgresStore`] for several replicas (one chain per replica, versioned
+//!   migrations, recovery of this replica's `forwarding` records).
 //! - [`writer`]: [`Ledger`], the cloneable async handle used by request handlers, with ONE
 //!   writer thread that commits batches; [`LedgerReader`] for the admin listener.
 //! - [`report`]: usage aggregation and rendering, JSONL/CSV export.
@@ -49,19 +51,22 @@
 //! [`Ledger::retained_records`] and [`Ledger::lost_records`]. The admin listener and the CLI
 //! read through [`LedgerReader`] / [`SqliteStore::open_reader`].
 
+pub mod postgres;
 pub mod record;
 pub mod report;
 pub mod sqlite;
 pub mod store;
 pub mod writer;
 
+pub use postgres::{PgSettings, PostgresStore};
 pub use record::{CostBasis, Outcome, PromptPolicy, Record};
 pub use report::{
     ExportFormat, Format, UsageFilters, micros_to_usd, parse_time_bound, render_usage, write_export,
 };
 pub use sqlite::{SqliteStore, Synchronous};
 pub use store::{
-    BrokenLink, ChainHead, GroupBy, LedgerOp, LedgerStore, UsageQuery, UsageRow, VerifyReport,
+    BrokenLink, ChainHead, GroupBy, LedgerOp, LedgerStore, ReplicaHead, UsageQuery, UsageRow,
+    VerifyReport,
 };
 pub use writer::{Ledger, LedgerReader};
 
@@ -113,6 +118,20 @@ impl fmt::Display for LedgerError {
 }
 
 impl std::error::Error for LedgerError {}
+
+/// A store for queries only over the ledger `config` names: the SQLite file (which must
+/// exist), or PostgreSQL (connecting on first use).
+pub fn open_reader(
+    config: &crate::config::LedgerConfig,
+) -> Result<Box<dyn LedgerStore>, LedgerError> {
+    match config.postgres() {
+        Some(settings) => Ok(Box::new(PostgresStore::reader(settings, &config.replica()))),
+        None if config.backend == crate::config::LedgerBackend::Postgres => Err(
+            LedgerError::Store("ledger.postgres_url (or IMAGEGATE_POSTGRES_URL) is not set".into()),
+        ),
+        None => Ok(Box::new(SqliteStore::open_reader(&config.path)?)),
+    }
+}
 
 impl From<std::io::Error> for LedgerError {
     fn from(e: std::io::Error) -> Self {

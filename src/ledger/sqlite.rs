@@ -787,7 +787,7 @@ fn filter(q: &UsageQuery) -> (String, Vec<Value>) {
 }
 
 /// Whether a chain entry of `kind` may carry `outcome` (as the writer produces them).
-fn kind_fits(kind: EntryKind, outcome: Outcome) -> bool {
+pub(crate) fn kind_fits(kind: EntryKind, outcome: Outcome) -> bool {
     match kind {
         EntryKind::Begin => outcome == Outcome::Forwarding,
         EntryKind::Recover => outcome == Outcome::Unknown,
@@ -796,7 +796,7 @@ fn kind_fits(kind: EntryKind, outcome: Outcome) -> bool {
 }
 
 /// Names of the fields in which two records differ.
-fn differing_fields(a: &Record, b: &Record) -> Vec<String> {
+pub(crate) fn differing_fields(a: &Record, b: &Record) -> Vec<String> {
     let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
         (serde_json::to_value(a), serde_json::to_value(b))
     else {

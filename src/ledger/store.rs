@@ -1,5 +1,5 @@
 //! The store behind the ledger: the operations it writes, the queries it answers, and the trait
-//! a backend implements (SQLite now; PostgreSQL can follow with the same contract).
+//! a backend implements (SQLite and PostgreSQL).
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -50,8 +50,9 @@ impl LedgerOp {
 /// A backend. Synchronous: it is used from the ledger's single writer thread, from a
 /// [`super::LedgerReader`] (behind a mutex, on the blocking pool) and from the CLI.
 ///
-/// Only one process may write a ledger: `recover` assumes every `forwarding` record belongs to
-/// a process that is gone.
+/// Only one process may write a ledger (SQLite) or a replica's part of it (PostgreSQL, one
+/// process per `replica_id`): `recover` assumes every `forwarding` record it finds (of its
+/// replica) belongs to a process that is gone.
 pub trait LedgerStore: Send + 'static {
     /// Turn every `forwarding` record into `unknown` (appending a `recover` chain entry for
     /// each, in one transaction). Call once at start-up, before any request. Returns how many.
@@ -195,6 +196,17 @@ pub struct VerifyReport {
     pub head: Option<ChainHead>,
     /// `None` when everything verified.
     pub first_broken: Option<BrokenLink>,
+    /// PostgreSQL: the head of each replica's chain (`head` is this replica's). Empty for
+    /// SQLite (one chain).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chains: Vec<ReplicaHead>,
+}
+
+/// The head of one replica's chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ReplicaHead {
+    pub replica: String,
+    pub head: ChainHead,
 }
 
 impl VerifyReport {

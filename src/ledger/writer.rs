@@ -174,6 +174,21 @@ impl Ledger {
         Ok((Ledger::start(Box::new(store), queue)?, recovered))
     }
 
+    /// Open the PostgreSQL ledger (running its migrations), turn what this replica left
+    /// `forwarding` into `unknown`, and start the writer. Blocking: call it at start-up.
+    pub fn open_postgres(
+        settings: super::postgres::PgSettings,
+        replica: &str,
+        queue: usize,
+    ) -> Result<(Ledger, usize), LedgerError> {
+        let mut store = super::postgres::PostgresStore::open(settings, replica)?;
+        let recovered = store.recover()?;
+        if let Some(head) = store.head()? {
+            tracing::info!(seq = head.seq, hash = %head.hash, replica, "ledger opened (PostgreSQL)");
+        }
+        Ok((Ledger::start(Box::new(store), queue)?, recovered))
+    }
+
     /// Commit `record` as `forwarding` (whatever its outcome says) and wait until the commit
     /// returned. `Err` means the record is not durable: the caller must NOT forward the request
     /// (answer 503 `ledger_unavailable`, then record that rejection with a `Final` of the same
@@ -535,6 +550,12 @@ impl LedgerReader {
     /// A reader over the SQLite ledger at `path` (which must exist). Blocking.
     pub fn open_sqlite(path: &Path) -> Result<LedgerReader, LedgerError> {
         Ok(LedgerReader::new(Box::new(SqliteStore::open_reader(path)?)))
+    }
+
+    /// A reader over the ledger a configuration names (SQLite: the file must exist;
+    /// PostgreSQL: connects on first query).
+    pub fn open(config: &crate::config::LedgerConfig) -> Result<LedgerReader, LedgerError> {
+        Ok(LedgerReader::new(super::open_reader(config)?))
     }
 
     async fn with<T: Send + 'static>(

@@ -15,6 +15,10 @@ use jiff::tz::TimeZone;
 use jiff::{ToSpan, ZonedDateTime as Zoned};
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::ledger::LedgerError;
+use crate::ledger::postgres::{PgPool, PgSettings, redact_url};
+use std::path::PathBuf;
+
 use super::EndUser;
 use super::spec::{QuotaSpec, micros_to_usd, usd_to_micros};
 use crate::clock::Clock;
@@ -66,8 +70,17 @@ pub struct ScopeUse {
     pub micros_month: i64,
 }
 
+/// Where quota use is kept.
+enum Backend {
+    /// A connection to the ledger's SQLite file (one gateway process).
+    Sqlite(Mutex<Connection>),
+    /// The shared PostgreSQL database (several replicas): every reservation is one
+    /// transaction of conditional UPDATEs, atomic across replicas.
+    Postgres(PgPool),
+}
+
 pub struct QuotaStore {
-    conn: Mutex<Connection>,
+    backend: Backend,
     tz: TimeZone,
     clock: Clock,
     config: std::sync::Arc<Config>,
@@ -136,11 +149,56 @@ impl QuotaStore {
         let tz = TimeZone::get(&config.quotas.time_zone)
             .map_err(|e| format!("quotas.time_zone: {e}"))?;
         Ok(QuotaStore {
-            conn: Mutex::new(conn),
+            backend: Backend::Sqlite(Mutex::new(conn)),
             tz,
             clock,
             config,
         })
+    }
+
+    /// The quota store on PostgreSQL (the tables come from the ledger's migrations, which this
+    /// runs too, so the store may open first). Connects now, to fail early.
+    pub fn open_postgres(
+        settings: PgSettings,
+        config: std::sync::Arc<Config>,
+        clock: Clock,
+    ) -> Result<QuotaStore, StartupError> {
+        let fail = |detail: String| StartupError::QuotaStore {
+            path: PathBuf::from(redact_url(&settings.url)),
+            detail,
+        };
+        let pool = PgPool::new(settings.clone());
+        pool.with(|c| crate::ledger::postgres::migrate(c).map(|_| ()))
+            .map_err(|e| fail(e.to_string()))?;
+        let tz = TimeZone::get(&config.quotas.time_zone)
+            .map_err(|e| fail(format!("quotas.time_zone: {e}")))?;
+        Ok(QuotaStore {
+            backend: Backend::Postgres(pool),
+            tz,
+            clock,
+            config,
+        })
+    }
+
+    /// The quota store of the backend `config.ledger` names.
+    pub fn open_configured(
+        config: std::sync::Arc<Config>,
+        clock: Clock,
+    ) -> Result<QuotaStore, StartupError> {
+        match config.ledger.postgres() {
+            Some(settings) => Self::open_postgres(settings, config, clock),
+            None => {
+                let path = config.ledger.path.clone();
+                Self::open(&path, config, clock)
+            }
+        }
+    }
+
+    fn sqlite(&self) -> Option<std::sync::MutexGuard<'_, Connection>> {
+        match &self.backend {
+            Backend::Sqlite(c) => Some(c.lock().expect("quota store lock poisoned by a panic")),
+            Backend::Postgres(_) => None,
+        }
     }
 
     fn now(&self) -> Zoned {
@@ -204,10 +262,10 @@ impl QuotaStore {
             client_limits,
             format!("client '{}'", who.client),
         ));
-        let mut conn = self
-            .conn
-            .lock()
-            .expect("quota store lock poisoned by a panic");
+        if let Backend::Postgres(pool) = &self.backend {
+            return self.reserve_pg(pool, scopes, day, month, images, micros, &now);
+        }
+        let mut conn = self.sqlite().expect("sqlite backend");
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| store_error(&e))?;
@@ -317,10 +375,21 @@ impl QuotaStore {
         if d_images == 0 && d_micros == 0 {
             return Ok(());
         }
-        let mut conn = self
-            .conn
-            .lock()
-            .expect("quota store lock poisoned by a panic");
+        if let Backend::Postgres(pool) = &self.backend {
+            return pool
+                .with(|c| {
+                    let mut tx = c.transaction()?;
+                    for scope in &r.scopes {
+                        for period in [&r.day, &r.month] {
+                            tx.execute(PG_ADD, &[scope, period, &d_images, &d_micros])?;
+                        }
+                    }
+                    tx.commit()?;
+                    Ok(())
+                })
+                .map_err(|e| e.to_string());
+        }
+        let mut conn = self.sqlite().expect("sqlite backend");
         let tx = conn.transaction().map_err(|e| e.to_string())?;
         for scope in &r.scopes {
             for period in [&r.day, &r.month] {
@@ -333,12 +402,18 @@ impl QuotaStore {
     /// Use of a scope in the current day and month.
     pub fn usage(&self, scope: &str) -> Result<ScopeUse, String> {
         let (day, month) = Self::periods(&self.now());
-        let conn = self
-            .conn
-            .lock()
-            .expect("quota store lock poisoned by a panic");
-        let (images_day, micros_day) = read(&conn, scope, &day).map_err(|e| e.to_string())?;
-        let (images_month, micros_month) = read(&conn, scope, &month).map_err(|e| e.to_string())?;
+        let ((images_day, micros_day), (images_month, micros_month)) = match &self.backend {
+            Backend::Postgres(pool) => pool
+                .with(|c| Ok((pg_read(c, scope, &day)?, pg_read(c, scope, &month)?)))
+                .map_err(|e| e.to_string())?,
+            Backend::Sqlite(_) => {
+                let conn = self.sqlite().expect("sqlite backend");
+                (
+                    read(&conn, scope, &day).map_err(|e| e.to_string())?,
+                    read(&conn, scope, &month).map_err(|e| e.to_string())?,
+                )
+            }
+        };
         Ok(ScopeUse {
             scope: scope.to_owned(),
             day,
@@ -353,13 +428,6 @@ impl QuotaStore {
     /// Every user scope of a client seen this month.
     pub fn users_of(&self, client: &str) -> Result<Vec<String>, String> {
         let (_, month) = Self::periods(&self.now());
-        let conn = self
-            .conn
-            .lock()
-            .expect("quota store lock poisoned by a panic");
-        let mut stmt = conn
-            .prepare("SELECT scope FROM quota_usage WHERE period = ?1 AND scope LIKE ?2 ESCAPE '\\' ORDER BY scope")
-            .map_err(|e| e.to_string())?;
         let pattern = format!(
             "user:{}\u{1f}%",
             client
@@ -367,6 +435,23 @@ impl QuotaStore {
                 .replace('%', "\\%")
                 .replace('_', "\\_")
         );
+        if let Backend::Postgres(pool) = &self.backend {
+            return pool
+                .with(|c| {
+                    Ok(c.query(
+                        "SELECT scope FROM quota_usage WHERE period = $1 AND scope LIKE $2 ESCAPE '\\' ORDER BY scope",
+                        &[&month, &pattern],
+                    )?
+                    .iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect())
+                })
+                .map_err(|e| e.to_string());
+        }
+        let conn = self.sqlite().expect("sqlite backend");
+        let mut stmt = conn
+            .prepare("SELECT scope FROM quota_usage WHERE period = ?1 AND scope LIKE ?2 ESCAPE '\\' ORDER BY scope")
+            .map_err(|e| e.to_string())?;
         let rows = stmt
             .query_map(params![month, pattern], |r| r.get::<_, String>(0))
             .map_err(|e| e.to_string())?;
@@ -526,6 +611,106 @@ fn add(
         params![scope, period, images, micros],
     )
     .map(|_| ())
+}
+
+/// Add (or, negative, remove) use; never below 0.
+const PG_ADD: &str = "INSERT INTO quota_usage (scope, period, images, micros) VALUES ($1, $2, GREATEST($3::BIGINT, 0), GREATEST($4::BIGINT, 0))
+     ON CONFLICT (scope, period) DO UPDATE SET images = GREATEST(quota_usage.images + $3::BIGINT, 0), micros = GREATEST(quota_usage.micros + $4::BIGINT, 0)";
+
+/// Add a reservation to one (scope, period) only if no limit is exceeded, in ONE statement: the
+/// row lock the UPDATE takes serializes concurrent reservations of every replica, and the
+/// condition is re-checked against the row as the previous holder committed it. No row: a
+/// limit would be exceeded.
+const PG_RESERVE: &str = "UPDATE quota_usage SET images = images + $3, micros = micros + $4
+     WHERE scope = $1 AND period = $2
+       AND ($5::BIGINT IS NULL OR images + $3 <= $5)
+       AND ($6::BIGINT IS NULL OR micros + $4 <= $6)
+     RETURNING images";
+
+fn pg_read(
+    c: &mut impl postgres::GenericClient,
+    scope: &str,
+    period: &str,
+) -> Result<(u64, i64), LedgerError> {
+    Ok(c.query_opt(
+        "SELECT images, micros FROM quota_usage WHERE scope = $1 AND period = $2",
+        &[&scope, &period],
+    )?
+    .map_or((0, 0), |r| (r.get::<_, i64>(0).max(0) as u64, r.get(1))))
+}
+
+impl QuotaStore {
+    /// [`QuotaStore::reserve`] on PostgreSQL: for each scope (user first, then client: one
+    /// order for everyone, so no deadlock) and period, make sure the row exists, then the
+    /// conditional UPDATE. All in one transaction: one refusal rolls back the others.
+    #[allow(clippy::too_many_arguments)]
+    fn reserve_pg(
+        &self,
+        pool: &PgPool,
+        scopes: Vec<(String, ScopeLimits, String)>,
+        day: String,
+        month: String,
+        images: u32,
+        micros: i64,
+        now: &Zoned,
+    ) -> Result<Reservation, GatewayError> {
+        let img = i64::from(images);
+        let refused = pool
+            .with(|c| {
+                let mut tx = c.transaction()?;
+                for (scope, limits, label) in &scopes {
+                    for (period, monthly) in [(&day, false), (&month, true)] {
+                        let (img_limit, mic_limit) = if monthly {
+                            (limits.images_month, limits.micros_month)
+                        } else {
+                            (limits.images_day, limits.micros_day)
+                        };
+                        let img_limit = img_limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX));
+                        tx.execute(
+                            "INSERT INTO quota_usage (scope, period) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                            &[scope, period],
+                        )?;
+                        let admitted = tx
+                            .query_opt(PG_RESERVE, &[scope, period, &img, &micros, &img_limit, &mic_limit])?
+                            .is_some();
+                        if !admitted {
+                            // Which limit was hit, for the message (as committed now).
+                            let (used_img, used_mic) = pg_read(&mut tx, scope, period)?;
+                            drop(tx);
+                            let (name, limit, used) = match img_limit {
+                                Some(l) if i128::from(used_img) + i128::from(img) > i128::from(l) => (
+                                    if monthly { "images per month" } else { "images per day" },
+                                    i128::from(l),
+                                    i128::from(used_img),
+                                ),
+                                _ => (
+                                    if monthly { "spend per month" } else { "spend per day" },
+                                    i128::from(mic_limit.unwrap_or(0)),
+                                    i128::from(used_mic),
+                                ),
+                            };
+                            return Ok(Some((label.clone(), name, limit, used, monthly)));
+                        }
+                    }
+                }
+                tx.commit()?;
+                Ok(None)
+            })
+            .map_err(|e| {
+                tracing::error!(error = %e, "quota store failed");
+                GatewayError::LedgerUnavailable
+            })?;
+        if let Some((label, name, limit, used, monthly)) = refused {
+            return Err(self.exhausted(&label, name, limit, used, monthly, now));
+        }
+        Ok(Reservation {
+            scopes: scopes.into_iter().map(|s| s.0).collect(),
+            day,
+            month,
+            images,
+            micros,
+        })
+    }
 }
 
 fn store_error(e: &rusqlite::Error) -> GatewayError {

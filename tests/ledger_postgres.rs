@@ -1,0 +1,437 @@
+//! The ledger and the quotas on PostgreSQL. Every test needs a server at `DATABASE_URL`
+//! (default `postgres://postgres@127.0.0.1:5432/test`, trust authentication) and is ignored
+//! otherwise: run with `cargo test --test ledger_postgres -- --include-ignored`. Each test
+//! works in a schema of its own (`imagegate_test_<random>`, dropped at the end), so they run in
+//! parallel.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
+
+use imagegate::clock::Clock;
+use imagegate::config::{ClientConfig, Config, hash_key};
+use imagegate::ledger::postgres::{latest_version, migrate, schema_version};
+use imagegate::ledger::{
+    LedgerError, LedgerOp, LedgerStore, Outcome, PgSettings, PostgresStore, Record, UsageQuery,
+};
+use imagegate::limits::EndUser;
+use imagegate::limits::quota::QuotaStore;
+use imagegate::limits::spec::QuotaSpec;
+
+const NEEDS: &str = "needs PostgreSQL at DATABASE_URL";
+
+fn url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh schema, dropped when this goes out of scope.
+struct Schema {
+    name: String,
+}
+
+impl Schema {
+    fn new() -> Schema {
+        let name = format!("imagegate_test_{}", uuid::Uuid::new_v4().simple());
+        let mut c = postgres::Client::connect(&url(), postgres::NoTls).expect("PostgreSQL");
+        c.batch_execute(&format!("CREATE SCHEMA {name}")).unwrap();
+        Schema { name }
+    }
+
+    fn settings(&self) -> PgSettings {
+        PgSettings {
+            url: url(),
+            schema: Some(self.name.clone()),
+            pool_size: 4,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn client(&self) -> postgres::Client {
+        self.settings().connect().unwrap()
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(&url(), postgres::NoTls) {
+            let _ = c.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
+        }
+    }
+}
+
+fn record(id: &str, user: &str) -> Record {
+    Record {
+        request_id: id.into(),
+        received_at: "2026-03-04T05:06:07.123456Z".parse().unwrap(),
+        client: Some("acme".into()),
+        user: Some(user.into()),
+        model: Some("gpt-image-1".into()),
+        n: Some(1),
+        size: Some("1024x1024".into()),
+        cost_reserved_micros: 40_000,
+        ..Record::default()
+    }
+}
+
+fn answered(id: &str, user: &str) -> Record {
+    Record {
+        outcome: Outcome::Answered,
+        status: Some(200),
+        images_returned: Some(1),
+        cost_settled_micros: 42_000,
+        input_tokens: Some(100),
+        output_tokens: Some(200),
+        ..record(id, user)
+    }
+}
+
+fn ok(results: Vec<Result<(), LedgerError>>) {
+    for r in results {
+        r.unwrap();
+    }
+}
+
+#[test]
+#[ignore = "needs PostgreSQL at DATABASE_URL"]
+fn begin_complete_verify_round_trip() {
+    let _ = NEEDS;
+    let schema = Schema::new();
+    let mut a = PostgresStore::open(schema.settings(), "replica-a").unwrap();
+    let mut b = PostgresStore::open(schema.settings(), "replica-b").unwrap();
+    assert_eq!(a.recover().unwrap(), 0);
+
+    ok(
+        a.write_batch(&[LedgerOp::Begin(answered("req_1", "alice"))])
+            .unwrap(),
+    );
+    let begun = a.get("req_1").unwrap().unwrap();
+    assert_eq!(begun.outcome, Outcome::Forwarding);
+    assert!(begun.forwarded);
+    ok(
+        a.write_batch(&[LedgerOp::Complete(answered("req_1", "alice"))])
+            .unwrap(),
+    );
+    let done = a.get("req_1").unwrap().unwrap();
+    assert_eq!(
+        done,
+        Record {
+            forwarded: true,
+            ..answered("req_1", "alice")
+        }
+    );
+    // A second begin or completion is refused, the batch goes on.
+    let results = a
+        .write_batch(&[
+            LedgerOp::Begin(record("req_1", "alice")),
+            LedgerOp::Complete(answered("req_1", "alice")),
+            LedgerOp::Final(Record {
+                outcome: Outcome::Rejected,
+                reason_code: Some("rate_limit_exceeded".into()),
+                status: Some(429),
+                ..record("req_2", "bob")
+            }),
+        ])
+        .unwrap();
+    assert!(matches!(results[0], Err(LedgerError::Rejected(_))));
+    assert!(matches!(results[1], Err(LedgerError::Rejected(_))));
+    assert!(results[2].is_ok());
+
+    // The other replica writes to its own chain; both show in one report.
+    ok(b.write_batch(&[
+        LedgerOp::Begin(record("req_3", "carol")),
+        LedgerOp::Complete(answered("req_3", "carol")),
+    ])
+    .unwrap());
+
+    let rows = b.usage(&UsageQuery::default()).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].requests, 3);
+    assert_eq!(rows[0].forwarded, 2);
+    assert_eq!(rows[0].images, 2);
+    assert_eq!(rows[0].spend_micros, 84_000);
+    assert_eq!(rows[0].input_tokens, 200);
+    assert_eq!(rows[0].rejected(), 1);
+    let q = UsageQuery {
+        user: Some("carol".into()),
+        ..UsageQuery::default()
+    };
+    assert_eq!(b.usage(&q).unwrap()[0].requests, 1);
+
+    let mut exported = Vec::new();
+    a.export(&UsageQuery::default(), &mut |r| {
+        exported.push(r.request_id.clone());
+        Ok(())
+    })
+    .unwrap();
+    exported.sort();
+    assert_eq!(exported, ["req_1", "req_2", "req_3"]);
+
+    let v = PostgresStore::reader(schema.settings(), "replica-a")
+        .verify()
+        .unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    assert_eq!(v.entries, 5);
+    assert_eq!(v.records, 3);
+    assert_eq!(v.head.as_ref().unwrap().seq, 3);
+    assert_eq!(v.chains.len(), 2);
+    assert_eq!(a.head().unwrap(), v.head);
+
+    // A reopened store continues its replica's chain.
+    drop(a);
+    let mut a = PostgresStore::open(schema.settings(), "replica-a").unwrap();
+    ok(a.write_batch(&[LedgerOp::Final(Record {
+        outcome: Outcome::ClientGone,
+        ..record("req_4", "alice")
+    })])
+    .unwrap());
+    let v = a.verify().unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    assert_eq!(v.head.unwrap().seq, 4);
+}
+
+#[test]
+#[ignore = "needs PostgreSQL at DATABASE_URL"]
+fn tampering_is_detected() {
+    let schema = Schema::new();
+    let mut s = PostgresStore::open(schema.settings(), "r1").unwrap();
+    for i in 0..5 {
+        let id = format!("req_{i}");
+        ok(s.write_batch(&[
+            LedgerOp::Begin(record(&id, "alice")),
+            LedgerOp::Complete(answered(&id, "alice")),
+        ])
+        .unwrap());
+    }
+    assert!(s.verify().unwrap().is_ok());
+    let mut c = schema.client();
+
+    // The chain refuses updates.
+    let e = c
+        .execute("UPDATE ledger_chain SET hash = 'x' WHERE seq = 1", &[])
+        .unwrap_err();
+    assert!(e.to_string().contains("append-only") || format!("{e:?}").contains("append-only"));
+
+    // An indexed column changed behind the ledger's back (cheaper spend in reports).
+    c.execute(
+        "UPDATE records SET cost_settled_micros = 1 WHERE request_id = 'req_2'",
+        &[],
+    )
+    .unwrap();
+    let v = s.verify().unwrap();
+    let b = v.first_broken.expect("detected");
+    assert_eq!(b.request_id, "req_2");
+    assert!(b.reason.contains("columns differ"), "{b:?}");
+    c.execute(
+        "UPDATE records SET cost_settled_micros = 42000 WHERE request_id = 'req_2'",
+        &[],
+    )
+    .unwrap();
+    assert!(s.verify().unwrap().is_ok());
+
+    // The record's JSON and its columns rewritten consistently: the chain disagrees.
+    let json: String = c
+        .query_one(
+            "SELECT record_json FROM records WHERE request_id = 'req_3'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let forged = json.replace("\"status\":200", "\"status\":500");
+    assert_ne!(forged, json);
+    c.execute(
+        "UPDATE records SET record_json = $1 WHERE request_id = 'req_3'",
+        &[&forged],
+    )
+    .unwrap();
+    let b = s.verify().unwrap().first_broken.expect("detected");
+    assert_eq!(b.request_id, "req_3");
+    assert!(b.reason.contains("status"), "{b:?}");
+    c.execute(
+        "UPDATE records SET record_json = $1 WHERE request_id = 'req_3'",
+        &[&json],
+    )
+    .unwrap();
+
+    // A chain entry edited with the trigger disabled.
+    c.batch_execute(
+        "ALTER TABLE ledger_chain DISABLE TRIGGER ledger_chain_append_only;
+         UPDATE ledger_chain SET entry_json = replace(entry_json, 'alice', 'mallory') WHERE seq = 4;",
+    )
+    .unwrap();
+    let b = s.verify().unwrap().first_broken.expect("detected");
+    assert_eq!(b.seq, 4, "{b:?}");
+    assert!(b.reason.contains("hash does not match"), "{b:?}");
+}
+
+#[test]
+#[ignore = "needs PostgreSQL at DATABASE_URL"]
+fn recovery_turns_only_this_replicas_stragglers_unknown() {
+    let schema = Schema::new();
+    {
+        let mut a = PostgresStore::open(schema.settings(), "a").unwrap();
+        let mut b = PostgresStore::open(schema.settings(), "b").unwrap();
+        ok(a.write_batch(&[
+            LedgerOp::Begin(record("req_a1", "u")),
+            LedgerOp::Begin(record("req_a2", "u")),
+            LedgerOp::Begin(record("req_a3", "u")),
+        ])
+        .unwrap());
+        ok(
+            a.write_batch(&[LedgerOp::Complete(answered("req_a3", "u"))])
+                .unwrap(),
+        );
+        ok(b.write_batch(&[LedgerOp::Begin(record("req_b1", "u"))])
+            .unwrap());
+        // Both "crash" here.
+    }
+    let mut a = PostgresStore::open(schema.settings(), "a").unwrap();
+    assert_eq!(a.recover().unwrap(), 2);
+    for id in ["req_a1", "req_a2"] {
+        let r = a.get(id).unwrap().unwrap();
+        assert_eq!(r.outcome, Outcome::Unknown);
+        assert_eq!(r.cost_settled_micros, r.cost_reserved_micros);
+        assert!(r.forwarded);
+    }
+    assert_eq!(a.get("req_a3").unwrap().unwrap().outcome, Outcome::Answered);
+    // Replica b's request is b's to recover.
+    assert_eq!(
+        a.get("req_b1").unwrap().unwrap().outcome,
+        Outcome::Forwarding
+    );
+    assert_eq!(a.recover().unwrap(), 0);
+    let mut b = PostgresStore::open(schema.settings(), "b").unwrap();
+    assert_eq!(b.recover().unwrap(), 1);
+    assert_eq!(b.get("req_b1").unwrap().unwrap().outcome, Outcome::Unknown);
+    let v = a.verify().unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    assert_eq!(v.entries, 4 + 2 + 1 + 1);
+}
+
+#[test]
+#[ignore = "needs PostgreSQL at DATABASE_URL"]
+fn migrations_are_idempotent() {
+    let schema = Schema::new();
+    let mut c = schema.client();
+    assert_eq!(schema_version(&mut c).unwrap(), 0);
+    assert_eq!(migrate(&mut c).unwrap(), latest_version());
+    assert_eq!(migrate(&mut c).unwrap(), latest_version());
+    assert_eq!(schema_version(&mut c).unwrap(), latest_version());
+    let applied: i64 = c
+        .query_one("SELECT COUNT(*) FROM schema_migrations", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, i64::from(latest_version()));
+    // Opening stores (which migrate too) changes nothing either, even concurrently.
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let settings = schema.settings();
+            std::thread::spawn(move || PostgresStore::open(settings, &format!("r{i}")).unwrap())
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let applied2: i64 = c
+        .query_one("SELECT COUNT(*) FROM schema_migrations", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(applied2, applied);
+}
+
+fn quota_config(images_per_day: u64) -> Arc<Config> {
+    let mut c = Config::default();
+    c.quotas.per_client = QuotaSpec {
+        images_per_day: Some(images_per_day),
+        ..QuotaSpec::default()
+    };
+    c.clients.push(ClientConfig {
+        name: "acme".into(),
+        key_hash: hash_key("acme-key"),
+        ..Default::default()
+    });
+    Arc::new(c)
+}
+
+#[test]
+#[ignore = "needs PostgreSQL at DATABASE_URL"]
+fn concurrent_replicas_never_exceed_a_quota() {
+    let schema = Schema::new();
+    let config = quota_config(50);
+    let clock = Clock::manual(SystemTime::now());
+    // Two "replicas": two stores, two pools.
+    let replicas: Vec<Arc<QuotaStore>> = (0..2)
+        .map(|_| {
+            Arc::new(
+                QuotaStore::open_postgres(schema.settings(), config.clone(), clock.clone())
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let admitted = Arc::new(AtomicU32::new(0));
+    let refused = Arc::new(AtomicU32::new(0));
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let store = replicas[t % 2].clone();
+            let (admitted, refused) = (admitted.clone(), refused.clone());
+            std::thread::spawn(move || {
+                for i in 0..20 {
+                    let who = EndUser {
+                        client: "acme".into(),
+                        user: Some(format!("user{t}_{i}")),
+                    };
+                    match store.reserve(&who, 1, 1_000) {
+                        Ok(_) => admitted.fetch_add(1, Ordering::SeqCst),
+                        Err(e) => {
+                            assert!(
+                                matches!(e, imagegate::error::GatewayError::QuotaExceeded { .. }),
+                                "{e:?}"
+                            );
+                            refused.fetch_add(1, Ordering::SeqCst)
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(admitted.load(Ordering::SeqCst), 50);
+    assert_eq!(refused.load(Ordering::SeqCst), 110);
+    let used = replicas[0].usage("client:acme").unwrap();
+    assert_eq!(used.images_day, 50);
+    assert_eq!(used.micros_day, 50_000);
+    assert_eq!(used.images_month, 50);
+}
+
+#[test]
+#[ignore = "needs PostgreSQL at DATABASE_URL"]
+fn settle_refunds_and_show() {
+    let schema = Schema::new();
+    let config = quota_config(3);
+    let clock = Clock::manual(SystemTime::now());
+    let q = QuotaStore::open_postgres(schema.settings(), config, clock).unwrap();
+    let alice = EndUser {
+        client: "acme".into(),
+        user: Some("alice".into()),
+    };
+    let r = q.reserve(&alice, 2, 80_000).unwrap();
+    assert!(q.reserve(&alice, 2, 80_000).is_err());
+    // One image delivered: the other is refunded, and fits again.
+    q.settle(&r, 1, 42_000).unwrap();
+    let used = q.usage("client:acme").unwrap();
+    assert_eq!((used.images_day, used.micros_day), (1, 42_000));
+    let r2 = q.reserve(&alice, 2, 80_000).unwrap();
+    q.settle(&r2, 0, 0).unwrap();
+    let lines = q.show(Some("acme"), None).unwrap();
+    let day = lines
+        .iter()
+        .find(|l| {
+            l.scope.contains("acme") && l.period.starts_with("day:") && !l.scope.contains("alice")
+        })
+        .expect("client line");
+    assert_eq!(day.images_used, 1);
+    assert_eq!(day.images_limit, Some(3));
+    assert!(lines.iter().any(|l| l.scope.contains("alice")));
+}
