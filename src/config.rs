@@ -663,6 +663,18 @@ impl Config {
                 p.extend(u.quotas.problems(&format!("{at}.users[{j}].quotas")));
             }
         }
+        if let Some(admin) = self
+            .admin
+            .key_hash
+            .as_deref()
+            .and_then(|h| parse_key_hash(h).ok())
+            && hashes.contains(&admin)
+        {
+            p.push(
+                "admin.key_hash: the admin key is also a client's key; it must differ from every client key"
+                    .into(),
+            );
+        }
         p
     }
 }
@@ -728,6 +740,34 @@ mod tests {
                 s.http2_max_concurrent_streams
             ),
             (1024, Duration::from_secs(60), 64)
+        );
+    }
+
+    #[test]
+    fn the_admin_key_must_differ_from_every_client_key() {
+        let mut c = Config::default();
+        for (name, key) in [("a", "ig-client-a"), ("b", "ig-client-b")] {
+            c.clients.push(ClientConfig {
+                name: name.into(),
+                key_hash: hash_key(key),
+                ..Default::default()
+            });
+        }
+        c.admin.listen = Some("127.0.0.1:9091".parse().unwrap());
+        c.admin.key_hash = Some(hash_key("ig-admin"));
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        // The same key, even spelled with upper-case hex.
+        c.admin.key_hash = Some(
+            hash_key("ig-client-b")
+                .to_uppercase()
+                .replace("SHA256:", "sha256:"),
+        );
+        let problems = c.problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("admin.key_hash:") && p.contains("must differ")),
+            "{problems:?}"
         );
     }
 

@@ -380,7 +380,9 @@ fn neutralize(cell: &str) -> std::borrow::Cow<'_, str> {
     let risky = cell.starts_with(['=', '+', '-', '@', '\t', '\r']);
     let number = cell.parse::<i64>().is_ok()
         || (cell.parse::<f64>().is_ok_and(f64::is_finite)
-            && cell.bytes().all(|b| b.is_ascii_digit() || b == b'-' || b == b'.'));
+            && cell
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b'-' || b == b'.'));
     if risky && !number {
         std::borrow::Cow::Owned(format!("'{cell}"))
     } else {
@@ -559,9 +561,7 @@ mod tests {
         for (name, cell) in header.iter().zip(cells) {
             // Undo the spreadsheet neutralization of the writer.
             let cell = &match cell.strip_prefix('\'') {
-                Some(rest) if rest.starts_with(['=', '+', '-', '@', '\t', '\r']) => {
-                    rest.to_owned()
-                }
+                Some(rest) if rest.starts_with(['=', '+', '-', '@', '\t', '\r']) => rest.to_owned(),
                 _ => cell.clone(),
             };
             let v = if cell.is_empty() {
@@ -1148,7 +1148,10 @@ mod tests {
             assert_eq!(neutralize(cell), out, "{cell:?}");
         }
         let mut line = String::new();
-        push_csv_line(&mut line, ["=HYPERLINK(\"x\")", "@u", "-5", "plain"].into_iter());
+        push_csv_line(
+            &mut line,
+            ["=HYPERLINK(\"x\")", "@u", "-5", "plain"].into_iter(),
+        );
         assert_eq!(line, "\"'=HYPERLINK(\"\"x\"\")\",'@u,-5,plain\n");
     }
 
