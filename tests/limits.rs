@@ -481,3 +481,28 @@ async fn an_upstream_answering_more_images_than_n_is_charged_n() {
     assert_eq!(record.cost_settled_micros, 40_000);
     assert_eq!(day_use(&gw), (2, 40_000));
 }
+
+#[tokio::test]
+async fn the_user_length_is_checked_after_trimming() {
+    let gw = Gateway::start().await;
+    // 256 characters (the default maximum) with whitespace around them.
+    let padded = format!("   {}\t ", "u".repeat(256));
+    let r = gw.edit(APP_KEY, &form(Some(&padded), 1)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        gw.mock.last().unwrap().field("user"),
+        Some("u".repeat(256)),
+        "the trimmed id goes upstream"
+    );
+    let r = gw
+        .edit(APP_KEY, &form(Some(&format!(" {} ", "u".repeat(257))), 1))
+        .await;
+    let msg = assert_error(
+        &r,
+        400,
+        "invalid_request_error",
+        Some("user"),
+        Some("string_above_max_length"),
+    );
+    assert!(msg.contains("got a string with length 257"), "{msg}");
+}
