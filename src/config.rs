@@ -76,6 +76,13 @@ pub struct ServerConfig {
     /// Time allowed for the whole request body to arrive.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Slowest average transfer rate of a request body, in bytes per second, once
+    /// `body_rate_grace` has passed (408 below it); 0 = off.
+    pub min_body_rate: u64,
+    /// Time from the end of the request head during which a body is not held to
+    /// `min_body_rate`.
+    #[serde(with = "humantime_serde")]
+    pub body_rate_grace: Duration,
     /// How long in-flight requests may run after SIGTERM/SIGINT before the process exits.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -122,6 +129,8 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(60),
+            min_body_rate: 1024,
+            body_rate_grace: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
             max_in_flight: 256,
             max_concurrent_decodes: 4,
@@ -494,6 +503,12 @@ impl Config {
             if d.is_zero() {
                 p.push(format!("{name}: must be greater than zero"));
             }
+        }
+        if s.min_body_rate > 0 && s.body_rate_grace.is_zero() {
+            p.push(
+                "server.body_rate_grace: must be greater than zero while server.min_body_rate is set"
+                    .into(),
+            );
         }
         if s.max_in_flight == 0 {
             p.push("server.max_in_flight: must be at least 1".into());
