@@ -205,6 +205,8 @@ fn edits(state: &AppState) -> Edits {
         body: BodyLimits {
             cap: state.body_cap,
             timeout: state.body_timeout,
+            min_rate: config.server.min_body_rate,
+            rate_grace: config.server.body_rate_grace,
         },
         budget: state.buffer_budget.clone(),
         form: state.form_rules.clone(),

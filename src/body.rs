@@ -5,6 +5,7 @@ use std::any::Any;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -37,6 +38,9 @@ pub struct ChunkedBody {
     /// Kept alive as long as the body: the memory-budget permit of the bytes it carries, so the
     /// budget is released when the client that sends it drops it.
     hold: Option<Arc<dyn Any + Send + Sync>>,
+    /// Set when the sender first asks for a frame: from then on the request may have reached
+    /// its peer (the connection is up and its head written or about to be).
+    polled: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for ChunkedBody {
@@ -55,7 +59,14 @@ impl ChunkedBody {
             chunks: chunks.into(),
             remaining,
             hold: None,
+            polled: None,
         }
+    }
+
+    /// Set `flag` when the body is first polled (by the client that sends it).
+    pub fn flag_polled(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.polled = Some(flag);
+        self
     }
 
     /// Keep `hold` alive until this body (and every clone) is dropped.
@@ -90,6 +101,9 @@ impl http_body::Body for ChunkedBody {
         mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(flag) = &self.polled {
+            flag.store(true, Ordering::Release);
+        }
         match self.chunks.pop_front() {
             Some(chunk) => {
                 self.remaining -= chunk.len() as u64;

@@ -77,6 +77,13 @@ pub struct ServerConfig {
     /// Time allowed for the whole request body to arrive.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Slowest average transfer rate of a request body, in bytes per second, once
+    /// `body_rate_grace` has passed (408 below it); 0 = off.
+    pub min_body_rate: u64,
+    /// Time from the end of the request head during which a body is not held to
+    /// `min_body_rate`.
+    #[serde(with = "humantime_serde")]
+    pub body_rate_grace: Duration,
     /// How long in-flight requests may run after SIGTERM/SIGINT before the process exits.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -123,6 +130,8 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(60),
+            min_body_rate: 1024,
+            body_rate_grace: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
             max_in_flight: 256,
             max_concurrent_decodes: 4,
@@ -610,6 +619,12 @@ impl Config {
                 p.push(format!("{name}: must be greater than zero"));
             }
         }
+        if s.min_body_rate > 0 && s.body_rate_grace.is_zero() {
+            p.push(
+                "server.body_rate_grace: must be greater than zero while server.min_body_rate is set"
+                    .into(),
+            );
+        }
         if s.max_in_flight == 0 {
             p.push("server.max_in_flight: must be at least 1".into());
         }
@@ -797,6 +812,18 @@ impl Config {
                 p.extend(u.quotas.problems(&format!("{at}.users[{j}].quotas")));
             }
         }
+        if let Some(admin) = self
+            .admin
+            .key_hash
+            .as_deref()
+            .and_then(|h| parse_key_hash(h).ok())
+            && hashes.contains(&admin)
+        {
+            p.push(
+                "admin.key_hash: the admin key is also a client's key; it must differ from every client key"
+                    .into(),
+            );
+        }
         p
     }
 }
@@ -862,6 +889,34 @@ mod tests {
                 s.http2_max_concurrent_streams
             ),
             (1024, Duration::from_secs(60), 64)
+        );
+    }
+
+    #[test]
+    fn the_admin_key_must_differ_from_every_client_key() {
+        let mut c = Config::default();
+        for (name, key) in [("a", "ig-client-a"), ("b", "ig-client-b")] {
+            c.clients.push(ClientConfig {
+                name: name.into(),
+                key_hash: hash_key(key),
+                ..Default::default()
+            });
+        }
+        c.admin.listen = Some("127.0.0.1:9091".parse().unwrap());
+        c.admin.key_hash = Some(hash_key("ig-admin"));
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        // The same key, even spelled with upper-case hex.
+        c.admin.key_hash = Some(
+            hash_key("ig-client-b")
+                .to_uppercase()
+                .replace("SHA256:", "sha256:"),
+        );
+        let problems = c.problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("admin.key_hash:") && p.contains("must differ")),
+            "{problems:?}"
         );
     }
 

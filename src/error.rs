@@ -38,6 +38,12 @@ pub enum GatewayError {
     BodyTooLarge { limit: usize },
     /// The body did not arrive within the configured deadline.
     BodyTimeout { after: Duration },
+    /// The body arrived slower than the configured minimum rate (after its grace period).
+    BodyTooSlow {
+        min_rate: u64,
+        received: u64,
+        after: Duration,
+    },
     /// The body stream broke off (the caller disconnected or sent a malformed chunk).
     BodyIncomplete,
     /// A form field broke a rule: param, code and message as OpenAI words them.
@@ -225,6 +231,20 @@ impl GatewayError {
                 None,
                 Some("request_timeout"),
                 format!("The request body did not arrive within {} seconds.", after.as_secs()),
+            ),
+            BodyTooSlow {
+                min_rate,
+                received,
+                after,
+            } => p(
+                StatusCode::REQUEST_TIMEOUT,
+                INVALID,
+                None,
+                Some("request_timeout"),
+                format!(
+                    "The request body arrived too slowly: {received} bytes in {:.1} seconds, below this gateway's minimum of {min_rate} bytes per second.",
+                    after.as_secs_f64()
+                ),
             ),
             BodyIncomplete => p(
                 StatusCode::BAD_REQUEST,

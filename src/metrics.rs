@@ -8,6 +8,7 @@
 //! | `imagegate_spend_microdollars_total` | counter | `client` |
 //! | `imagegate_rate_limit_rejections_total` | counter | |
 //! | `imagegate_quota_rejections_total` | counter | |
+//! | `imagegate_quota_settle_failures_total` | counter | |
 //! | `imagegate_request_duration_seconds` | histogram | |
 //! | `imagegate_validation_duration_seconds` | histogram | |
 //! | `imagegate_validation_cache_hits_total` | counter | |
@@ -68,6 +69,10 @@ fn describe() {
     describe_counter!(
         "imagegate_quota_rejections_total",
         "Requests refused by a quota"
+    );
+    describe_counter!(
+        "imagegate_quota_settle_failures_total",
+        "Quota settlements that failed after every retry (the quota kept what was reserved)"
     );
     describe_histogram!(
         "imagegate_request_duration_seconds",

@@ -9,6 +9,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, header};
@@ -121,36 +122,76 @@ impl Upstream {
         self.authorization.is_some()
     }
 
-    /// Send a canonical edit upstream and wait for the response head.
-    pub async fn send(&self, canonical: CanonicalBody) -> Result<Response<Incoming>, GatewayError> {
-        let auth = self
-            .authorization
-            .clone()
-            .ok_or(GatewayError::UpstreamKeyMissing)?;
+    /// Send a canonical edit upstream and wait for the response head. A failure says whether
+    /// the request may have reached the upstream (see [`SendError`]).
+    pub async fn send(&self, canonical: CanonicalBody) -> Result<Response<Incoming>, SendError> {
+        let auth = self.authorization.clone().ok_or(SendError {
+            error: GatewayError::UpstreamKeyMissing,
+            reached: false,
+        })?;
+        let polled = Arc::new(AtomicBool::new(false));
         let mut req = Request::post(self.edits_uri.clone())
             .header(header::CONTENT_TYPE, canonical.content_type())
             .header(header::CONTENT_LENGTH, canonical.body.len())
             .header(header::ACCEPT, "application/json")
             .header(header::USER_AGENT, self.user_agent.clone())
-            .body(canonical.body)
+            .body(canonical.body.flag_polled(polled.clone()))
             .expect("a request built from valid parts");
         self.identify(&mut req, auth);
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %error_chain(&e), "upstream request failed");
-                if is_timeout(&e) {
-                    Err(GatewayError::UpstreamTimeout {
-                        after: self.response_timeout,
-                    })
-                } else {
-                    Err(GatewayError::UpstreamUnreachable)
+        let failure =
+            match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+                Ok(Ok(resp)) => return Ok(resp),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %error_chain(&e), "upstream request failed");
+                    Failure {
+                        connect: e.is_connect(),
+                        timeout: is_timeout(&e),
+                    }
                 }
+                Err(_) => Failure {
+                    connect: false,
+                    timeout: true,
+                },
+            };
+        Err(failure.classify(polled.load(Ordering::Acquire), self.response_timeout))
+    }
+}
+
+/// A forwarding call that got no response head.
+#[derive(Debug)]
+pub struct SendError {
+    /// What the caller is told.
+    pub error: GatewayError,
+    /// The request may have reached the upstream (the connection was up and the body was being
+    /// sent), so the upstream may have done and billed the work. `false` only when nothing can
+    /// have been sent: a connect failure (refused, unreachable, connect timeout, TLS handshake)
+    /// or a deadline that passed before the connection was ready.
+    pub reached: bool,
+}
+
+/// How a forwarding call failed, as the client saw it.
+#[derive(Debug, Clone, Copy)]
+struct Failure {
+    /// The connector failed (the connect phase): nothing was sent.
+    connect: bool,
+    /// A timeout (the connect timeout, or the response timeout).
+    timeout: bool,
+}
+
+impl Failure {
+    /// `polled`: the client asked for the request body, so the connection was up.
+    fn classify(self, polled: bool, response_timeout: Duration) -> SendError {
+        let reached = polled && !self.connect;
+        let error = if reached && self.timeout {
+            GatewayError::UpstreamTimeout {
+                after: response_timeout,
             }
-            Err(_) => Err(GatewayError::UpstreamTimeout {
-                after: self.response_timeout,
-            }),
-        }
+        } else {
+            // A connect failure, a connect timeout included, is 502: the upstream was never
+            // reached. So is a connection that broke after sending.
+            GatewayError::UpstreamUnreachable
+        };
+        SendError { error, reached }
     }
 }
 
@@ -404,6 +445,33 @@ mod tests {
         );
         assert!(!s.contains("sk-"), "{s}");
         assert_eq!(error_summary(b"<html>"), "");
+    }
+
+    #[test]
+    fn only_a_failure_after_the_body_was_asked_for_may_have_reached_the_upstream() {
+        let after = Duration::from_secs(7);
+        let code = |e: &SendError| e.error.parts().code;
+        let f = |connect, timeout| Failure { connect, timeout };
+        // The connect timeout: 502 upstream_unreachable, nothing sent.
+        let e = f(true, true).classify(false, after);
+        assert!(!e.reached);
+        assert_eq!(code(&e), Some("upstream_unreachable"));
+        // Refused: the same.
+        let e = f(true, false).classify(false, after);
+        assert!(!e.reached);
+        assert_eq!(code(&e), Some("upstream_unreachable"));
+        // The response timeout before the connection was up (TLS handshake hung): not sent.
+        let e = f(false, true).classify(false, after);
+        assert!(!e.reached);
+        assert_eq!(code(&e), Some("upstream_unreachable"));
+        // The response timeout after sending: 504, reached.
+        let e = f(false, true).classify(true, after);
+        assert!(e.reached);
+        assert_eq!(code(&e), Some("upstream_timeout"));
+        // A connection that broke after sending: 502, reached.
+        let e = f(false, false).classify(true, after);
+        assert!(e.reached);
+        assert_eq!(code(&e), Some("upstream_unreachable"));
     }
 
     #[test]

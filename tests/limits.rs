@@ -403,3 +403,106 @@ async fn tracked_users_stay_at_the_cap_under_a_spray() {
     assert_eq!(gw.server.state.rates.tracked_users("app"), 20);
     assert_eq!(gw.server.state.rates.tracked_users("other"), 0);
 }
+
+/// Day use (images, micro-USD) of user `u` of client "app".
+fn day_use(gw: &Gateway) -> (u64, i64) {
+    let who = imagegate::limits::EndUser {
+        client: "app".into(),
+        user: Some("u".into()),
+    };
+    let scope = imagegate::limits::quota::user_scope(&who).unwrap();
+    let u = gw.server.state.quotas.usage(&scope).unwrap();
+    (u.images_day, u.micros_day)
+}
+
+fn spend_quota(c: &mut imagegate::config::Config) {
+    c.quotas.per_user = QuotaSpec {
+        images_per_day: Some(100),
+        usd_per_day: Some(10.0),
+        ..Default::default()
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_timeout_after_sending_charges_the_whole_reservation() {
+    let gw = Gateway::start_with(|c| {
+        spend_quota(c);
+        c.upstream.response_timeout = Duration::from_millis(500);
+    })
+    .await;
+    gw.mock.set_behavior(Behavior::Hang);
+    let r = gw.edit(APP_KEY, &form(Some("u"), 3)).await;
+    assert_error(&r, 504, "server_error", None, Some("upstream_timeout"));
+    assert_eq!(gw.mock.count(), 1, "the upstream got the whole request");
+    let record = gw.record_of(&r);
+    assert_eq!(record.cost_reserved_micros, 60_000, "3 × $0.02");
+    assert_eq!(record.cost_settled_micros, record.cost_reserved_micros);
+    assert_eq!(
+        record.cost_basis,
+        Some(imagegate::ledger::CostBasis::Estimated)
+    );
+    assert_eq!(record.images_returned, Some(0));
+    assert_eq!(
+        day_use(&gw),
+        (3, 60_000),
+        "quota use equals the reservation"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_failure_sends_nothing_and_refunds() {
+    // Port 1 on loopback: nothing listens there, the connection is refused.
+    let gw = Gateway::start_with(|c| {
+        spend_quota(c);
+        c.upstream.base_url = "http://127.0.0.1:1/v1".into();
+    })
+    .await;
+    let r = gw.edit(APP_KEY, &form(Some("u"), 3)).await;
+    assert_error(&r, 502, "server_error", None, Some("upstream_unreachable"));
+    let record = gw.record_of(&r);
+    assert_eq!(record.cost_settled_micros, 0);
+    assert_eq!(record.cost_basis, None);
+    assert_eq!(day_use(&gw), (0, 0), "nothing was sent: refunded");
+}
+
+#[tokio::test]
+async fn an_upstream_answering_more_images_than_n_is_charged_n() {
+    let gw = Gateway::start_with(spend_quota).await;
+    gw.mock.set_behavior(Behavior::FewerImages(5));
+    let r = gw.edit(APP_KEY, &form(Some("u"), 2)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["data"].as_array().map(Vec::len),
+        Some(5),
+        "the answer is relayed as it came"
+    );
+    let record = gw.record_of(&r);
+    assert_eq!(record.images_returned, Some(2), "capped at n");
+    assert_eq!(record.cost_settled_micros, 40_000);
+    assert_eq!(day_use(&gw), (2, 40_000));
+}
+
+#[tokio::test]
+async fn the_user_length_is_checked_after_trimming() {
+    let gw = Gateway::start().await;
+    // 256 characters (the default maximum) with whitespace around them.
+    let padded = format!("   {}\t ", "u".repeat(256));
+    let r = gw.edit(APP_KEY, &form(Some(&padded), 1)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        gw.mock.last().unwrap().field("user"),
+        Some("u".repeat(256)),
+        "the trimmed id goes upstream"
+    );
+    let r = gw
+        .edit(APP_KEY, &form(Some(&format!(" {} ", "u".repeat(257))), 1))
+        .await;
+    let msg = assert_error(
+        &r,
+        400,
+        "invalid_request_error",
+        Some("user"),
+        Some("string_above_max_length"),
+    );
+    assert!(msg.contains("got a string with length 257"), "{msg}");
+}

@@ -417,7 +417,8 @@ pub fn check(parts: Vec<RawPart>, rules: &FormRules) -> Result<ImageEdit, Gatewa
     let user = match get("user") {
         Some(p) => {
             let u = text(p)?;
-            let len = u.chars().count();
+            // Measured trimmed: the end-user id is trimmed before use (`limits::normalize_user`).
+            let len = u.trim().chars().count();
             if len > rules.max_user_chars {
                 return Err(too_long("user", rules.max_user_chars, len));
             }

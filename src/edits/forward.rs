@@ -26,7 +26,7 @@ use crate::ledger::store::LedgerOp;
 use crate::ledger::{Ledger, Outcome, Record};
 use crate::middleware::usage::{Trail, commit, commit_detached, note_error};
 use crate::pricing::{Usage, cost_micros_sum};
-use crate::upstream::{Upstream, passed_headers};
+use crate::upstream::{SendError, Upstream, passed_headers};
 
 /// What forwarding needs, built once at start.
 #[derive(Clone)]
@@ -129,7 +129,7 @@ impl Forwarder {
         }
         let sent = std::time::Instant::now();
         match self.upstream.send(canonical).await {
-            Err(e) => {
+            Err(SendError { error: e, reached }) => {
                 record.outcome = match e {
                     GatewayError::UpstreamTimeout { .. } => Outcome::UpstreamTimeout,
                     _ => Outcome::UpstreamError,
@@ -137,7 +137,15 @@ impl Forwarder {
                 note_error(&mut record, &e.parts());
                 record.images_returned = Some(0);
                 record.upstream_ms = Some(sent.elapsed().as_millis() as u64);
-                reservation.refund().await;
+                if reached {
+                    // The upstream may have done (and billed) the work: without an answer
+                    // saying otherwise, the whole reservation is charged.
+                    record.cost_settled_micros = reservation.charge_all().await;
+                    record.cost_basis = Some(CostBasis::Estimated);
+                } else {
+                    // Nothing was sent: nothing is spent.
+                    reservation.refund().await;
+                }
                 self.complete(record, &trail).await;
                 let _ = head_tx.send(Err(e));
             }
@@ -172,9 +180,16 @@ impl Forwarder {
                     },
                 )));
                 let (outcome, tail, observed) = pump(body, tx, watch, self.timeouts).await;
-                let bill = Bill::of(&observed, &reservation);
+                let bill = if status.is_success() && !outcome.complete {
+                    // The upstream accepted the work but its answer broke off or stalled: it
+                    // does not say what was done, so the whole reservation is charged.
+                    Bill::whole(&observed, &reservation)
+                } else {
+                    Bill::of(&observed, &reservation)
+                };
                 let images = bill.images;
-                record.cost_settled_micros = reservation.settle(images, bill.micros).await;
+                record.cost_settled_micros =
+                    reservation.settle(bill.charged_images, bill.micros).await;
                 record.images_returned = Some(images);
                 record.upstream_ms = Some(sent.elapsed().as_millis() as u64);
                 bill.note(&mut record);
@@ -247,28 +262,49 @@ fn is_event_stream(headers: &http::HeaderMap) -> bool {
 /// What an answer costs and what the record says of it (§7, B1–B6).
 #[derive(Debug, Default)]
 struct Bill {
+    /// Images returned (at most the request's `n`).
     images: u32,
+    /// Images charged against the quota.
+    charged_images: u32,
     micros: i64,
     basis: Option<CostBasis>,
     usages: Vec<Usage>,
 }
 
 impl Bill {
+    /// The whole reservation, for an answer that does not say what was done; the images
+    /// counted so far (capped at `n`) are still reported as returned.
+    fn whole(observed: &Observed, reservation: &ReservationGuard) -> Bill {
+        let seen = Bill::of(observed, reservation);
+        Bill {
+            images: seen.images,
+            charged_images: reservation.reserved_images(),
+            micros: reservation.reserved_micros(),
+            basis: Some(CostBasis::Estimated),
+            usages: seen.usages,
+        }
+    }
+
+    /// The bill of an answer, its images capped at the reserved `n` (an upstream that returns
+    /// more than was asked cannot make the gateway charge more).
     fn of(observed: &Observed, reservation: &ReservationGuard) -> Bill {
         let (images, usages): (u32, Vec<Usage>) = match observed {
             // An error answer costs nothing (B2).
             Observed::Nothing => return Bill::default(),
             Observed::Images(n) => {
-                let images = *n as u32;
+                let images = u32::try_from(*n)
+                    .unwrap_or(u32::MAX)
+                    .min(reservation.reserved_images());
                 return Bill {
                     images,
+                    charged_images: images,
                     micros: reservation.cost_of_images(images),
                     basis: Some(CostBasis::PerImage),
                     usages: Vec::new(),
                 };
             }
             Observed::Json(a) => (
-                a.items as u32,
+                u32::try_from(a.items).unwrap_or(u32::MAX),
                 a.usage
                     .iter()
                     .filter_map(|u| u.as_ref().ok())
@@ -277,9 +313,11 @@ impl Bill {
             ),
             Observed::Events(o) => (o.summary.completed, o.summary.usages.clone()),
         };
+        let images = images.min(reservation.reserved_images());
         let Some(prices) = reservation.token_prices() else {
             return Bill {
                 images,
+                charged_images: images,
                 micros: reservation.cost_of_images(images),
                 basis: Some(CostBasis::PerImage),
                 usages,
@@ -289,6 +327,7 @@ impl Bill {
             // No usage: what was reserved is charged (B3).
             return Bill {
                 images,
+                charged_images: images,
                 micros: reservation.reserved_micros(),
                 basis: Some(CostBasis::Estimated),
                 usages,
@@ -297,12 +336,14 @@ impl Bill {
         match cost_micros_sum(usages.iter(), prices) {
             Ok(m) => Bill {
                 images,
+                charged_images: images,
                 micros: i64::try_from(m).unwrap_or(i64::MAX),
                 basis: Some(CostBasis::Usage),
                 usages,
             },
             Err(_) => Bill {
                 images,
+                charged_images: images,
                 micros: reservation.reserved_micros(),
                 basis: Some(CostBasis::Estimated),
                 usages,

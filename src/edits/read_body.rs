@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{Request, header};
 use http_body_util::{BodyExt, Limited};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::error::GatewayError;
 use crate::upstream::error_chain;
@@ -23,6 +24,24 @@ pub struct BodyLimits {
     pub cap: usize,
     /// Time the whole body has to arrive once the headers are in (408 after).
     pub timeout: Duration,
+    /// Slowest average rate in bytes per second once `rate_grace` has passed (408 below);
+    /// 0 = off.
+    pub min_rate: u64,
+    /// Time from the start of the body during which `min_rate` is not enforced.
+    pub rate_grace: Duration,
+}
+
+impl BodyLimits {
+    /// When a body that has delivered `received` bytes since `start` falls below the minimum
+    /// rate if nothing more arrives: the later of the end of the grace and the time at which
+    /// `received` bytes are exactly the minimum rate. `None` when the rate is not enforced.
+    fn rate_deadline(&self, start: Instant, received: usize) -> Option<Instant> {
+        if self.min_rate == 0 {
+            return None;
+        }
+        let earned = Duration::from_secs_f64(received as f64 / self.min_rate as f64);
+        Some(start + self.rate_grace.max(earned))
+    }
 }
 
 /// The global budget of request bytes held in memory, counted in KiB.
@@ -112,7 +131,29 @@ where
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut received = 0usize;
     let read = async {
-        while let Some(frame) = body.frame().await {
+        // Moved forward by the time spent waiting for the budget: the caller is not to blame.
+        let mut start = Instant::now();
+        loop {
+            let next = body.frame();
+            let frame = match limits.rate_deadline(start, received) {
+                None => next.await,
+                Some(deadline) => match tokio::time::timeout_at(deadline, next).await {
+                    Ok(frame) => frame,
+                    Err(_) => {
+                        let slow = GatewayError::BodyTooSlow {
+                            min_rate: limits.min_rate,
+                            received: received as u64,
+                            after: start.elapsed(),
+                        };
+                        return Err(
+                            Box::new(BudgetError(slow)) as Box<dyn std::error::Error + Send + Sync>
+                        );
+                    }
+                },
+            };
+            let Some(frame) = frame else {
+                break;
+            };
             let Ok(data) = frame?.into_data() else {
                 continue;
             };
@@ -123,9 +164,11 @@ where
                 let step = (received - reserved)
                     .max(64 * 1024)
                     .min(cap - reserved.min(cap));
+                let waiting = Instant::now();
                 budget.grow(&mut hold, step).await.map_err(|e| {
                     Box::new(BudgetError(e)) as Box<dyn std::error::Error + Send + Sync>
                 })?;
+                start += waiting.elapsed();
                 reserved += step;
             }
             chunks.push(data);
@@ -163,13 +206,14 @@ where
     }
 }
 
-/// A budget refusal carried through the body-reading error channel.
+/// A budget refusal (or a body below the minimum rate) carried through the body-reading error
+/// channel.
 #[derive(Debug)]
 struct BudgetError(GatewayError);
 
 impl std::fmt::Display for BudgetError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the buffered-bytes budget is exhausted")
+        f.write_str("the body read was refused (budget or rate)")
     }
 }
 
@@ -185,6 +229,8 @@ mod tests {
         BodyLimits {
             cap,
             timeout: Duration::from_secs(5),
+            min_rate: 0,
+            rate_grace: Duration::from_secs(10),
         }
     }
 
@@ -302,6 +348,116 @@ mod tests {
                 after: Duration::from_secs(5)
             })
         );
+    }
+
+    /// A body of `chunks` frames of `size` bytes, one every `every`.
+    fn trickle(
+        chunks: usize,
+        size: usize,
+        every: Duration,
+    ) -> StreamBody<impl futures_util::Stream<Item = Result<http_body::Frame<Bytes>, std::io::Error>>>
+    {
+        StreamBody::new(futures_util::stream::unfold(0, move |i| async move {
+            if i == chunks {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            Some((
+                Ok(http_body::Frame::data(Bytes::from(vec![b'x'; size]))),
+                i + 1,
+            ))
+        }))
+    }
+
+    fn rated(min_rate: u64) -> BodyLimits {
+        BodyLimits {
+            cap: 1 << 20,
+            timeout: Duration::from_secs(600),
+            min_rate,
+            rate_grace: Duration::from_secs(10),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_trickled_below_the_minimum_rate_is_refused_after_the_grace() {
+        // 100 bytes a second against a minimum of 1024 B/s: refused once the grace is over
+        // (1000 bytes by then, less than 10 s × 1024 B/s), long before the body deadline.
+        let started = Instant::now();
+        let e = read_body(
+            rated(1024),
+            Request::new(trickle(600, 100, Duration::from_secs(1))),
+        )
+        .await
+        .unwrap_err();
+        let waited = started.elapsed();
+        assert!(
+            (Duration::from_secs(10)..Duration::from_secs(11)).contains(&waited),
+            "{waited:?}"
+        );
+        let GatewayError::BodyTooSlow {
+            min_rate, received, ..
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!((min_rate, received), (1024, 1000));
+        let parts = e.parts();
+        assert_eq!(parts.status, http::StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(parts.code, Some("request_timeout"));
+        assert!(
+            parts.message.contains("too slowly") && parts.message.contains("1024 bytes per second"),
+            "{}",
+            parts.message
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_keeps_the_minimum_rate_is_read_however_long_it_takes() {
+        // 2 KiB a second for 30 s: above 1024 B/s all along.
+        let body = read_body(
+            rated(1024),
+            Request::new(trickle(30, 2048, Duration::from_secs(1))),
+        )
+        .await
+        .unwrap();
+        assert_eq!(body.len(), 30 * 2048);
+        // A body that stops after a fast start is refused once its average drops below.
+        let started = Instant::now();
+        let stops = StreamBody::new(futures_util::StreamExt::chain(
+            futures_util::stream::iter([Ok::<_, std::io::Error>(http_body::Frame::data(
+                Bytes::from(vec![b'x'; 20 * 1024]),
+            ))]),
+            futures_util::stream::pending(),
+        ));
+        let e = read_body(rated(1024), Request::new(stops))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                GatewayError::BodyTooSlow {
+                    received: 20480,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            started.elapsed().as_secs(),
+            20,
+            "20 KiB earn 20 s at 1 KiB/s"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_of_zero_is_off() {
+        let body = read_body(
+            rated(0),
+            Request::new(trickle(30, 1, Duration::from_secs(1))),
+        )
+        .await
+        .unwrap();
+        assert_eq!(body.len(), 30);
     }
 
     #[tokio::test]

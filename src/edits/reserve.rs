@@ -4,6 +4,7 @@
 //! after the reservation, a caller that left, a task that ended early).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::GatewayError;
 use crate::limits::EndUser;
@@ -69,10 +70,22 @@ impl ReservationGuard {
         }
     }
 
+    /// Images held (the request's `n`).
+    pub fn reserved_images(&self) -> u32 {
+        self.reservation.as_ref().map_or(0, |r| r.images)
+    }
+
     /// A full refund, committed before this returns (so the caller's next request sees the
     /// quota restored).
     pub async fn refund(self) {
         self.settle(0, 0).await;
+    }
+
+    /// Charge everything reserved (a request the upstream may have done without saying what
+    /// it cost); returns the cost charged.
+    pub async fn charge_all(self) -> i64 {
+        let (images, micros) = (self.reserved_images(), self.reserved_micros());
+        self.settle(images, micros).await
     }
 
     /// Settle with the images actually delivered and what they cost (0, 0: a full refund);
@@ -83,18 +96,59 @@ impl ReservationGuard {
             let done =
                 tokio::task::spawn_blocking(move || settle_now(&quotas, &r, images, micros)).await;
             if done.is_err() {
-                tracing::error!("settling a quota reservation failed: the task did not run");
+                settle_failed("the settling task did not run");
             }
         }
         micros
     }
 }
 
-/// The one place a reservation is settled.
+/// Attempts to settle a reservation before giving up.
+const SETTLE_ATTEMPTS: u32 = 5;
+/// The wait before the second attempt; doubled before each later one (0.1 + 0.2 + 0.4 + 0.8 s
+/// = 1.5 s in all).
+const SETTLE_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The one place a reservation is settled (on the blocking pool: it sleeps between attempts).
 fn settle_now(quotas: &QuotaStore, r: &Reservation, images: u32, micros: i64) {
-    if let Err(e) = quotas.settle(r, images, micros) {
-        tracing::error!(error = %e, "settling a quota reservation failed");
+    retry_settle(SETTLE_ATTEMPTS, SETTLE_FIRST_BACKOFF, || {
+        quotas.settle(r, images, micros)
+    });
+}
+
+/// Run `attempt` until it succeeds, at most `attempts` times, sleeping `backoff` (doubled each
+/// time) between tries. A failure of every attempt is logged at error level and counted in
+/// `imagegate_quota_settle_failures_total`. Returns whether it succeeded.
+fn retry_settle(
+    attempts: u32,
+    backoff: Duration,
+    mut attempt: impl FnMut() -> Result<(), String>,
+) -> bool {
+    let mut wait = backoff;
+    for i in 1..=attempts {
+        match attempt() {
+            Ok(()) => return true,
+            Err(e) if i < attempts => {
+                tracing::warn!(error = %e, attempt = i, "settling a quota reservation failed; retrying");
+                std::thread::sleep(wait);
+                wait = wait.saturating_mul(2);
+            }
+            Err(e) => {
+                settle_failed(&e);
+                return false;
+            }
+        }
     }
+    false
+}
+
+/// A settlement given up on: the quota keeps the reserved amounts.
+fn settle_failed(detail: &str) {
+    tracing::error!(
+        error = %detail,
+        "settling a quota reservation failed; the quota keeps what was reserved"
+    );
+    metrics::counter!("imagegate_quota_settle_failures_total").increment(1);
 }
 
 impl Drop for ReservationGuard {
@@ -173,6 +227,48 @@ mod tests {
         );
         g.refund().await;
         assert_eq!(used(&s), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn charge_all_charges_the_whole_reservation() {
+        let s = store();
+        let g = reserve(&s, &who(), 4, 80_000, Pricing::PerImage(20_000))
+            .await
+            .unwrap();
+        assert_eq!(g.reserved_images(), 4);
+        assert_eq!(g.charge_all().await, 80_000);
+        assert_eq!(used(&s), (4, 80_000));
+    }
+
+    #[test]
+    fn a_failing_settlement_is_retried_then_counted() {
+        let handle = crate::metrics::handle();
+        let mut calls = 0;
+        let ok = retry_settle(5, Duration::from_millis(1), || {
+            calls += 1;
+            if calls < 3 {
+                Err("busy".into())
+            } else {
+                Ok(())
+            }
+        });
+        assert!(ok);
+        assert_eq!(calls, 3, "retried until it succeeded");
+
+        let mut calls = 0;
+        let ok = retry_settle(5, Duration::from_millis(1), || {
+            calls += 1;
+            Err("database is locked".into())
+        });
+        assert!(!ok);
+        assert_eq!(calls, 5, "bounded");
+        let rendered = handle.render();
+        let line = rendered
+            .lines()
+            .find(|l| l.starts_with("imagegate_quota_settle_failures_total"))
+            .unwrap_or_else(|| panic!("the failure is counted: {rendered}"));
+        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n >= 1.0, "{line}");
     }
 
     #[test]

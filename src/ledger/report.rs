@@ -7,8 +7,9 @@
 //!   form has the summed input and output tokens.
 //! - [`write_export`]: the records themselves, as JSON Lines (one [`Record`] per line, the same
 //!   JSON as the chain entries) or CSV (header = the JSON field names, RFC 4180 quoting, empty
-//!   cell for a missing value, `received_at` in RFC 3339). CSV cells are written as they are:
-//!   a prompt or user name that starts with `=` is not defused for spreadsheets.
+//!   cell for a missing value, `received_at` in RFC 3339). In every CSV form, a text cell that
+//!   begins with `=`, `+`, `-`, `@`, a tab or CR (a prompt or user name a spreadsheet would run
+//!   as a formula) is neutralized with a leading `'`; numbers (a negative amount) stay numbers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -352,12 +353,15 @@ fn render_csv(rows: &[UsageRow]) -> String {
     out
 }
 
-/// Append one CSV line (RFC 4180: quote cells holding `,`, `"`, CR or LF; CRLF-free `\n` ends).
+/// Append one CSV line (RFC 4180: quote cells holding `,`, `"`, CR or LF; CRLF-free `\n` ends),
+/// each cell [neutralized](neutralize) for spreadsheets.
 fn push_csv_line<'a>(out: &mut String, cells: impl Iterator<Item = &'a str>) {
     for (i, cell) in cells.enumerate() {
         if i > 0 {
             out.push(',');
         }
+        let cell = neutralize(cell);
+        let cell = cell.as_ref();
         if cell.contains([',', '"', '\n', '\r']) {
             out.push('"');
             out.push_str(&cell.replace('"', "\"\""));
@@ -367,6 +371,23 @@ fn push_csv_line<'a>(out: &mut String, cells: impl Iterator<Item = &'a str>) {
         }
     }
     out.push('\n');
+}
+
+/// A cell a spreadsheet would read as a formula (it begins with `=`, `+`, `-`, `@`, a tab or
+/// CR) gets a leading `'`, so it is shown as text; a cell that is a number (`-3`, `-0.000003`)
+/// is left as it is.
+fn neutralize(cell: &str) -> std::borrow::Cow<'_, str> {
+    let risky = cell.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    let number = cell.parse::<i64>().is_ok()
+        || (cell.parse::<f64>().is_ok_and(f64::is_finite)
+            && cell
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b'-' || b == b'.'));
+    if risky && !number {
+        std::borrow::Cow::Owned(format!("'{cell}"))
+    } else {
+        std::borrow::Cow::Borrowed(cell)
+    }
 }
 
 /// Header of the CSV export: the record's JSON field names, in order.
@@ -538,6 +559,11 @@ mod tests {
     fn record_from_csv(header: &[String], cells: &[String]) -> Record {
         let mut obj = serde_json::Map::new();
         for (name, cell) in header.iter().zip(cells) {
+            // Undo the spreadsheet neutralization of the writer.
+            let cell = &match cell.strip_prefix('\'') {
+                Some(rest) if rest.starts_with(['=', '+', '-', '@', '\t', '\r']) => rest.to_owned(),
+                _ => cell.clone(),
+            };
             let v = if cell.is_empty() {
                 serde_json::Value::Null
             } else if let Ok(n) = cell.parse::<i64>() {
@@ -1106,6 +1132,30 @@ mod tests {
     }
 
     #[test]
+    fn csv_cells_that_a_spreadsheet_would_run_are_neutralized() {
+        for (cell, out) in [
+            ("=1+1", "'=1+1"),
+            ("+SUM(A1)", "'+SUM(A1)"),
+            ("-2+3", "'-2+3"),
+            ("@cmd", "'@cmd"),
+            ("\tx", "'\tx"),
+            ("\rx", "'\rx"),
+            ("-3", "-3"),
+            ("-0.000003", "-0.000003"),
+            ("a=b", "a=b"),
+            ("", ""),
+        ] {
+            assert_eq!(neutralize(cell), out, "{cell:?}");
+        }
+        let mut line = String::new();
+        push_csv_line(
+            &mut line,
+            ["=HYPERLINK(\"x\")", "@u", "-5", "plain"].into_iter(),
+        );
+        assert_eq!(line, "\"'=HYPERLINK(\"\"x\"\")\",'@u,-5,plain\n");
+    }
+
+    #[test]
     fn export_csv_round_trips() {
         let (s, expected) = export_store();
         let mut out = Vec::new();
@@ -1130,6 +1180,12 @@ mod tests {
             ),
             ("high", "2", "false")
         );
+        assert!(
+            cell(1, "prompt").starts_with("'=HYPERLINK"),
+            "a formula prompt is neutralized: {}",
+            cell(1, "prompt")
+        );
+        assert_eq!(cell(1, "cost_settled_micros"), "-3", "numbers stay numbers");
         assert_eq!(
             (cell(1, "input_tokens"), cell(1, "total_tokens")),
             ("1060", "3060")

@@ -138,6 +138,20 @@ mod tests {
     }
 
     #[test]
+    fn user_length_is_measured_after_trimming() {
+        assert_eq!(
+            normalize_user(&format!("  {} \t", "é".repeat(4)), 4).unwrap(),
+            Some("éééé".into())
+        );
+        let e = normalize_user(&format!(" {} ", "a".repeat(5)), 4).unwrap_err();
+        assert!(
+            e.parts().message.contains("length 5"),
+            "{}",
+            e.parts().message
+        );
+    }
+
+    #[test]
     fn app_users_are_normalized() {
         let e = resolve_end_user(
             &app(),

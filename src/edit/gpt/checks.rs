@@ -217,16 +217,42 @@ pub(crate) fn bounded_string(
     max_chars: usize,
     limits: &GptLimits,
 ) -> Result<String, GatewayError> {
+    bounded(raw, param, max_chars, limits, false)
+}
+
+/// [`bounded_string`] measured after trimming the surrounding whitespace (the `user` id, which
+/// is trimmed before use); the value is returned as sent.
+pub(crate) fn bounded_trimmed_string(
+    raw: Raw<'_>,
+    param: &str,
+    max_chars: usize,
+    limits: &GptLimits,
+) -> Result<String, GatewayError> {
+    bounded(raw, param, max_chars, limits, true)
+}
+
+fn bounded(
+    raw: Raw<'_>,
+    param: &str,
+    max_chars: usize,
+    limits: &GptLimits,
+    trimmed: bool,
+) -> Result<String, GatewayError> {
     if let Raw::Part(p) = raw
         && p.data.len() > limits.max_text_bytes
     {
-        let got = count_code_points(&p.data);
+        let data = if trimmed {
+            p.data.trim_ascii()
+        } else {
+            &p.data[..]
+        };
+        let got = count_code_points(data);
         if got > max_chars {
             return Err(too_long(param, max_chars, got));
         }
     }
     let s = string_field(raw, param)?;
-    let got = s.chars().count();
+    let got = if trimmed { s.trim() } else { s.as_str() }.chars().count();
     if got > max_chars {
         return Err(too_long(param, max_chars, got));
     }

@@ -1020,6 +1020,16 @@ mod tests {
 
     #[tokio::test]
     async fn user_rules() {
+        let padded = format!("  {}\t ", "u".repeat(256));
+        assert_eq!(
+            with(&[T("user", &padded)])
+                .await
+                .unwrap()
+                .end_user()
+                .map(|u| u.trim().len()),
+            Some(256),
+            "the length is measured after trimming"
+        );
         let long = "u".repeat(257);
         assert_err(
             with(&[T("user", &long)]).await,

@@ -3,8 +3,8 @@
 //! Each encoding supplies its fields through `checks::Fields`.
 
 use super::checks::{
-    Fields, Raw, bool_field, bounded_string, cross, enum_field, igu, int_field, ire, present,
-    shown, size_error, string_field,
+    Fields, Raw, bool_field, bounded_string, bounded_trimmed_string, cross, enum_field, igu,
+    int_field, ire, present, shown, size_error, string_field,
 };
 use super::{
     Background, Complexity, Encoding, GptEdit, GptSize, ImageInput, InputFidelity, Moderation,
@@ -278,7 +278,13 @@ pub(crate) fn check_scalars(
         s.input_fidelity = InputFidelity::parse(&v);
     }
     if let Some(r) = get("user") {
-        s.user = Some(bounded_string(r, "user", limits.max_user_chars, limits)?);
+        // Measured trimmed: the end-user id is trimmed before use (`limits::normalize_user`).
+        s.user = Some(bounded_trimmed_string(
+            r,
+            "user",
+            limits.max_user_chars,
+            limits,
+        )?);
     }
     if let Some(r) = get("safety_identifier") {
         s.safety_identifier = Some(bounded_string(
