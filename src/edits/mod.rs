@@ -168,7 +168,9 @@ impl Edits {
             let parts = form::parse_parts(&boundary, body, self.form.max_parts)
                 .await
                 .map_err(no_rate)?;
-            return self.admit_dall_e_2(caller, trail, parts, held, started);
+            return self
+                .admit_dall_e_2(caller, trail, parts, held, started)
+                .await;
         }
         // content type (before the body is read): multipart or JSON
         let kind = gpt::body_kind(content_type).map_err(no_rate)?;
@@ -179,7 +181,9 @@ impl Edits {
         // parse form, and choose the profile by the model it names
         let parts = match kind {
             gpt::Body::Json => {
-                return self.admit_gpt(caller, trail, GptInput::Json(body), held, started);
+                return self
+                    .admit_gpt(caller, trail, GptInput::Json(body), held, started)
+                    .await;
             }
             gpt::Body::Multipart(boundary) => {
                 let max = self
@@ -196,13 +200,15 @@ impl Edits {
             .is_dall_e_2(form::text_field(&parts, "model").as_deref())
         {
             self.admit_dall_e_2(caller, trail, parts, held, started)
+                .await
         } else {
             self.admit_gpt(caller, trail, GptInput::Parts(parts), held, started)
+                .await
         }
     }
 
     /// The dall-e-2 profile's phases from the parsed form.
-    fn admit_dall_e_2(
+    async fn admit_dall_e_2(
         self: Arc<Self>,
         caller: Caller,
         trail: Trail,
@@ -236,6 +242,7 @@ impl Edits {
         let rate = self
             .rates
             .check_user(&who, edit.n)
+            .await
             .map_err(|(e, rate)| (e, Some(rate)))?;
         let this = self.clone();
         let rest = Box::pin(async move {
@@ -285,7 +292,7 @@ impl Edits {
     }
 
     /// The gpt-image profile's phases from the parsed form or the JSON body.
-    fn admit_gpt(
+    async fn admit_gpt(
         self: Arc<Self>,
         caller: Caller,
         trail: Trail,
@@ -347,6 +354,7 @@ impl Edits {
         let rate = self
             .rates
             .check_user(&who, edit.n_or_default())
+            .await
             .map_err(|(e, rate)| (e, Some(rate)))?;
         let this = self.clone();
         let rest = Box::pin(async move {
