@@ -416,3 +416,35 @@ async fn recovers_by_itself_when_redis_returns() {
     );
     assert!(rates.is_up());
 }
+
+/// Not an assertion: the time one per-user check takes on Redis (one EVALSHA round trip),
+/// printed with `--nocapture`.
+#[tokio::test]
+#[ignore = "needs Redis at REDIS_URL"]
+async fn round_trip_per_check() {
+    let mut c = config(
+        &redis_url(),
+        &unique_prefix("rtt"),
+        RedisFailure::FailClosed,
+        Duration::from_secs(2),
+    );
+    c.limits.per_user = RateSpec::default();
+    c.limits.per_user.requests_per_minute = Some(1_000_000);
+    c.limits.per_user.images_per_minute = Some(1_000_000);
+    let rates = redis_rates(&c);
+    let mut took = Vec::new();
+    for i in 0..2000 {
+        let t = Instant::now();
+        let r = rates.check_user(&who(&format!("u{}", i % 50)), 2).await;
+        took.push(t.elapsed());
+        assert!(r.is_ok(), "{r:?}");
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64) * q) as usize - 1];
+    println!(
+        "per-user check on Redis, 2000 sequential: p50 {:?}, p99 {:?}, max {:?}",
+        at(0.5),
+        at(0.99),
+        took[took.len() - 1]
+    );
+}
