@@ -4,6 +4,8 @@
 //! `cargo test --test limits_redis -- --include-ignored`. Each test writes under its own key
 //! prefix, so runs never collide.
 
+mod support;
+
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -447,4 +449,86 @@ async fn round_trip_per_check() {
         at(0.99),
         took[took.len() - 1]
     );
+}
+
+/// Through the real server: the per-user burst on Redis, then 429 with the gateway's headers.
+#[tokio::test]
+#[ignore = "needs Redis at REDIS_URL"]
+async fn the_gateway_limits_on_redis() {
+    use support::fixtures::rgba_png;
+    use support::gateway::{APP_KEY, Gateway, assert_error};
+    use support::multipart::edit_request;
+
+    let prefix = unique_prefix("gateway");
+    let gw = Gateway::start_with(|c| {
+        c.limits.backend = RateBackendKind::Redis;
+        c.limits.redis_url = Some(Secret::new(redis_url()));
+        c.limits.redis_prefix = prefix.clone();
+        c.limits.redis_timeout = Duration::from_secs(2);
+        c.limits.redis_failure = RedisFailure::FailClosed;
+        c.limits.per_user = RateSpec {
+            requests_per_minute: Some(6),
+            requests_burst: Some(3),
+            images_per_minute: Some(1000),
+            images_burst: Some(1000),
+        };
+    })
+    .await;
+    let form = edit_request(&rgba_png(16, true), "p").text("user", "u");
+    for remaining in ["2", "1", "0"] {
+        let ok = gw.edit(APP_KEY, &form).await;
+        assert_eq!(ok.status, 200, "{}", ok.text());
+        assert_eq!(
+            ok.header("x-ratelimit-limit-requests").as_deref(),
+            Some("6")
+        );
+        assert_eq!(
+            ok.header("x-ratelimit-remaining-requests").as_deref(),
+            Some(remaining)
+        );
+    }
+    let refused = gw.edit(APP_KEY, &form).await;
+    let msg = assert_error(&refused, 429, "requests", None, Some("rate_limit_exceeded"));
+    assert!(msg.contains("Limit: 6/1min (burst 3)"), "{msg}");
+    assert_eq!(
+        refused.header("x-ratelimit-remaining-requests").as_deref(),
+        Some("0")
+    );
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(
+        gw.mock.count(),
+        3,
+        "the refused request never reached the upstream"
+    );
+}
+
+/// Through the real server: Redis unreachable with `fail_closed` → 503 before the body is read
+/// (the per-client check), within the timeout.
+#[tokio::test]
+#[ignore = "needs Redis at REDIS_URL"]
+async fn the_gateway_answers_503_when_redis_is_down_and_fail_closed() {
+    use support::fixtures::rgba_png;
+    use support::gateway::{APP_KEY, Gateway, assert_error};
+    use support::multipart::edit_request;
+
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let gw = Gateway::start_with(|c| {
+        c.limits.backend = RateBackendKind::Redis;
+        c.limits.redis_url = Some(Secret::new(url));
+        c.limits.redis_failure = RedisFailure::FailClosed;
+    })
+    .await;
+    let started = Instant::now();
+    let form = edit_request(&rgba_png(16, true), "p").text("user", "u");
+    let refused = gw.edit(APP_KEY, &form).await;
+    let msg = assert_error(
+        &refused,
+        503,
+        "server_error",
+        None,
+        Some("rate_limiter_unavailable"),
+    );
+    assert!(msg.contains("rate limiter"), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(gw.mock.count(), 0);
 }
