@@ -314,7 +314,7 @@ impl RedisRates {
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", self.timeout),
         };
-        self.mark_down(&failure).await;
+        self.mark_down(&failure);
         None
     }
 
@@ -325,9 +325,14 @@ impl RedisRates {
         }
     }
 
-    async fn mark_down(&self, why: &str) {
-        // A broken or timed-out connection is not reused: the next attempt reconnects.
-        *self.conn.lock().await = None;
+    fn mark_down(&self, why: &str) {
+        // A broken or timed-out connection is not reused: the next attempt reconnects. If
+        // another check holds the slot (connecting), it is left alone rather than waited for,
+        // so no check waits much past the timeout; a broken connection fails the next check
+        // fast and is cleared then.
+        if let Ok(mut slot) = self.conn.try_lock() {
+            *slot = None;
+        }
         *self
             .retry_at
             .lock()
