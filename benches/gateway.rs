@@ -190,7 +190,7 @@ fn limits(users: usize, iterations: usize) {
     use imagegate::config::{ClientConfig, Config, hash_key};
     use imagegate::limits::EndUser;
     use imagegate::limits::quota::QuotaStore;
-    use imagegate::limits::rate::{RateBackend, RateLimits};
+    use imagegate::limits::rate::RateLimits;
     use imagegate::limits::spec::QuotaSpec;
 
     let mut c = Config::default();
@@ -216,7 +216,7 @@ fn limits(users: usize, iterations: usize) {
     };
     let t = Instant::now();
     for _ in 0..iterations {
-        let _ = rates.check_user(&who, 3);
+        let _ = rates.check_user_now(&who, 3);
     }
     let per_check = t.elapsed() / iterations as u32;
 
@@ -224,7 +224,7 @@ fn limits(users: usize, iterations: usize) {
     let names: Vec<String> = (0..users).map(|i| format!("user-{i:08}")).collect();
     let rss_names = vm_rss_kib();
     for name in &names {
-        let _ = rates.check_user(
+        let _ = rates.check_user_now(
             &EndUser {
                 client: "app".into(),
                 user: Some(name.clone()),

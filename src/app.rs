@@ -64,6 +64,8 @@ use crate::error::GatewayError;
 use crate::ledger::Ledger;
 use crate::limits::quota::QuotaStore;
 use crate::limits::rate::{RateBackend, RateLimits};
+use crate::limits::rate_redis::RedisRates;
+use crate::limits::spec::RateBackendKind;
 use crate::middleware::BoxFuture;
 use crate::middleware::auth::{AuthLayer, KeyTable};
 use crate::middleware::client_limit::ClientLimitLayer;
@@ -73,6 +75,19 @@ use crate::middleware::usage::UsageLayer;
 use crate::startup::StartupError;
 use crate::upstream::Upstream;
 use tokio_util::task::TaskTracker;
+
+/// The rate-limit backend `[limits] backend` names.
+fn rate_backend(config: &Config, clock: &Clock) -> Result<Arc<dyn RateBackend>, StartupError> {
+    Ok(match config.limits.backend {
+        RateBackendKind::Memory => Arc::new(RateLimits::new(config, clock.clone())),
+        RateBackendKind::Redis => {
+            let rates = RedisRates::new(config, clock.clone())
+                .map_err(|e| StartupError::Config(vec![e]))?;
+            tracing::info!(url = %rates.shown_url(), prefix = %config.limits.redis_prefix, failure = ?config.limits.redis_failure, "rate limits on Redis");
+            Arc::new(rates)
+        }
+    })
+}
 
 /// Everything a request may need, built once at start.
 pub struct AppState {
@@ -145,7 +160,7 @@ impl AppState {
             clock.clone(),
         ));
         Ok(AppState {
-            rates: Arc::new(RateLimits::new(&config, clock.clone())),
+            rates: rate_backend(&config, &clock)?,
             quotas: Arc::new(QuotaStore::open_configured(config.clone(), clock.clone())?),
             clock,
             ledger,

@@ -3,7 +3,8 @@
 //! The file is TOML (`config/imagegate.toml` documents every key and its default). Unknown keys
 //! are errors, collected with their full path. Secrets are [`Secret`], whose `Debug` and
 //! `Display` print `[redacted]`. Environment overrides: `IMAGEGATE_UPSTREAM_URL` (upstream base
-//! URL) and the variable named by `upstream.api_key_env` (default `OPENAI_API_KEY`).
+//! URL), `IMAGEGATE_REDIS_URL` (`limits.redis_url`) and the variable named by
+//! `upstream.api_key_env` (default `OPENAI_API_KEY`).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -36,6 +37,12 @@ impl<T> Secret<T> {
 impl<T> fmt::Debug for Secret<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Secret<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        T::deserialize(d).map(Secret)
     }
 }
 
@@ -564,6 +571,11 @@ impl Config {
         {
             self.ledger.postgres_url = Some(PgUrl(url.trim().to_owned()));
         }
+        if let Ok(url) = std::env::var("IMAGEGATE_REDIS_URL")
+            && !url.trim().is_empty()
+        {
+            self.limits.redis_url = Some(Secret::new(url.trim().to_string()));
+        }
         let mut problems = Vec::new();
         self.upstream_key = match &self.upstream.api_key_file {
             Some(file) => match std::fs::read_to_string(file) {
@@ -705,6 +717,7 @@ impl Config {
         if self.limits.max_tracked_users_per_client == 0 {
             p.push("limits.max_tracked_users_per_client: must be at least 1".into());
         }
+        p.extend(crate::limits::rate_redis::problems(&self.limits));
         p.extend(self.quotas.per_user.problems("quotas.per_user"));
         p.extend(self.quotas.per_client.problems("quotas.per_client"));
         if jiff::tz::TimeZone::get(&self.quotas.time_zone).is_err() {

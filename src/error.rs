@@ -92,6 +92,9 @@ pub enum GatewayError {
     BufferFull { retry_after: Duration },
     /// No upstream key is configured, so nothing can be forwarded.
     UpstreamKeyMissing,
+    /// The shared rate limiter (Redis) cannot be reached and `limits.redis_failure` is
+    /// `fail_closed`, so the request is refused rather than admitted unchecked.
+    RateLimiterUnavailable,
     /// The usage ledger cannot record the request, so it is not forwarded.
     LedgerUnavailable,
     /// The usage ledger cannot be read (an admin report or lookup).
@@ -342,6 +345,13 @@ impl GatewayError {
                 Some("upstream_key_missing"),
                 "The gateway has no upstream API key configured, so it cannot forward requests.".into(),
             ),
+            RateLimiterUnavailable => p(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                Some("rate_limiter_unavailable"),
+                "The gateway cannot reach its shared rate limiter, so it cannot admit this request. Please try again shortly.".into(),
+            ),
             LedgerUnavailable => p(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -372,6 +382,7 @@ impl GatewayError {
             GatewayError::RateLimited { retry_after, .. } => Some(*retry_after),
             GatewayError::QuotaExceeded { retry_after, .. } => *retry_after,
             GatewayError::BufferFull { retry_after } => Some(*retry_after),
+            GatewayError::RateLimiterUnavailable => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

@@ -96,6 +96,14 @@ fn describe() {
     );
     describe_gauge!("imagegate_in_flight_requests", "Requests being handled");
     describe_gauge!(
+        "imagegate_rate_backend_up",
+        "1 when the shared rate-limit backend (Redis) answered the last check, 0 when it did not"
+    );
+    describe_counter!(
+        "imagegate_rate_backend_fallbacks_total",
+        "Rate checks answered by this replica's local limiter because Redis could not be reached (fail_open)"
+    );
+    describe_gauge!(
         "imagegate_ledger_queue_depth",
         "Ledger operations waiting for the writer"
     );

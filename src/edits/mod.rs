@@ -171,7 +171,9 @@ impl Edits {
             let parts = form::parse_parts(&boundary, body, self.form.max_parts)
                 .await
                 .map_err(no_rate)?;
-            return self.admit_dall_e_2(caller, trail, parts, held, started);
+            return self
+                .admit_dall_e_2(caller, trail, parts, held, started)
+                .await;
         }
         // content type (before the body is read): multipart or JSON
         let kind = gpt::body_kind(content_type).map_err(no_rate)?;
@@ -182,7 +184,9 @@ impl Edits {
         // parse form, and choose the profile by the model it names
         let parts = match kind {
             gpt::Body::Json => {
-                return self.admit_gpt(caller, trail, GptInput::Json(body), held, started);
+                return self
+                    .admit_gpt(caller, trail, GptInput::Json(body), held, started)
+                    .await;
             }
             gpt::Body::Multipart(boundary) => {
                 let max = self
@@ -199,13 +203,15 @@ impl Edits {
             .is_dall_e_2(form::text_field(&parts, "model").as_deref())
         {
             self.admit_dall_e_2(caller, trail, parts, held, started)
+                .await
         } else {
             self.admit_gpt(caller, trail, GptInput::Parts(parts), held, started)
+                .await
         }
     }
 
     /// The dall-e-2 profile's phases from the parsed form.
-    fn admit_dall_e_2(
+    async fn admit_dall_e_2(
         self: Arc<Self>,
         caller: Caller,
         trail: Trail,
@@ -239,6 +245,7 @@ impl Edits {
         let rate = self
             .rates
             .check_user(&who, edit.n)
+            .await
             .map_err(|(e, rate)| (e, Some(rate)))?;
         let this = self.clone();
         let rest = Box::pin(async move {
@@ -289,7 +296,7 @@ impl Edits {
     }
 
     /// The gpt-image profile's phases from the parsed form or the JSON body.
-    fn admit_gpt(
+    async fn admit_gpt(
         self: Arc<Self>,
         caller: Caller,
         trail: Trail,
@@ -351,6 +358,7 @@ impl Edits {
         let rate = self
             .rates
             .check_user(&who, edit.n_or_default())
+            .await
             .map_err(|(e, rate)| (e, Some(rate)))?;
         let this = self.clone();
         let rest = Box::pin(async move {

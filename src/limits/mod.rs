@@ -1,11 +1,12 @@
 //! Who pays for a request, and whether they may: end-user identity, per-minute rate limits
-//! (in memory, governor) and daily/monthly quotas (persisted beside the ledger).
+//! (in memory with governor, or on Redis for several replicas) and daily/monthly quotas (persisted beside the ledger).
 //!
 //! The end user is the pair (client, `user`). `app` clients pass their own end users; a
 //! `personal` client's end user is its configured person, whatever `user` says.
 
 pub mod quota;
 pub mod rate;
+pub mod rate_redis;
 pub mod spec;
 
 use crate::config::ClientConfig;

@@ -24,85 +24,79 @@ use super::spec::RateSpec;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::GatewayError;
+use futures_util::future::BoxFuture;
 
 type Direct = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
 
-/// One limit: a limiter and the numbers it was built from.
-struct Limit {
-    limiter: Direct,
-    per_minute: u32,
-    burst: u32,
+/// The numbers of one limit, shared by the in-memory and the Redis backends so both answer
+/// with the same windows, waits and messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LimitSpec {
+    pub(crate) per_minute: u32,
+    pub(crate) burst: u32,
 }
 
-impl Limit {
-    fn new(per_minute: Option<u32>, burst: Option<u32>, clock: &Clock) -> Option<Limit> {
+impl LimitSpec {
+    /// `None` when the limit is off (absent or zero); the burst defaults to the rate.
+    pub(crate) fn new(per_minute: Option<u32>, burst: Option<u32>) -> Option<LimitSpec> {
         let per_minute = per_minute.filter(|&v| v > 0)?;
         let burst = burst.filter(|&b| b > 0).unwrap_or(per_minute);
-        let quota =
-            Quota::per_minute(NonZeroU32::new(per_minute)?).allow_burst(NonZeroU32::new(burst)?);
-        let limiter = RateLimiter::direct_with_clock(quota, clock.clone())
-            .with_middleware::<StateInformationMiddleware>();
-        Some(Limit {
-            limiter,
-            per_minute,
-            burst,
-        })
+        Some(LimitSpec { per_minute, burst })
     }
 
-    fn interval(&self) -> Duration {
+    /// Time to earn one cell (governor's `replenish_1_per`).
+    pub(crate) fn interval(&self) -> Duration {
         Duration::from_secs(60) / self.per_minute
     }
 
-    /// Time for an emptied bucket to be full again.
-    fn refill(&self) -> Duration {
+    /// Time for an emptied bucket to be full again (governor's `tau`).
+    pub(crate) fn refill(&self) -> Duration {
         self.interval() * self.burst
     }
 
-    /// Take `cost` cells. Ok: the window after; Err: why not.
-    fn take(&self, cost: u32, clock: &Clock) -> Result<Window, Refusal> {
-        let cells = NonZeroU32::new(cost.max(1)).expect("cost is at least 1");
-        match self.limiter.check_n(cells) {
-            Ok(Ok(snapshot)) => {
-                let remaining = snapshot.remaining_burst_capacity();
-                Ok(Window {
-                    limit: self.per_minute,
-                    remaining,
-                    reset: self.interval() * (self.burst - remaining),
-                })
-            }
-            Ok(Err(not_until)) => {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(clock));
-                // Cells still missing for this request: one per interval of waiting.
-                let interval = self.interval().as_nanos().max(1);
-                let missing = u32::try_from(wait.as_nanos().div_ceil(interval)).unwrap_or(u32::MAX);
-                let available = cost.saturating_sub(missing);
-                let reset = wait + self.interval() * self.burst.saturating_sub(cost);
-                Err(Refusal {
-                    window: Window {
-                        limit: self.per_minute,
-                        remaining: available,
-                        reset,
-                    },
-                    wait,
-                    available,
-                })
-            }
-            // More cells than the burst: this request can never pass (config validation keeps
-            // image bursts >= 10, the largest n).
-            Err(_) => Err(Refusal {
-                window: Window {
-                    limit: self.per_minute,
-                    remaining: 0,
-                    reset: self.refill(),
-                },
-                wait: self.refill(),
-                available: 0,
-            }),
+    /// The window after an admitted request that left `remaining` cells.
+    pub(crate) fn window(&self, remaining: u32) -> Window {
+        Window {
+            limit: self.per_minute,
+            remaining,
+            reset: self.interval() * self.burst.saturating_sub(remaining),
+        }
+    }
+
+    /// A request of `cost` cells refused until `wait` has passed.
+    pub(crate) fn refusal(&self, cost: u32, wait: Duration) -> Refusal {
+        // Cells still missing for this request: one per interval of waiting.
+        let interval = self.interval().as_nanos().max(1);
+        let missing = u32::try_from(wait.as_nanos().div_ceil(interval)).unwrap_or(u32::MAX);
+        let available = cost.saturating_sub(missing);
+        let reset = wait + self.interval() * self.burst.saturating_sub(cost);
+        Refusal {
+            window: Window {
+                limit: self.per_minute,
+                remaining: available,
+                reset,
+            },
+            wait,
+            available,
+        }
+    }
+
+    /// More cells than the burst: this request can never pass (config validation keeps image
+    /// bursts >= 10, the largest n).
+    pub(crate) fn beyond_burst(&self) -> Refusal {
+        Refusal {
+            window: Window {
+                limit: self.per_minute,
+                remaining: 0,
+                reset: self.refill(),
+            },
+            wait: self.refill(),
+            available: 0,
         }
     }
 
     /// The 429 message: which limit, its numbers, what was asked and what is available.
-    fn message(&self, what: &str, who: &str, cost: u32, refusal: &Refusal) -> String {
+    pub(crate) fn message(&self, what: &str, who: &str, cost: u32, refusal: &Refusal) -> String {
         format!(
             "Rate limit reached for {what} per minute for {who} on this gateway. Limit: {}/1min (burst {}). Requested: {cost}, available now: {}. Please try again in {}.",
             self.per_minute,
@@ -111,13 +105,57 @@ impl Limit {
             human(refusal.wait)
         )
     }
+
+    /// The 429 error of a refusal.
+    pub(crate) fn error(
+        &self,
+        what: &str,
+        who: &str,
+        cost: u32,
+        refusal: &Refusal,
+    ) -> GatewayError {
+        GatewayError::RateLimited {
+            message: self.message(what, who, cost, refusal),
+            retry_after: refusal.wait,
+        }
+    }
+}
+
+/// One limit: a limiter and the numbers it was built from.
+struct Limit {
+    limiter: Direct,
+    spec: LimitSpec,
+}
+
+impl Limit {
+    fn new(per_minute: Option<u32>, burst: Option<u32>, clock: &Clock) -> Option<Limit> {
+        let spec = LimitSpec::new(per_minute, burst)?;
+        let quota = Quota::per_minute(NonZeroU32::new(spec.per_minute)?)
+            .allow_burst(NonZeroU32::new(spec.burst)?);
+        let limiter = RateLimiter::direct_with_clock(quota, clock.clone())
+            .with_middleware::<StateInformationMiddleware>();
+        Some(Limit { limiter, spec })
+    }
+
+    /// Take `cost` cells. Ok: the window after; Err: why not.
+    fn take(&self, cost: u32, clock: &Clock) -> Result<Window, Refusal> {
+        let cells = NonZeroU32::new(cost.max(1)).expect("cost is at least 1");
+        match self.limiter.check_n(cells) {
+            Ok(Ok(snapshot)) => Ok(self.spec.window(snapshot.remaining_burst_capacity())),
+            Ok(Err(not_until)) => Err(self.spec.refusal(
+                cost,
+                not_until.wait_time_from(governor::clock::Clock::now(clock)),
+            )),
+            Err(_) => Err(self.spec.beyond_burst()),
+        }
+    }
 }
 
 /// Why a limit refused: the window for the headers, how long to wait, cells available now.
-struct Refusal {
-    window: Window,
-    wait: Duration,
-    available: u32,
+pub(crate) struct Refusal {
+    pub(crate) window: Window,
+    pub(crate) wait: Duration,
+    pub(crate) available: u32,
 }
 
 /// The state of one limit after a check, for the `x-ratelimit-*` headers.
@@ -197,8 +235,14 @@ impl Buckets {
 
     /// Idle this long, the buckets are full again and can be forgotten.
     fn idle_after(&self) -> Duration {
-        let r = self.requests.as_ref().map_or(Duration::ZERO, Limit::refill);
-        let i = self.images.as_ref().map_or(Duration::ZERO, Limit::refill);
+        let r = self
+            .requests
+            .as_ref()
+            .map_or(Duration::ZERO, |l| l.spec.refill());
+        let i = self
+            .images
+            .as_ref()
+            .map_or(Duration::ZERO, |l| l.spec.refill());
         r.max(i)
     }
 
@@ -220,14 +264,7 @@ impl Buckets {
                     // The images bucket was not checked: its last known window stands in (it
                     // can only have refilled since).
                     status.requests = Some(refusal.window);
-                    let message = l.message("requests", &who.label(), 1, &refusal);
-                    return Err((
-                        GatewayError::RateLimited {
-                            message,
-                            retry_after: refusal.wait,
-                        },
-                        status,
-                    ));
+                    return Err((l.spec.error("requests", &who.label(), 1, &refusal), status));
                 }
             }
         }
@@ -239,14 +276,7 @@ impl Buckets {
                 }
                 Err(refusal) => {
                     status.images = Some(refusal.window);
-                    let message = l.message("images", &who.label(), n, &refusal);
-                    return Err((
-                        GatewayError::RateLimited {
-                            message,
-                            retry_after: refusal.wait,
-                        },
-                        status,
-                    ));
+                    return Err((l.spec.error("images", &who.label(), n, &refusal), status));
                 }
             }
         }
@@ -269,13 +299,20 @@ struct Users {
     evicted_at: Option<Duration>,
 }
 
-/// A rate-limit backend: in memory ([`RateLimits`], governor) today; a shared backend (Redis)
-/// for several gateway replicas can implement the same trait.
+/// What a backend answers for a per-user check.
+pub type UserCheck = Result<RateStatus, (GatewayError, RateStatus)>;
+
+/// A rate-limit backend: in memory ([`RateLimits`], governor) or shared by several gateway
+/// replicas ([`super::rate_redis::RedisRates`]). The checks are futures because a shared
+/// backend answers over the network; the in-memory one answers at once.
 pub trait RateBackend: Send + Sync {
     /// The per-client request limit, checked before the body is read.
-    fn check_client(&self, client: &str) -> Result<Option<Window>, GatewayError>;
+    fn check_client<'a>(
+        &'a self,
+        client: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Window>, GatewayError>>;
     /// The per-user limits: one request and `n` images.
-    fn check_user(&self, who: &EndUser, n: u8) -> Result<RateStatus, (GatewayError, RateStatus)>;
+    fn check_user<'a>(&'a self, who: &'a EndUser, n: u8) -> BoxFuture<'a, UserCheck>;
     /// End users currently tracked for a client.
     fn tracked_users(&self, client: &str) -> usize;
     /// Forget idle end users (run periodically).
@@ -338,7 +375,42 @@ fn evict_idle(tracked: &mut HashMap<Arc<str>, Buckets>, now: Duration) {
 }
 
 impl RateBackend for RateLimits {
-    fn check_client(&self, client: &str) -> Result<Option<Window>, GatewayError> {
+    fn check_client<'a>(
+        &'a self,
+        client: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Window>, GatewayError>> {
+        Box::pin(std::future::ready(self.check_client_now(client)))
+    }
+
+    fn check_user<'a>(&'a self, who: &'a EndUser, n: u8) -> BoxFuture<'a, UserCheck> {
+        Box::pin(std::future::ready(self.check_user_now(who, n)))
+    }
+
+    fn sweep(&self) {
+        for rates in self.clients.values() {
+            let mut users = rates
+                .users
+                .lock()
+                .expect("rate-limit map lock poisoned by a panic");
+            evict_idle(&mut users.tracked, self.clock.elapsed());
+            users.tracked.shrink_to_fit();
+        }
+    }
+
+    fn tracked_users(&self, client: &str) -> usize {
+        self.clients.get(client).map_or(0, |r| {
+            r.users
+                .lock()
+                .expect("rate-limit map lock poisoned by a panic")
+                .tracked
+                .len()
+        })
+    }
+}
+
+impl RateLimits {
+    /// The per-client check, answered at once.
+    pub fn check_client_now(&self, client: &str) -> Result<Option<Window>, GatewayError> {
         let Some(rates) = self.clients.get(client) else {
             return Ok(None);
         };
@@ -347,14 +419,16 @@ impl RateBackend for RateLimits {
         };
         match own.take(1, &self.clock) {
             Ok(w) => Ok(Some(w)),
-            Err(refusal) => Err(GatewayError::RateLimited {
-                message: own.message("requests", &format!("client '{client}'"), 1, &refusal),
-                retry_after: refusal.wait,
-            }),
+            Err(refusal) => {
+                Err(own
+                    .spec
+                    .error("requests", &format!("client '{client}'"), 1, &refusal))
+            }
         }
     }
 
-    fn check_user(&self, who: &EndUser, n: u8) -> Result<RateStatus, (GatewayError, RateStatus)> {
+    /// The per-user check, answered at once.
+    pub fn check_user_now(&self, who: &EndUser, n: u8) -> UserCheck {
         let Some(rates) = self.clients.get(&who.client) else {
             return Ok(RateStatus::default());
         };
@@ -389,27 +463,6 @@ impl RateBackend for RateLimits {
             &mut users.overflow
         };
         buckets.check(who, u32::from(n), &self.clock)
-    }
-
-    fn sweep(&self) {
-        for rates in self.clients.values() {
-            let mut users = rates
-                .users
-                .lock()
-                .expect("rate-limit map lock poisoned by a panic");
-            evict_idle(&mut users.tracked, self.clock.elapsed());
-            users.tracked.shrink_to_fit();
-        }
-    }
-
-    fn tracked_users(&self, client: &str) -> usize {
-        self.clients.get(client).map_or(0, |r| {
-            r.users
-                .lock()
-                .expect("rate-limit map lock poisoned by a panic")
-                .tracked
-                .len()
-        })
     }
 }
 
@@ -464,7 +517,9 @@ mod tests {
     }
 
     fn admitted(r: &RateLimits, w: &EndUser, n: u8, tries: usize) -> usize {
-        (0..tries).filter(|_| r.check_user(w, n).is_ok()).count()
+        (0..tries)
+            .filter(|_| r.check_user_now(w, n).is_ok())
+            .count()
     }
 
     #[test]
@@ -475,7 +530,7 @@ mod tests {
             3,
             "burst of 3 requests"
         );
-        let (err, status) = r.check_user(&who("a", "u"), 1).unwrap_err();
+        let (err, status) = r.check_user_now(&who("a", "u"), 1).unwrap_err();
         let GatewayError::RateLimited { retry_after, .. } = err else {
             panic!("not a rate limit")
         };
@@ -495,11 +550,11 @@ mod tests {
     fn images_are_weighted_by_n() {
         let (r, clock) = setup(100);
         let w = who("a", "painter");
-        let s = r.check_user(&w, 8).unwrap();
+        let s = r.check_user_now(&w, 8).unwrap();
         assert_eq!(s.images.unwrap().remaining, 2);
-        assert!(r.check_user(&w, 3).is_err(), "8 + 3 > burst 10");
+        assert!(r.check_user_now(&w, 3).is_err(), "8 + 3 > burst 10");
         clock.advance(Duration::from_secs(3)); // 20/min: one image every 3 s
-        let s = r.check_user(&w, 3).unwrap();
+        let s = r.check_user_now(&w, 3).unwrap();
         assert_eq!(s.images.unwrap().remaining, 0);
     }
 
@@ -519,26 +574,29 @@ mod tests {
     #[test]
     fn client_limit() {
         let (r, clock) = setup(100);
-        assert_eq!((0..10).filter(|_| r.check_client("a").is_ok()).count(), 5);
-        assert!(r.check_client("b").is_ok());
+        assert_eq!(
+            (0..10).filter(|_| r.check_client_now("a").is_ok()).count(),
+            5
+        );
+        assert!(r.check_client_now("b").is_ok());
         clock.advance(Duration::from_secs(1));
-        assert!(r.check_client("a").is_ok());
+        assert!(r.check_client_now("a").is_ok());
     }
 
     #[test]
     fn tracked_users_stay_at_the_cap() {
         let (r, clock) = setup(50);
         for i in 0..1000 {
-            let _ = r.check_user(&who("a", &format!("spray-{i}")), 1);
+            let _ = r.check_user_now(&who("a", &format!("spray-{i}")), 1);
         }
         assert_eq!(r.tracked_users("a"), 50);
         // The overflow bucket is shared by the untracked users: its burst is long gone.
-        assert!(r.check_user(&who("a", "spray-new"), 1).is_err());
+        assert!(r.check_user_now(&who("a", "spray-new"), 1).is_err());
         // A tracked user keeps its own bucket.
-        assert!(r.check_user(&who("a", "spray-0"), 1).is_ok());
+        assert!(r.check_user_now(&who("a", "spray-0"), 1).is_ok());
         // Once idle users' buckets are full again they are evicted and new users get their own.
         clock.advance(Duration::from_secs(60));
-        assert!(r.check_user(&who("a", "fresh"), 1).is_ok());
+        assert!(r.check_user_now(&who("a", "fresh"), 1).is_ok());
         assert!(r.tracked_users("a") <= 50);
         r.sweep();
         assert_eq!(

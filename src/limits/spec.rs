@@ -2,8 +2,11 @@
 //! per-client / per-user overrides inside `[[clients]]`.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::config::Secret;
 
 /// Per-minute rate limits. A missing value means "inherit"; `0` means "no limit".
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -111,6 +114,66 @@ pub struct LimitsConfig {
     pub per_user: RateSpec,
     /// Defaults for every client (checked before the body is read; only requests count).
     pub per_client: RateSpec,
+    /// Where the rate limits live: `memory` (this process) or `redis` (shared by replicas).
+    pub backend: RateBackendKind,
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://`); the environment variable
+    /// `IMAGEGATE_REDIS_URL` overrides it. A secret: never logged (see [`redact_url`]).
+    pub redis_url: Option<Secret<String>>,
+    /// Prefix of every Redis key the gateway writes.
+    pub redis_prefix: String,
+    /// How long one rate check may wait for Redis before the failure policy applies.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    /// What a check does when Redis fails or times out.
+    pub redis_failure: RedisFailure,
+}
+
+/// `[limits] backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RateBackendKind {
+    /// In this process (governor); each replica limits on its own.
+    #[default]
+    Memory,
+    /// On Redis, shared by every replica that uses the same URL and prefix.
+    Redis,
+}
+
+/// `[limits] redis_failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisFailure {
+    /// Answer from this replica's own in-memory limiter until Redis is back.
+    #[default]
+    FailOpen,
+    /// Answer 503 `rate_limiter_unavailable` until Redis is back.
+    FailClosed,
+}
+
+/// A Redis URL fit for logs: the password, if any, replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+    let shown = if userinfo.contains(':') || !userinfo.is_empty() {
+        // `redis://:pw@host` or `redis://user:pw@host`; a lone `redis://pw@host` is a password
+        // too for some clients, so it is hidden as well.
+        if userinfo.contains(':') {
+            format!("{user}:***")
+        } else {
+            "***".to_owned()
+        }
+    } else {
+        String::new()
+    };
+    format!("{}{shown}{}", &url[..scheme_end], &rest[at..])
 }
 
 impl Default for LimitsConfig {
@@ -131,6 +194,11 @@ impl Default for LimitsConfig {
                 images_per_minute: None,
                 images_burst: None,
             },
+            backend: RateBackendKind::Memory,
+            redis_url: None,
+            redis_prefix: "imagegate:".into(),
+            redis_timeout: Duration::from_millis(50),
+            redis_failure: RedisFailure::FailOpen,
         }
     }
 }

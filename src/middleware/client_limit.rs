@@ -57,14 +57,18 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if let Some(caller) = req.extensions().get::<Caller>()
-            && let Err(e) = self.rates.check_client(&caller.client)
-        {
-            tracing::info!("client rate limit reached");
-            return Box::pin(async move { Ok(e.into_response()) });
-        }
+        let client = req.extensions().get::<Caller>().map(|c| c.client.clone());
+        let rates = self.rates.clone();
         let mut inner = super::take_ready(&mut self.inner);
-        Box::pin(async move { inner.call(req).await })
+        Box::pin(async move {
+            if let Some(client) = client
+                && let Err(e) = rates.check_client(&client).await
+            {
+                tracing::info!("client rate limit reached");
+                return Ok(e.into_response());
+            }
+            inner.call(req).await
+        })
     }
 }
 
