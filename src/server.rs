@@ -81,8 +81,23 @@ pub async fn spawn(config: Config) -> Result<RunningServer, StartupError> {
 
 /// Like [`spawn`] with a given clock (tests use a manual one).
 pub async fn spawn_with_clock(config: Config, clock: Clock) -> Result<RunningServer, StartupError> {
-    let state = AppState::new(config, clock)?;
+    let state = off_runtime(move || AppState::new(config, clock))?;
     spawn_state(state).await
+}
+
+/// Run start-up work that may block on a runtime of its own (the synchronous PostgreSQL client
+/// drives one): on a plain thread that has this runtime's handle entered (so it may spawn tasks)
+/// but is not one of its workers, where a nested `block_on` would panic.
+fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    let handle = tokio::runtime::Handle::try_current().ok();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let _entered = handle.as_ref().map(tokio::runtime::Handle::enter);
+            work()
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// A bound listener and the service its connections get.
@@ -111,7 +126,8 @@ pub async fn spawn_state(state: AppState) -> Result<RunningServer, StartupError>
         service: app::build(state.clone()),
     }];
     let mut admin_addr = None;
-    if let Some(service) = crate::admin::build(state.clone())? {
+    let admin_state = state.clone();
+    if let Some(service) = off_runtime(move || crate::admin::build(admin_state))? {
         let listen = state
             .config
             .admin

@@ -435,3 +435,62 @@ fn settle_refunds_and_show() {
     assert_eq!(day.images_limit, Some(3));
     assert!(lines.iter().any(|l| l.scope.contains("alice")));
 }
+
+/// The gateway itself on the PostgreSQL backend, started from inside a tokio runtime (as
+/// `serve` is): the synchronous client's own runtime must not be nested in ours. An edit
+/// refused locally is recorded in PostgreSQL, and the admin reader (also on PostgreSQL) starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL at DATABASE_URL"]
+async fn the_gateway_serves_on_the_postgres_backend() {
+    // The test's own synchronous client calls leave the runtime's worker for the while.
+    let schema = tokio::task::block_in_place(Schema::new);
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.admin.listen = Some("127.0.0.1:0".parse().unwrap());
+    c.admin.key_hash = Some(hash_key("admin-key-for-the-test"));
+    c.ledger.backend = imagegate::config::LedgerBackend::Postgres;
+    c.ledger.postgres_url = Some(imagegate::config::PgUrl(url()));
+    c.ledger.postgres_schema = Some(schema.name.clone());
+    c.ledger.replica_id = Some("serve-test".into());
+    c.models.check_at_start = false;
+    c.clients.push(ClientConfig {
+        name: "app".into(),
+        key_hash: hash_key("app-key-0123456789"),
+        ..Default::default()
+    });
+    assert!(c.problems().is_empty(), "{:?}", c.problems());
+    let server = imagegate::server::spawn_with_clock(c, Clock::manual(SystemTime::now()))
+        .await
+        .expect("the gateway starts on PostgreSQL");
+    assert!(server.admin_addr.is_some());
+    // A request refused locally (a retired model): its record goes to PostgreSQL.
+    let body = "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ndall-e-2\r\n--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n--b--\r\n";
+    let request = format!(
+        "POST /v1/images/edits HTTP/1.1\r\nhost: x\r\nauthorization: Bearer app-key-0123456789\r\ncontent-type: multipart/form-data; boundary=b\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 30 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("does not exist"), "{answer}");
+    server.shutdown().await;
+    let n: i64 = tokio::task::block_in_place(|| {
+        let mut client = schema.client();
+        let rows = client
+            .query(
+                "SELECT count(*) FROM records WHERE outcome = 'rejected'",
+                &[],
+            )
+            .unwrap();
+        rows[0].get(0)
+    });
+    assert_eq!(n, 1, "the refusal is recorded in PostgreSQL");
+    tokio::task::block_in_place(move || drop(schema));
+}

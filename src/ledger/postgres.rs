@@ -304,6 +304,33 @@ pub struct PgPool {
     next: AtomicUsize,
 }
 
+impl Drop for PgPool {
+    /// A synchronous client closes its connection by blocking on a runtime of its own, which
+    /// panics on a thread that drives the gateway's runtime (the pool is dropped with the
+    /// state, on shutdown): close them on a plain thread there.
+    fn drop(&mut self) {
+        let clients: Vec<Client> = self
+            .slots
+            .iter_mut()
+            .filter_map(|slot| {
+                slot.get_mut()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take()
+            })
+            .collect();
+        if clients.is_empty() {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::Builder::new()
+                .name("imagegate-pg-close".into())
+                .spawn(move || drop(clients));
+        } else {
+            drop(clients);
+        }
+    }
+}
+
 impl std::fmt::Debug for PgPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgPool")
