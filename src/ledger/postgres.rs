@@ -29,6 +29,7 @@
 //! next call reconnects (the writer retries final records; a `Begin` fails, so the request
 //! gets 503 `ledger_unavailable`).
 
+use super::store::{self, Plan};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -402,11 +403,6 @@ struct Tip {
     hash: String,
 }
 
-enum Plan {
-    Write(EntryKind, Box<Record>),
-    Refuse(String),
-}
-
 /// The ledger on PostgreSQL (see the module doc).
 pub struct PostgresStore {
     settings: PgSettings,
@@ -629,50 +625,13 @@ fn read_tip(c: &mut impl GenericClient, replica: &str) -> Result<Tip, LedgerErro
 }
 
 fn plan(tx: &mut postgres::Transaction<'_>, op: &LedgerOp) -> Result<Plan, LedgerError> {
-    let given = op.record();
-    if let Err(m) = given.validate() {
-        return Ok(Plan::Refuse(m));
-    }
     let existing: Option<String> = tx
         .query_opt(
             "SELECT outcome FROM records WHERE request_id = $1 FOR UPDATE",
-            &[&given.request_id],
+            &[&op.record().request_id],
         )?
         .map(|r| r.get(0));
-    let id = &given.request_id;
-    let mut r = Box::new(given.clone().normalized());
-    let plan = match op {
-        LedgerOp::Begin(_) => {
-            if let Some(o) = existing {
-                return Ok(Plan::Refuse(format!("{id} is already recorded ({o})")));
-            }
-            r.outcome = Outcome::Forwarding;
-            r.forwarded = true;
-            Plan::Write(EntryKind::Begin, r)
-        }
-        LedgerOp::Complete(_) | LedgerOp::Final(_) if r.outcome == Outcome::Forwarding => {
-            return Ok(Plan::Refuse(format!(
-                "{id}: a {} record cannot have outcome forwarding",
-                op.kind()
-            )));
-        }
-        LedgerOp::Complete(_) => {
-            match existing.as_deref() {
-                Some("forwarding") => r.forwarded = true,
-                Some(o) => return Ok(Plan::Refuse(format!("{id} is already final ({o})"))),
-                None => r.forwarded = false,
-            }
-            Plan::Write(EntryKind::Complete, r)
-        }
-        LedgerOp::Final(_) => {
-            if let Some(o) = existing {
-                return Ok(Plan::Refuse(format!("{id} is already recorded ({o})")));
-            }
-            r.forwarded = false;
-            Plan::Write(EntryKind::Final, r)
-        }
-    };
-    Ok(plan)
+    Ok(store::plan(op, existing.as_deref()))
 }
 
 /// Append one chain entry for `r` to `replica`'s chain and make `r` the request's record.

@@ -26,6 +26,7 @@
 //! the insert collides, the batch fails as `Unavailable`, and the tip is reloaded before the
 //! next batch. After any failed transaction the tip is reloaded the same way.
 
+use super::store::{self, Plan};
 use std::borrow::Cow;
 use std::path::Path;
 use std::sync::LazyLock;
@@ -300,12 +301,6 @@ struct Tip {
     hash: String,
 }
 
-/// What a batch will do with one op.
-enum Plan {
-    Write(EntryKind, Box<Record>),
-    Refuse(String),
-}
-
 pub struct SqliteStore {
     conn: Connection,
     /// `None`: unknown (after a failed transaction); reloaded before the next write.
@@ -555,53 +550,13 @@ fn read_tip(conn: &Connection) -> Result<Option<Tip>, LedgerError> {
         .optional()?)
 }
 
-/// Decide what `op` does, given what is stored. Refusals touch nothing.
+/// Decide what `op` does, given what is stored (the shared [`store::plan`]).
 fn plan(conn: &Connection, op: &LedgerOp) -> Result<Plan, LedgerError> {
-    let given = op.record();
-    if let Err(m) = given.validate() {
-        return Ok(Plan::Refuse(m));
-    }
     let existing: Option<String> = conn
         .prepare_cached("SELECT outcome FROM records WHERE request_id = ?1")?
-        .query_row([&given.request_id], |r| r.get(0))
+        .query_row([&op.record().request_id], |r| r.get(0))
         .optional()?;
-    let id = &given.request_id;
-    let mut r = Box::new(given.clone().normalized());
-    let plan = match op {
-        LedgerOp::Begin(_) => {
-            if let Some(o) = existing {
-                return Ok(Plan::Refuse(format!("{id} is already recorded ({o})")));
-            }
-            r.outcome = Outcome::Forwarding;
-            r.forwarded = true;
-            Plan::Write(EntryKind::Begin, r)
-        }
-        LedgerOp::Complete(_) | LedgerOp::Final(_) if r.outcome == Outcome::Forwarding => {
-            return Ok(Plan::Refuse(format!(
-                "{id}: a {} record cannot have outcome forwarding",
-                op.kind()
-            )));
-        }
-        LedgerOp::Complete(_) => {
-            match existing.as_deref() {
-                Some("forwarding") => r.forwarded = true,
-                Some(o) => return Ok(Plan::Refuse(format!("{id} is already final ({o})"))),
-                None => {
-                    tracing::debug!(request_id = %id, "ledger: completion of a request never begun");
-                    r.forwarded = false;
-                }
-            }
-            Plan::Write(EntryKind::Complete, r)
-        }
-        LedgerOp::Final(_) => {
-            if let Some(o) = existing {
-                return Ok(Plan::Refuse(format!("{id} is already recorded ({o})")));
-            }
-            r.forwarded = false;
-            Plan::Write(EntryKind::Final, r)
-        }
-    };
-    Ok(plan)
+    Ok(store::plan(op, existing.as_deref()))
 }
 
 /// Append one chain entry for `r` and make `r` the request's current record.

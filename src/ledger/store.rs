@@ -9,7 +9,7 @@ use jiff::tz::TimeZone;
 use serde::Serialize;
 
 use super::LedgerError;
-use super::record::{Outcome, Record};
+use super::record::{EntryKind, Outcome, Record};
 
 /// One write to the ledger.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -241,6 +241,60 @@ pub(crate) struct UsageFact<'a> {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub forwarded: bool,
+}
+
+/// What a store does with one op.
+pub(crate) enum Plan {
+    Write(EntryKind, Box<Record>),
+    Refuse(String),
+}
+
+/// Decide what `op` does, given the outcome already stored for its request (`None`: no
+/// record). The one state machine of the record's life cycle, shared by every store:
+/// `Begin` only for a new request; `Complete` only of a `forwarding` record (or of one never
+/// begun); `Final` only for a new request; no final op may carry `forwarding`. Refusals touch
+/// nothing.
+pub(crate) fn plan(op: &LedgerOp, existing: Option<&str>) -> Plan {
+    let given = op.record();
+    if let Err(m) = given.validate() {
+        return Plan::Refuse(m);
+    }
+    let id = &given.request_id;
+    let mut r = Box::new(given.clone().normalized());
+    match op {
+        LedgerOp::Begin(_) => {
+            if let Some(o) = existing {
+                return Plan::Refuse(format!("{id} is already recorded ({o})"));
+            }
+            r.outcome = Outcome::Forwarding;
+            r.forwarded = true;
+            Plan::Write(EntryKind::Begin, r)
+        }
+        LedgerOp::Complete(_) | LedgerOp::Final(_) if r.outcome == Outcome::Forwarding => {
+            Plan::Refuse(format!(
+                "{id}: a {} record cannot have outcome forwarding",
+                op.kind()
+            ))
+        }
+        LedgerOp::Complete(_) => {
+            match existing {
+                Some("forwarding") => r.forwarded = true,
+                Some(o) => return Plan::Refuse(format!("{id} is already final ({o})")),
+                None => {
+                    tracing::debug!(request_id = %id, "ledger: completion of a request never begun");
+                    r.forwarded = false;
+                }
+            }
+            Plan::Write(EntryKind::Complete, r)
+        }
+        LedgerOp::Final(_) => {
+            if let Some(o) = existing {
+                return Plan::Refuse(format!("{id} is already recorded ({o})"));
+            }
+            r.forwarded = false;
+            Plan::Write(EntryKind::Final, r)
+        }
+    }
 }
 
 #[cfg(test)]
