@@ -12,8 +12,9 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use super::check_images::FileDigest;
+use super::decode_pool;
 use super::validated::{Key, Role, Validated, ValidatedCache, fingerprint};
-use crate::edit::cancel::{Cancel, CancelOnDrop};
+use crate::edit::cancel::Cancel;
 use crate::edit::files::{self, FileRules, ImageInfo};
 use crate::edit::sniff::ImageFormat;
 use crate::error::GatewayError;
@@ -62,33 +63,17 @@ pub async fn check_files(
     rules: &FileRules,
     files: Files,
 ) -> Checked {
-    let Ok(permit) = permits.clone().acquire_owned().await else {
-        return Checked {
-            first_image: None,
-            mask: None,
-            result: Err(GatewayError::Internal),
-        };
-    };
     let rules = rules.clone();
     let cache = validated.clone();
-    // Dropped with this future: cancels the decodes below.
-    let cancel_on_drop = CancelOnDrop::new();
-    let cancel = cancel_on_drop.handle();
-    let job = tokio::task::spawn_blocking(move || {
-        // Held by the job itself: released when the work ends, not when the caller leaves.
-        let _permit = permit;
-        run(&rules, &cache, files, &cancel)
-    });
-    let checked = job.await.unwrap_or_else(|e| {
-        tracing::error!(error = %e, "file check task failed");
-        Checked {
-            first_image: None,
-            mask: None,
-            result: Err(GatewayError::Internal),
-        }
-    });
-    drop(cancel_on_drop);
-    checked
+    decode_pool::run(permits, "file check", move |cancel| {
+        run(&rules, &cache, files, cancel)
+    })
+    .await
+    .unwrap_or_else(|| Checked {
+        first_image: None,
+        mask: None,
+        result: Err(GatewayError::Internal),
+    })
 }
 
 fn run(rules: &FileRules, cache: &ValidatedCache, files: Files, cancel: &Cancel) -> Checked {

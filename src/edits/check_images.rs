@@ -9,8 +9,8 @@ use tokio::sync::Semaphore;
 
 use super::validated::{Key, Role, Validated, ValidatedCache, fingerprint};
 
+use super::decode_pool;
 use crate::edit::ImageEdit;
-use crate::edit::cancel::CancelOnDrop;
 use crate::edit::png_check::{self, CheckedPng, PngRejection, PngRules};
 use crate::edit::sniff::ImageFormat;
 use crate::error::GatewayError;
@@ -64,21 +64,10 @@ pub async fn check_images(
 ) -> Checked {
     let image = edit.image.bytes.clone();
     let mask = edit.mask.as_ref().map(|m| m.bytes.clone());
-    let Ok(permit) = permits.clone().acquire_owned().await else {
-        return Checked {
-            digests: None,
-            result: Err(GatewayError::Internal),
-        };
-    };
     let rules = rules.clone();
     let cache = validated.clone();
     let max_bytes = rules.max_bytes;
-    // Dropped with this future: cancels the decode below.
-    let cancel_on_drop = CancelOnDrop::new();
-    let cancel = cancel_on_drop.handle();
-    let job = tokio::task::spawn_blocking(move || {
-        // Held by the job itself: released when the decode ends, not when the caller leaves.
-        let _permit = permit;
+    let job = decode_pool::run(permits, "PNG check", move |cancel| {
         let mut image_digest = FileDigest::of(&image);
         let mut mask_digest = mask.as_deref().map(FileDigest::of);
         let tag = if cache.is_on() {
@@ -98,7 +87,7 @@ pub async fn check_images(
                 has_mask: mask.is_some(),
             };
             let image = cached_check(&cache, &image_digest, tag, role, image, |bytes| {
-                png_check::check_image_with(bytes, mask.is_some(), &rules, &cancel)
+                png_check::check_image_with(bytes, mask.is_some(), &rules, cancel)
             })
             .map_err(png_error("image"))?;
             image_digest.dims = Some((image.width, image.height));
@@ -106,7 +95,7 @@ pub async fn check_images(
                 (Some(m), Some(digest)) => {
                     let image_dims = (image.width, image.height);
                     let m = cached_check(&cache, digest, tag, Role::DallE2Mask, m, |bytes| {
-                        png_check::check_mask_with(bytes, image_dims, &rules, &cancel)
+                        png_check::check_mask_with(bytes, image_dims, &rules, cancel)
                     })
                     .and_then(|m| {
                         // A fact of this request, never cached: compared on every hit too.
@@ -126,15 +115,10 @@ pub async fn check_images(
             result,
         }
     });
-    let checked = job.await.unwrap_or_else(|e| {
-        tracing::error!(error = %e, "PNG check task failed");
-        Checked {
-            digests: None,
-            result: Err(GatewayError::Internal),
-        }
-    });
-    drop(cancel_on_drop);
-    checked
+    job.await.unwrap_or_else(|| Checked {
+        digests: None,
+        result: Err(GatewayError::Internal),
+    })
 }
 
 /// `check` of one file, or its cached success: a file that passed unchanged is stored (one that

@@ -14,6 +14,7 @@
 
 pub mod check_files;
 pub mod check_images;
+pub mod decode_pool;
 pub mod forward;
 pub mod gpt;
 pub mod read_body;
