@@ -718,3 +718,23 @@ async fn a_silent_h2_peer_does_not_hold_up_the_drain() {
     );
     drop(mock);
 }
+
+/// Forwarding tasks outlive their connections, so they hold slots of their own: with every
+/// slot taken by an answer the upstream has not given, the next valid edit is refused 503
+/// `overloaded` before anything is forwarded, and its reservation is not kept.
+#[tokio::test]
+async fn forwarding_slots_bound_the_tasks_that_outlive_connections() {
+    let gw = Gateway::start_with(|c| c.server.max_forwarding = 1).await;
+    gw.mock.set_behavior(Behavior::Hang);
+    let addr = gw.addr();
+    let form = edit_request(&rgba_png(32, true), "held");
+    let (ct, body) = (form.content_type(), form.body());
+    let held = tokio::spawn(async move { post_edit(addr, APP_KEY, &ct, body).await });
+    gw.mock.wait_for(1).await;
+    let resp = gw
+        .edit(APP_KEY, &edit_request(&rgba_png(32, true), "second"))
+        .await;
+    assert_error(&resp, 503, "server_error", None, Some("overloaded"));
+    assert_eq!(gw.mock.count(), 1, "the second edit never went upstream");
+    held.abort();
+}
