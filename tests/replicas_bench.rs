@@ -67,10 +67,15 @@ impl Schema {
 }
 
 impl Drop for Schema {
+    /// On a plain thread: the synchronous client must not run on a runtime's worker.
     fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&database_url(), postgres::NoTls) {
-            let _ = c.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.0));
-        }
+        let name = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(mut c) = postgres::Client::connect(&database_url(), postgres::NoTls) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA {name} CASCADE"));
+            }
+        })
+        .join();
     }
 }
 
