@@ -4,6 +4,8 @@
 //! works in a schema of its own (`imagegate_test_<random>`, dropped at the end), so they run in
 //! parallel.
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
@@ -690,4 +692,83 @@ fn ledger_copy_body() {
     let v = gw.verify().unwrap();
     assert!(v.is_ok(), "{v:?}");
     assert_eq!(v.head.unwrap().seq, 44);
+}
+
+/// A ledger file of the first release (schema version 1, never upgraded) copies as it is: its
+/// chain verifies on PostgreSQL with the same head, the fields it never had read as null, and
+/// the file is left untouched.
+#[test]
+#[ignore = "needs PostgreSQL at DATABASE_URL"]
+fn ledger_copy_takes_a_version_1_file_as_it_is() {
+    use imagegate::ledger::copy::{CopyOptions, sqlite_to_postgres};
+    use support::ledger_v1::{V1Ledger, V1Record, schema_version as file_version, v1_hash};
+    let schema = Schema::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    let answered = V1Record {
+        request_id: "req_old_answered",
+        received_at: "2026-10-01T08:00:00Z",
+        received_at_us: 1_790_841_600_000_000,
+        client: "app",
+        outcome: "forwarding",
+        model: Some("dall-e-2"),
+        images_returned: None,
+        cost_reserved_micros: 20_000,
+        cost_settled_micros: 0,
+        forwarded: true,
+    };
+    let stuck = V1Record {
+        request_id: "req_old_stuck",
+        received_at: "2026-10-01T08:00:02Z",
+        received_at_us: 1_790_841_602_000_000,
+        ..answered.clone()
+    };
+    let mut v1 = V1Ledger::create(&path);
+    let mut tip = "0".repeat(64);
+    for (kind, r) in [
+        ("begin", answered.clone()),
+        (
+            "complete",
+            V1Record {
+                outcome: "answered",
+                images_returned: Some(1),
+                cost_settled_micros: 20_000,
+                ..answered.clone()
+            },
+        ),
+        ("begin", stuck),
+    ] {
+        let entry = v1.append(kind, &r);
+        tip = v1_hash(&tip, &entry);
+    }
+    drop(v1);
+    let report = sqlite_to_postgres(
+        &path,
+        &schema.settings(),
+        &CopyOptions {
+            replica: "old".into(),
+            allow_non_empty: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (report.entries, report.records, report.forwarding),
+        (3, 2, 1)
+    );
+    assert_eq!(report.quota_rows, 0, "a ledger without quota use");
+    assert_eq!(
+        report.head.as_ref().map(|h| h.hash.as_str()),
+        Some(tip.as_str())
+    );
+    let reader = PostgresStore::reader(schema.settings(), "old");
+    let v = reader.verify().unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    assert_eq!(v.head.unwrap().hash, tip);
+    let r = reader.get("req_old_answered").unwrap().unwrap();
+    assert_eq!((r.outcome, r.images_returned), (Outcome::Answered, Some(1)));
+    assert_eq!(
+        (r.quality, r.cost_basis, r.input_tokens),
+        (None, None, None)
+    );
+    assert_eq!(file_version(&path), "1", "the source is only read");
 }
