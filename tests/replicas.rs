@@ -649,6 +649,16 @@ impl OwnRedis {
         }
     }
 
+    /// `kill -STOP` / `kill -CONT`: a frozen server accepts connections and never answers.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal} {pid}");
+    }
+
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -861,6 +871,27 @@ async fn faults_of_redis_and_postgres() {
         )
         .await;
     }
+
+    // ---- Redis freezes (SIGSTOP): only the timeout can answer ----
+    tokio::task::block_in_place(|| redis.signal("STOP"));
+    let mut slowest = Duration::ZERO;
+    for i in 0..3 {
+        let (r, took) = timed_edit(open.addr, &format!("frozen-open-{i}")).await;
+        assert_eq!(r.status, 200, "fail_open: {}", r.text());
+        slowest = slowest.max(took);
+        let (r, took) = timed_edit(closed.addr, &format!("frozen-closed-{i}")).await;
+        assert_eq!(r.status, 503, "fail_closed: {}", r.text());
+        assert_eq!(code(&r), "rate_limiter_unavailable");
+        slowest = slowest.max(took);
+    }
+    eprintln!("Redis frozen: slowest answer {slowest:?} (redis_timeout 50ms)");
+    tokio::task::block_in_place(|| redis.signal("CONT"));
+    eventually(
+        Duration::from_secs(30),
+        "recovers from the freeze",
+        || async { timed_edit(closed.addr, &unique("thawed")).await.0.status == 200 },
+    )
+    .await;
 
     // ---- PostgreSQL stops ----
     tokio::task::block_in_place(|| pg.stop("fast"));
