@@ -89,6 +89,33 @@ fn rate_backend(config: &Config, clock: &Clock) -> Result<Arc<dyn RateBackend>, 
     })
 }
 
+/// Open the PostgreSQL ledger, trying again while the server cannot be reached (a database
+/// that starts with the gateway, e.g. in compose) for at most `ledger.startup_wait`.
+/// Blocking: runs off the runtime's workers.
+fn open_postgres_waiting(
+    config: &Config,
+    settings: crate::ledger::PgSettings,
+) -> Result<(Ledger, usize), crate::ledger::LedgerError> {
+    let l = &config.ledger;
+    let deadline = std::time::Instant::now() + l.startup_wait;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match Ledger::open_postgres_probed(
+            settings.clone(),
+            &l.replica(),
+            l.queue,
+            l.health_interval,
+        ) {
+            Err(e) if e.is_transient() && std::time::Instant::now() + pause < deadline => {
+                tracing::warn!(error = %e, retry_in = ?pause, "ledger: PostgreSQL not reachable yet; waiting (ledger.startup_wait)");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Everything a request may need, built once at start.
 pub struct AppState {
     pub config: Arc<Config>,
@@ -124,9 +151,7 @@ impl AppState {
     /// left `forwarding`).
     pub fn new(config: Config, clock: Clock) -> Result<AppState, StartupError> {
         let opened = match config.ledger.postgres() {
-            Some(settings) => {
-                Ledger::open_postgres(settings, &config.ledger.replica(), config.ledger.queue)
-            }
+            Some(settings) => open_postgres_waiting(&config, settings),
             None => Ledger::open_sqlite(&config.ledger.path, config.ledger.queue),
         };
         let (ledger, recovered) = opened.map_err(|e| StartupError::LedgerOpen {

@@ -352,6 +352,14 @@ pub struct LedgerConfig {
     /// at start. Default: the host name. Must be stable across restarts and unique among the
     /// replicas running at once.
     pub replica_id: Option<String>,
+    /// PostgreSQL: how long `serve` keeps trying to reach the server at start before it gives
+    /// up (0: one attempt).
+    #[serde(with = "humantime_serde")]
+    pub startup_wait: Duration,
+    /// PostgreSQL: while no record is written for this long, the writer checks the server
+    /// (`SELECT 1`), so `/readyz` follows an outage (and its end) even when idle.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
 }
 
 /// `[ledger] backend`.
@@ -386,6 +394,8 @@ impl Default for LedgerConfig {
             pool_size: 8,
             connect_timeout: Duration::from_secs(5),
             replica_id: None,
+            startup_wait: Duration::from_secs(30),
+            health_interval: Duration::from_secs(5),
         }
     }
 }
@@ -781,6 +791,9 @@ impl Config {
             }
             if self.ledger.pool_size == 0 {
                 p.push("ledger.pool_size: must be at least 1".into());
+            }
+            if self.ledger.health_interval.is_zero() {
+                p.push("ledger.health_interval: must be greater than zero".into());
             }
         }
         let mut names = std::collections::HashSet::new();

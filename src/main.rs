@@ -32,6 +32,7 @@ fn main() -> ExitCode {
             format,
         } => cli::usage::run(config, filters, group_by.as_deref(), format),
         Command::Audit { command } => cli::audit::run(command),
+        Command::Ledger { command } => cli::ledger::run(command),
         Command::Quota { command } => cli::quota::run(command),
         Command::Models {
             config,

@@ -4,6 +4,8 @@
 //! works in a schema of its own (`imagegate_test_<random>`, dropped at the end), so they run in
 //! parallel.
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
@@ -493,4 +495,280 @@ async fn the_gateway_serves_on_the_postgres_backend() {
     });
     assert_eq!(n, 1, "the refusal is recorded in PostgreSQL");
     tokio::task::block_in_place(move || drop(schema));
+}
+
+/// `imagegate ledger copy`: a SQLite ledger (with a straggler left `forwarding` and quota use)
+/// into PostgreSQL. The chain is intact (`audit verify` passes on the target), the records and
+/// quota use are the same, the replica continues the chain and recovers the straggler, and a
+/// second copy into the non-empty target is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL at DATABASE_URL"]
+async fn ledger_copy_moves_a_sqlite_ledger_with_its_chain() {
+    tokio::task::block_in_place(ledger_copy_body);
+}
+
+fn ledger_copy_body() {
+    use imagegate::ledger::SqliteStore;
+    let schema = Schema::new();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("imagegate.db");
+    let config = quota_config(100);
+    let clock = Clock::manual(SystemTime::now());
+    // The SQLite ledger: answered, rejected, still forwarding (a crash), and quota use.
+    {
+        let mut s = SqliteStore::open(&db).unwrap();
+        for i in 0..20 {
+            let id = format!("req_{i:02}");
+            ok(s.write_batch(&[
+                LedgerOp::Begin(record(&id, "alice")),
+                LedgerOp::Complete(answered(&id, "alice")),
+            ])
+            .unwrap());
+        }
+        ok(s.write_batch(&[
+            LedgerOp::Final(Record {
+                outcome: Outcome::Rejected,
+                reason_code: Some("insufficient_quota".into()),
+                status: Some(429),
+                ..record("req_rej", "bob")
+            }),
+            LedgerOp::Begin(record("req_stuck", "bob")),
+        ])
+        .unwrap());
+        let q = QuotaStore::open(&db, config.clone(), clock.clone()).unwrap();
+        let alice = EndUser {
+            client: "acme".into(),
+            user: Some("alice".into()),
+        };
+        let r = q.reserve(&alice, 3, 60_000).unwrap();
+        q.settle(&r, 2, 40_000).unwrap();
+    }
+    let source_head = SqliteStore::open_reader(&db)
+        .unwrap()
+        .verify()
+        .unwrap()
+        .head
+        .unwrap();
+    let mut source_records = Vec::new();
+    SqliteStore::open_reader(&db)
+        .unwrap()
+        .export(&UsageQuery::default(), &mut |r| {
+            source_records.push(r.clone());
+            Ok(())
+        })
+        .unwrap();
+
+    let cfg = dir.path().join("imagegate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[ledger]\npath = {db:?}\nbackend = \"postgres\"\npostgres_url = {url:?}\n\
+             postgres_schema = {schema:?}\nreplica_id = \"gw-1\"\n[quotas.per_client]\nimages_per_day = 100\n",
+            db = db.to_str().unwrap(),
+            url = url(),
+            schema = schema.name,
+        ),
+    )
+    .unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_imagegate"))
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("IMAGEGATE_CONFIG")
+            .env_remove("IMAGEGATE_POSTGRES_URL")
+            .env_remove("IMAGEGATE_COPY_TO")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let quota_rows: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT count(*) FROM quota_usage", [], |r| r.get(0))
+        .unwrap();
+    assert!(quota_rows >= 2, "day and month of the client at least");
+    let target = url();
+    let (code, stdout, stderr) = cli(&["ledger", "copy", "--to", &target]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "copied 42 chain entries, 22 records, {quota_rows} quota rows as replica gw-1"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("head seq 42 hash {}", source_head.hash)),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("1 records are still 'forwarding'"),
+        "{stdout}"
+    );
+
+    // The same chain, the same records, one report, the same quota use.
+    let reader = PostgresStore::reader(schema.settings(), "gw-1");
+    let v = reader.verify().unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    assert_eq!((v.entries, v.records), (42, 22));
+    assert_eq!(v.head.as_ref(), Some(&source_head));
+    let mut copied = Vec::new();
+    reader
+        .export(&UsageQuery::default(), &mut |r| {
+            copied.push(r.clone());
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(copied, source_records);
+    let rows = reader.usage(&UsageQuery::default()).unwrap();
+    assert_eq!((rows[0].requests, rows[0].images), (22, 20));
+    let pg_quota =
+        QuotaStore::open_postgres(schema.settings(), config.clone(), clock.clone()).unwrap();
+    let sq_quota = QuotaStore::open(&db, config.clone(), clock.clone()).unwrap();
+    let alice = imagegate::limits::quota::user_scope(&EndUser {
+        client: "acme".into(),
+        user: Some("alice".into()),
+    })
+    .unwrap();
+    for scope in ["client:acme".to_owned(), alice] {
+        let (a, b) = (pg_quota.usage(&scope), sq_quota.usage(&scope));
+        assert_eq!(a, b, "{scope}");
+    }
+    assert_eq!(pg_quota.usage("client:acme").unwrap().images_day, 2);
+    let (code, stdout, stderr) = cli(&["audit", "verify"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("ok: 42 chain entries, 22 records"),
+        "{stdout}"
+    );
+
+    // A second copy is refused, changes nothing, and names the way out; under the same replica
+    // even with --allow-non-empty; under another one the request ids collide.
+    let (code, _, stderr) = cli(&["ledger", "copy", "--to", &target]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("the target is not empty"), "{stderr}");
+    assert!(stderr.contains("--allow-non-empty"), "{stderr}");
+    let (code, _, stderr) = cli(&["ledger", "copy", "--to", &target, "--allow-non-empty"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("replica gw-1 already has 42 chain entries"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = cli(&[
+        "ledger",
+        "copy",
+        "--to",
+        &target,
+        "--allow-non-empty",
+        "--replica",
+        "other",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("is already in the target"), "{stderr}");
+    assert!(
+        !stderr.contains("postgres://postgres@"),
+        "no URL credentials: {stderr}"
+    );
+    let v = reader.verify().unwrap();
+    assert!(v.is_ok() && v.entries == 42 && v.chains.len() == 1, "{v:?}");
+    assert_eq!(pg_quota.usage("client:acme").unwrap().images_day, 2);
+
+    // The replica gw-1 continues the copied chain and recovers the straggler.
+    let mut gw = PostgresStore::open(schema.settings(), "gw-1").unwrap();
+    assert_eq!(gw.recover().unwrap(), 1);
+    assert_eq!(
+        gw.get("req_stuck").unwrap().unwrap().outcome,
+        Outcome::Unknown
+    );
+    ok(gw
+        .write_batch(&[LedgerOp::Final(Record {
+            outcome: Outcome::ClientGone,
+            ..record("req_after", "carol")
+        })])
+        .unwrap());
+    let v = gw.verify().unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    assert_eq!(v.head.unwrap().seq, 44);
+}
+
+/// A ledger file of the first release (schema version 1, never upgraded) copies as it is: its
+/// chain verifies on PostgreSQL with the same head, the fields it never had read as null, and
+/// the file is left untouched.
+#[test]
+#[ignore = "needs PostgreSQL at DATABASE_URL"]
+fn ledger_copy_takes_a_version_1_file_as_it_is() {
+    use imagegate::ledger::copy::{CopyOptions, sqlite_to_postgres};
+    use support::ledger_v1::{V1Ledger, V1Record, schema_version as file_version, v1_hash};
+    let schema = Schema::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    let answered = V1Record {
+        request_id: "req_old_answered",
+        received_at: "2026-10-01T08:00:00Z",
+        received_at_us: 1_790_841_600_000_000,
+        client: "app",
+        outcome: "forwarding",
+        model: Some("dall-e-2"),
+        images_returned: None,
+        cost_reserved_micros: 20_000,
+        cost_settled_micros: 0,
+        forwarded: true,
+    };
+    let stuck = V1Record {
+        request_id: "req_old_stuck",
+        received_at: "2026-10-01T08:00:02Z",
+        received_at_us: 1_790_841_602_000_000,
+        ..answered.clone()
+    };
+    let mut v1 = V1Ledger::create(&path);
+    let mut tip = "0".repeat(64);
+    for (kind, r) in [
+        ("begin", answered.clone()),
+        (
+            "complete",
+            V1Record {
+                outcome: "answered",
+                images_returned: Some(1),
+                cost_settled_micros: 20_000,
+                ..answered.clone()
+            },
+        ),
+        ("begin", stuck),
+    ] {
+        let entry = v1.append(kind, &r);
+        tip = v1_hash(&tip, &entry);
+    }
+    drop(v1);
+    let report = sqlite_to_postgres(
+        &path,
+        &schema.settings(),
+        &CopyOptions {
+            replica: "old".into(),
+            allow_non_empty: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (report.entries, report.records, report.forwarding),
+        (3, 2, 1)
+    );
+    assert_eq!(report.quota_rows, 0, "a ledger without quota use");
+    assert_eq!(
+        report.head.as_ref().map(|h| h.hash.as_str()),
+        Some(tip.as_str())
+    );
+    let reader = PostgresStore::reader(schema.settings(), "old");
+    let v = reader.verify().unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    assert_eq!(v.head.unwrap().hash, tip);
+    let r = reader.get("req_old_answered").unwrap().unwrap();
+    assert_eq!((r.outcome, r.images_returned), (Outcome::Answered, Some(1)));
+    assert_eq!(
+        (r.quality, r.cost_basis, r.input_tokens),
+        (None, None, None)
+    );
+    assert_eq!(file_version(&path), "1", "the source is only read");
 }

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use super::{AuditCommand, ConfigArg, Filters, open_ledger};
+use super::{AuditCommand, ConfigArg, Filters, TableOrJson, open_ledger};
 use crate::ledger::{UsageFilters, write_export};
 use crate::startup::StartupError;
 
@@ -17,7 +17,7 @@ pub fn run(command: &AuditCommand) -> Result<ExitCode, StartupError> {
             limit,
             output,
         } => export(config, filters, format, *limit, output.as_deref()),
-        AuditCommand::Verify { config } => verify(config),
+        AuditCommand::Verify { config, format } => verify(config, *format),
     }
 }
 
@@ -56,11 +56,28 @@ fn export(
 }
 
 /// Check the hash chain: exit 0 when whole, 1 naming the first broken link.
-fn verify(config: &ConfigArg) -> Result<ExitCode, StartupError> {
+fn verify(config: &ConfigArg, format: TableOrJson) -> Result<ExitCode, StartupError> {
     let (c, store) = open_ledger(config)?;
     let report = store
         .verify()
         .map_err(|e| StartupError::Query(e.to_string()))?;
+    if format == TableOrJson::Json {
+        let mut json =
+            serde_json::to_value(&report).map_err(|e| StartupError::Query(e.to_string()))?;
+        json["ok"] = report.is_ok().into();
+        println!("{json}");
+        return Ok(if report.is_ok() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    for chain in &report.chains {
+        println!(
+            "replica {}: head seq {} hash {}",
+            chain.replica, chain.head.seq, chain.head.hash
+        );
+    }
     let head = report
         .head
         .as_ref()
@@ -70,7 +87,7 @@ fn verify(config: &ConfigArg) -> Result<ExitCode, StartupError> {
         None => {
             println!(
                 "{}: ok: {} chain entries, {} records; head {head}",
-                c.ledger.path.display(),
+                c.ledger.location().display(),
                 report.entries,
                 report.records
             );
@@ -79,7 +96,7 @@ fn verify(config: &ConfigArg) -> Result<ExitCode, StartupError> {
         Some(b) => {
             println!(
                 "{}: BROKEN at seq {} (request {}): {}; {} entries verified before it",
-                c.ledger.path.display(),
+                c.ledger.location().display(),
                 b.seq,
                 b.request_id,
                 b.reason,

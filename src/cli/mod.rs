@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod check_config;
 pub mod hash_key;
+pub mod ledger;
 pub mod migrate;
 pub mod models;
 pub mod quota;
@@ -60,6 +61,11 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Ledger administration: `ledger copy` moves a SQLite ledger into PostgreSQL.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
     /// Usage report from the ledger: requests, images, spend, tokens, rejections by reason.
     Usage {
         #[command(flatten)]
@@ -98,6 +104,34 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Copy the SQLite ledger (hash chain, records, quota use) into PostgreSQL, chain intact:
+    /// it becomes the chain of one replica (`--replica`), `audit verify` passes on the target.
+    /// One transaction, verified before it commits. Stop the gateway that writes the file first.
+    Copy {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The SQLite ledger to copy [default: `ledger.path` of the configuration].
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// The target: `postgres://user:password@host:port/db` (or set IMAGEGATE_COPY_TO).
+        #[arg(long, env = "IMAGEGATE_COPY_TO", hide_env_values = true)]
+        to: String,
+        /// Put the tables in this schema [default: `ledger.postgres_schema`, else the server's].
+        #[arg(long)]
+        schema: Option<String>,
+        /// The replica id the copied chain is filed under; the replica started with this id
+        /// continues it [default: `ledger.replica_id`, else the host name].
+        #[arg(long)]
+        replica: Option<String>,
+        /// Copy even if the target already holds data (the replica's chain must still be empty
+        /// and no request id may exist there already).
+        #[arg(long)]
+        allow_non_empty: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Export ledger records, one per request.
     Export {
@@ -119,6 +153,9 @@ pub enum AuditCommand {
     Verify {
         #[command(flatten)]
         config: ConfigArg,
+        /// Output format (`json`: the whole report, with the head of each replica's chain).
+        #[arg(long, value_enum, default_value = "table")]
+        format: TableOrJson,
     },
 }
 

@@ -27,6 +27,7 @@
 //! - [`sqlite`]: [`SqliteStore`] (WAL, `synchronous=FULL`, one transaction per batch).
 //! - [`postgres`]: [`PostgresStore`] for several replicas (one chain per replica, versioned
 //!   migrations, recovery of this replica's `forwarding` records).
+//! - [`copy`]: `imagegate ledger copy`, a SQLite ledger into PostgreSQL, chain intact.
 //! - [`writer`]: [`Ledger`], the cloneable async handle used by request handlers, with ONE
 //!   writer thread that commits batches; [`LedgerReader`] for the admin listener.
 //! - [`report`]: usage aggregation and rendering, JSONL/CSV export.
@@ -51,6 +52,7 @@
 //! [`Ledger::retained_records`] and [`Ledger::lost_records`]. The admin listener and the CLI
 //! read through [`LedgerReader`] / [`SqliteStore::open_reader`].
 
+pub mod copy;
 pub mod postgres;
 pub mod record;
 pub mod report;

@@ -421,23 +421,23 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-const INSERT_ENTRY: &str = "INSERT INTO ledger_chain (replica, seq, request_id, entry_json, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6)";
+pub(crate) const INSERT_ENTRY: &str = "INSERT INTO ledger_chain (replica, seq, request_id, entry_json, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6)";
 const UPSERT_RECORD: &str = "INSERT INTO records (request_id, replica, seq, received_at_us, client, end_user, model, outcome, reason_code, images_returned, cost_settled_micros, input_tokens, output_tokens, forwarded, record_json) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ON CONFLICT (request_id) DO UPDATE SET replica = excluded.replica, seq = excluded.seq, received_at_us = excluded.received_at_us, client = excluded.client, end_user = excluded.end_user, model = excluded.model, outcome = excluded.outcome, reason_code = excluded.reason_code, images_returned = excluded.images_returned, cost_settled_micros = excluded.cost_settled_micros, input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens, forwarded = excluded.forwarded, record_json = excluded.record_json";
 
 /// The indexed columns of a record, as `records` stores them.
 #[derive(Debug, PartialEq, Eq)]
-struct Columns {
-    received_at_us: i64,
-    client: Option<String>,
-    end_user: Option<String>,
-    model: Option<String>,
-    outcome: String,
-    reason_code: Option<String>,
-    images_returned: Option<i64>,
-    cost_settled_micros: i64,
-    input_tokens: Option<i64>,
-    output_tokens: Option<i64>,
-    forwarded: bool,
+pub(crate) struct Columns {
+    pub(crate) received_at_us: i64,
+    pub(crate) client: Option<String>,
+    pub(crate) end_user: Option<String>,
+    pub(crate) model: Option<String>,
+    pub(crate) outcome: String,
+    pub(crate) reason_code: Option<String>,
+    pub(crate) images_returned: Option<i64>,
+    pub(crate) cost_settled_micros: i64,
+    pub(crate) input_tokens: Option<i64>,
+    pub(crate) output_tokens: Option<i64>,
+    pub(crate) forwarded: bool,
 }
 
 fn int(v: Option<u64>, name: &str) -> Result<Option<i64>, LedgerError> {
@@ -447,7 +447,7 @@ fn int(v: Option<u64>, name: &str) -> Result<Option<i64>, LedgerError> {
 }
 
 impl Columns {
-    fn of(r: &Record) -> Result<Columns, LedgerError> {
+    pub(crate) fn of(r: &Record) -> Result<Columns, LedgerError> {
         Ok(Columns {
             received_at_us: r.received_at.as_microsecond(),
             client: r.client.clone(),
@@ -834,9 +834,16 @@ impl LedgerStore for PostgresStore {
             Ok(report)
         })
     }
+
+    fn ping(&mut self) -> Result<(), LedgerError> {
+        self.with(|c| Ok(c.batch_execute("SELECT 1")?))
+    }
 }
 
-fn verify_in(tx: &mut postgres::Transaction<'_>, own: &str) -> Result<VerifyReport, LedgerError> {
+pub(crate) fn verify_in(
+    tx: &mut postgres::Transaction<'_>,
+    own: &str,
+) -> Result<VerifyReport, LedgerError> {
     let mut report = VerifyReport::default();
 
     // 1. Each replica's chain, in seq order: contiguous, linked, hashes right, entries readable.

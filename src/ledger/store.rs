@@ -85,6 +85,12 @@ pub trait LedgerStore: Send + 'static {
 
     /// Recompute the chain and check the records against it.
     fn verify(&self) -> Result<VerifyReport, LedgerError>;
+
+    /// Whether the store can be reached now (a server round trip for PostgreSQL). The idle
+    /// writer calls it every `ledger.health_interval`, so readiness follows an outage.
+    fn ping(&mut self) -> Result<(), LedgerError> {
+        Ok(())
+    }
 }
 
 /// How usage is grouped.

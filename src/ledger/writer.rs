@@ -135,6 +135,17 @@ impl Ledger {
     /// Start the writer thread over `store`. `queue` bounds the jobs waiting for it (at least
     /// 1). Run [`LedgerStore::recover`] on the store first (see [`Ledger::open_sqlite`]).
     pub fn start(store: Box<dyn LedgerStore>, queue: usize) -> Result<Ledger, LedgerError> {
+        Self::start_probed(store, queue, None)
+    }
+
+    /// [`Ledger::start`], and while no job comes for `probe`, the writer checks the store
+    /// ([`LedgerStore::ping`]): a failure turns [`Ledger::healthy`] false, a success (with no
+    /// record waiting for a retry) true again, so readiness follows the store even when idle.
+    pub fn start_probed(
+        store: Box<dyn LedgerStore>,
+        queue: usize,
+        probe: Option<Duration>,
+    ) -> Result<Ledger, LedgerError> {
         let (tx, rx) = mpsc::channel();
         let (exit_tx, exit_rx) = oneshot::channel();
         let stats = Arc::new(Stats {
@@ -147,7 +158,7 @@ impl Ledger {
         std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || {
-                let result = run(store, rx, &writer_stats);
+                let result = run(store, rx, &writer_stats, probe);
                 writer_stats.healthy.store(false, Ordering::SeqCst);
                 let _ = exit_tx.send(result);
             })
@@ -181,12 +192,25 @@ impl Ledger {
         replica: &str,
         queue: usize,
     ) -> Result<(Ledger, usize), LedgerError> {
+        Self::open_postgres_probed(settings, replica, queue, Duration::from_secs(5))
+    }
+
+    /// [`Ledger::open_postgres`], the idle writer checking the server every `probe`.
+    pub fn open_postgres_probed(
+        settings: super::postgres::PgSettings,
+        replica: &str,
+        queue: usize,
+        probe: Duration,
+    ) -> Result<(Ledger, usize), LedgerError> {
         let mut store = super::postgres::PostgresStore::open(settings, replica)?;
         let recovered = store.recover()?;
         if let Some(head) = store.head()? {
             tracing::info!(seq = head.seq, hash = %head.hash, replica, "ledger opened (PostgreSQL)");
         }
-        Ok((Ledger::start(Box::new(store), queue)?, recovered))
+        Ok((
+            Ledger::start_probed(Box::new(store), queue, Some(probe))?,
+            recovered,
+        ))
     }
 
     /// Commit `record` as `forwarding` (whatever its outcome says) and wait until the commit
@@ -358,11 +382,21 @@ fn run(
     mut store: Box<dyn LedgerStore>,
     rx: mpsc::Receiver<Job>,
     stats: &Stats,
+    probe: Option<Duration>,
 ) -> Result<(), LedgerError> {
     let mut retained: VecDeque<LedgerOp> = VecDeque::new();
     let mut backoff = RETRY_MIN;
     loop {
-        let first = if retained.is_empty() {
+        let first = if let (true, Some(every)) = (retained.is_empty(), probe) {
+            match rx.recv_timeout(every) {
+                Ok(job) => Some(job),
+                Err(RecvTimeoutError::Timeout) => {
+                    probe_store(store.as_mut(), stats);
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        } else if retained.is_empty() {
             match rx.recv() {
                 Ok(job) => Some(job),
                 Err(_) => break,
@@ -423,6 +457,25 @@ fn run(
     Err(LedgerError::Unavailable(format!(
         "{n} records could not be written before the ledger closed (logged under {LOST_TARGET})"
     )))
+}
+
+/// The idle writer's health check: readiness follows the store between writes.
+fn probe_store(store: &mut dyn LedgerStore, stats: &Stats) {
+    match catch_unwind(AssertUnwindSafe(|| store.ping())) {
+        Ok(Ok(())) => {
+            if !stats.healthy.swap(true, Ordering::SeqCst) {
+                tracing::info!("ledger store reachable again");
+            }
+        }
+        Ok(Err(e)) => {
+            if stats.healthy.swap(false, Ordering::SeqCst) {
+                tracing::error!(error = %e, "ledger store unreachable; forwarding stops until it returns");
+            }
+        }
+        Err(_) => {
+            stats.healthy.store(false, Ordering::SeqCst);
+        }
+    }
 }
 
 /// `write_batch`, with a panic of the store turned into an error.
