@@ -426,14 +426,14 @@ fn audit_verify_reads_a_first_release_ledger_before_and_after_the_upgrade() {
     );
     let csv = run_ok(&["audit", "export", "--format", "csv"], &config);
     assert!(
-        csv.lines().nth(1).unwrap().ends_with(",,,,,,,,,,,,true"),
+        csv.lines().nth(1).unwrap().ends_with(",,,,,,,,,,,,,true"),
         "{csv}"
     );
     assert_eq!(schema_version(&db), "1");
 
     // The gateway's store upgrades it; the chain still verifies.
     drop(imagegate::ledger::SqliteStore::open(&db).unwrap());
-    assert_eq!(schema_version(&db), "2");
+    assert_eq!(schema_version(&db), "3");
     let verify = run_ok(&["audit", "verify"], &config);
     assert!(
         verify.contains("ok: 2 chain entries, 1 records"),
