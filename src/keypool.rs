@@ -115,8 +115,37 @@ pub struct KeyHealth {
     pub benched_ms: Option<u64>,
 }
 
+/// A key's metric handles, registered once (an increment is then one atomic add).
+struct KeyMetrics {
+    requests: metrics::Counter,
+    failures: metrics::Counter,
+    benched_failures: metrics::Counter,
+    benched_rate_limit: metrics::Counter,
+    state: metrics::Gauge,
+}
+
+impl KeyMetrics {
+    fn new(name: &str) -> KeyMetrics {
+        let key = || ("key", name.to_owned());
+        KeyMetrics {
+            requests: metrics::counter!("imagegate_upstream_key_requests_total", &[key()]),
+            failures: metrics::counter!("imagegate_upstream_key_failures_total", &[key()]),
+            benched_failures: metrics::counter!(
+                "imagegate_upstream_key_benched_total",
+                &[key(), ("reason", "failures".to_owned())]
+            ),
+            benched_rate_limit: metrics::counter!(
+                "imagegate_upstream_key_benched_total",
+                &[key(), ("reason", "rate_limit".to_owned())]
+            ),
+            state: metrics::gauge!("imagegate_upstream_key_state", &[key()]),
+        }
+    }
+}
+
 pub struct KeyPool {
     names: Vec<Arc<str>>,
+    metrics: Vec<KeyMetrics>,
     weights: Vec<u32>,
     /// Every key of weight above 0: who unpinned clients may use.
     shared: Vec<usize>,
@@ -145,11 +174,13 @@ impl KeyPool {
                 epoch: 0,
             })
             .collect();
-        for name in &names {
-            set_state(name, KeyState::Healthy);
+        let metrics: Vec<KeyMetrics> = names.iter().map(|n| KeyMetrics::new(n)).collect();
+        for m in &metrics {
+            m.state.set(KeyState::Healthy.gauge());
         }
         KeyPool {
             names,
+            metrics,
             weights,
             shared,
             pins,
@@ -233,7 +264,7 @@ impl KeyPool {
                 && until <= now
             {
                 slot.breaker = Breaker::HalfOpen { trial_out: false };
-                set_state(&self.names[i], KeyState::Trial);
+                self.metrics[i].state.set(KeyState::Trial.gauge());
             }
             let eligible = matches!(
                 slot.breaker,
@@ -282,8 +313,7 @@ impl KeyPool {
             trial,
         };
         drop(slots);
-        metrics::counter!("imagegate_upstream_key_requests_total", "key" => pick.name.to_string())
-            .increment(1);
+        self.metrics[index].requests.increment(1);
         Some(pick)
     }
 
@@ -291,6 +321,7 @@ impl KeyPool {
     pub fn report(&self, pick: &Pick, verdict: Verdict) {
         let now = self.clock.elapsed();
         let name = &self.names[pick.index];
+        let m = &self.metrics[pick.index];
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let slot = &mut slots[pick.index];
         let stale = pick.epoch != slot.epoch;
@@ -304,12 +335,11 @@ impl KeyPool {
             Verdict::Success => {
                 if !stale && !matches!(slot.breaker, Breaker::Closed { failures: 0 }) {
                     slot.breaker = Breaker::Closed { failures: 0 };
-                    set_state(name, KeyState::Healthy);
+                    m.state.set(KeyState::Healthy.gauge());
                 }
             }
             Verdict::Failure => {
-                metrics::counter!("imagegate_upstream_key_failures_total", "key" => name.to_string())
-                    .increment(1);
+                m.failures.increment(1);
                 if !stale {
                     match slot.breaker {
                         Breaker::Closed { failures } if failures + 1 < self.settings.failures => {
@@ -337,9 +367,11 @@ impl KeyPool {
             slot.breaker = Breaker::Open { until };
             slot.epoch += 1;
             drop(slots);
-            set_state(name, KeyState::Benched);
-            metrics::counter!("imagegate_upstream_key_benched_total", "key" => name.to_string(), "reason" => reason)
-                .increment(1);
+            m.state.set(KeyState::Benched.gauge());
+            match reason {
+                "rate_limit" => m.benched_rate_limit.increment(1),
+                _ => m.benched_failures.increment(1),
+            }
             tracing::warn!(key = %name, reason, bench_ms = wait.as_millis() as u64, "upstream key benched");
         }
     }
@@ -369,10 +401,6 @@ impl KeyPool {
             })
             .collect()
     }
-}
-
-fn set_state(name: &str, state: KeyState) {
-    metrics::gauge!("imagegate_upstream_key_state", "key" => name.to_string()).set(state.gauge());
 }
 
 /// How long a 429 rate limit asks to wait: `retry-after-ms`, else `retry-after` (seconds),

@@ -349,12 +349,12 @@ fn usage_by_model_and_exports_with_token_fields() {
     let csv = run_ok(&["audit", "export", "--format", "csv"], &config);
     let header = csv.lines().next().unwrap();
     assert!(
-        header.contains(",total_ms,upstream_ms,quality,output_format,input_images,stream,input_tokens,input_text_tokens,input_image_tokens,output_tokens,total_tokens,usage_extra,cost_basis,forwarded"),
+        header.contains(",total_ms,upstream_ms,quality,output_format,input_images,stream,input_tokens,input_text_tokens,input_image_tokens,output_tokens,total_tokens,usage_extra,cost_basis,upstream_key,forwarded"),
         "{header}"
     );
     let g1 = csv.lines().find(|l| l.starts_with("req_g1,")).unwrap();
     assert!(
-        g1.ends_with(",medium,webp,1,false,1060,530,530,2000,3060,,usage,true"),
+        g1.ends_with(",medium,webp,1,false,1060,530,530,2000,3060,,usage,,true"),
         "{g1}"
     );
     let jsonl = run_ok(&["audit", "export", "--format", "jsonl"], &config);
