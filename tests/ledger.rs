@@ -1493,3 +1493,70 @@ fn an_unknown_schema_version_is_refused_untouched() {
         "no column was added"
     );
 }
+
+#[test]
+fn a_version_2_ledger_gains_upstream_key() {
+    use support::ledger_v1::{records_columns, schema_version};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.db");
+    // A version 2 ledger: a record written before the key pool (no upstream_key), then the
+    // column dropped and the version set back, as the previous release left its files.
+    let old = Record {
+        upstream_key: None,
+        ..gpt_image_record("req_v2")
+    };
+    {
+        let mut store = SqliteStore::open(&path).unwrap();
+        for r in store
+            .write_batch(&[
+                LedgerOp::Begin(old.clone()),
+                LedgerOp::Complete(old.clone()),
+            ])
+            .unwrap()
+        {
+            r.unwrap();
+        }
+    }
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "ALTER TABLE records DROP COLUMN upstream_key;
+         UPDATE ledger_meta SET value = '2' WHERE key = 'schema_version';",
+    )
+    .unwrap();
+    drop(conn);
+    assert!(!records_columns(&path).contains(&"upstream_key".to_string()));
+
+    // A reader reads it as it is.
+    let reader = SqliteStore::open_reader(&path).unwrap();
+    assert_eq!(reader.get("req_v2").unwrap().unwrap().upstream_key, None);
+    assert!(reader.verify().unwrap().is_ok());
+    drop(reader);
+    assert_eq!(schema_version(&path), "2");
+
+    // A writer upgrades it; a keyed record goes in next to the old one and the chain verifies.
+    let mut store = SqliteStore::open(&path).unwrap();
+    assert_eq!(schema_version(&path), "3");
+    assert!(records_columns(&path).contains(&"upstream_key".to_string()));
+    let new = gpt_image_record("req_v3");
+    for r in store
+        .write_batch(&[
+            LedgerOp::Begin(new.clone()),
+            LedgerOp::Complete(new.clone()),
+        ])
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    assert_eq!(store.get("req_v2").unwrap().unwrap().upstream_key, None);
+    assert_eq!(
+        store
+            .get("req_v3")
+            .unwrap()
+            .unwrap()
+            .upstream_key
+            .as_deref(),
+        Some("team-a")
+    );
+    let v = store.verify().unwrap();
+    assert!(v.is_ok(), "{v:?}");
+}
