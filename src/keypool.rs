@@ -376,6 +376,32 @@ impl KeyPool {
         }
     }
 
+    /// Take over the breaker state of the keys of `old` that this pool has too (same name), so
+    /// a reload that builds a new pool does not put a benched key back into service early nor
+    /// forget a run of failures. Round-robin scores start afresh.
+    pub fn inherit(&self, old: &KeyPool) {
+        let now = self.clock.elapsed();
+        let theirs = old.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ours = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, name) in self.names.iter().enumerate() {
+            let Some(j) = old.names.iter().position(|n| n == name) else {
+                continue;
+            };
+            // A trial out on the old pool is reported there: here the key waits for a new one.
+            let breaker = match theirs[j].breaker {
+                Breaker::HalfOpen { .. } => Breaker::HalfOpen { trial_out: false },
+                other => other,
+            };
+            ours[i].breaker = breaker;
+            let state = match breaker {
+                Breaker::Closed { .. } => KeyState::Healthy,
+                Breaker::Open { until } if until > now => KeyState::Benched,
+                _ => KeyState::Trial,
+            };
+            self.metrics[i].state.set(state.gauge());
+        }
+    }
+
     /// Every key's health now.
     pub fn health(&self) -> Vec<KeyHealth> {
         let now = self.clock.elapsed();
@@ -609,6 +635,27 @@ mod tests {
         assert_eq!(p.health()[1].benched_ms, Some(300_000));
         // Both benched: the one free first serves.
         assert_eq!(p.pick(None, &[]).unwrap().index, 0);
+    }
+
+    #[test]
+    fn a_new_pool_inherits_the_breakers_of_the_keys_it_keeps() {
+        let (old, clock) = pool(&[("a", 1), ("b", 1)], &[]);
+        let k = old.pick(None, &[1]).unwrap();
+        old.report(&k, Verdict::RateLimited(Some(Duration::from_secs(5))));
+        let k = old.pick(None, &[0]).unwrap();
+        old.report(&k, Verdict::Failure);
+        let new = KeyPool::new(
+            vec![("b".into(), 1), ("c".into(), 1), ("a".into(), 1)],
+            HashMap::new(),
+            settings(),
+            clock.clone(),
+        );
+        new.inherit(&old);
+        let h = new.health();
+        assert_eq!((h[0].state, h[0].failures), ("healthy", 1));
+        assert_eq!(h[1].state, "healthy");
+        assert_eq!((h[2].state, h[2].benched_ms), ("benched", Some(5_000)));
+        assert_eq!(counts(&new, None, 4), vec![2, 2, 0]);
     }
 
     #[test]
