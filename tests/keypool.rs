@@ -362,3 +362,62 @@ async fn the_single_key_config_is_a_pool_of_one_named_default() {
         Some(format!("Bearer {UPSTREAM_KEY}").as_str())
     );
 }
+
+#[tokio::test]
+async fn the_admin_listener_shows_each_keys_health_and_state() {
+    const ADMIN_KEY: &str = "ig-admin-key-for-keypool-0001";
+    let (gw, b) = two_keys("admin", (1, 1), |c| {
+        c.admin.listen = Some("127.0.0.1:0".parse().unwrap());
+        c.admin.key_hash = Some(imagegate::config::hash_key(ADMIN_KEY));
+        c.upstream.breaker.failures = 1;
+    })
+    .await;
+    let admin = gw.server.admin_addr.expect("admin listener bound");
+    let get = |path: &'static str| async move {
+        let auth = format!("Bearer {ADMIN_KEY}");
+        support::send(
+            admin,
+            "GET",
+            path,
+            &[("authorization", auth.as_str())],
+            vec![],
+        )
+        .await
+    };
+    // One 503 from key a benches it (failures = 1).
+    gw.mock.set_behavior(Behavior::openai_error(
+        503,
+        "The engine is currently overloaded.",
+        "server_error",
+        None,
+        None,
+    ));
+    assert_eq!(edit(&gw, APP_KEY).await.status, 503);
+    let keys = get("/admin/upstream/keys").await;
+    assert_eq!(keys.status, 200, "{}", keys.text());
+    assert_eq!(
+        keys.json(),
+        serde_json::json!([
+            {"name": "admin-a", "weight": 1, "state": "benched", "failures": 0, "benched_ms": 30000},
+            {"name": "admin-b", "weight": 1, "state": "healthy", "failures": 0, "benched_ms": null}
+        ])
+    );
+    assert!(!keys.text().contains("sk-"), "no key in the answer");
+    let metrics = get("/metrics").await.text();
+    for line in [
+        "imagegate_upstream_key_state{key=\"admin-a\"} 1",
+        "imagegate_upstream_key_state{key=\"admin-b\"} 0",
+        "imagegate_upstream_key_benched_total{key=\"admin-a\",reason=\"failures\"} 1",
+        "imagegate_upstream_key_failures_total{key=\"admin-a\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing from:\n{metrics}"
+        );
+    }
+    assert!(!metrics.contains("sk-admin"), "no key on /metrics");
+    assert_eq!(b.count(), 0);
+    // Without the admin key: nothing.
+    let anon = support::send(admin, "GET", "/admin/upstream/keys", &[], vec![]).await;
+    assert_eq!(anon.status, 401);
+}
