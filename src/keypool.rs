@@ -243,6 +243,14 @@ impl KeyPool {
         &self.names[index]
     }
 
+    /// How many keys a request of `client` may use (its pinned keys, else the shared ones).
+    pub fn choices(&self, client: Option<&str>) -> usize {
+        match client.and_then(|c| self.pins.get(c)) {
+            Some(idx) => idx.len(),
+            None => self.shared.len(),
+        }
+    }
+
     /// Choose a key for a request of `client` among those not in `tried`; `None` when every
     /// key it may use was tried (or it may use none), or, when `tried` is not empty, when every
     /// key left is benched.

@@ -167,6 +167,11 @@ impl Upstream {
         client: Option<&str>,
     ) -> Result<Sent, SendError> {
         let content_type = canonical.content_type();
+        let length = canonical.body.len();
+        // The body is kept for another attempt only while another key could take one: with a
+        // single choice it goes to hyper, which drops it (and its memory budget) once sent.
+        let choices = self.pool.choices(client);
+        let mut body = Some(canonical.body);
         let mut tried: Vec<usize> = Vec::new();
         // What to give the caller when no key is left: a refusal answer, else the last failure.
         let mut refused: Option<Sent> = None;
@@ -193,13 +198,21 @@ impl Upstream {
             let Some(auth) = endpoint.authorization.clone() else {
                 continue;
             };
+            let this_body = if tried.len() < choices {
+                body.clone()
+            } else {
+                body.take()
+            };
+            let Some(this_body) = this_body else {
+                break;
+            };
             let polled = Arc::new(AtomicBool::new(false));
             let mut req = Request::post(endpoint.edits_uri.clone())
                 .header(header::CONTENT_TYPE, content_type.as_str())
-                .header(header::CONTENT_LENGTH, canonical.body.len())
+                .header(header::CONTENT_LENGTH, length)
                 .header(header::ACCEPT, "application/json")
                 .header(header::USER_AGENT, self.user_agent.clone())
-                .body(canonical.body.clone().flag_polled(polled.clone()))
+                .body(this_body.flag_polled(polled.clone()))
                 .expect("a request built from valid parts");
             self.identify(endpoint, &mut req, auth);
             let failure = match tokio::time::timeout(
