@@ -4,6 +4,8 @@
 //! - `GET /admin/usage?since=&until=&client=&user=&group_by=user|client|day|model`: the usage report
 //!   as JSON (the same filters and figures as `imagegate usage`);
 //! - `GET /admin/requests/{request_id}`: one ledger record as JSON, 404 when unknown;
+//! - `GET /admin/upstream/keys`: the upstream keys' health (name, weight, state, failures in a
+//!   row, milliseconds left on the bench) as JSON, never the keys themselves;
 //! - `GET /metrics`: Prometheus text.
 //!
 //! Served by the API's accept path (`server.rs`): the same connection cap, first-bytes deadline,
@@ -55,6 +57,7 @@ enum Route<'a> {
     Metrics,
     Usage,
     Record(&'a str),
+    UpstreamKeys,
 }
 
 impl<'a> Route<'a> {
@@ -62,6 +65,7 @@ impl<'a> Route<'a> {
         match path {
             "/metrics" => Some(Route::Metrics),
             "/admin/usage" => Some(Route::Usage),
+            "/admin/upstream/keys" => Some(Route::UpstreamKeys),
             _ => path
                 .strip_prefix("/admin/requests/")
                 .filter(|id| !id.is_empty() && !id.contains('/'))
@@ -145,6 +149,7 @@ impl Admin {
             Route::Metrics => Ok(self.metrics()),
             Route::Usage => self.usage(req.uri().query().unwrap_or("")).await,
             Route::Record(id) => self.record(id).await,
+            Route::UpstreamKeys => json(&self.state.upstream.pool().health()),
         }
     }
 
@@ -202,6 +207,7 @@ mod tests {
     fn routes_by_path() {
         assert_eq!(Route::of("/metrics"), Some(Route::Metrics));
         assert_eq!(Route::of("/admin/usage"), Some(Route::Usage));
+        assert_eq!(Route::of("/admin/upstream/keys"), Some(Route::UpstreamKeys));
         assert_eq!(
             Route::of("/admin/requests/req_1"),
             Some(Route::Record("req_1"))

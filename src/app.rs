@@ -184,6 +184,7 @@ impl AppState {
             },
             clock.clone(),
         ));
+        let upstream = Arc::new(Upstream::with_clock(&config, clock.clone())?);
         Ok(AppState {
             rates: rate_backend(&config, &clock)?,
             quotas: Arc::new(QuotaStore::open_configured(config.clone(), clock.clone())?),
@@ -191,7 +192,7 @@ impl AppState {
             ledger,
             tasks: TaskTracker::new(),
             keys: KeyTable::from_config(&config)?,
-            upstream: Arc::new(Upstream::new(&config)?),
+            upstream,
             form_rules: FormRules {
                 max_prompt_chars: v.max_prompt_chars,
                 max_user_chars: v.max_user_chars,

@@ -185,6 +185,87 @@ pub struct UpstreamConfig {
     /// A PEM file of CA certificates trusted for the upstream in addition to the webpki roots
     /// (a private OpenAI-compatible server, a corporate TLS proxy).
     pub ca_file: Option<PathBuf>,
+    /// The key pool (`[[upstream.keys]]`). Empty: one key named `default` from `api_key_env` /
+    /// `api_key_file`, `organization` and `project` above.
+    pub keys: Vec<UpstreamKeyConfig>,
+    /// When a key is benched (`[upstream.breaker]`).
+    pub breaker: BreakerConfig,
+}
+
+/// One key of the pool (`[[upstream.keys]]`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct UpstreamKeyConfig {
+    /// Shown in logs, metrics and the ledger (never the key itself): letters, digits, `.`, `_`,
+    /// `-`, at most 64 characters.
+    pub name: String,
+    /// Environment variable holding the key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// A file holding the key (one of the two is required).
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// Sent as `OpenAI-Organization` / `OpenAI-Project` with this key.
+    #[serde(default)]
+    pub organization: Option<String>,
+    #[serde(default)]
+    pub project: Option<String>,
+    /// Share of the traffic of clients not pinned to keys (0: only clients pinned to it).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// This key's own upstream base URL (default: `upstream.base_url`).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Loaded from `api_key_env` / `api_key_file`, never from the TOML.
+    #[serde(skip)]
+    pub secret: Option<Secret<String>>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl UpstreamKeyConfig {
+    /// A key for tests and programmatic configs: weight 1, the secret given.
+    pub fn new(name: &str, secret: &str) -> UpstreamKeyConfig {
+        UpstreamKeyConfig {
+            name: name.into(),
+            api_key_env: None,
+            api_key_file: None,
+            organization: None,
+            project: None,
+            weight: 1,
+            base_url: None,
+            secret: Some(Secret::new(secret.into())),
+        }
+    }
+}
+
+/// The key pool's circuit breaker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct BreakerConfig {
+    /// Failures in a row (connect failures, 5xx answers, timeouts) that bench a key.
+    pub failures: u32,
+    /// How long a key is benched after `failures`; then one trial request decides.
+    #[serde(with = "humantime_serde")]
+    pub cool_down: Duration,
+    /// Bench of a key answered 429 (a rate limit) without `retry-after` or `x-ratelimit-reset-*`.
+    #[serde(with = "humantime_serde")]
+    pub rate_limit_default: Duration,
+    /// Longest bench a 429's `retry-after` can ask for.
+    #[serde(with = "humantime_serde")]
+    pub rate_limit_max: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failures: 3,
+            cool_down: Duration::from_secs(30),
+            rate_limit_default: Duration::from_secs(10),
+            rate_limit_max: Duration::from_secs(300),
+        }
+    }
 }
 
 impl Default for UpstreamConfig {
@@ -201,6 +282,8 @@ impl Default for UpstreamConfig {
             organization: None,
             project: None,
             ca_file: None,
+            keys: Vec::new(),
+            breaker: BreakerConfig::default(),
         }
     }
 }
@@ -323,6 +406,27 @@ pub struct ClientConfig {
     /// Overrides for single users of this client.
     #[serde(default)]
     pub users: Vec<UserOverride>,
+    /// The upstream key(s) this client's requests use (names of `[[upstream.keys]]`); none:
+    /// any key of the pool.
+    #[serde(default)]
+    pub upstream_key: Option<KeyPin>,
+}
+
+/// `clients[].upstream_key`: one key name or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum KeyPin {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl KeyPin {
+    pub fn names(&self) -> &[String] {
+        match self {
+            KeyPin::One(n) => std::slice::from_ref(n),
+            KeyPin::Many(v) => v,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -474,6 +578,36 @@ pub struct AdminConfig {
     pub key_hash: Option<String>,
 }
 
+/// Read a key file; problems name `at` and the path (never the contents).
+fn read_key_file(file: &Path, at: &str, problems: &mut Vec<String>) -> Option<Secret<String>> {
+    match std::fs::read_to_string(file) {
+        Ok(s) if !s.trim().is_empty() => Some(Secret::new(s.trim().to_string())),
+        Ok(_) => {
+            problems.push(format!("{at} {}: is empty", file.display()));
+            None
+        }
+        Err(e) => {
+            problems.push(format!("{at} {}: {e}", file.display()));
+            None
+        }
+    }
+}
+
+/// An upstream base URL: http(s), plain http only with `allow_http`.
+fn check_base_url(name: &str, url: &str, allow_http: bool, p: &mut Vec<String>) {
+    match http::Uri::try_from(url) {
+        Ok(uri) => match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") if allow_http => {}
+            Some("http") => p.push(format!(
+                "{name}: '{url}' is plain http; set upstream.allow_http = true to allow it"
+            )),
+            _ => p.push(format!("{name}: '{url}' must be an http(s) URL")),
+        },
+        Err(e) => p.push(format!("{name}: '{url}' is not a URL: {e}")),
+    }
+}
+
 /// The stored form of a gateway key.
 pub fn hash_key(key: &str) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
@@ -587,21 +721,37 @@ impl Config {
             self.limits.redis_url = Some(Secret::new(url.trim().to_string()));
         }
         let mut problems = Vec::new();
-        self.upstream_key = match &self.upstream.api_key_file {
-            Some(file) => match std::fs::read_to_string(file) {
-                Ok(s) if !s.trim().is_empty() => Some(Secret::new(s.trim().to_string())),
-                Ok(_) => {
+        if !self.upstream.keys.is_empty() {
+            for (i, k) in self.upstream.keys.iter_mut().enumerate() {
+                let at = format!("upstream.keys[{i}] ({})", k.name);
+                k.secret = match (&k.api_key_file, &k.api_key_env) {
+                    (Some(file), _) => read_key_file(file, &at, &mut problems),
+                    (None, Some(var)) => {
+                        let v = std::env::var(var)
+                            .ok()
+                            .filter(|s| !s.trim().is_empty())
+                            .map(|s| Secret::new(s.trim().to_string()));
+                        if v.is_none() {
+                            problems
+                                .push(format!("{at}: the environment variable {var} is not set"));
+                        }
+                        v
+                    }
+                    // Reported by `problems`.
+                    (None, None) => None,
+                };
+                if let Some(key) = &k.secret
+                    && http::HeaderValue::from_str(&format!("Bearer {}", key.expose())).is_err()
+                {
                     problems.push(format!(
-                        "upstream.api_key_file {}: is empty",
-                        file.display()
+                        "{at}: the key contains characters not allowed in a header"
                     ));
-                    None
                 }
-                Err(e) => {
-                    problems.push(format!("upstream.api_key_file {}: {e}", file.display()));
-                    None
-                }
-            },
+            }
+            return problems;
+        }
+        self.upstream_key = match &self.upstream.api_key_file {
+            Some(file) => read_key_file(file, "upstream.api_key_file", &mut problems),
             None => std::env::var(&self.upstream.api_key_env)
                 .ok()
                 .filter(|s| !s.trim().is_empty())
@@ -613,6 +763,106 @@ impl Config {
             problems.push("the upstream key contains characters not allowed in a header".into());
         }
         problems
+    }
+
+    /// Whether an upstream key is loaded: the single key, or a key of the pool.
+    pub fn has_upstream_key(&self) -> bool {
+        if self.upstream.keys.is_empty() {
+            self.upstream_key.is_some()
+        } else {
+            self.upstream.keys.iter().any(|k| k.secret.is_some())
+        }
+    }
+
+    /// Problems of `[[upstream.keys]]`, `[upstream.breaker]` and `clients[].upstream_key`.
+    fn key_pool_problems(&self, p: &mut Vec<String>) {
+        let u = &self.upstream;
+        let mut names = std::collections::HashSet::new();
+        for (i, k) in u.keys.iter().enumerate() {
+            let at = format!("upstream.keys[{i}]");
+            if k.name.is_empty()
+                || k.name.len() > 64
+                || !k
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            {
+                p.push(format!(
+                    "{at}.name: 1 to 64 letters, digits, '.', '_' or '-' (it is shown in logs and metrics)"
+                ));
+            } else if !names.insert(k.name.as_str()) {
+                p.push(format!("{at}.name: '{}' is used twice", k.name));
+            }
+            match (&k.api_key_env, &k.api_key_file) {
+                // A secret given in code (tests, embedding programs) needs neither.
+                (None, None) if k.secret.is_none() => {
+                    p.push(format!("{at}: set api_key_env or api_key_file"))
+                }
+                (Some(_), Some(_)) => {
+                    p.push(format!("{at}: set api_key_env or api_key_file, not both"))
+                }
+                _ => {}
+            }
+            for (name, v) in [("organization", &k.organization), ("project", &k.project)] {
+                if let Some(v) = v
+                    && http::HeaderValue::from_str(v).is_err()
+                {
+                    p.push(format!("{at}.{name}: not a valid header value"));
+                }
+            }
+            if let Some(url) = &k.base_url {
+                check_base_url(&format!("{at}.base_url"), url, u.allow_http, p);
+            }
+        }
+        if !u.keys.is_empty() {
+            if u.keys.iter().all(|k| k.weight == 0) {
+                p.push("upstream.keys: at least one key needs a weight above 0".into());
+            }
+            for (name, set) in [
+                ("api_key_file", u.api_key_file.is_some()),
+                ("organization", u.organization.is_some()),
+                ("project", u.project.is_some()),
+            ] {
+                if set {
+                    p.push(format!(
+                        "upstream.{name}: set it on each of [[upstream.keys]] instead (the single-key form and the pool do not mix)"
+                    ));
+                }
+            }
+        }
+        if u.breaker.failures == 0 {
+            p.push("upstream.breaker.failures: must be at least 1".into());
+        }
+        for (name, d) in [
+            ("upstream.breaker.cool_down", u.breaker.cool_down),
+            (
+                "upstream.breaker.rate_limit_default",
+                u.breaker.rate_limit_default,
+            ),
+            ("upstream.breaker.rate_limit_max", u.breaker.rate_limit_max),
+        ] {
+            if d.is_zero() {
+                p.push(format!("{name}: must be greater than zero"));
+            }
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            let Some(pin) = &c.upstream_key else { continue };
+            if pin.names().is_empty() {
+                p.push(format!("clients[{i}].upstream_key: names no key"));
+            }
+            for n in pin.names() {
+                let known = if u.keys.is_empty() {
+                    n == crate::keypool::DEFAULT_KEY_NAME
+                } else {
+                    u.keys.iter().any(|k| &k.name == n)
+                };
+                if !known {
+                    p.push(format!(
+                        "clients[{i}].upstream_key: no key named '{n}' in [[upstream.keys]]"
+                    ));
+                }
+            }
+        }
     }
 
     /// Semantic checks that serde cannot express.
@@ -675,18 +925,8 @@ impl Config {
             p.push("server.max_concurrent_decodes: must be at least 1".into());
         }
         let u = &self.upstream;
-        match http::Uri::try_from(u.base_url.as_str()) {
-            Ok(uri) => match uri.scheme_str() {
-                Some("https") => {}
-                Some("http") if u.allow_http => {}
-                Some("http") => p.push(format!(
-                    "upstream.base_url: '{}' is plain http; set upstream.allow_http = true to allow it",
-                    u.base_url
-                )),
-                _ => p.push(format!("upstream.base_url: '{}' must be an http(s) URL", u.base_url)),
-            },
-            Err(e) => p.push(format!("upstream.base_url: '{}' is not a URL: {e}", u.base_url)),
-        }
+        check_base_url("upstream.base_url", &u.base_url, u.allow_http, &mut p);
+        self.key_pool_problems(&mut p);
         for (name, v) in [("organization", &u.organization), ("project", &u.project)] {
             if let Some(v) = v
                 && http::HeaderValue::from_str(v).is_err()
@@ -951,6 +1191,127 @@ mod tests {
         let h = hash_key("ig-test");
         assert!(h.starts_with("sha256:") && h.len() == 7 + 64);
         assert!(parse_key_hash(&h).is_ok());
+    }
+
+    #[test]
+    fn a_key_pool_parses_and_loads_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("team.key");
+        std::fs::write(&file, "sk-team-from-file\n").unwrap();
+        let text = format!(
+            r#"
+            [upstream]
+            allow_http = true
+            [upstream.breaker]
+            failures = 5
+            cool_down = "2s"
+            [[upstream.keys]]
+            name = "main"
+            api_key_env = "IMAGEGATE_TEST_POOL_KEY_MAIN"
+            weight = 3
+            [[upstream.keys]]
+            name = "team-b"
+            api_key_file = "{}"
+            organization = "org-b"
+            project = "proj_b"
+            weight = 0
+            base_url = "http://127.0.0.1:9/v1"
+            [[clients]]
+            name = "a"
+            key_hash = "{}"
+            upstream_key = "team-b"
+            [[clients]]
+            name = "b"
+            key_hash = "{}"
+            upstream_key = ["main", "team-b"]
+            "#,
+            file.display(),
+            hash_key("ka"),
+            hash_key("kb")
+        );
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, &text).unwrap();
+        // The variable is set nowhere (setting one is unsafe in edition 2024): the missing
+        // variable is reported by name, the file form loads.
+        let errs = Config::load(&path, true).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].contains("upstream.keys[0] (main)")
+                && errs[0].contains("IMAGEGATE_TEST_POOL_KEY_MAIN"),
+            "{errs:?}"
+        );
+        let (mut c, unknown) = Config::parse(&text).unwrap();
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        assert_eq!(c.apply_env().len(), 1);
+        let k = &c.upstream.keys[1];
+        assert_eq!(k.secret.as_ref().unwrap().expose(), "sk-team-from-file");
+        assert_eq!((k.weight, k.organization.as_deref()), (0, Some("org-b")));
+        assert_eq!(c.upstream.keys[0].weight, 3);
+        assert_eq!(
+            (c.upstream.breaker.failures, c.upstream.breaker.cool_down),
+            (5, Duration::from_secs(2))
+        );
+        assert_eq!(
+            c.clients[0].upstream_key,
+            Some(KeyPin::One("team-b".into()))
+        );
+        assert_eq!(
+            c.clients[1].upstream_key.as_ref().unwrap().names(),
+            ["main", "team-b"]
+        );
+        assert!(c.has_upstream_key());
+        // The key never shows in the config's Debug.
+        assert!(!format!("{c:?}").contains("sk-team-from-file"));
+    }
+
+    #[test]
+    fn key_pool_problems_are_reported() {
+        let text = r#"
+            [upstream]
+            organization = "org-top"
+            [upstream.breaker]
+            failures = 0
+            cool_down = "0s"
+            [[upstream.keys]]
+            name = "a b"
+            api_key_env = "X"
+            [[upstream.keys]]
+            name = "k"
+            [[upstream.keys]]
+            name = "k"
+            api_key_env = "Y"
+            api_key_file = "/y"
+            weight = 0
+            base_url = "http://plain.invalid/v1"
+            [[clients]]
+            name = "c"
+            key_hash = "sha256:0000000000000000000000000000000000000000000000000000000000000000"
+            upstream_key = "nope"
+        "#;
+        let all = Config::from_toml(text).unwrap_err().join("\n");
+        for expected in [
+            "upstream.keys[0].name",
+            "upstream.keys[1]: set api_key_env or api_key_file",
+            "upstream.keys[2].name: 'k' is used twice",
+            "upstream.keys[2]: set api_key_env or api_key_file, not both",
+            "upstream.keys[2].base_url",
+            "upstream.organization: set it on each of [[upstream.keys]]",
+            "upstream.breaker.failures",
+            "upstream.breaker.cool_down",
+            "clients[0].upstream_key: no key named 'nope'",
+        ] {
+            assert!(all.contains(expected), "{expected} missing from: {all}");
+        }
+        // Without a pool, the single key is called `default`.
+        let mut c = Config::default();
+        c.clients.push(ClientConfig {
+            name: "c".into(),
+            key_hash: hash_key("c"),
+            upstream_key: Some(KeyPin::One(crate::keypool::DEFAULT_KEY_NAME.into())),
+            ..Default::default()
+        });
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
     }
 
     #[test]

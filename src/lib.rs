@@ -13,6 +13,7 @@ pub mod edit;
 pub mod edits;
 pub mod error;
 pub mod extensions;
+pub mod keypool;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;

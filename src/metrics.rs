@@ -19,6 +19,11 @@
 //! | `imagegate_ledger_write_seconds` | histogram | |
 //! | `imagegate_model_shutdown_days` | gauge | `model` |
 //! | `imagegate_model_live` | gauge | `model` |
+//! | `imagegate_upstream_key_state` | gauge | `key` (0 healthy, 1 benched, 2 trial pending) |
+//! | `imagegate_upstream_key_requests_total` | counter | `key` |
+//! | `imagegate_upstream_key_failures_total` | counter | `key` |
+//! | `imagegate_upstream_key_benched_total` | counter | `key`, `reason` (`failures`, `rate_limit`) |
+//! | `imagegate_upstream_retries_total` | counter | `reason` (`rate_limit`, `connect`) |
 //!
 //! The model gauges are set once at start (`models_check::at_start`):
 //! `imagegate_model_shutdown_days` is the number of days from today (UTC) to a configured
@@ -118,6 +123,26 @@ fn describe() {
     describe_gauge!(
         "imagegate_model_live",
         "1 when the upstream's GET /models lists a configured model, 0 when it does not"
+    );
+    describe_gauge!(
+        "imagegate_upstream_key_state",
+        "Upstream key breaker: 0 healthy, 1 benched, 2 trial pending"
+    );
+    describe_counter!(
+        "imagegate_upstream_key_requests_total",
+        "Attempts sent with an upstream key"
+    );
+    describe_counter!(
+        "imagegate_upstream_key_failures_total",
+        "Connect failures, 5xx answers and timeouts of an upstream key"
+    );
+    describe_counter!(
+        "imagegate_upstream_key_benched_total",
+        "Times an upstream key was benched, by reason (failures, rate_limit)"
+    );
+    describe_counter!(
+        "imagegate_upstream_retries_total",
+        "Requests sent to a second key after a refusal (rate_limit) or a connection that never opened (connect)"
     );
 }
 

@@ -4,15 +4,21 @@
 //! The caller's headers never go upstream: the request is built from scratch with the injected
 //! upstream key (a sensitive header value built once at start). Only an allowlist of response
 //! headers comes back, so hop-by-hop headers are dropped by construction. A POST is never
-//! retried by the gateway once it was sent (hyper only re-sends a request that never left
-//! because its pooled connection was already closed).
+//! re-sent once its body may have gone out: another key of the pool ([`crate::keypool`]) gets
+//! it only after a 429 rate limit or a connection that never opened (hyper itself only re-sends
+//! a request that never left because its pooled connection was already closed).
 
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue, Request, Response, Uri, header};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -23,9 +29,11 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 use crate::body::ChunkedBody;
-use crate::config::Config;
+use crate::clock::Clock;
+use crate::config::{Config, Secret};
 use crate::edit::canonical::CanonicalBody;
 use crate::error::GatewayError;
+use crate::keypool::{KeyPool, Pick, Verdict, is_rate_limit_body, rate_limit_wait};
 use crate::startup::StartupError;
 
 /// Response headers passed back to the caller (names are lowercase; `x-ratelimit-` is a prefix).
@@ -41,26 +49,39 @@ const PASS_THROUGH: [&str; 9] = [
     "x-should-retry",
 ];
 
-pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, ChunkedBody>,
+/// One key of the pool as sent: its URLs and identifying headers.
+struct Endpoint {
     edits_uri: Uri,
     models_uri: Uri,
     authorization: Option<HeaderValue>,
     organization: Option<HeaderValue>,
     project: Option<HeaderValue>,
+}
+
+/// The upstream: one pooled HTTP client and the pool of keys it sends with. Built whole from
+/// the config (a reload swaps it whole).
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, ChunkedBody>,
+    /// One per key of [`Upstream::pool`], same order.
+    endpoints: Vec<Endpoint>,
+    pool: KeyPool,
     user_agent: HeaderValue,
     response_timeout: Duration,
 }
 
+/// Largest 429 answer read to decide whether it is a rate limit (OpenAI's are a few hundred
+/// bytes); a longer one is passed on as it is, as not a rate limit.
+const MAX_REFUSAL_BYTES: usize = 64 * 1024;
+
 impl Upstream {
+    /// The upstream on the system clock.
     pub fn new(config: &Config) -> Result<Upstream, StartupError> {
+        Upstream::with_clock(config, Clock::system())
+    }
+
+    /// The upstream, its breakers timed by `clock`.
+    pub fn with_clock(config: &Config, clock: Clock) -> Result<Upstream, StartupError> {
         let u = &config.upstream;
-        let edits_uri: Uri = format!("{}/images/edits", u.base_url.trim_end_matches('/'))
-            .parse()
-            .map_err(|e| StartupError::Upstream(format!("upstream.base_url: {e}")))?;
-        let models_uri: Uri = format!("{}/models", u.base_url.trim_end_matches('/'))
-            .parse()
-            .map_err(|e| StartupError::Upstream(format!("upstream.base_url: {e}")))?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(u.connect_timeout));
@@ -85,64 +106,169 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(https);
-        let sensitive = |v: String| {
-            HeaderValue::from_str(&v).map(|mut h| {
-                h.set_sensitive(true);
-                h
-            })
-        };
-        let authorization = match &config.upstream_key {
-            Some(k) => Some(sensitive(format!("Bearer {}", k.expose())).map_err(|_| {
-                StartupError::Upstream("the upstream key is not a valid header value".into())
-            })?),
-            None => None,
-        };
-        let plain = |v: &Option<String>, name: &str| -> Result<Option<HeaderValue>, StartupError> {
-            v.as_deref()
-                .map(HeaderValue::from_str)
-                .transpose()
-                .map_err(|_| {
-                    StartupError::Upstream(format!("upstream.{name}: not a valid header value"))
+        let endpoints: Vec<Endpoint> = if u.keys.is_empty() {
+            vec![endpoint(
+                "upstream",
+                &u.base_url,
+                config.upstream_key.as_ref(),
+                &u.organization,
+                &u.project,
+            )?]
+        } else {
+            u.keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    endpoint(
+                        &format!("upstream.keys[{i}]"),
+                        k.base_url.as_deref().unwrap_or(&u.base_url),
+                        k.secret.as_ref(),
+                        &k.organization,
+                        &k.project,
+                    )
                 })
+                .collect::<Result<_, _>>()?
         };
+        let usable: Vec<bool> = endpoints
+            .iter()
+            .map(|e| e.authorization.is_some())
+            .collect();
         Ok(Upstream {
             client,
-            edits_uri,
-            models_uri,
-            authorization,
-            organization: plain(&u.organization, "organization")?,
-            project: plain(&u.project, "project")?,
+            pool: KeyPool::from_config(config, &usable, clock),
+            endpoints,
             user_agent: HeaderValue::from_str(&format!("imagegate/{}", env!("CARGO_PKG_VERSION")))
                 .expect("the crate version is a valid header value"),
             response_timeout: u.response_timeout,
         })
     }
 
+    /// At least one key is loaded.
     pub fn has_key(&self) -> bool {
-        self.authorization.is_some()
+        self.endpoints.iter().any(|e| e.authorization.is_some())
     }
 
-    /// Send a canonical edit upstream and wait for the response head. A failure says whether
-    /// the request may have reached the upstream (see [`SendError`]).
-    pub async fn send(&self, canonical: CanonicalBody) -> Result<Response<Incoming>, SendError> {
-        let auth = self.authorization.clone().ok_or(SendError {
-            error: GatewayError::UpstreamKeyMissing,
-            reached: false,
-        })?;
-        let polled = Arc::new(AtomicBool::new(false));
-        let mut req = Request::post(self.edits_uri.clone())
-            .header(header::CONTENT_TYPE, canonical.content_type())
-            .header(header::CONTENT_LENGTH, canonical.body.len())
-            .header(header::ACCEPT, "application/json")
-            .header(header::USER_AGENT, self.user_agent.clone())
-            .body(canonical.body.flag_polled(polled.clone()))
-            .expect("a request built from valid parts");
-        self.identify(&mut req, auth);
-        let failure =
-            match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-                Ok(Ok(resp)) => return Ok(resp),
+    /// The key pool (selection and breakers).
+    pub fn pool(&self) -> &KeyPool {
+        &self.pool
+    }
+
+    /// Send a canonical edit upstream for `client` (its pinned keys, else the pool) and wait
+    /// for the response head. A failure says whether the request may have reached the upstream
+    /// (see [`SendError`]).
+    ///
+    /// The retry rule: the same body goes to another key only when the upstream refused it
+    /// without doing the work: a 429 rate-limit answer, or a connection that failed to open
+    /// (nothing of the request was sent). Never once a body went out otherwise (a 5xx, a
+    /// timeout, a broken connection). Each key is tried at most once.
+    pub async fn send(
+        &self,
+        canonical: CanonicalBody,
+        client: Option<&str>,
+    ) -> Result<Sent, SendError> {
+        let content_type = canonical.content_type();
+        let length = canonical.body.len();
+        // The body is kept for another attempt only while another key could take one: with a
+        // single choice it goes to hyper, which drops it (and its memory budget) once sent.
+        let choices = self.pool.choices(client);
+        let mut body = Some(canonical.body);
+        let mut tried: Vec<usize> = Vec::new();
+        // What to give the caller when no key is left: a refusal answer, else the last failure.
+        let mut refused: Option<Sent> = None;
+        let mut failed: Option<SendError> = None;
+        while let Some(pick) = self.pool.pick(client, &tried) {
+            if !tried.is_empty() {
+                let reason = if refused.is_some() {
+                    "rate_limit"
+                } else {
+                    "connect"
+                };
+                metrics::counter!("imagegate_upstream_retries_total", "reason" => reason)
+                    .increment(1);
+                tracing::info!(key = %pick.name, reason, "sending to another upstream key");
+            }
+            tried.push(pick.index);
+            let mut attempt = Attempt {
+                pool: &self.pool,
+                pick,
+                verdict: Verdict::Nothing,
+            };
+            let key = attempt.pick.name.clone();
+            let endpoint = &self.endpoints[attempt.pick.index];
+            let Some(auth) = endpoint.authorization.clone() else {
+                continue;
+            };
+            let this_body = if tried.len() < choices {
+                body.clone()
+            } else {
+                body.take()
+            };
+            let Some(this_body) = this_body else {
+                break;
+            };
+            let polled = Arc::new(AtomicBool::new(false));
+            let mut req = Request::post(endpoint.edits_uri.clone())
+                .header(header::CONTENT_TYPE, content_type.as_str())
+                .header(header::CONTENT_LENGTH, length)
+                .header(header::ACCEPT, "application/json")
+                .header(header::USER_AGENT, self.user_agent.clone())
+                .body(this_body.flag_polled(polled.clone()))
+                .expect("a request built from valid parts");
+            self.identify(endpoint, &mut req, auth);
+            let failure = match tokio::time::timeout(
+                self.response_timeout,
+                self.client.request(req),
+            )
+            .await
+            {
+                Ok(Ok(resp)) if resp.status() == StatusCode::TOO_MANY_REQUESTS => {
+                    let (parts, body) = resp.into_parts();
+                    let read = tokio::time::timeout(
+                        self.response_timeout,
+                        http_body_util::Limited::new(body, MAX_REFUSAL_BYTES).collect(),
+                    )
+                    .await;
+                    let Ok(Ok(body)) = read else {
+                        // A 429 whose body did not arrive: refused all the same (no work
+                        // was done), but there is nothing to pass on.
+                        attempt.verdict = Verdict::Failure;
+                        return Err(SendError {
+                            error: GatewayError::UpstreamUnreachable,
+                            reached: false,
+                            key: Some(key),
+                        });
+                    };
+                    let body = body.to_bytes();
+                    let sent = Sent {
+                        response: Response::from_parts(
+                            parts,
+                            UpstreamBody::Buffered(Some(body.clone())),
+                        ),
+                        key,
+                    };
+                    if !is_rate_limit_body(&body) {
+                        // insufficient_quota: passed on, and not the key's fault.
+                        attempt.verdict = Verdict::Success;
+                        return Ok(sent);
+                    }
+                    attempt.verdict =
+                        Verdict::RateLimited(rate_limit_wait(sent.response.headers()));
+                    refused = Some(sent);
+                    continue;
+                }
+                Ok(Ok(resp)) => {
+                    attempt.verdict = if resp.status().is_server_error() {
+                        Verdict::Failure
+                    } else {
+                        Verdict::Success
+                    };
+                    return Ok(Sent {
+                        response: resp.map(UpstreamBody::Streaming),
+                        key,
+                    });
+                }
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %error_chain(&e), "upstream request failed");
+                    tracing::warn!(key = %key, error = %error_chain(&e), "upstream request failed");
                     Failure {
                         connect: e.is_connect(),
                         timeout: is_timeout(&e),
@@ -153,7 +279,124 @@ impl Upstream {
                     timeout: true,
                 },
             };
-        Err(failure.classify(polled.load(Ordering::Acquire), self.response_timeout))
+            attempt.verdict = Verdict::Failure;
+            let polled = polled.load(Ordering::Acquire);
+            let mut error = failure.classify(polled, self.response_timeout);
+            error.key = Some(key);
+            if failure.connect && !polled {
+                // The connection never opened: nothing was sent, another key may serve.
+                failed = Some(error);
+                continue;
+            }
+            return Err(error);
+        }
+        if let Some(sent) = refused {
+            return Ok(sent);
+        }
+        Err(failed.unwrap_or(SendError {
+            error: GatewayError::UpstreamKeyMissing,
+            reached: false,
+            key: None,
+        }))
+    }
+}
+
+/// The endpoint of one key; header values are checked by the config, errors name `at`.
+fn endpoint(
+    at: &str,
+    base_url: &str,
+    secret: Option<&Secret<String>>,
+    organization: &Option<String>,
+    project: &Option<String>,
+) -> Result<Endpoint, StartupError> {
+    let base = base_url.trim_end_matches('/');
+    let uri = |path: &str| -> Result<Uri, StartupError> {
+        format!("{base}{path}")
+            .parse()
+            .map_err(|e| StartupError::Upstream(format!("{at}: base_url: {e}")))
+    };
+    let authorization = secret
+        .map(|k| {
+            HeaderValue::from_str(&format!("Bearer {}", k.expose())).map(|mut h| {
+                h.set_sensitive(true);
+                h
+            })
+        })
+        .transpose()
+        .map_err(|_| {
+            StartupError::Upstream(format!("{at}: the key is not a valid header value"))
+        })?;
+    let plain = |v: &Option<String>, name: &str| -> Result<Option<HeaderValue>, StartupError> {
+        v.as_deref()
+            .map(HeaderValue::from_str)
+            .transpose()
+            .map_err(|_| StartupError::Upstream(format!("{at}.{name}: not a valid header value")))
+    };
+    Ok(Endpoint {
+        edits_uri: uri("/images/edits")?,
+        models_uri: uri("/models")?,
+        authorization,
+        organization: plain(organization, "organization")?,
+        project: plain(project, "project")?,
+    })
+}
+
+/// One attempt on a key: its verdict reaches the breaker when it ends, however it ends.
+struct Attempt<'a> {
+    pool: &'a KeyPool,
+    pick: Pick,
+    verdict: Verdict,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.pool.report(&self.pick, self.verdict);
+    }
+}
+
+/// An upstream answer head and the key that got it.
+#[derive(Debug)]
+pub struct Sent {
+    pub response: Response<UpstreamBody>,
+    /// The key's name (safe to log and record).
+    pub key: Arc<str>,
+}
+
+/// An upstream answer's body: streamed, or read already (a 429 read to classify it).
+#[derive(Debug)]
+pub enum UpstreamBody {
+    Streaming(Incoming),
+    Buffered(Option<Bytes>),
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Streaming(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Buffered(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Streaming(b) => b.is_end_stream(),
+            UpstreamBody::Buffered(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Streaming(b) => b.size_hint(),
+            UpstreamBody::Buffered(b) => {
+                SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
     }
 }
 
@@ -167,6 +410,8 @@ pub struct SendError {
     /// have been sent: a connect failure (refused, unreachable, connect timeout, TLS handshake)
     /// or a deadline that passed before the connection was ready.
     pub reached: bool,
+    /// The key of the last attempt, if one was made.
+    pub key: Option<Arc<str>>,
 }
 
 /// How a forwarding call failed, as the client saw it.
@@ -191,24 +436,28 @@ impl Failure {
             // reached. So is a connection that broke after sending.
             GatewayError::UpstreamUnreachable
         };
-        SendError { error, reached }
+        SendError {
+            error,
+            reached,
+            key: None,
+        }
     }
 }
 
 impl Upstream {
     /// The upstream key, organization and project headers.
-    fn identify(&self, req: &mut Request<ChunkedBody>, auth: HeaderValue) {
+    fn identify(&self, endpoint: &Endpoint, req: &mut Request<ChunkedBody>, auth: HeaderValue) {
         let h = req.headers_mut();
         h.insert(header::AUTHORIZATION, auth);
-        if let Some(org) = &self.organization {
+        if let Some(org) = &endpoint.organization {
             h.insert("openai-organization", org.clone());
         }
-        if let Some(project) = &self.project {
+        if let Some(project) = &endpoint.project {
             h.insert("openai-project", project.clone());
         }
     }
 
-    /// `GET {base_url}/models` with the upstream key: the ids the upstream lists, with their
+    /// `GET {base_url}/models` with the first key of the pool that is loaded: the ids the upstream lists, with their
     /// shutdown dates. The whole exchange (connect, answer, body of at most
     /// [`MAX_LISTING_BYTES`](crate::models_check::MAX_LISTING_BYTES)) must end within `timeout`;
     /// the connect timeout of `upstream.connect_timeout` applies too. Errors are one line for
@@ -217,17 +466,18 @@ impl Upstream {
         &self,
         timeout: Duration,
     ) -> Result<crate::models_check::Listing, String> {
-        use http_body_util::{BodyExt, Limited};
-        let auth = self
-            .authorization
-            .clone()
+        use http_body_util::Limited;
+        let (endpoint, auth) = self
+            .endpoints
+            .iter()
+            .find_map(|e| Some((e, e.authorization.clone()?)))
             .ok_or_else(|| "no upstream key is configured".to_string())?;
-        let mut req = Request::get(self.models_uri.clone())
+        let mut req = Request::get(endpoint.models_uri.clone())
             .header(header::ACCEPT, "application/json")
             .header(header::USER_AGENT, self.user_agent.clone())
             .body(ChunkedBody::default())
             .expect("a request built from valid parts");
-        self.identify(&mut req, auth);
+        self.identify(endpoint, &mut req, auth);
         let exchange = async {
             let resp = self
                 .client

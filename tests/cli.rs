@@ -349,12 +349,12 @@ fn usage_by_model_and_exports_with_token_fields() {
     let csv = run_ok(&["audit", "export", "--format", "csv"], &config);
     let header = csv.lines().next().unwrap();
     assert!(
-        header.contains(",total_ms,upstream_ms,quality,output_format,input_images,stream,input_tokens,input_text_tokens,input_image_tokens,output_tokens,total_tokens,usage_extra,cost_basis,forwarded"),
+        header.contains(",total_ms,upstream_ms,quality,output_format,input_images,stream,input_tokens,input_text_tokens,input_image_tokens,output_tokens,total_tokens,usage_extra,cost_basis,upstream_key,forwarded"),
         "{header}"
     );
     let g1 = csv.lines().find(|l| l.starts_with("req_g1,")).unwrap();
     assert!(
-        g1.ends_with(",medium,webp,1,false,1060,530,530,2000,3060,,usage,true"),
+        g1.ends_with(",medium,webp,1,false,1060,530,530,2000,3060,,usage,,true"),
         "{g1}"
     );
     let jsonl = run_ok(&["audit", "export", "--format", "jsonl"], &config);
@@ -426,14 +426,14 @@ fn audit_verify_reads_a_first_release_ledger_before_and_after_the_upgrade() {
     );
     let csv = run_ok(&["audit", "export", "--format", "csv"], &config);
     assert!(
-        csv.lines().nth(1).unwrap().ends_with(",,,,,,,,,,,,true"),
+        csv.lines().nth(1).unwrap().ends_with(",,,,,,,,,,,,,true"),
         "{csv}"
     );
     assert_eq!(schema_version(&db), "1");
 
     // The gateway's store upgrades it; the chain still verifies.
     drop(imagegate::ledger::SqliteStore::open(&db).unwrap());
-    assert_eq!(schema_version(&db), "2");
+    assert_eq!(schema_version(&db), "3");
     let verify = run_ok(&["audit", "verify"], &config);
     assert!(
         verify.contains("ok: 2 chain entries, 1 records"),

@@ -1318,6 +1318,7 @@ fn gpt_image_record(id: &str) -> Record {
         total_tokens: Some(3_060),
         usage_extra: Some(r#"{"input_tokens_details":{"cached_tokens_details":{}}}"#.into()),
         cost_basis: Some(imagegate::ledger::CostBasis::Usage),
+        upstream_key: Some("team-a".into()),
         ..Record::new(id, "2026-11-05T09:00:00Z".parse().unwrap())
     }
 }
@@ -1356,12 +1357,12 @@ fn a_version_1_ledger_is_upgraded_and_its_chain_still_verifies() {
     }
     assert_eq!(schema_version(&path), "1", "a reader does not upgrade");
 
-    // The writer upgrades it: version 2, the same columns as a new ledger.
+    // The writer upgrades it: version 3, the same columns as a new ledger.
     let mut store = SqliteStore::open(&path).expect("a version 1 ledger opens for writing");
-    assert_eq!(schema_version(&path), "2");
+    assert_eq!(schema_version(&path), "3");
     let fresh = dir.path().join("fresh.db");
     drop(SqliteStore::open(&fresh).unwrap());
-    assert_eq!(schema_version(&fresh), "2");
+    assert_eq!(schema_version(&fresh), "3");
     assert_eq!(records_columns(&path), records_columns(&fresh));
 
     // The old records read back unchanged, the new fields None.
@@ -1477,18 +1478,85 @@ fn an_unknown_schema_version_is_refused_untouched() {
     rusqlite::Connection::open(&path)
         .unwrap()
         .execute(
-            "UPDATE ledger_meta SET value = '3' WHERE key = 'schema_version'",
+            "UPDATE ledger_meta SET value = '4' WHERE key = 'schema_version'",
             [],
         )
         .unwrap();
     let e = SqliteStore::open(&path).unwrap_err();
-    assert!(e.to_string().contains("version 3"), "{e}");
+    assert!(e.to_string().contains("version 4"), "{e}");
     let e = SqliteStore::open_reader(&path).unwrap_err();
-    assert!(e.to_string().contains("version 3"), "{e}");
-    assert_eq!(support::ledger_v1::schema_version(&path), "3");
+    assert!(e.to_string().contains("version 4"), "{e}");
+    assert_eq!(support::ledger_v1::schema_version(&path), "4");
     assert_eq!(
         support::ledger_v1::records_columns(&path).len(),
         32,
         "no column was added"
     );
+}
+
+#[test]
+fn a_version_2_ledger_gains_upstream_key() {
+    use support::ledger_v1::{records_columns, schema_version};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.db");
+    // A version 2 ledger: a record written before the key pool (no upstream_key), then the
+    // column dropped and the version set back, as the previous release left its files.
+    let old = Record {
+        upstream_key: None,
+        ..gpt_image_record("req_v2")
+    };
+    {
+        let mut store = SqliteStore::open(&path).unwrap();
+        for r in store
+            .write_batch(&[
+                LedgerOp::Begin(old.clone()),
+                LedgerOp::Complete(old.clone()),
+            ])
+            .unwrap()
+        {
+            r.unwrap();
+        }
+    }
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "ALTER TABLE records DROP COLUMN upstream_key;
+         UPDATE ledger_meta SET value = '2' WHERE key = 'schema_version';",
+    )
+    .unwrap();
+    drop(conn);
+    assert!(!records_columns(&path).contains(&"upstream_key".to_string()));
+
+    // A reader reads it as it is.
+    let reader = SqliteStore::open_reader(&path).unwrap();
+    assert_eq!(reader.get("req_v2").unwrap().unwrap().upstream_key, None);
+    assert!(reader.verify().unwrap().is_ok());
+    drop(reader);
+    assert_eq!(schema_version(&path), "2");
+
+    // A writer upgrades it; a keyed record goes in next to the old one and the chain verifies.
+    let mut store = SqliteStore::open(&path).unwrap();
+    assert_eq!(schema_version(&path), "3");
+    assert!(records_columns(&path).contains(&"upstream_key".to_string()));
+    let new = gpt_image_record("req_v3");
+    for r in store
+        .write_batch(&[
+            LedgerOp::Begin(new.clone()),
+            LedgerOp::Complete(new.clone()),
+        ])
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    assert_eq!(store.get("req_v2").unwrap().unwrap().upstream_key, None);
+    assert_eq!(
+        store
+            .get("req_v3")
+            .unwrap()
+            .unwrap()
+            .upstream_key
+            .as_deref(),
+        Some("team-a")
+    );
+    let v = store.verify().unwrap();
+    assert!(v.is_ok(), "{v:?}");
 }

@@ -772,3 +772,64 @@ fn ledger_copy_takes_a_version_1_file_as_it_is() {
     );
     assert_eq!(file_version(&path), "1", "the source is only read");
 }
+
+#[test]
+#[ignore = "needs PostgreSQL at DATABASE_URL"]
+fn a_version_1_database_gains_upstream_key_and_its_records_still_verify() {
+    use imagegate::ledger::postgres::MIGRATIONS;
+    let schema = Schema::new();
+    let mut c = schema.client();
+    // The schema as the previous release left it: migration 1 only.
+    c.batch_execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, description TEXT NOT NULL, \
+         applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )
+    .unwrap();
+    c.batch_execute(MIGRATIONS[0].2).unwrap();
+    c.execute(
+        "INSERT INTO schema_migrations (version, description) VALUES (1, $1)",
+        &[&MIGRATIONS[0].1],
+    )
+    .unwrap();
+    assert_eq!(schema_version(&mut c).unwrap(), 1);
+    drop(c);
+    // Opening a store applies migration 2.
+    let mut store = PostgresStore::open(schema.settings(), "r").unwrap();
+    let mut c = schema.client();
+    assert_eq!(schema_version(&mut c).unwrap(), latest_version());
+    assert!(latest_version() >= 2);
+    let mut r = answered("req_keyed", "u");
+    r.upstream_key = Some("team-a".into());
+    for res in store
+        .write_batch(&[LedgerOp::Begin(r.clone()), LedgerOp::Complete(r.clone())])
+        .unwrap()
+    {
+        res.unwrap();
+    }
+    assert_eq!(
+        store
+            .get("req_keyed")
+            .unwrap()
+            .unwrap()
+            .upstream_key
+            .as_deref(),
+        Some("team-a")
+    );
+    let column: Option<String> = c
+        .query_one(
+            "SELECT upstream_key FROM records WHERE request_id = 'req_keyed'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(column.as_deref(), Some("team-a"));
+    let v = store.verify().unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    // A column that disagrees with the record's JSON is found by verify.
+    c.execute(
+        "UPDATE records SET upstream_key = 'other' WHERE request_id = 'req_keyed'",
+        &[],
+    )
+    .unwrap();
+    assert!(!store.verify().unwrap().is_ok());
+}

@@ -245,7 +245,7 @@ impl ConfigArg {
 /// ([`exposure`]) add theirs: a demo key or no client on a loopback address.
 pub fn warnings(config: &Config) -> Vec<String> {
     let mut w = Vec::new();
-    if config.upstream_key.is_none() {
+    if !config.has_upstream_key() {
         w.push(format!(
             "no upstream key: set {} or upstream.api_key_file; valid requests will be answered 503",
             config.upstream.api_key_env

@@ -34,7 +34,7 @@ pub fn run(config: &ConfigArg, check: bool, format: TableOrJson) -> Result<ExitC
 /// Ask the upstream once (`GET /models`), on a runtime of its own. A failure is part of the
 /// report, not an error of the command.
 fn ask(c: &Config) -> Check {
-    if c.upstream_key.is_none() {
+    if !c.has_upstream_key() {
         return Check::Failed(format!(
             "no upstream key: set {} or upstream.api_key_file",
             c.upstream.api_key_env

@@ -26,7 +26,7 @@ use crate::ledger::store::LedgerOp;
 use crate::ledger::{Ledger, Outcome, Record};
 use crate::middleware::usage::{Trail, commit, commit_detached, note_error};
 use crate::pricing::{Usage, cost_micros_sum};
-use crate::upstream::{SendError, Upstream, passed_headers};
+use crate::upstream::{SendError, Sent, Upstream, passed_headers};
 
 /// What forwarding needs, built once at start.
 #[derive(Clone)]
@@ -128,8 +128,14 @@ impl Forwarder {
             return;
         }
         let sent = std::time::Instant::now();
-        match self.upstream.send(canonical).await {
-            Err(SendError { error: e, reached }) => {
+        let client = record.client.clone();
+        match self.upstream.send(canonical, client.as_deref()).await {
+            Err(SendError {
+                error: e,
+                reached,
+                key,
+            }) => {
+                record.upstream_key = key.map(|k| k.to_string());
                 record.outcome = match e {
                     GatewayError::UpstreamTimeout { .. } => Outcome::UpstreamTimeout,
                     _ => Outcome::UpstreamError,
@@ -149,8 +155,9 @@ impl Forwarder {
                 self.complete(record, &trail).await;
                 let _ = head_tx.send(Err(e));
             }
-            Ok(resp) => {
-                let (parts, body) = resp.into_parts();
+            Ok(Sent { response, key }) => {
+                record.upstream_key = Some(key.to_string());
+                let (parts, body) = response.into_parts();
                 let status = parts.status;
                 record.status = Some(status.as_u16());
                 record.upstream_status = Some(status.as_u16());

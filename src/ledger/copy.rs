@@ -58,7 +58,7 @@ struct ChainRow {
     hash: String,
 }
 
-const INSERT_RECORD: &str = "INSERT INTO records (request_id, replica, seq, received_at_us, client, end_user, model, outcome, reason_code, images_returned, cost_settled_micros, input_tokens, output_tokens, forwarded, record_json) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
+const INSERT_RECORD: &str = "INSERT INTO records (request_id, replica, seq, received_at_us, client, end_user, model, outcome, reason_code, images_returned, cost_settled_micros, input_tokens, output_tokens, forwarded, record_json, upstream_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
 
 const ADD_QUOTA: &str = "INSERT INTO quota_usage (scope, period, images, micros) VALUES ($1, $2, $3, $4) \
      ON CONFLICT (scope, period) DO UPDATE SET images = quota_usage.images + excluded.images, \
@@ -166,6 +166,7 @@ pub fn sqlite_to_postgres(
                 &cols.output_tokens,
                 &cols.forwarded,
                 &json,
+                &cols.upstream_key,
             ],
         )
         .map_err(|e| {

@@ -191,10 +191,11 @@ fn is_unique_violation(e: &postgres::Error) -> bool {
 }
 
 /// Versioned migrations: `(version, description, SQL)`, applied in order, each once.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "ledger chain, records and quota use",
-    "
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "ledger chain, records and quota use",
+        "
 CREATE TABLE ledger_chain (
     replica TEXT NOT NULL,
     seq BIGINT NOT NULL,
@@ -238,7 +239,16 @@ CREATE TABLE quota_usage (
     PRIMARY KEY (scope, period)
 );
 ",
-)];
+    ),
+    (
+        2,
+        "records.upstream_key: the upstream key a request was sent with",
+        "
+ALTER TABLE records ADD COLUMN upstream_key TEXT;
+CREATE INDEX records_upstream_key ON records (upstream_key, received_at_us);
+",
+    ),
+];
 
 /// The version [`migrate`] brings a database to.
 pub fn latest_version() -> i32 {
@@ -422,7 +432,7 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 pub(crate) const INSERT_ENTRY: &str = "INSERT INTO ledger_chain (replica, seq, request_id, entry_json, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6)";
-const UPSERT_RECORD: &str = "INSERT INTO records (request_id, replica, seq, received_at_us, client, end_user, model, outcome, reason_code, images_returned, cost_settled_micros, input_tokens, output_tokens, forwarded, record_json) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) ON CONFLICT (request_id) DO UPDATE SET replica = excluded.replica, seq = excluded.seq, received_at_us = excluded.received_at_us, client = excluded.client, end_user = excluded.end_user, model = excluded.model, outcome = excluded.outcome, reason_code = excluded.reason_code, images_returned = excluded.images_returned, cost_settled_micros = excluded.cost_settled_micros, input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens, forwarded = excluded.forwarded, record_json = excluded.record_json";
+pub(crate) const UPSERT_RECORD: &str = "INSERT INTO records (request_id, replica, seq, received_at_us, client, end_user, model, outcome, reason_code, images_returned, cost_settled_micros, input_tokens, output_tokens, forwarded, record_json, upstream_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) ON CONFLICT (request_id) DO UPDATE SET replica = excluded.replica, seq = excluded.seq, received_at_us = excluded.received_at_us, client = excluded.client, end_user = excluded.end_user, model = excluded.model, outcome = excluded.outcome, reason_code = excluded.reason_code, images_returned = excluded.images_returned, cost_settled_micros = excluded.cost_settled_micros, input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens, forwarded = excluded.forwarded, record_json = excluded.record_json, upstream_key = excluded.upstream_key";
 
 /// The indexed columns of a record, as `records` stores them.
 #[derive(Debug, PartialEq, Eq)]
@@ -438,6 +448,7 @@ pub(crate) struct Columns {
     pub(crate) input_tokens: Option<i64>,
     pub(crate) output_tokens: Option<i64>,
     pub(crate) forwarded: bool,
+    pub(crate) upstream_key: Option<String>,
 }
 
 fn int(v: Option<u64>, name: &str) -> Result<Option<i64>, LedgerError> {
@@ -460,10 +471,11 @@ impl Columns {
             input_tokens: int(r.input_tokens, "input_tokens")?,
             output_tokens: int(r.output_tokens, "output_tokens")?,
             forwarded: r.forwarded,
+            upstream_key: r.upstream_key.clone(),
         })
     }
 
-    /// From a row whose columns `at..at+11` are the ones of [`COLUMNS_SQL`].
+    /// From a row whose columns `at..at+12` are the ones of [`COLUMNS_SQL`].
     fn from_row(row: &Row, at: usize) -> Result<Columns, postgres::Error> {
         Ok(Columns {
             received_at_us: row.try_get(at)?,
@@ -477,11 +489,12 @@ impl Columns {
             input_tokens: row.try_get(at + 8)?,
             output_tokens: row.try_get(at + 9)?,
             forwarded: row.try_get(at + 10)?,
+            upstream_key: row.try_get(at + 11)?,
         })
     }
 }
 
-const COLUMNS_SQL: &str = "received_at_us, client, end_user, model, outcome, reason_code, images_returned, cost_settled_micros, input_tokens, output_tokens, forwarded";
+const COLUMNS_SQL: &str = "received_at_us, client, end_user, model, outcome, reason_code, images_returned, cost_settled_micros, input_tokens, output_tokens, forwarded, upstream_key";
 
 fn parse_record(json: &str) -> Result<Record, LedgerError> {
     serde_json::from_str(json)
@@ -681,6 +694,7 @@ pub(crate) fn append(
             &cols.output_tokens,
             &cols.forwarded,
             &record_json,
+            &cols.upstream_key,
         ],
     )?;
     *tip = (seq, hash);

@@ -170,8 +170,9 @@ impl FromStr for CostBasis {
 
 /// One request to the edits route. See the module doc for the serialized form.
 ///
-/// Fields added after the first release (`quality` to `cost_basis`) are `null` in chain
-/// entries written before them: `#[serde(default)]` reads those entries unchanged.
+/// Fields added after the first release (`quality` to `cost_basis`, then `upstream_key`) are
+/// `null` in chain entries written before them: `#[serde(default)]` reads those entries
+/// unchanged.
 ///
 /// `forwarded` is maintained by the store, not the caller: it is `true` exactly when a `Begin`
 /// was committed for the request (whatever the caller put there is overwritten).
@@ -241,6 +242,9 @@ pub struct Record {
     pub usage_extra: Option<String>,
     /// What `cost_settled_micros` was computed from.
     pub cost_basis: Option<CostBasis>,
+    /// The name of the upstream key the request was sent with (`[[upstream.keys]]`, or
+    /// `default`); for a request sent to a second key after a refusal, the second.
+    pub upstream_key: Option<String>,
     /// Set by the store: a `Begin` was committed for this request.
     pub forwarded: bool,
 }
@@ -430,12 +434,14 @@ mod tests {
         let json = serde_json::to_string(&sample()).unwrap();
         assert!(
             json.contains(
-                r#""upstream_ms":12000,"quality":"high","output_format":"png","input_images":2,"stream":false,"input_tokens":1060,"input_text_tokens":60,"input_image_tokens":1000,"output_tokens":2000,"total_tokens":3060,"usage_extra":"{\"input_tokens_details\":{\"cached_tokens_details\":{\"text_tokens\":0}}}","cost_basis":"usage","forwarded":false}"#
+                r#""upstream_ms":12000,"quality":"high","output_format":"png","input_images":2,"stream":false,"input_tokens":1060,"input_text_tokens":60,"input_image_tokens":1000,"output_tokens":2000,"total_tokens":3060,"usage_extra":"{\"input_tokens_details\":{\"cached_tokens_details\":{\"text_tokens\":0}}}","cost_basis":"usage","upstream_key":null,"forwarded":false}"#
             ),
             "{json}"
         );
         let empty = serde_json::to_string(&Record::default()).unwrap();
-        assert!(empty.contains(r#""usage_extra":null,"cost_basis":null,"forwarded":false"#));
+        assert!(empty.contains(
+            r#""usage_extra":null,"cost_basis":null,"upstream_key":null,"forwarded":false"#
+        ));
     }
 
     #[test]

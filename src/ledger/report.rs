@@ -391,7 +391,7 @@ fn neutralize(cell: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// Header of the CSV export: the record's JSON field names, in order.
-pub const CSV_COLUMNS: [&str; 42] = [
+pub const CSV_COLUMNS: [&str; 43] = [
     "request_id",
     "received_at",
     "client",
@@ -433,6 +433,7 @@ pub const CSV_COLUMNS: [&str; 42] = [
     "total_tokens",
     "usage_extra",
     "cost_basis",
+    "upstream_key",
     "forwarded",
 ];
 
@@ -440,7 +441,7 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref().map(T::to_string).unwrap_or_default()
 }
 
-fn csv_cells(r: &Record) -> [String; 42] {
+fn csv_cells(r: &Record) -> [String; 43] {
     [
         r.request_id.clone(),
         r.received_at.to_string(),
@@ -483,6 +484,7 @@ fn csv_cells(r: &Record) -> [String; 42] {
         opt(&r.total_tokens),
         opt(&r.usage_extra),
         opt(&r.cost_basis),
+        opt(&r.upstream_key),
         r.forwarded.to_string(),
     ]
 }

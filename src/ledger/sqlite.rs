@@ -7,12 +7,12 @@
 //! - `records`: the current state of each request (one row per `request_id`, upserted), with
 //!   `seq` pointing at the chain entry that holds the same state. Indexed by `received_at_us`,
 //!   `(client, received_at_us)` and `(end_user, received_at_us)` for reports.
-//! - `ledger_meta(key, value)`: `schema_version`, now 2. A version 1 ledger (the first release)
-//!   is upgraded in place when a writer opens it: the records columns added since
-//!   (`ADDED_IN_2`) are added, all `NULL` in existing rows, in the transaction that opens the
-//!   ledger. The chain is not touched: its entries are hashed as stored, and an old entry's
+//! - `ledger_meta(key, value)`: `schema_version`, now 3. A version 1 ledger (the first release)
+//!   or 2 is upgraded in place when a writer opens it: the records columns added since
+//!   (`ADDED_IN_2`, `ADDED_IN_3`) are added, all `NULL` in existing rows, in the transaction
+//!   that opens the ledger. The chain is not touched: its entries are hashed as stored, and an old entry's
 //!   record reads the new fields as `None`, which matches the `NULL` columns. A reader opens a
-//!   version 1 ledger without upgrading it.
+//!   version 1 or 2 ledger without upgrading it.
 //!
 //! Pragmas: `journal_mode=WAL` (readers such as the admin API and the CLI never block the
 //! writer), `synchronous=FULL` by default: a `Begin` that returned is on disk even if the
@@ -58,15 +58,16 @@ pub enum Synchronous {
 }
 
 /// Version of the tables. 1: the first release. 2: the records columns `quality` to
-/// `cost_basis` (see [`MIGRATE_1_TO_2`]); the chain entry format is unchanged.
-const SCHEMA_VERSION: &str = "2";
+/// `cost_basis` (see [`migrate_1_to_2`]). 3: `upstream_key` (see [`migrate_2_to_3`]). The
+/// chain entry format is unchanged.
+const SCHEMA_VERSION: &str = "3";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS ledger_meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-INSERT OR IGNORE INTO ledger_meta (key, value) VALUES ('schema_version', '2');
+INSERT OR IGNORE INTO ledger_meta (key, value) VALUES ('schema_version', '3');
 CREATE TABLE IF NOT EXISTS ledger_chain (
     seq INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,
@@ -121,6 +122,7 @@ CREATE TABLE IF NOT EXISTS records (
     total_tokens INTEGER,
     usage_extra TEXT,
     cost_basis TEXT,
+    upstream_key TEXT,
     forwarded INTEGER NOT NULL,
     seq INTEGER NOT NULL
 );
@@ -161,18 +163,41 @@ fn migrate_1_to_2(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// The tables a store reads: current, or version 1 (read-only stores only; see
+/// The records column added by version 3 (all `NULL` in rows written before it, as their chain
+/// entries say).
+const ADDED_IN_3: [(&str, &str); 1] = [("upstream_key", "TEXT")];
+
+/// The upgrade of a version 2 ledger to version 3, in the transaction that opens it.
+fn migrate_2_to_3(conn: &Connection) -> rusqlite::Result<()> {
+    for (name, ty) in ADDED_IN_3 {
+        conn.execute_batch(&format!("ALTER TABLE records ADD COLUMN {name} {ty};"))?;
+    }
+    conn.execute(
+        "UPDATE ledger_meta SET value = '3' WHERE key = 'schema_version'",
+        [],
+    )?;
+    Ok(())
+}
+
+/// The tables a store reads: current, or version 1 or 2 (read-only stores only; see
 /// [`SqliteStore::open_reader`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Schema {
     V1,
+    V2,
     Current,
 }
 
 impl Schema {
     /// `prefix` + `column`, or `NULL` for a column this schema does not have.
     fn column(self, prefix: &str, column: &str) -> String {
-        if self == Schema::V1 && ADDED_IN_2.iter().any(|(c, _)| *c == column) {
+        let added = |list: &[(&str, &str)]| list.iter().any(|(c, _)| *c == column);
+        let missing = match self {
+            Schema::V1 => added(&ADDED_IN_2) || added(&ADDED_IN_3),
+            Schema::V2 => added(&ADDED_IN_3),
+            Schema::Current => false,
+        };
+        if missing {
             "NULL".to_owned()
         } else {
             format!("{prefix}{column}")
@@ -182,7 +207,7 @@ impl Schema {
 
 /// Columns of a record, in [`Record`] field order (`user` is `end_user`: `user` is reserved in
 /// PostgreSQL). `seq` follows them in every statement.
-const COLUMNS: [&str; 42] = [
+const COLUMNS: [&str; 43] = [
     "request_id",
     "received_at_us",
     "client",
@@ -224,6 +249,7 @@ const COLUMNS: [&str; 42] = [
     "total_tokens",
     "usage_extra",
     "cost_basis",
+    "upstream_key",
     "forwarded",
 ];
 
@@ -382,7 +408,11 @@ impl SqliteStore {
         let upgraded = (|| {
             if parse_version(read_version(&conn)?)? == Schema::V1 {
                 migrate_1_to_2(&conn)?;
-                tracing::info!("ledger: schema upgraded from version 1 to {SCHEMA_VERSION}");
+                tracing::info!("ledger: schema upgraded from version 1 to 2");
+            }
+            if parse_version(read_version(&conn)?)? == Schema::V2 {
+                migrate_2_to_3(&conn)?;
+                tracing::info!("ledger: schema upgraded from version 2 to {SCHEMA_VERSION}");
             }
             if parse_version(read_version(&conn)?)? != Schema::Current {
                 return Err(LedgerError::Store("ledger schema upgrade failed".into()));
@@ -459,7 +489,7 @@ impl SqliteStore {
     fn select_record(&self) -> Cow<'static, str> {
         match self.schema {
             Schema::Current => Cow::Borrowed(SELECT_RECORD.as_str()),
-            Schema::V1 => Cow::Owned(format!(
+            Schema::V1 | Schema::V2 => Cow::Owned(format!(
                 "SELECT {} FROM records",
                 select_columns("", self.schema)
             )),
@@ -528,6 +558,7 @@ fn parse_version(version: Option<String>) -> Result<Schema, LedgerError> {
     match version.as_deref() {
         Some(SCHEMA_VERSION) => Ok(Schema::Current),
         Some("1") => Ok(Schema::V1),
+        Some("2") => Ok(Schema::V2),
         Some(v) => Err(LedgerError::Store(format!(
             "ledger schema version {v} is not supported (expected {SCHEMA_VERSION})"
         ))),
@@ -640,6 +671,7 @@ fn append(
         total_tokens,
         r.usage_extra,
         r.cost_basis.map(|b| b.as_str()),
+        r.upstream_key,
         r.forwarded,
         seq,
     ])?;
@@ -710,7 +742,8 @@ fn record_from_row(row: &Row) -> rusqlite::Result<Record> {
             .get::<_, Option<String>>(40)?
             .map(|b| b.parse().map_err(|e: String| conversion(40, Type::Text, e)))
             .transpose()?,
-        forwarded: row.get(41)?,
+        upstream_key: row.get(41)?,
+        forwarded: row.get(42)?,
     })
 }
 
