@@ -103,7 +103,7 @@ fn describe() {
     );
     describe_counter!(
         "imagegate_decodes_cancelled_total",
-        "Image checks that ended after their caller had left"
+        "Image checks stopped at a row because their caller had left"
     );
     describe_gauge!(
         "imagegate_rate_backend_up",

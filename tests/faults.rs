@@ -861,9 +861,10 @@ fn big_png() -> Vec<u8> {
     assemble(&framed)
 }
 
-/// Callers that send a complete request and leave while its decode runs: the decodes stop
-/// (`imagegate_decodes_running` back to 0, each counted in `imagegate_decodes_cancelled_total`),
-/// the requests are recorded `client_gone`, and nothing is forwarded.
+/// Callers that send a complete request and leave while its decode runs: each decode notices at
+/// its next row and stops (counted in `imagegate_decodes_cancelled_total`, which a decode that
+/// ran to its end does not enter), `imagegate_decodes_running` is back to 0, the requests are
+/// recorded `client_gone`, and nothing is forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_leaving_during_the_decode_release_it() {
     const CALLERS: usize = 2;
@@ -913,7 +914,7 @@ async fn callers_leaving_during_the_decode_release_it() {
     let cancelled = gw.metric("imagegate_decodes_cancelled_total").await - cancelled_before;
     assert_eq!(
         cancelled as usize, CALLERS,
-        "each decode ended after its caller left"
+        "each decode stopped at a row, not at its end"
     );
     for i in 0..CALLERS {
         let user = format!("leaver-{i}");

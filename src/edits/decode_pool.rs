@@ -5,8 +5,8 @@
 //!
 //! Metrics: `imagegate_decodes_running` (gauge) counts the jobs running on the blocking pool
 //! (from the moment a job starts to the moment it returns, whether its caller is still there or
-//! not); `imagegate_decodes_cancelled_total` counts the jobs that returned after their caller
-//! left (cancelled at a row, or finished before noticing).
+//! not); `imagegate_decodes_cancelled_total` counts the jobs that noticed at a row that their
+//! caller had left and stopped there.
 
 use std::sync::Arc;
 
@@ -30,7 +30,7 @@ pub async fn run<T: Send + 'static>(
         let running = Running::start();
         let out = job(&cancel);
         drop(running);
-        if cancel.is_cancelled() {
+        if cancel.noticed() {
             metrics::counter!("imagegate_decodes_cancelled_total").increment(1);
         }
         out
