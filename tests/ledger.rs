@@ -1583,3 +1583,65 @@ async fn a_caller_leaving_during_the_decode_phase_is_client_gone_and_refunded() 
     let closed = close(gw, 2).await;
     assert_eq!(closed.get(&r.request_id), &r, "the record is final");
 }
+
+/// The same on the gpt-image profile: the file checks wait for a decode permit (all held by this
+/// test), the caller leaves, and the record is `client_gone` with its reservation refunded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpt_image_caller_leaving_during_the_file_checks_is_client_gone_and_refunded() {
+    let gw = Gateway::start_with(|c| {
+        gpt(c);
+        c.quotas.per_user = QuotaSpec {
+            images_per_day: Some(100),
+            usd_per_day: Some(10.0),
+            ..Default::default()
+        };
+    })
+    .await;
+    let permits = gw.server.state.decode_permits.clone();
+    let all = gw.server.state.config.server.max_concurrent_decodes as u32;
+    let held = permits.acquire_many_owned(all).await.unwrap();
+
+    let form = Multipart::new()
+        .text("model", "gpt-image-2")
+        .text("prompt", "a hat on the cat")
+        .text("user", "gpt-leaver")
+        .file(
+            "image",
+            Some("cat.png"),
+            Some("image/png"),
+            &rgba_png(64, true),
+        );
+    let (head, body) = raw_request(gw.addr(), APP_KEY, &form);
+    let mut stream = TcpStream::connect(gw.addr()).await.unwrap();
+    stream.write_all(&head).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    stream.flush().await.unwrap();
+    // Reserved (the §7 bound of one image): the request now waits for its file checks.
+    let deadline = Instant::now() + WRITE_WAIT;
+    let reserved = loop {
+        let used = user_day_use(&gw, "gpt-leaver");
+        if used.0 > 0 {
+            break used;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reservation within {WRITE_WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(reserved.0, 1, "one image reserved");
+    drop(stream);
+
+    let path = db_path(gw.dir.path());
+    let r = wait_for_record(&path, "for the caller that left", |_| true).await;
+    assert_eq!(r.outcome, Outcome::ClientGone, "{r:?}");
+    assert_eq!(r.status, None, "{r:?}");
+    assert_eq!(r.model.as_deref(), Some("gpt-image-2"));
+    assert_eq!(r.cost_reserved_micros, reserved.1, "{r:?}");
+    assert_not_forwarded(&r);
+    wait_until("the refund", (0, 0), || user_day_use(&gw, "gpt-leaver")).await;
+    assert_eq!(gw.mock.heads(), 0, "nothing was forwarded");
+    drop(held);
+    let closed = close(gw, 1).await;
+    assert_eq!(closed.get(&r.request_id), &r, "the record is final");
+}
