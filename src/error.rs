@@ -383,6 +383,8 @@ impl GatewayError {
             GatewayError::QuotaExceeded { retry_after, .. } => *retry_after,
             GatewayError::BufferFull { retry_after } => Some(*retry_after),
             GatewayError::RateLimiterUnavailable => Some(Duration::from_secs(1)),
+            // Shed load (max_in_flight, max_forwarding): a well-behaved client waits a moment.
+            GatewayError::Overloaded => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

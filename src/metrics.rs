@@ -15,6 +15,8 @@
 //! | `imagegate_validation_cache_misses_total` | counter | |
 //! | `imagegate_upstream_duration_seconds` | histogram | |
 //! | `imagegate_in_flight_requests` | gauge | |
+//! | `imagegate_decodes_running` | gauge | |
+//! | `imagegate_decodes_cancelled_total` | counter | |
 //! | `imagegate_ledger_queue_depth` | gauge | |
 //! | `imagegate_ledger_write_seconds` | histogram | |
 //! | `imagegate_model_shutdown_days` | gauge | `model` |
@@ -100,6 +102,14 @@ fn describe() {
         "Upstream time, request sent to answer read"
     );
     describe_gauge!("imagegate_in_flight_requests", "Requests being handled");
+    describe_gauge!(
+        "imagegate_decodes_running",
+        "Image checks running on the blocking pool (server.max_concurrent_decodes at most)"
+    );
+    describe_counter!(
+        "imagegate_decodes_cancelled_total",
+        "Image checks stopped at a row because their caller had left"
+    );
     describe_gauge!(
         "imagegate_rate_backend_up",
         "1 when the shared rate-limit backend (Redis) answered the last check, 0 when it did not"

@@ -295,14 +295,16 @@ async fn upstream_errors_pass_through_and_failures_map_to_502_504() {
     assert_error(&r, 504, "server_error", None, Some("upstream_timeout"));
     assert_eq!(gw.mock.count(), 2, "sent once, not retried");
 
-    // A port with nothing listening.
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let gw2 = Gateway::start_with(move |c| c.upstream.base_url = format!("http://{free}/v1")).await;
+    // A port this test holds (bound, never listening, no SO_REUSEADDR): nothing else can
+    // listen there while `held` lives, so a connection is refused.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = held.local_addr().unwrap();
+    let gw2 =
+        Gateway::start_with(move |c| c.upstream.base_url = format!("http://{closed}/v1")).await;
     let r = gw2.edit(APP_KEY, &form).await;
     assert_error(&r, 502, "server_error", None, Some("upstream_unreachable"));
+    drop(held);
 }
 
 #[tokio::test]
@@ -737,4 +739,109 @@ async fn forwarding_slots_bound_the_tasks_that_outlive_connections() {
     assert_error(&resp, 503, "server_error", None, Some("overloaded"));
     assert_eq!(gw.mock.count(), 1, "the second edit never went upstream");
     held.abort();
+}
+
+/// One request over HTTP/2 with prior knowledge (h2c), as a hyper client sends it.
+async fn send_h2c(
+    addr: std::net::SocketAddr,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> support::Resp {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("an h2c handshake");
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/v1/images/edits"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(60), async {
+        let resp = sender.send_request(req).await.expect("an h2 answer");
+        let (head, body) = resp.into_parts();
+        assert_eq!(head.version, http::Version::HTTP_2);
+        let body = body.collect().await.expect("the h2 body").to_bytes();
+        support::Resp {
+            status: head.status.as_u16(),
+            headers: head.headers,
+            body,
+        }
+    })
+    .await
+    .expect("answered within 60 s");
+    driver.abort();
+    resp
+}
+
+/// An edit POSTed over inbound HTTP/2 (h2c, prior knowledge) is validated like one over
+/// HTTP/1.1, forwarded, and recorded.
+#[tokio::test]
+async fn an_edit_over_inbound_http2_is_validated_forwarded_and_recorded() {
+    let gw = Gateway::start().await;
+    let auth = format!("Bearer {APP_KEY}");
+
+    // Validated: a bad size is refused in the envelope, nothing forwarded.
+    let bad = edit_request(&rgba_png(32, true), "an otter").text("size", "1X1");
+    let ct = bad.content_type();
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", ct.as_str()),
+    ];
+    let r = send_h2c(gw.addr(), &headers, bad.body()).await;
+    assert_error(
+        &r,
+        400,
+        "invalid_request_error",
+        Some("size"),
+        Some("invalid_value"),
+    );
+    assert_eq!(gw.mock.heads(), 0, "a refused edit is not forwarded");
+    let record = gw.record_of(&r);
+    assert_eq!(record.outcome, imagegate::ledger::Outcome::Rejected);
+    assert!(!record.forwarded);
+
+    // Forwarded and recorded.
+    let good = edit_request(&rgba_png(32, true), "an otter over h2")
+        .text("n", "2")
+        .text("user", "h2-user");
+    let ct = good.content_type();
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", ct.as_str()),
+    ];
+    let r = send_h2c(gw.addr(), &headers, good.body()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(gw.mock.count(), 1);
+    let sent = gw.mock.last().unwrap();
+    assert_eq!(
+        sent.header("authorization").as_deref(),
+        Some(&*format!("Bearer {UPSTREAM_KEY}"))
+    );
+    assert_eq!(sent.field("prompt").as_deref(), Some("an otter over h2"));
+    assert_eq!(sent.field("n").as_deref(), Some("2"));
+    assert_eq!(sent.field("user").as_deref(), Some("h2-user"));
+    assert_eq!(
+        sent.part("image").map(|p| p.data.to_vec()),
+        Some(rgba_png(32, true))
+    );
+    let record = gw.record_of(&r);
+    assert_eq!(record.outcome, imagegate::ledger::Outcome::Answered);
+    assert!(record.forwarded);
+    assert_eq!(record.status, Some(200));
+    assert_eq!(record.upstream_status, Some(200));
+    assert_eq!(record.images_returned, Some(2));
+    assert_eq!(record.user.as_deref(), Some("h2-user"));
+    assert_eq!(record.client.as_deref(), Some("app"));
 }

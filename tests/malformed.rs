@@ -1,17 +1,19 @@
 //! Bad input never yields a 5xx, a hang or a crash: malformed multipart bodies, bodies over the
 //! cap (declared or streamed), slow clients, a stalled request head, and malformed PNGs. Every
 //! exchange is bounded (`raw_exchange` stops after 10 s; `try_send` runs under a timeout), and
-//! every test ends with a valid request on the same gateway.
+//! every test ends with a valid request on the same gateway. The bounds only keep a test from
+//! hanging: what is asserted is the answer, or that the gateway ended the connection (times to
+//! close are measured by `tests/faults.rs`).
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use png::ColorType;
 use support::fixtures::*;
 use support::gateway::*;
 use support::multipart::{DEFAULT_BOUNDARY, Multipart, edit_request};
-use support::{Resp, raw_exchange, raw_status, try_send};
+use support::{Ended, Resp, raw_exchange, raw_exchange_until_end, raw_status, try_send};
 
 /// Longest any single exchange in this file may take.
 const LIMIT: Duration = Duration::from_secs(15);
@@ -39,29 +41,21 @@ async fn post(gw: &Gateway, name: &str, content_type: Option<&str>, body: Vec<u8
     }
 }
 
-/// A client error in the JSON envelope whose code is one of `codes`; never a 5xx.
-fn assert_client_error(name: &str, resp: &Resp, codes: &[&str]) -> String {
-    assert!(
-        resp.status == 400 || resp.status == 413,
-        "{name}: status {} (want 400 or 413); body: {}",
-        resp.status,
+/// A 400 `invalid_request_error` in the JSON envelope with exactly this `code`.
+fn assert_client_error(name: &str, resp: &Resp, code: &str) -> String {
+    assert_eq!(
+        (resp.status, resp.json()["error"]["code"].as_str()),
+        (400, Some(code)),
+        "{name}: body: {}",
         resp.text()
-    );
-    let code = resp.json()["error"]["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{name}: no code: {}", resp.text()))
-        .to_owned();
-    assert!(
-        codes.contains(&code.as_str()),
-        "{name}: code {code} not in {codes:?}"
     );
     let param = resp.json()["error"]["param"].as_str().map(str::to_owned);
     assert_error(
         resp,
-        resp.status,
+        400,
         "invalid_request_error",
         param.as_deref(),
-        Some(&code),
+        Some(code),
     )
 }
 
@@ -165,82 +159,83 @@ async fn malformed_multipart_bodies_are_400_in_the_envelope() {
     }
     let tiny_prompts = tiny_prompts.body();
 
-    let multipart = ["invalid_multipart"];
-    let ct_codes = ["unsupported_content_type"];
-    let cases: Vec<(&str, String, Vec<u8>, &[&str])> = vec![
+    let multipart = "invalid_multipart";
+    let ct_codes = "unsupported_content_type";
+    let cases: Vec<(&str, String, Vec<u8>, &str)> = vec![
         (
             "no boundary in the header",
             "multipart/form-data".into(),
             body.clone(),
-            &ct_codes,
+            ct_codes,
         ),
         (
             "boundary of 300 characters",
             format!("multipart/form-data; boundary={}", "b".repeat(300)),
             body.clone(),
-            &ct_codes,
+            ct_codes,
         ),
         (
             "truncated body",
             ct.clone(),
             body[..body.len() / 2].to_vec(),
-            &multipart,
+            multipart,
         ),
         (
             "truncated inside a part header",
             ct.clone(),
             body[..DEFAULT_BOUNDARY.len() + 20].to_vec(),
-            &multipart,
+            multipart,
         ),
         (
             "no final boundary",
             ct.clone(),
             form.body_without_final_boundary(),
-            &multipart,
+            multipart,
         ),
         (
             "a 2 MB part header line",
             ct.clone(),
             two_mb_header,
-            &multipart,
+            multipart,
         ),
         (
             "a 2 MB part header line without a colon",
             ct.clone(),
             two_mb_header_line_no_colon,
-            &multipart,
+            multipart,
         ),
         (
             "a 2 MB field name",
             ct.clone(),
             two_mb_name,
-            &["invalid_multipart", "unknown_parameter"],
+            "unknown_parameter",
         ),
-        ("5000 tiny parts", ct.clone(), tiny, &multipart),
+        ("5000 tiny parts", ct.clone(), tiny, multipart),
         (
             "5000 tiny prompt parts",
             ct.clone(),
             tiny_prompts,
-            &["invalid_multipart", "invalid_type"],
+            // More parts than `validation.max_parts` (before any field is looked at).
+            multipart,
         ),
         (
             "garbage bytes",
             ct.clone(),
             noise(64 * 1024, 7),
-            &multipart,
+            multipart,
         ),
-        ("empty body", ct.clone(), Vec::new(), &multipart),
+        ("empty body", ct.clone(), Vec::new(), multipart),
         (
             "only the closing delimiter",
             ct.clone(),
             format!("--{DEFAULT_BOUNDARY}--\r\n").into_bytes(),
-            &multipart,
+            multipart,
         ),
         (
             "a boundary that never appears",
             "multipart/form-data; boundary=NeverSentBoundary123".into(),
             body.clone(),
-            &multipart,
+            multipart,
         ),
         (
             "a part without Content-Disposition",
@@ -248,13 +243,13 @@ async fn malformed_multipart_bodies_are_400_in_the_envelope() {
             Multipart::new()
                 .raw_part(&["Content-Type: text/plain"], b"an otter")
                 .body(),
-            &multipart,
+            multipart,
         ),
         (
             "a part with an empty name",
             ct.clone(),
             Multipart::new().text("", "an otter").body(),
-            &multipart,
+            multipart,
         ),
         (
             "a part header with no blank line before the data",
@@ -263,13 +258,15 @@ async fn malformed_multipart_bodies_are_400_in_the_envelope() {
                 "--{DEFAULT_BOUNDARY}\r\nContent-Disposition: form-data; name=\"prompt\"\r\nan otter\r\n--{DEFAULT_BOUNDARY}--\r\n"
             )
             .into_bytes(),
-            &multipart,
+            multipart,
         ),
         (
             "a text field over 64 KiB",
             ct.clone(),
             edit_request(&rgba_png(32, true), &"p".repeat(100 * 1024)).body(),
-            &["invalid_multipart", "string_above_max_length"],
+            // README "Errors": a text part over 64 KiB is not parseable multipart (issue 9 item 8
+            // asks for the field's own length error instead; change this when that lands).
+            multipart,
         ),
         (
             "a prompt that is not UTF-8",
@@ -281,7 +278,7 @@ async fn malformed_multipart_bodies_are_400_in_the_envelope() {
                 )
                 .file("image", None, Some("image/png"), &rgba_png(32, true))
                 .body(),
-            &["invalid_type", "invalid_multipart"],
+            "invalid_type",
         ),
     ];
     for (name, content_type, body, codes) in cases {
@@ -324,19 +321,14 @@ async fn declared_length_over_the_cap_is_refused_before_the_body() {
             ],
         ),
     ] {
-        // Only the head is sent; the body never is.
-        let started = Instant::now();
-        let out = raw_exchange(gw.addr(), &raw_head(&gw, &ct, &extra)).await;
-        let took = started.elapsed();
+        // Only the head is sent; the body never is: a 413 proves it was not waited for.
+        let (out, ended) =
+            raw_exchange_until_end(gw.addr(), &raw_head(&gw, &ct, &extra), LIMIT).await;
         assert_eq!(
-            raw_status(&out),
-            Some(413),
-            "{name}: {}",
+            (raw_status(&out), ended),
+            (Some(413), Ended::Closed),
+            "{name}: answered and closed (Connection: close); {}",
             String::from_utf8_lossy(&out)
-        );
-        assert!(
-            took < Duration::from_secs(5),
-            "{name}: answered without waiting for the body (took {took:?})"
         );
         assert!(
             !String::from_utf8_lossy(&out).contains(" 100 Continue"),
@@ -354,7 +346,7 @@ async fn declared_length_over_the_cap_is_refused_before_the_body() {
     // At the cap exactly, the body is read (and rejected for what it is, not for its size).
     let at_cap = vec![b'x'; 200_000];
     let resp = post(&gw, "at the cap", Some(&ct), at_cap).await;
-    assert_client_error("at the cap", &resp, &["invalid_multipart"]);
+    assert_client_error("at the cap", &resp, "invalid_multipart");
     assert_eq!(gw.mock.heads(), 0);
     still_serves(&gw).await;
 }
@@ -422,18 +414,12 @@ async fn a_body_that_stops_arriving_is_408() {
         &[format!("Content-Length: {}", body.len())],
     );
     req.extend_from_slice(&body[..body.len() / 2]);
-    let started = Instant::now();
-    let out = raw_exchange(gw.addr(), &req).await;
-    let took = started.elapsed();
+    let (out, ended) = raw_exchange_until_end(gw.addr(), &req, LIMIT).await;
     assert_eq!(
-        raw_status(&out),
-        Some(408),
+        (raw_status(&out), ended),
+        (Some(408), Ended::Closed),
         "{}",
         String::from_utf8_lossy(&out)
-    );
-    assert!(
-        took < Duration::from_secs(8),
-        "answered soon after the 1 s deadline (took {took:?})"
     );
     let j = raw_json(&out);
     assert_eq!(j["error"]["code"], "request_timeout", "{j}");
@@ -450,19 +436,17 @@ async fn a_stalled_request_line_is_dropped() {
         &b"POST /v1/images/ed"[..],
         &b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\n"[..],
     ] {
-        let started = Instant::now();
-        let out = raw_exchange(gw.addr(), partial).await;
-        let took = started.elapsed();
-        assert!(
-            took < Duration::from_secs(8),
-            "{:?}: the connection was closed (took {took:?})",
+        let (out, ended) = raw_exchange_until_end(gw.addr(), partial, LIMIT).await;
+        // hyper answers nothing on its header-read timeout: it closes the connection.
+        assert_ne!(
+            ended,
+            Ended::Limit,
+            "{:?}: the gateway ended the connection",
             String::from_utf8_lossy(partial)
         );
-        // hyper may answer 408 or just close.
-        let status = raw_status(&out);
         assert!(
-            out.is_empty() || status == Some(408),
-            "{:?}: {}",
+            out.is_empty(),
+            "{:?}: closed without an answer: {}",
             String::from_utf8_lossy(partial),
             String::from_utf8_lossy(&out)
         );
@@ -476,16 +460,15 @@ async fn a_stalled_request_line_is_dropped() {
 async fn a_silent_connection_is_dropped() {
     let gw = Gateway::start_with(|c| c.server.header_read_timeout = Duration::from_secs(1)).await;
     for partial in [&b""[..], &b"P"[..], &b"PRI * HTTP/2.0\r\n"[..]] {
-        let started = Instant::now();
-        let out = raw_exchange(gw.addr(), partial).await;
-        let took = started.elapsed();
-        assert!(
-            took < Duration::from_secs(8),
-            "{:?}: the connection was closed (took {took:?})",
+        let (out, ended) = raw_exchange_until_end(gw.addr(), partial, LIMIT).await;
+        // The first-bytes deadline fails the connection: closed without an answer.
+        assert_ne!(
+            ended,
+            Ended::Limit,
+            "{:?}: the gateway ended the connection",
             String::from_utf8_lossy(partial)
         );
-        let status = raw_status(&out);
-        assert!(out.is_empty() || status == Some(408), "{out:?}");
+        assert!(out.is_empty(), "{out:?}");
     }
     still_serves(&gw).await;
 }
@@ -502,45 +485,43 @@ async fn malformed_pngs_are_400() {
     random_after_signature.extend(noise(8, 99));
     let idat = || chunk(b"IDAT", &zlib(&[0u8; 257]));
     let iend = || chunk(b"IEND", &[]);
-    let format = ["invalid_image_format"];
-    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
-        ("bad CRC", with_bad_crc(&good), &format),
-        ("truncated IDAT", truncated_idat(&good), &format),
-        (
-            "bomb dimensions 30000x30000",
-            bomb_png(30000),
-            &["invalid_image_dimensions"],
-        ),
+    let format = "invalid_image_format";
+    let dims = "invalid_image_dimensions";
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("bad CRC", with_bad_crc(&good), format),
+        ("truncated IDAT", truncated_idat(&good), format),
+        ("bomb dimensions 30000x30000", bomb_png(30000), dims),
         (
             "bomb dimensions 2^31-1",
             assemble(&[ihdr(0x7FFF_FFFF, 0x7FFF_FFFF, 8, 6, 0), idat(), iend()]),
-            &["invalid_image_dimensions", "invalid_image_format"],
+            // Over max_dimension, taken from IHDR before any decoding.
+            dims,
         ),
         (
             "width 2^32-1",
             assemble(&[ihdr(u32::MAX, u32::MAX, 8, 6, 0), idat(), iend()]),
-            &format,
+            format,
         ),
         (
             "zero width",
             assemble(&[ihdr(0, 64, 8, 6, 0), idat(), iend()]),
-            &format,
+            format,
         ),
         (
             "zero width and height",
             assemble(&[ihdr(0, 0, 8, 6, 0), idat(), iend()]),
-            &format,
+            format,
         ),
         (
             "8 random bytes after the signature",
             random_after_signature,
-            &format,
+            format,
         ),
-        ("signature only", PNG_SIGNATURE.to_vec(), &format),
+        ("signature only", PNG_SIGNATURE.to_vec(), format),
         (
             "no IDAT",
             assemble(&[ihdr(64, 64, 8, 6, 0), iend()]),
-            &format,
+            format,
         ),
         (
             "no IEND",
@@ -548,7 +529,7 @@ async fn malformed_pngs_are_400() {
                 ihdr(64, 64, 8, 6, 0),
                 chunk(b"IDAT", &zlib(&vec![0; 64 * 257])),
             ]),
-            &format,
+            format,
         ),
         (
             "a chunk claiming 4 GB",
@@ -559,7 +540,7 @@ async fn malformed_pngs_are_400() {
                 v.extend_from_slice(&[0; 64]);
                 v
             },
-            &format,
+            format,
         ),
         (
             "IDAT that is not zlib",
@@ -568,7 +549,7 @@ async fn malformed_pngs_are_400() {
                 chunk(b"IDAT", &noise(4000, 3)),
                 iend(),
             ]),
-            &format,
+            format,
         ),
         (
             "bad filter type bytes",
@@ -577,22 +558,22 @@ async fn malformed_pngs_are_400() {
                 chunk(b"IDAT", &zlib(&vec![9u8; 16 * 65])),
                 iend(),
             ]),
-            &format,
+            format,
         ),
         (
             "invalid color type 5",
             assemble(&[ihdr(64, 64, 8, 5, 0), idat(), iend()]),
-            &format,
+            format,
         ),
         (
             "invalid bit depth 3",
             assemble(&[ihdr(64, 64, 3, 0, 0), idat(), iend()]),
-            &format,
+            format,
         ),
         (
             "palette image without PLTE",
             assemble(&[ihdr(16, 16, 8, ColorType::Indexed as u8, 0), idat(), iend()]),
-            &format,
+            format,
         ),
         (
             "trailing data after IEND",
@@ -601,17 +582,17 @@ async fn malformed_pngs_are_400() {
                 v.extend_from_slice(b"trailing");
                 v
             },
-            &format,
+            format,
         ),
         (
             "IHDR of the wrong length",
             assemble(&[chunk(b"IHDR", &[0; 5]), idat(), iend()]),
-            &format,
+            format,
         ),
         (
             "interlaced bomb",
             assemble(&[ihdr(20000, 20000, 16, 6, 1), idat(), iend()]),
-            &["invalid_image_dimensions"],
+            dims,
         ),
     ];
     for (name, data, codes) in cases {

@@ -5,6 +5,9 @@
 //! row loops of the decoders ask [`Cancel::is_cancelled`] before each row, so a decode whose
 //! caller left stops at its next row instead of running to the end.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// A handle the decoders poll between rows. [`Cancel::never`] is never cancelled.
@@ -15,7 +18,8 @@ pub struct Cancel(Inner);
 enum Inner {
     #[default]
     Never,
-    Token(CancellationToken),
+    /// The token, and whether a poll has seen it cancelled (shared by the clones).
+    Token(CancellationToken, Arc<AtomicBool>),
     /// Tests: cancelled from the `n`th poll on; counts the polls.
     #[cfg(test)]
     AfterPolls(std::sync::Arc<std::sync::atomic::AtomicU64>, u64),
@@ -29,7 +33,16 @@ impl Cancel {
 
     /// A handle cancelled with `token`.
     pub fn new(token: CancellationToken) -> Cancel {
-        Cancel(Inner::Token(token))
+        Cancel(Inner::Token(token, Arc::default()))
+    }
+
+    /// Whether a poll of this handle (or a clone) has answered "cancelled": the job noticed
+    /// that its caller left and stopped early.
+    pub fn noticed(&self) -> bool {
+        match &self.0 {
+            Inner::Token(_, noticed) => noticed.load(Ordering::Relaxed),
+            _ => false,
+        }
     }
 
     /// Tests: a handle that reports cancelled from its `n`th poll on, and the poll count.
@@ -42,7 +55,13 @@ impl Cancel {
     pub fn is_cancelled(&self) -> bool {
         match &self.0 {
             Inner::Never => false,
-            Inner::Token(token) => token.is_cancelled(),
+            Inner::Token(token, noticed) => {
+                let cancelled = token.is_cancelled();
+                if cancelled {
+                    noticed.store(true, Ordering::Relaxed);
+                }
+                cancelled
+            }
             #[cfg(test)]
             Inner::AfterPolls(polls, n) => {
                 polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= *n
@@ -89,8 +108,11 @@ mod tests {
         let guard = CancelOnDrop::new();
         let handle = guard.handle();
         assert!(!handle.is_cancelled());
+        assert!(!handle.noticed());
         drop(guard);
+        assert!(!handle.noticed(), "not polled since");
         assert!(handle.is_cancelled());
+        assert!(handle.clone().noticed(), "a poll saw it");
         assert!(!Cancel::never().is_cancelled());
     }
 }

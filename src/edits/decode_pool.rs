@@ -2,6 +2,11 @@
 //! `server.max_concurrent_decodes` jobs at once, each holding its permit inside the blocking job
 //! (released when the work ends, not when the caller leaves), and cancelled at its next row when
 //! the caller leaves (the future is dropped).
+//!
+//! Metrics: `imagegate_decodes_running` (gauge) counts the jobs running on the blocking pool
+//! (from the moment a job starts to the moment it returns, whether its caller is still there or
+//! not); `imagegate_decodes_cancelled_total` counts the jobs that noticed at a row that their
+//! caller had left and stopped there.
 
 use std::sync::Arc;
 
@@ -22,10 +27,33 @@ pub async fn run<T: Send + 'static>(
     let cancel = cancel_on_drop.handle();
     let done = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        job(&cancel)
+        let running = Running::start();
+        let out = job(&cancel);
+        drop(running);
+        if cancel.noticed() {
+            metrics::counter!("imagegate_decodes_cancelled_total").increment(1);
+        }
+        out
     })
     .await;
     drop(cancel_on_drop);
     done.map_err(|e| tracing::error!(error = %e, "{what} task failed"))
         .ok()
+}
+
+/// One job counted in `imagegate_decodes_running` until dropped (a panicking job included).
+struct Running(metrics::Gauge);
+
+impl Running {
+    fn start() -> Running {
+        let gauge = metrics::gauge!("imagegate_decodes_running");
+        gauge.increment(1.0);
+        Running(gauge)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }

@@ -1,7 +1,8 @@
 //! Global load shedding: at most `server.max_in_flight` requests are handled at once, across all
 //! connections (one semaphore shared by every clone, unlike tower's per-clone
 //! `ConcurrencyLimitLayer`). A request over the limit is answered at once with 503 `overloaded`
-//! instead of queueing. The permit is held until the response head is ready. Reads nothing.
+//! and `Retry-After: 1` instead of queueing. The permit is held until the response head is ready.
+//! Reads nothing.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -126,6 +127,11 @@ mod tests {
 
         let Ok(shed) = svc.clone().oneshot(request()).await;
         assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            shed.headers()["retry-after"],
+            "1",
+            "a shed answer says when to retry"
+        );
         let e = error_of(shed).await;
         assert_eq!(e["code"], "overloaded");
         assert_eq!(e["type"], "server_error");

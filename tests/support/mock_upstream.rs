@@ -108,6 +108,16 @@ pub enum Behavior {
         pause_ms: u64,
         b64_len: usize,
     },
+    /// Extra (faults): like `Success`, but the head and the first half of the JSON body (no
+    /// content-length) are sent, then the body fails: the connection is aborted (HTTP/1.1) or
+    /// the stream reset (HTTP/2).
+    BreakMidBody,
+    /// Extra (faults): like `Success`, but after the head and the first half of the JSON body
+    /// nothing more is sent (until the mock is dropped).
+    StallMidBody,
+    /// Extra (faults): like `Success`, answered only `delay_ms` (tokio timer) after the request
+    /// was read and recorded.
+    SlowHead { delay_ms: u64 },
 }
 
 impl Behavior {
@@ -531,9 +541,24 @@ async fn handle(
         shared.count_tx.send_replace(len);
     }
 
+    if let Behavior::SlowHead { delay_ms } = behavior {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    }
     let id = shared.responses.fetch_add(1, Ordering::SeqCst) + 1;
     let (status, body, extra) = match behavior {
         Behavior::Hang => return Err(wait_shutdown(&shared).await),
+        Behavior::SlowHead { .. } => (
+            StatusCode::OK,
+            MockBody::full(success_json(items, b64)),
+            true,
+        ),
+        Behavior::BreakMidBody | Behavior::StallMidBody => {
+            let json = Bytes::from(success_json(items, b64));
+            let half = json.slice(..json.len() / 2);
+            let mut body = MockBody::pieces(vec![half], behavior == Behavior::BreakMidBody);
+            body.stall_at_end = behavior == Behavior::StallMidBody;
+            (StatusCode::OK, body, true)
+        }
         Behavior::HangBeforeReading => unreachable!(),
         Behavior::Success | Behavior::FewerImages(_) => (
             StatusCode::OK,
@@ -933,6 +958,8 @@ pub struct MockBody {
     slow: bool,
     yield_next: bool,
     fail_at_end: bool,
+    /// After the last piece, never end (nor wake).
+    stall_at_end: bool,
     /// Events produced on demand (then `chunks` is empty).
     timed: Option<EventStream>,
 }
@@ -946,6 +973,7 @@ impl MockBody {
             slow: false,
             yield_next: false,
             fail_at_end: false,
+            stall_at_end: false,
             timed: None,
         }
     }
@@ -958,6 +986,7 @@ impl MockBody {
             slow: true,
             yield_next: false,
             fail_at_end,
+            stall_at_end: false,
             timed: None,
         }
     }
@@ -970,6 +999,7 @@ impl MockBody {
             slow: false,
             yield_next: false,
             fail_at_end: false,
+            stall_at_end: false,
             timed: Some(events),
         }
     }
@@ -991,6 +1021,7 @@ impl MockBody {
             slow: true,
             yield_next: false,
             fail_at_end: false,
+            stall_at_end: false,
             timed: None,
         }
     }
@@ -1019,7 +1050,8 @@ impl Body for MockBody {
         }
         match this.chunks.pop_front() {
             Some(c) => {
-                this.yield_next = this.slow && (!this.chunks.is_empty() || this.fail_at_end);
+                this.yield_next =
+                    this.slow && (!this.chunks.is_empty() || this.fail_at_end || this.stall_at_end);
                 Poll::Ready(Some(Ok(Frame::data(c))))
             }
             None if this.fail_at_end => {
@@ -1028,12 +1060,14 @@ impl Body for MockBody {
                     "mock upstream: stream broken on purpose",
                 ))))
             }
+            // Parked for good: nothing will wake this body (the mock's drop aborts its task).
+            None if this.stall_at_end => Poll::Pending,
             None => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.timed.is_none() && self.chunks.is_empty() && !self.fail_at_end
+        self.timed.is_none() && self.chunks.is_empty() && !self.fail_at_end && !self.stall_at_end
     }
 
     fn size_hint(&self) -> SizeHint {

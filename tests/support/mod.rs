@@ -161,6 +161,53 @@ pub async fn raw_exchange_for(addr: SocketAddr, request_bytes: &[u8], limit: Dur
     out
 }
 
+/// Extra: how [`raw_exchange_until_end`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The peer closed the connection (end of stream).
+    Closed,
+    /// A read failed (usually a reset by the peer).
+    Reset,
+    /// The time limit passed with the connection still open.
+    Limit,
+}
+
+/// Extra: like [`raw_exchange_for`], and how the exchange ended: closed or reset by the peer,
+/// or still open when `limit` passed. The limit only keeps a test from hanging; the ending is
+/// what a test asserts.
+pub async fn raw_exchange_until_end(
+    addr: SocketAddr,
+    request_bytes: &[u8],
+    limit: Duration,
+) -> (Vec<u8>, Ended) {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .expect("raw_exchange_until_end: connect");
+    let mut out = Vec::new();
+    let (mut rd, mut wr) = stream.split();
+    let exchange = async {
+        let write = async {
+            let _ = wr.write_all(request_bytes).await;
+            let _ = wr.flush().await;
+        };
+        let read = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) => return Ended::Closed,
+                    Err(_) => return Ended::Reset,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                }
+            }
+        };
+        tokio::join!(write, read).1
+    };
+    let ended = tokio::time::timeout(limit, exchange)
+        .await
+        .unwrap_or(Ended::Limit);
+    (out, ended)
+}
+
 /// Extra: the status code of a raw HTTP/1.x response (`HTTP/1.1 413 ...`), if any.
 pub fn raw_status(response: &[u8]) -> Option<u16> {
     let line_end = response.windows(2).position(|w| w == b"\r\n")?;
