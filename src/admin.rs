@@ -153,7 +153,11 @@ impl Admin {
             return Err(GatewayError::MethodNotAllowed {
                 method: req.method().to_string(),
                 path: path.to_owned(),
-                allowed: if allowed == Method::POST { "POST" } else { "GET" },
+                allowed: if allowed == Method::POST {
+                    "POST"
+                } else {
+                    "GET"
+                },
             });
         }
         match route {

@@ -324,7 +324,10 @@ impl AppState {
         let mut report = match source {
             None => ReloadReport::rejected(
                 self.live().generation,
-                vec!["this gateway was not started from a configuration file: nothing to reload".into()],
+                vec![
+                    "this gateway was not started from a configuration file: nothing to reload"
+                        .into(),
+                ],
             ),
             Some(load) => match load() {
                 Ok(config) => self.apply(config),
@@ -338,7 +341,10 @@ impl AppState {
 
     /// Apply a loaded configuration: all of it that may change live, or nothing.
     pub fn apply(&self, mut config: Config) -> ReloadReport {
-        let _one_at_a_time = self.reloading.lock().expect("reload lock poisoned by a panic");
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .expect("reload lock poisoned by a panic");
         let current = self.live();
         let restart_required = crate::reload::pin_restart_only(&current.config, &mut config);
         if !restart_required.is_empty() {

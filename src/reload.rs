@@ -196,7 +196,8 @@ pub fn changes(old: &Config, new: &Config) -> Vec<String> {
     section("upstream", differs(&old.upstream, &new.upstream));
     section(
         "upstream key",
-        old.upstream_key.as_ref().map(|k| k.expose()) != new.upstream_key.as_ref().map(|k| k.expose()),
+        old.upstream_key.as_ref().map(|k| k.expose())
+            != new.upstream_key.as_ref().map(|k| k.expose()),
     );
     section("validation", differs(&old.validation, &new.validation));
     section("models", differs(&old.models, &new.models));
@@ -283,8 +284,10 @@ mod tests {
 
     #[test]
     fn changes_name_sections_and_clients() {
-        let mut old = Config::default();
-        old.clients = vec![client("a", "ka"), client("b", "kb"), client("c", "kc")];
+        let old = Config {
+            clients: vec![client("a", "ka"), client("b", "kb"), client("c", "kc")],
+            ..Config::default()
+        };
         let mut new = old.clone();
         new.clients.remove(1);
         new.clients.push(client("d", "kd"));

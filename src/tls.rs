@@ -90,6 +90,9 @@ mod tests {
         assert!(e.contains("cannot read"), "{e}");
         std::fs::write(&files.cert_file, "not pem\n").unwrap();
         let e = acceptor(&files, "admin.tls").err().unwrap();
-        assert!(e.contains("admin.tls.cert_file") && e.contains("no PEM"), "{e}");
+        assert!(
+            e.contains("admin.tls.cert_file") && e.contains("no PEM"),
+            "{e}"
+        );
     }
 }

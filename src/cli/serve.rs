@@ -44,9 +44,12 @@ pub fn run(
         .map_err(StartupError::Runtime)?;
     let path = source.config.clone();
     let reread: ConfigSource = Arc::new(move || {
-        let c = prepare(&ConfigArg {
-            config: path.clone(),
-        }, listen)
+        let c = prepare(
+            &ConfigArg {
+                config: path.clone(),
+            },
+            listen,
+        )
         .map_err(|e| e.lines())?;
         for w in warnings(&c) {
             tracing::warn!("{w}");

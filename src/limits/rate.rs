@@ -652,6 +652,80 @@ mod tests {
     }
 
     #[test]
+    fn a_reconfiguration_keeps_the_state_of_unchanged_limiters() {
+        let (r, _clock) = setup(100);
+        assert_eq!(admitted(&r, &who("a", "u"), 1, 5), 3);
+        assert_eq!(admitted(&r, &who("a", "vip"), 1, 10), 6);
+        assert_eq!(
+            (0..10).filter(|_| r.check_client_now("a").is_ok()).count(),
+            5
+        );
+        // The same configuration plus a client: nothing is refilled.
+        let mut c = Config {
+            limits: crate::limits::spec::LimitsConfig {
+                max_tracked_users_per_client: 100,
+                per_user: RateSpec {
+                    requests_per_minute: Some(6),
+                    requests_burst: Some(3),
+                    images_per_minute: Some(20),
+                    images_burst: Some(10),
+                },
+                per_client: RateSpec {
+                    requests_per_minute: Some(60),
+                    requests_burst: Some(5),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        c.clients.push(ClientConfig {
+            name: "a".into(),
+            key_hash: hash_key("a"),
+            users: vec![UserOverride {
+                user: "vip".into(),
+                limits: RateSpec {
+                    requests_burst: Some(6),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        c.clients.push(ClientConfig {
+            name: "new".into(),
+            key_hash: hash_key("new"),
+            ..Default::default()
+        });
+        let same = r.reconfigured(&c);
+        assert_eq!(
+            admitted(&same, &who("a", "u"), 1, 5),
+            0,
+            "u kept its empty bucket"
+        );
+        assert_eq!(admitted(&same, &who("a", "vip"), 1, 5), 0);
+        assert!(
+            same.check_client_now("a").is_err(),
+            "the client limiter kept"
+        );
+        assert_eq!(admitted(&same, &who("new", "u"), 1, 5), 3);
+        assert_eq!(same.tracked_users("b"), 0, "client b is gone");
+        // vip's override changes: only vip starts again, with the new numbers.
+        c.clients[0].users[0].limits.requests_burst = Some(4);
+        c.limits.per_client.requests_burst = Some(7);
+        let changed = same.reconfigured(&c);
+        assert_eq!(admitted(&changed, &who("a", "u"), 1, 5), 0);
+        assert_eq!(admitted(&changed, &who("a", "vip"), 1, 10), 4);
+        assert_eq!(
+            (0..10)
+                .filter(|_| changed.check_client_now("a").is_ok())
+                .count(),
+            7,
+            "the client's own limit changed: a new, full limiter"
+        );
+    }
+
+    #[test]
     fn reset_format() {
         assert_eq!(format_reset(Duration::from_millis(12)), "12ms");
         assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
