@@ -336,6 +336,21 @@ impl AppState {
         };
         report.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
         report.publish(trigger);
+        if report.applied()
+            && report
+                .changed
+                .iter()
+                .any(|c| c == "models" || c == "validation" || c == "upstream")
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            // The model gauges (and warnings) follow the models now served.
+            let live = self.live();
+            crate::models_check::at_start(
+                live.config.clone(),
+                live.upstream.clone(),
+                self.clock.clone(),
+            );
+        }
         report
     }
 
