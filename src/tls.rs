@@ -95,4 +95,29 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn a_certificate_with_another_key_is_refused_and_a_pair_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            cert_file: dir.path().join("cert.pem"),
+            key_file: dir.path().join("key.pem"),
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(&files.cert_file, cert.pem()).unwrap();
+        std::fs::write(&files.key_file, key.serialize_pem()).unwrap();
+        assert!(acceptor(&files, "server.tls").is_ok());
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&files.key_file, other.serialize_pem()).unwrap();
+        let e = acceptor(&files, "server.tls").err().unwrap();
+        assert!(e.contains("do not make a usable pair"), "{e}");
+        assert!(
+            !e.contains("PRIVATE KEY"),
+            "no key material in messages: {e}"
+        );
+    }
 }
