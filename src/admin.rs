@@ -6,14 +6,21 @@
 //! - `GET /admin/requests/{request_id}`: one ledger record as JSON, 404 when unknown;
 //! - `GET /admin/upstream/keys`: the upstream keys' health (name, weight, state, failures in a
 //!   row, milliseconds left on the bench) as JSON, never the keys themselves;
-//! - `GET /metrics`: Prometheus text.
+//! - `GET /metrics`: Prometheus text;
+//! - `POST /admin/reload`: read the configuration file again and apply it (`src/reload.rs`);
+//!   200 with the [`ReloadReport`](crate::reload::ReloadReport) when applied, 422 with the same
+//!   shape (`status: "rejected"`, `problems`) when the new configuration has a problem (nothing
+//!   changed then).
+//!
+//! The admin key is that of the configuration in force (a reload may change it).
 //!
 //! Served by the API's accept path (`server.rs`): the same connection cap, first-bytes deadline,
 //! header-read and idle timeouts, and graceful drain. Errors are [`GatewayError`]s in the same
 //! envelope as the API's, with `x-request-id` (the request-id layer) and `Authorization` marked
 //! sensitive. The admin key is checked before anything else, so an unauthenticated
 //! caller learns nothing about which paths exist; then the path picks the route (404
-//! `unknown_url` for others) and the method must be `GET` (405 with `Allow: GET`).
+//! `unknown_url` for others) and the method must be the route's (`GET`, or `POST` for the
+//! reload; 405 with `Allow`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -38,7 +45,6 @@ use crate::startup::StartupError;
 struct Admin {
     state: Arc<AppState>,
     reader: LedgerReader,
-    key: [u8; 32],
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -58,6 +64,7 @@ enum Route<'a> {
     Usage,
     Record(&'a str),
     UpstreamKeys,
+    Reload,
 }
 
 impl<'a> Route<'a> {
@@ -66,6 +73,7 @@ impl<'a> Route<'a> {
             "/metrics" => Some(Route::Metrics),
             "/admin/usage" => Some(Route::Usage),
             "/admin/upstream/keys" => Some(Route::UpstreamKeys),
+            "/admin/reload" => Some(Route::Reload),
             _ => path
                 .strip_prefix("/admin/requests/")
                 .filter(|id| !id.is_empty() && !id.contains('/'))
@@ -77,17 +85,17 @@ impl<'a> Route<'a> {
 /// The admin service, when `admin.listen` is set (the server binds the address and serves it
 /// like the API listener).
 pub fn build(state: Arc<AppState>) -> Result<Option<AppService>, StartupError> {
-    if state.config.admin.listen.is_none() {
+    let config = state.config();
+    if config.admin.listen.is_none() {
         return Ok(None);
     }
-    let key = parse_key_hash(state.config.admin.key_hash.as_deref().unwrap_or_default())
+    parse_key_hash(config.admin.key_hash.as_deref().unwrap_or_default())
         .map_err(StartupError::AdminKeyHash)?;
-    let reader =
-        LedgerReader::open(&state.config.ledger).map_err(|e| StartupError::AdminLedger {
-            path: state.config.ledger.location(),
-            detail: e.to_string(),
-        })?;
-    let admin = Arc::new(Admin { state, reader, key });
+    let reader = LedgerReader::open(&config.ledger).map_err(|e| StartupError::AdminLedger {
+        path: config.ledger.location(),
+        detail: e.to_string(),
+    })?;
+    let admin = Arc::new(Admin { state, reader });
     let svc = tower::service_fn(move |req: Request<Incoming>| {
         let admin = admin.clone();
         async move {
@@ -124,7 +132,10 @@ fn json(value: &impl serde::Serialize) -> Result<Response<Body>, GatewayError> {
 
 impl Admin {
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        bearer(req).is_some_and(|key| bool::from(key_digest(key).ct_eq(&self.key)))
+        let Some(admin_key) = self.state.live().admin_key else {
+            return false;
+        };
+        bearer(req).is_some_and(|key| bool::from(key_digest(key).ct_eq(&admin_key)))
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
@@ -138,18 +149,27 @@ impl Admin {
                 path: path.to_owned(),
             });
         };
-        if req.method() != Method::GET {
+        let allowed = match route {
+            Route::Reload => Method::POST,
+            _ => Method::GET,
+        };
+        if req.method() != allowed {
             return Err(GatewayError::MethodNotAllowed {
                 method: req.method().to_string(),
                 path: path.to_owned(),
-                allowed: "GET",
+                allowed: if allowed == Method::POST {
+                    "POST"
+                } else {
+                    "GET"
+                },
             });
         }
         match route {
             Route::Metrics => Ok(self.metrics()),
             Route::Usage => self.usage(req.uri().query().unwrap_or("")).await,
             Route::Record(id) => self.record(id).await,
-            Route::UpstreamKeys => json(&self.state.upstream.pool().health()),
+            Route::UpstreamKeys => json(&self.state.live().upstream.pool().health()),
+            Route::Reload => self.reload().await,
         }
     }
 
@@ -177,7 +197,7 @@ impl Admin {
         let query = filters
             .query(
                 params.group_by.as_deref(),
-                &self.state.config.quotas.time_zone,
+                &self.state.config().quotas.time_zone,
             )
             .map_err(|message| GatewayError::InvalidQuery { message })?;
         let rows = self.reader.usage(query).await.map_err(|e| {
@@ -185,6 +205,21 @@ impl Admin {
             GatewayError::LedgerUnreadable
         })?;
         json(&rows)
+    }
+
+    async fn reload(&self) -> Result<Response<Body>, GatewayError> {
+        let state = self.state.clone();
+        let report = tokio::task::spawn_blocking(move || state.reload("admin"))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "the reload task failed");
+                GatewayError::Internal
+            })?;
+        let mut resp = json(&report)?;
+        if !report.applied() {
+            *resp.status_mut() = http::StatusCode::UNPROCESSABLE_ENTITY;
+        }
+        Ok(resp)
     }
 
     async fn record(&self, id: &str) -> Result<Response<Body>, GatewayError> {
@@ -208,6 +243,7 @@ mod tests {
         assert_eq!(Route::of("/metrics"), Some(Route::Metrics));
         assert_eq!(Route::of("/admin/usage"), Some(Route::Usage));
         assert_eq!(Route::of("/admin/upstream/keys"), Some(Route::UpstreamKeys));
+        assert_eq!(Route::of("/admin/reload"), Some(Route::Reload));
         assert_eq!(
             Route::of("/admin/requests/req_1"),
             Some(Route::Record("req_1"))

@@ -11,6 +11,9 @@
 //! 6. [`Router`]: path then method (404/405 in the JSON envelope); `/healthz` and `/readyz` are
 //!    answered here, so they never reach the overload layer.
 //! 7. [`OverloadLayer`]: global in-flight cap, load shed → 503 — on the edits route only.
+//!    Then the request takes the configuration snapshot in force ([`Live`], swapped by a
+//!    reload, `src/reload.rs`) and keeps it to its end: the layers below are those of its
+//!    snapshot.
 //! 8. [`AuthLayer`]: gateway key → client (401), the caller's key removed.
 //! 9. [`ClientLimitLayer`]: the per-client request rate (429), before the body is read.
 //! 10. [`EditsService`], the phases of `src/edits/` (see its module doc): content type → read
@@ -36,9 +39,9 @@
 //! Response extensions: `ErrorParts` and `CallerLeft` (set by `GatewayError::into_response`) →
 //! the usage layer, which records why a request was refused.
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::Instant;
 
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
@@ -50,7 +53,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::body::{Body, full};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, parse_key_hash};
 use crate::edit::files::FileRules;
 use crate::edit::form::FormRules;
 use crate::edit::png_check::PngRules;
@@ -72,8 +75,10 @@ use crate::middleware::client_limit::ClientLimitLayer;
 use crate::middleware::overload::OverloadLayer;
 use crate::middleware::request_id::RequestIdLayer;
 use crate::middleware::usage::UsageLayer;
+use crate::reload::ReloadReport;
 use crate::startup::StartupError;
 use crate::upstream::Upstream;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 /// The rate-limit backend `[limits] backend` names.
@@ -98,7 +103,7 @@ fn open_postgres_waiting(
 ) -> Result<(Ledger, usize), crate::ledger::LedgerError> {
     let l = &config.ledger;
     let deadline = std::time::Instant::now() + l.startup_wait;
-    let mut pause = Duration::from_millis(200);
+    let mut pause = std::time::Duration::from_millis(200);
     loop {
         match Ledger::open_postgres_probed(
             settings.clone(),
@@ -109,41 +114,163 @@ fn open_postgres_waiting(
             Err(e) if e.is_transient() && std::time::Instant::now() + pause < deadline => {
                 tracing::warn!(error = %e, retry_in = ?pause, "ledger: PostgreSQL not reachable yet; waiting (ledger.startup_wait)");
                 std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_secs(2));
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
             }
             other => return other,
         }
     }
 }
 
-/// Everything a request may need, built once at start.
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub keys: KeyTable,
-    pub upstream: Arc<Upstream>,
-    pub form_rules: FormRules,
-    pub png_rules: PngRules,
-    /// The accepted gpt-image models with their rules and prices.
-    pub models: Arc<ModelTable>,
-    /// Byte-level checks of gpt-image files.
-    pub file_rules: FileRules,
+/// What does not change while the gateway runs: bound to the listeners, the ledger, and the
+/// process-wide budgets (read from the configuration at start; a reload names them as needing
+/// a restart). [`AppState`] derefs to it.
+pub struct Fixed {
     pub decode_permits: Arc<Semaphore>,
-    /// Files that passed the checks recently (`[cache]`), shared by both profiles.
+    /// Files that passed the checks recently (`[cache]`), shared by both profiles and every
+    /// configuration (entries are keyed by the rules that judged them).
     pub validated: Arc<ValidatedCache>,
     /// The overload layer's permits (`server.max_in_flight`): one per edit being handled.
     pub in_flight: Arc<Semaphore>,
-    pub body_cap: usize,
-    pub body_timeout: Duration,
     /// Forwarding tasks that may run at once.
     pub forwarding_slots: Arc<Semaphore>,
     /// Request bytes held in memory across all requests.
     pub buffer_budget: BufferBudget,
     pub clock: Clock,
-    pub rates: Arc<dyn RateBackend>,
-    pub quotas: Arc<QuotaStore>,
     pub ledger: Ledger,
     /// Forwarding tasks, which outlive their connections; shutdown waits for them.
     pub tasks: TaskTracker,
+}
+
+/// What a reload may change, built from one configuration and swapped as a whole
+/// (`src/reload.rs`). A request takes the snapshot in force when it reaches the edits route and
+/// keeps it to its end.
+pub struct Live {
+    /// The configuration in force (its restart-only settings are those of the start).
+    pub config: Arc<Config>,
+    pub keys: KeyTable,
+    /// The upstream client with its key(s): swapped as a whole.
+    pub upstream: Arc<Upstream>,
+    pub rates: Arc<dyn RateBackend>,
+    pub quotas: Arc<QuotaStore>,
+    /// The accepted gpt-image models with their rules and prices.
+    pub models: Arc<ModelTable>,
+    /// The digest of the admin key, when the admin listener is on.
+    pub admin_key: Option<[u8; 32]>,
+    /// TLS of the API listener (`server.tls`), for the connections accepted under it.
+    pub api_tls: Option<TlsAcceptor>,
+    /// TLS of the admin listener (`admin.tls`).
+    pub admin_tls: Option<TlsAcceptor>,
+    /// 1 at start, +1 per applied reload.
+    pub generation: u64,
+    /// Authentication, the client limit and the edits phases under this configuration.
+    edits: AppService,
+}
+
+impl Live {
+    /// Build the snapshot of `config`. With `previous` (a reload), the state that survives is
+    /// taken from it: the rate limiters whose numbers did not change, the quota store (its use),
+    /// the upstream client when `[upstream]` and the key are the same.
+    fn build(
+        fixed: &Fixed,
+        config: Arc<Config>,
+        previous: Option<&Live>,
+    ) -> Result<Live, StartupError> {
+        let rates = match previous {
+            Some(p) => p.rates.reconfigured(&config),
+            None => rate_backend(&config, &fixed.clock)?,
+        };
+        let quotas = Arc::new(match previous {
+            Some(p) => p
+                .quotas
+                .reconfigured(config.clone())
+                .map_err(|e| StartupError::Config(vec![e]))?,
+            None => QuotaStore::open_configured(config.clone(), fixed.clock.clone())?,
+        });
+        let upstream = match previous {
+            Some(p) if same_upstream(&p.config, &config) => p.upstream.clone(),
+            Some(p) => {
+                // A new pool keeps the breaker state of the keys it shares with the old one.
+                let new = Upstream::with_clock(&config, fixed.clock.clone())?;
+                new.pool().inherit(p.upstream.pool());
+                Arc::new(new)
+            }
+            None => Arc::new(Upstream::with_clock(&config, fixed.clock.clone())?),
+        };
+        let admin_key = match (&config.admin.listen, &config.admin.key_hash) {
+            (Some(_), Some(h)) => Some(parse_key_hash(h).map_err(StartupError::AdminKeyHash)?),
+            _ => None,
+        };
+        let tls = |files: &Option<crate::tls::TlsFiles>, at: &str| {
+            files
+                .as_ref()
+                .map(|f| crate::tls::acceptor(f, at))
+                .transpose()
+                .map_err(StartupError::Tls)
+        };
+        let keys = KeyTable::from_config(&config)?;
+        let models = Arc::new(ModelTable::new(&config.models, &config.validation.models)?);
+        let phases = edits(fixed, &config, &rates, &quotas, &models, &upstream);
+        let edits = BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                // Authentication is cheap and needs only headers: it runs before the body is read.
+                .layer(AuthLayer::new(keys.clone()))
+                // The per-client limit needs only the caller: also before the body is read.
+                .layer(ClientLimitLayer::new(rates.clone()))
+                .service(EditsService::new(Arc::new(phases))),
+        );
+        Ok(Live {
+            keys,
+            upstream,
+            rates,
+            quotas,
+            models,
+            admin_key,
+            api_tls: tls(&config.server.tls, "server.tls")?,
+            admin_tls: tls(&config.admin.tls, "admin.tls")?,
+            generation: previous.map_or(1, |p| p.generation + 1),
+            edits,
+            config,
+        })
+    }
+}
+
+/// The upstream client can be kept: same `[upstream]` (the pool's keys included, their
+/// values compared: `Debug` redacts them), same single key, no CA file to read again.
+fn same_upstream(old: &Config, new: &Config) -> bool {
+    let secrets = |c: &Config| {
+        c.upstream
+            .keys
+            .iter()
+            .map(|k| k.secret.as_ref().map(|s| s.expose().to_owned()))
+            .collect::<Vec<_>>()
+    };
+    format!("{:?}", old.upstream) == format!("{:?}", new.upstream)
+        && old.upstream_key.as_ref().map(|k| k.expose())
+            == new.upstream_key.as_ref().map(|k| k.expose())
+        && secrets(old) == secrets(new)
+        && new.upstream.ca_file.is_none()
+}
+
+/// Everything a request may need: the fixed part (`Deref`) and the snapshot in force
+/// ([`AppState::live`]).
+pub struct AppState {
+    fixed: Fixed,
+    live: RwLock<Arc<Live>>,
+    /// Held while a reload runs: one at a time.
+    reloading: Mutex<()>,
+    /// Where a reload reads the configuration (set by `serve`); none: reloads are refused.
+    source: Mutex<Option<ConfigSource>>,
+}
+
+/// Loads the configuration again for a reload (the file, its key files, the environment and
+/// the command-line overrides), or every problem found.
+pub type ConfigSource = Arc<dyn Fn() -> Result<Config, Vec<String>> + Send + Sync>;
+
+impl std::ops::Deref for AppState {
+    type Target = Fixed;
+    fn deref(&self) -> &Fixed {
+        &self.fixed
+    }
 }
 
 impl AppState {
@@ -175,7 +302,6 @@ impl AppState {
     ) -> Result<AppState, StartupError> {
         crate::metrics::handle();
         let config = Arc::new(config);
-        let v = &config.validation;
         let validated = Arc::new(ValidatedCache::new(
             CacheLimits {
                 max_entries: config.cache.validated_images_max_entries,
@@ -184,54 +310,124 @@ impl AppState {
             },
             clock.clone(),
         ));
-        let upstream = Arc::new(Upstream::with_clock(&config, clock.clone())?);
-        Ok(AppState {
-            rates: rate_backend(&config, &clock)?,
-            quotas: Arc::new(QuotaStore::open_configured(config.clone(), clock.clone())?),
+        let fixed = Fixed {
             clock,
             ledger,
             tasks: TaskTracker::new(),
-            keys: KeyTable::from_config(&config)?,
-            upstream,
-            form_rules: FormRules {
-                max_prompt_chars: v.max_prompt_chars,
-                max_user_chars: v.max_user_chars,
-                models: v.models.clone(),
-                max_parts: v.max_parts,
-            },
-            png_rules: PngRules {
-                max_bytes: v.max_image_bytes,
-                max_dimension: v.max_dimension,
-                transparency: v.transparency.into(),
-                max_conversion_bytes: v.max_conversion_bytes,
-            },
             decode_permits: Arc::new(Semaphore::new(config.server.max_concurrent_decodes)),
             validated,
             in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
-            // One cap for the route: the larger of the two profiles' bodies.
-            body_cap: if config.models.serves_gpt_image() {
-                v.body_cap().max(config.models.limits.body_cap())
-            } else {
-                v.body_cap()
-            },
-            models: Arc::new(ModelTable::new(&config.models, &v.models)?),
-            file_rules: {
-                let mut rules = FileRules {
-                    max_pixels: config.models.limits.max_input_pixels,
-                    ..FileRules::default()
-                };
-                // One memory budget for the shared interlaced tRNS conversion.
-                rules.png.max_conversion_bytes = v.max_conversion_bytes;
-                rules
-            },
-            body_timeout: config.server.body_read_timeout,
             forwarding_slots: Arc::new(Semaphore::new(config.server.max_forwarding)),
             buffer_budget: BufferBudget::new(
                 config.server.max_buffered_bytes,
                 config.server.buffer_wait,
             ),
-            config,
+        };
+        let live = Live::build(&fixed, config, None)?;
+        crate::reload::mark_success(live.generation);
+        Ok(AppState {
+            fixed,
+            live: RwLock::new(Arc::new(live)),
+            reloading: Mutex::new(()),
+            source: Mutex::new(None),
         })
+    }
+
+    /// The snapshot in force: take it once and keep it for the whole of a piece of work.
+    pub fn live(&self) -> Arc<Live> {
+        self.live
+            .read()
+            .expect("the snapshot lock is never held across a panic")
+            .clone()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.live().config.clone()
+    }
+
+    /// Where [`AppState::reload`] reads the configuration.
+    pub fn set_source(&self, source: ConfigSource) {
+        *self.source.lock().expect("source lock poisoned by a panic") = Some(source);
+    }
+
+    /// Read the configuration again from the source and apply it (see `src/reload.rs`).
+    /// Blocking (files, possibly the network for a PostgreSQL quota store): call it off the
+    /// runtime's workers (`spawn_blocking`). `trigger` is logged (`SIGHUP`, `admin`).
+    pub fn reload(&self, trigger: &str) -> ReloadReport {
+        let started = Instant::now();
+        let source = self
+            .source
+            .lock()
+            .expect("source lock poisoned by a panic")
+            .clone();
+        let mut report = match source {
+            None => ReloadReport::rejected(
+                self.live().generation,
+                vec![
+                    "this gateway was not started from a configuration file: nothing to reload"
+                        .into(),
+                ],
+            ),
+            Some(load) => match load() {
+                Ok(config) => self.apply(config),
+                Err(problems) => ReloadReport::rejected(self.live().generation, problems),
+            },
+        };
+        report.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        report.publish(trigger);
+        if report.applied()
+            && report
+                .changed
+                .iter()
+                .any(|c| c == "models" || c == "validation" || c == "upstream")
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            // The model gauges (and warnings) follow the models now served.
+            let live = self.live();
+            crate::models_check::at_start(
+                live.config.clone(),
+                live.upstream.clone(),
+                self.clock.clone(),
+            );
+        }
+        report
+    }
+
+    /// Apply a loaded configuration: all of it that may change live, or nothing.
+    pub fn apply(&self, mut config: Config) -> ReloadReport {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .expect("reload lock poisoned by a panic");
+        let current = self.live();
+        let restart_required = crate::reload::pin_restart_only(&current.config, &mut config);
+        if !restart_required.is_empty() {
+            // Settings put back may not fit the new ones (the buffer budget and a larger body
+            // cap): check the configuration that would be in force.
+            let problems = config.problems();
+            if !problems.is_empty() {
+                return ReloadReport::rejected(current.generation, problems);
+            }
+        }
+        let live = match Live::build(&self.fixed, Arc::new(config), Some(&current)) {
+            Ok(live) => live,
+            Err(e) => return ReloadReport::rejected(current.generation, e.lines()),
+        };
+        let changed = crate::reload::changes(&current.config, &live.config);
+        let generation = live.generation;
+        *self
+            .live
+            .write()
+            .expect("the snapshot lock is never held across a panic") = Arc::new(live);
+        ReloadReport {
+            status: "applied",
+            generation,
+            changed,
+            restart_required,
+            problems: Vec::new(),
+            duration_ms: 0.0,
+        }
     }
 }
 
@@ -239,43 +435,93 @@ impl AppState {
 /// response, because an error reaching hyper closes the connection without an answer.
 pub type AppService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
 
-/// The pieces the edits phases need, taken from the state.
-fn edits(state: &AppState) -> Edits {
-    let config = &state.config;
+/// The pieces the edits phases need, from the fixed state and one configuration.
+fn edits(
+    fixed: &Fixed,
+    config: &Config,
+    rates: &Arc<dyn RateBackend>,
+    quotas: &Arc<QuotaStore>,
+    models: &Arc<ModelTable>,
+    upstream: &Arc<Upstream>,
+) -> Edits {
+    let v = &config.validation;
     Edits {
         body: BodyLimits {
-            cap: state.body_cap,
-            timeout: state.body_timeout,
+            // One cap for the route: the larger of the two profiles' bodies.
+            cap: if config.models.serves_gpt_image() {
+                v.body_cap().max(config.models.limits.body_cap())
+            } else {
+                v.body_cap()
+            },
+            timeout: config.server.body_read_timeout,
             min_rate: config.server.min_body_rate,
             rate_grace: config.server.body_rate_grace,
         },
-        budget: state.buffer_budget.clone(),
-        form: state.form_rules.clone(),
+        budget: fixed.buffer_budget.clone(),
+        form: FormRules {
+            max_prompt_chars: v.max_prompt_chars,
+            max_user_chars: v.max_user_chars,
+            models: v.models.clone(),
+            max_parts: v.max_parts,
+        },
         end_user: EndUserRules {
             clients: config.clients.clone().into(),
             missing_user: config.limits.missing_user,
             mismatch: config.limits.personal_user_mismatch,
-            max_user_chars: config.validation.max_user_chars,
+            max_user_chars: v.max_user_chars,
         },
         prompt_policy: config.ledger.prompt,
-        rates: state.rates.clone(),
-        quotas: state.quotas.clone(),
-        png: state.png_rules.clone(),
-        models: state.models.clone(),
-        files: state.file_rules.clone(),
-        clock: state.clock.clone(),
-        decode_permits: state.decode_permits.clone(),
-        validated: state.validated.clone(),
+        rates: rates.clone(),
+        quotas: quotas.clone(),
+        png: PngRules {
+            max_bytes: v.max_image_bytes,
+            max_dimension: v.max_dimension,
+            transparency: v.transparency.into(),
+            max_conversion_bytes: v.max_conversion_bytes,
+        },
+        models: models.clone(),
+        files: {
+            let mut rules = FileRules {
+                max_pixels: config.models.limits.max_input_pixels,
+                ..FileRules::default()
+            };
+            // One memory budget for the shared interlaced tRNS conversion.
+            rules.png.max_conversion_bytes = v.max_conversion_bytes;
+            rules
+        },
+        clock: fixed.clock.clone(),
+        decode_permits: fixed.decode_permits.clone(),
+        validated: fixed.validated.clone(),
         forwarder: Forwarder {
-            upstream: state.upstream.clone(),
+            upstream: upstream.clone(),
             timeouts: RelayTimeouts {
                 upstream_idle: config.upstream.idle_timeout,
                 caller_idle: config.server.caller_idle_timeout,
             },
-            slots: state.forwarding_slots.clone(),
-            ledger: state.ledger.clone(),
-            tasks: state.tasks.clone(),
+            slots: fixed.forwarding_slots.clone(),
+            ledger: fixed.ledger.clone(),
+            tasks: fixed.tasks.clone(),
         },
+    }
+}
+
+/// The edits route's service: takes the snapshot in force and hands the request to its stack
+/// (authentication, client limit, edits phases), which it keeps to the end.
+#[derive(Clone)]
+struct Snapshot(Arc<AppState>);
+
+impl Service<Request<Incoming>> for Snapshot {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let edits = self.0.live().edits.clone();
+        Box::pin(edits.oneshot(req))
     }
 }
 
@@ -284,14 +530,11 @@ pub fn build(state: Arc<AppState>) -> AppService {
         // Shed load before doing any work for an edit. Below the router, so the health routes
         // answer however busy the gateway is.
         .layer(OverloadLayer::with_permits(state.in_flight.clone()))
-        // Authentication is cheap and needs only headers: it runs before the body is read.
-        .layer(AuthLayer::new(state.keys.clone()))
-        // The per-client limit needs only the caller: also before the body is read.
-        .layer(ClientLimitLayer::new(state.rates.clone()))
-        .service(EditsService::new(Arc::new(edits(&state))));
+        // Then one snapshot of the configuration for the whole request.
+        .service(Snapshot(state.clone()));
     let readiness = {
         let state = state.clone();
-        move || state.upstream.has_key() && state.ledger.healthy()
+        move || state.live().upstream.has_key() && state.ledger.healthy()
     };
     let router = Router::new(BoxCloneSyncService::new(edits), readiness);
     let stack = ServiceBuilder::new()

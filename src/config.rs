@@ -129,6 +129,9 @@ pub struct ServerConfig {
     /// to finish its goodbye (GOAWAY) before it is dropped.
     #[serde(with = "humantime_serde")]
     pub http2_keep_alive_timeout: Duration,
+    /// TLS termination on the API listener (`[server.tls]`: `cert_file`, `key_file`); plain
+    /// HTTP when absent. The files are read again at every reload.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl Default for ServerConfig {
@@ -151,6 +154,7 @@ impl Default for ServerConfig {
             http2_max_concurrent_streams: 64,
             http2_keep_alive_interval: Duration::from_secs(20),
             http2_keep_alive_timeout: Duration::from_secs(20),
+            tls: None,
         }
     }
 }
@@ -576,6 +580,8 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
     /// `sha256:<64 hex>` of the admin key (`imagegate hash-key`); required with `listen`.
     pub key_hash: Option<String>,
+    /// TLS termination on the admin listener (`[admin.tls]`), separate from the API's.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Read a key file; problems name `at` and the path (never the contents).
@@ -1010,6 +1016,16 @@ impl Config {
             && admin.port() != 0
         {
             p.push("admin.listen: must differ from server.listen".into());
+        }
+        for (at, files) in [("server.tls", &s.tls), ("admin.tls", &self.admin.tls)] {
+            if let Some(files) = files
+                && let Err(e) = crate::tls::acceptor(files, at)
+            {
+                p.push(e);
+            }
+        }
+        if self.admin.tls.is_some() && self.admin.listen.is_none() {
+            p.push("admin.tls: the admin listener is off; set admin.listen".into());
         }
         if self.ledger.queue == 0 {
             p.push("ledger.queue: must be at least 1".into());

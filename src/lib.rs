@@ -21,9 +21,11 @@ pub mod middleware;
 pub mod models;
 pub mod models_check;
 pub mod pricing;
+pub mod reload;
 pub mod server;
 pub mod startup;
 pub mod telemetry;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+pub mod tls;
 pub mod upstream;

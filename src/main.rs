@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         } => cli::serve::prepare(config, *listen).and_then(|c| {
             telemetry::init(log_format.unwrap_or(c.log.format), &c.log.level);
             logging = true;
-            cli::serve::run(c)
+            cli::serve::run(c, config, *listen)
         }),
         Command::CheckConfig { config, listen } => cli::check_config::run(config, *listen),
         Command::HashKey => cli::hash_key::run(),

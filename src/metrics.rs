@@ -26,8 +26,14 @@
 //! | `imagegate_upstream_key_failures_total` | counter | `key` |
 //! | `imagegate_upstream_key_benched_total` | counter | `key`, `reason` (`failures`, `rate_limit`) |
 //! | `imagegate_upstream_retries_total` | counter | `reason` (`rate_limit`, `connect`) |
+//! | `imagegate_config_reloads_total` | counter | `result` (`applied`, `rejected`) |
+//! | `imagegate_config_reload_failures_total` | counter | |
+//! | `imagegate_config_last_reload_success_timestamp_seconds` | gauge | |
+//! | `imagegate_config_generation` | gauge | |
+//! | `imagegate_tls_handshake_failures_total` | counter | `listener` |
 //!
-//! The model gauges are set once at start (`models_check::at_start`):
+//! The model gauges are set at start (`models_check::at_start`), and again after a reload that
+//! changes `[models]`, `[validation]` or `[upstream]`:
 //! `imagegate_model_shutdown_days` is the number of days from today (UTC) to a configured
 //! model's shutdown date (the earlier of the configured one and the one the upstream's
 //! `GET /models` announced; negative once passed), only for models with a known date;
@@ -60,6 +66,26 @@ pub fn handle() -> &'static PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "imagegate_config_reloads_total",
+        "Configuration reloads (SIGHUP, POST /admin/reload) by result: applied or rejected"
+    );
+    describe_counter!(
+        "imagegate_config_reload_failures_total",
+        "Configuration reloads rejected (nothing changed)"
+    );
+    describe_gauge!(
+        "imagegate_config_last_reload_success_timestamp_seconds",
+        "Unix time of the last configuration applied (the start, or the last applied reload)"
+    );
+    describe_gauge!(
+        "imagegate_config_generation",
+        "Generation of the configuration in force: 1 at start, +1 per applied reload"
+    );
+    describe_counter!(
+        "imagegate_tls_handshake_failures_total",
+        "TLS handshakes that failed or did not finish within header_read_timeout, by listener"
+    );
     describe_counter!(
         "imagegate_requests_total",
         "Requests to the edits route by outcome and status"

@@ -4,8 +4,13 @@
 //! - a cap on open connections per listener (`server.max_connections`): a semaphore permit is
 //!   taken at accept and lives in the connection's task; a connection accepted above the cap is
 //!   closed at once, before a byte is read;
+//! - TLS when the listener has it (`server.tls`, `admin.tls`; ALPN `h2` and `http/1.1`): the
+//!   acceptor of the configuration in force when the connection is accepted (a reload that
+//!   renews the certificate serves it to the next connections). The handshake runs in the
+//!   connection's task, holding its `max_connections` permit, under the first-bytes deadline;
 //! - a deadline on the first bytes ([`FirstBytesDeadline`]) and hyper's header-read timeout (which
-//!   hyper only enforces when a timer is set);
+//!   hyper only enforces when a timer is set); with TLS the same deadline (counted from accept)
+//!   covers the handshake and then the first 24 decrypted bytes;
 //! - HTTP/2 keep-alive pings (`server.http2_keep_alive_interval` / `_timeout`);
 //! - an idle timeout (`server.idle_timeout`): a connection that carries no request for that long
 //!   is closed gracefully (HTTP/2: GOAWAY), and dropped if it has not closed
@@ -38,6 +43,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -106,11 +112,16 @@ pub struct Listening {
     pub name: &'static str,
     pub listener: TcpListener,
     pub service: AppService,
+    /// The TLS acceptor for the next connection (asked at every accept); `None`: plain HTTP.
+    pub tls: TlsSource,
 }
+
+/// Where a listener finds its TLS acceptor at each accept (the configuration in force).
+pub type TlsSource = Arc<dyn Fn() -> Option<TlsAcceptor> + Send + Sync>;
 
 /// Serve an already built state in a background task (tests inject their own ledger store).
 pub async fn spawn_state(state: AppState) -> Result<RunningServer, StartupError> {
-    let listen = state.config.server.listen;
+    let listen = state.config().server.listen;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| StartupError::Listen {
@@ -120,16 +131,21 @@ pub async fn spawn_state(state: AppState) -> Result<RunningServer, StartupError>
         })?;
     let addr = listener.local_addr().map_err(StartupError::LocalAddr)?;
     let state = Arc::new(state);
+    let api_tls: TlsSource = {
+        let state = state.clone();
+        Arc::new(move || state.live().api_tls.clone())
+    };
     let mut listeners = vec![Listening {
         name: "api",
         listener,
         service: app::build(state.clone()),
+        tls: api_tls,
     }];
     let mut admin_addr = None;
     let admin_state = state.clone();
     if let Some(service) = off_runtime(move || crate::admin::build(admin_state))? {
         let listen = state
-            .config
+            .config()
             .admin
             .listen
             .expect("admin::build returns a service only when admin.listen is set");
@@ -143,10 +159,15 @@ pub async fn spawn_state(state: AppState) -> Result<RunningServer, StartupError>
         let bound = listener.local_addr().map_err(StartupError::LocalAddr)?;
         tracing::info!(addr = %bound, "admin listener");
         admin_addr = Some(bound);
+        let admin_tls: TlsSource = {
+            let state = state.clone();
+            Arc::new(move || state.live().admin_tls.clone())
+        };
         listeners.push(Listening {
             name: "admin",
             listener,
             service,
+            tls: admin_tls,
         });
     }
     let (tx, rx) = oneshot::channel();
@@ -214,7 +235,9 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let server = &state.config.server;
+    // Read once: these settings need a restart (`src/reload.rs`).
+    let config = state.config();
+    let server = &config.server;
     let settings = Arc::new(ConnSettings::new(server));
     let builder = connection_builder(server);
     let stop = Stop::default();
@@ -223,12 +246,12 @@ pub async fn serve(
     let connections = TaskTracker::new();
     // Forget end users whose buckets are full again, so idle users do not hold memory.
     let sweeper = {
-        let rates = state.rates.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
             loop {
                 every.tick().await;
-                rates.sweep();
+                state.live().rates.sweep();
             }
         })
     };
@@ -304,6 +327,7 @@ async fn accept_loop(
         name,
         listener,
         service,
+        tls,
     } = listening;
     let permits = Arc::new(Semaphore::new(settings.max_connections));
     let open = metrics::gauge!("imagegate_open_connections", "listener" => name);
@@ -334,9 +358,13 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         open.increment(1.0);
         let conn = connection(
-            stream,
-            peer,
-            permit,
+            Accepted {
+                stream,
+                peer,
+                tls: tls(),
+                listener: name,
+                _permit: permit,
+            },
             service.clone(),
             builder.clone(),
             settings.clone(),
@@ -358,17 +386,68 @@ enum Closing {
     Idle,
 }
 
-/// Serve one connection to its end: until the peer closes it, it errs, or it is closed for
-/// idleness or by the drain. `_permit` is the connection's place under `max_connections`.
-async fn connection(
+/// A connection just accepted.
+struct Accepted {
     stream: TcpStream,
     peer: SocketAddr,
+    /// The listener's TLS acceptor at accept time, if it has TLS.
+    tls: Option<TlsAcceptor>,
+    listener: &'static str,
+    /// The connection's place under `max_connections`, held until it ends (handshake included).
     _permit: OwnedSemaphorePermit,
+}
+
+/// Serve one connection to its end: the TLS handshake first when the listener has TLS (under
+/// the first-bytes deadline, given up on a drain), then HTTP.
+async fn connection(
+    accepted: Accepted,
     app: AppService,
     builder: auto::Builder<TokioExecutor>,
     settings: Arc<ConnSettings>,
     stop: Stop,
 ) {
+    let Accepted {
+        stream,
+        peer,
+        tls,
+        listener,
+        _permit,
+    } = accepted;
+    let deadline = tokio::time::Instant::now() + settings.header_read_timeout;
+    let Some(acceptor) = tls else {
+        let io = FirstBytesDeadline::until(stream, deadline);
+        return http(io, peer, app, builder, settings, stop).await;
+    };
+    let failed = |reason: &str| {
+        metrics::counter!("imagegate_tls_handshake_failures_total", "listener" => listener)
+            .increment(1);
+        tracing::debug!(%peer, listener, reason, "TLS handshake failed");
+    };
+    tokio::select! {
+        shaken = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => match shaken {
+            Ok(Ok(tls)) => {
+                let io = FirstBytesDeadline::until(tls, deadline);
+                http(io, peer, app, builder, settings, stop).await;
+            }
+            Ok(Err(e)) => failed(&e.to_string()),
+            Err(_) => failed("no handshake within header_read_timeout"),
+        },
+        () = stop.drain.cancelled() => {}
+    }
+}
+
+/// Serve HTTP on one connection to its end: until the peer closes it, it errs, or it is closed
+/// for idleness or by the drain.
+async fn http<I>(
+    io: FirstBytesDeadline<I>,
+    peer: SocketAddr,
+    app: AppService,
+    builder: auto::Builder<TokioExecutor>,
+    settings: Arc<ConnSettings>,
+    stop: Stop,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Activity::default();
     let svc = {
         let activity = activity.clone();
@@ -387,7 +466,6 @@ async fn connection(
             }
         })
     };
-    let io = FirstBytesDeadline::new(stream, settings.header_read_timeout);
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let closing = tokio::select! {
@@ -502,10 +580,15 @@ pin_project_lite::pin_project! {
 impl<T> FirstBytesDeadline<T> {
     const PREFACE: usize = 24;
 
+    #[cfg(test)]
     fn new(io: T, timeout: std::time::Duration) -> Self {
+        Self::until(io, tokio::time::Instant::now() + timeout)
+    }
+
+    fn until(io: T, deadline: tokio::time::Instant) -> Self {
         FirstBytesDeadline {
             io,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
             seen: 0,
         }
     }

@@ -1025,3 +1025,90 @@ async fn serve_with_the_demo_key_on_loopback_still_serves() {
     .await;
     assert_ne!(answer.status, 401, "{answer:?}");
 }
+
+/// The configuration of the SIGHUP test: the mock as upstream, the dall-e-2 profile, JSON logs,
+/// these clients.
+fn hangup_config(path: &std::path::Path, base_url: &str, clients: &[(&str, &str)]) {
+    let dir = path.parent().unwrap();
+    let mut text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[upstream]
+base_url = {base_url:?}
+allow_http = true
+[ledger]
+path = {db:?}
+[log]
+format = "json"
+level = "info"
+[validation]
+models = ["dall-e-2"]
+[models]
+default = ""
+check_at_start = false
+accepted = {{}}
+"#,
+        db = dir.join("imagegate.db"),
+    );
+    for (name, key) in clients {
+        text.push_str(&format!(
+            "[[clients]]\nname = {name:?}\nkey_hash = {:?}\n",
+            imagegate::config::hash_key(key)
+        ));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn hangup(served: &Served) {
+    let status = Command::new("kill")
+        .arg("-HUP")
+        .arg(served.child.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_configuration_of_the_real_binary() {
+    use support::mock_upstream::MockUpstream;
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("imagegate.toml");
+    hangup_config(&path, &mock.base_url(), &[("app", APP_KEY)]);
+    let mut served = Served::start(&path);
+    let addr = served.listening().await;
+    let edit = async |key: &str| {
+        let form = edit_request(&rgba_png(16, true), "p");
+        post_edit(addr, key, &form.content_type(), form.body()).await
+    };
+    assert_eq!(edit(OTHER_KEY).await.status, 401);
+
+    // "other" added, "app" removed.
+    hangup_config(&path, &mock.base_url(), &[("other", OTHER_KEY)]);
+    hangup(&served);
+    let reloaded = served.wait_for("configuration reloaded").await;
+    assert_eq!(reloaded["level"], "INFO");
+    assert_eq!(reloaded["trigger"], "SIGHUP");
+    assert_eq!(reloaded["generation"], 2);
+    eprintln!(
+        "SIGHUP reload in the real binary: {} ms",
+        reloaded["duration_ms"]
+    );
+    assert_eq!(edit(OTHER_KEY).await.status, 200);
+    assert_eq!(edit(APP_KEY).await.status, 401);
+
+    // A broken file: logged, nothing changes, the process keeps serving.
+    std::fs::write(&path, "[server]\nlisten = 42\n").unwrap();
+    hangup(&served);
+    let rejected = served
+        .wait_for("configuration reload rejected: nothing changed")
+        .await;
+    assert_eq!(rejected["level"], "ERROR");
+    assert!(
+        rejected["problems"].as_str().unwrap().contains("listen"),
+        "{rejected}"
+    );
+    assert_eq!(edit(OTHER_KEY).await.status, 200);
+    assert_eq!(mock.count(), 2);
+}

@@ -1568,7 +1568,7 @@ fn user_day_use(gw: &Gateway, user: &str) -> (u64, i64) {
         user: Some(user.into()),
     };
     let scope = imagegate::limits::quota::user_scope(&who).unwrap();
-    let u = gw.server.state.quotas.usage(&scope).unwrap();
+    let u = gw.server.state.live().quotas.usage(&scope).unwrap();
     (u.images_day, u.micros_day)
 }
 
@@ -1602,7 +1602,7 @@ async fn a_caller_leaving_during_the_decode_phase_is_client_gone_and_refunded() 
     })
     .await;
     let permits = gw.server.state.decode_permits.clone();
-    let all = gw.server.state.config.server.max_concurrent_decodes as u32;
+    let all = gw.server.state.config().server.max_concurrent_decodes as u32;
     let held = permits.acquire_many_owned(all).await.unwrap();
 
     let form = edit_request(&rgba_png(32, true), "p")
@@ -1666,7 +1666,7 @@ async fn a_gpt_image_caller_leaving_during_the_file_checks_is_client_gone_and_re
     })
     .await;
     let permits = gw.server.state.decode_permits.clone();
-    let all = gw.server.state.config.server.max_concurrent_decodes as u32;
+    let all = gw.server.state.config().server.max_concurrent_decodes as u32;
     let held = permits.acquire_many_owned(all).await.unwrap();
 
     let form = Multipart::new()

@@ -400,8 +400,8 @@ async fn tracked_users_stay_at_the_cap_under_a_spray() {
         let user = format!("spray-{i}");
         let _ = gw.edit(APP_KEY, &form(Some(&user), 1)).await;
     }
-    assert_eq!(gw.server.state.rates.tracked_users("app"), 20);
-    assert_eq!(gw.server.state.rates.tracked_users("other"), 0);
+    assert_eq!(gw.server.state.live().rates.tracked_users("app"), 20);
+    assert_eq!(gw.server.state.live().rates.tracked_users("other"), 0);
 }
 
 /// Day use (images, micro-USD) of user `u` of client "app".
@@ -411,7 +411,7 @@ fn day_use(gw: &Gateway) -> (u64, i64) {
         user: Some("u".into()),
     };
     let scope = imagegate::limits::quota::user_scope(&who).unwrap();
-    let u = gw.server.state.quotas.usage(&scope).unwrap();
+    let u = gw.server.state.live().quotas.usage(&scope).unwrap();
     (u.images_day, u.micros_day)
 }
 

@@ -532,3 +532,36 @@ async fn the_gateway_answers_503_when_redis_is_down_and_fail_closed() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(gw.mock.count(), 0);
 }
+
+#[tokio::test]
+#[ignore = "needs Redis at REDIS_URL"]
+async fn a_reload_keeps_the_limits_state_in_redis() {
+    let prefix = unique_prefix("reload");
+    let c = config(
+        &redis_url(),
+        &prefix,
+        RedisFailure::FailClosed,
+        Duration::from_secs(2),
+    );
+    let rates = redis_rates(&c);
+    let u1 = who("u1");
+    for _ in 0..3 {
+        assert!(rates.check_user(&u1, 1).await.is_ok());
+    }
+    assert!(rates.check_user(&u1, 1).await.is_err(), "burst of 3 used");
+    // A reload that adds a client: the same Redis keys, so u1 is still limited.
+    let mut reloaded = c.clone();
+    reloaded.clients.push(ClientConfig {
+        name: "new".into(),
+        key_hash: hash_key("new"),
+        ..Default::default()
+    });
+    let after = rates.reconfigured(&reloaded);
+    assert!(after.check_user(&u1, 1).await.is_err(), "u1 kept its state");
+    let newcomer = EndUser {
+        client: "new".into(),
+        user: Some("u1".into()),
+    };
+    assert!(after.check_user(&newcomer, 1).await.is_ok());
+    assert!(after.check_client("new").await.is_ok());
+}

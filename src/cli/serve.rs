@@ -1,12 +1,15 @@
-//! `imagegate serve`: run the gateway until SIGTERM or SIGINT, then drain.
+//! `imagegate serve`: run the gateway until SIGTERM or SIGINT, then drain. SIGHUP reloads the
+//! configuration (`src/reload.rs`): the same file, the same `--listen`.
 //!
 //! In two steps so that `main` can start telemetry in between: [`prepare`] loads the
 //! configuration (whose `[log]` section telemetry needs), [`run`] serves it.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use super::{ConfigArg, exposure, warnings};
+use crate::app::{AppState, ConfigSource};
 use crate::config::Config;
 use crate::startup::StartupError;
 use crate::{models_check, server};
@@ -26,8 +29,12 @@ pub fn prepare(config: &ConfigArg, listen: Option<SocketAddr>) -> Result<Config,
 }
 
 /// Serve `config` (telemetry already started): log the warnings, bind, serve until a signal,
-/// drain. Exit 0 after a clean stop.
-pub fn run(config: Config) -> Result<ExitCode, StartupError> {
+/// drain. Exit 0 after a clean stop. A reload reads `source` again (through [`prepare`]).
+pub fn run(
+    config: Config,
+    source: &ConfigArg,
+    listen: Option<SocketAddr>,
+) -> Result<ExitCode, StartupError> {
     for w in warnings(&config) {
         tracing::warn!("{w}");
     }
@@ -35,22 +42,54 @@ pub fn run(config: Config) -> Result<ExitCode, StartupError> {
         .enable_all()
         .build()
         .map_err(StartupError::Runtime)?;
-    runtime.block_on(serve(config))
+    let path = source.config.clone();
+    let reread: ConfigSource = Arc::new(move || {
+        let c = prepare(
+            &ConfigArg {
+                config: path.clone(),
+            },
+            listen,
+        )
+        .map_err(|e| e.lines())?;
+        for w in warnings(&c) {
+            tracing::warn!("{w}");
+        }
+        Ok(c)
+    });
+    runtime.block_on(serve(config, reread))
 }
 
-async fn serve(config: Config) -> Result<ExitCode, StartupError> {
+async fn serve(config: Config, source: ConfigSource) -> Result<ExitCode, StartupError> {
     let running = server::spawn(config).await?;
+    running.state.set_source(source);
+    // Installed before the gateway says it listens: from then on SIGHUP reloads (its default
+    // action would end the process).
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .expect("installing a SIGHUP handler");
     // In the background when it asks the upstream: start-up does not wait for it.
     models_check::at_start(
-        running.state.config.clone(),
-        running.state.upstream.clone(),
+        running.state.config(),
+        running.state.live().upstream.clone(),
         running.state.clock.clone(),
     );
     tracing::info!(addr = %running.addr, version = env!("CARGO_PKG_VERSION"), "imagegate listening");
+    let reloads = tokio::spawn(reload_on_hangup(running.state.clone(), hangup));
     shutdown_signal().await;
+    reloads.abort();
     running.shutdown().await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reload on every SIGHUP, one at a time, off the runtime's workers.
+async fn reload_on_hangup(state: Arc<AppState>, mut hangup: tokio::signal::unix::Signal) {
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading the configuration");
+        let state = state.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || state.reload("SIGHUP")).await {
+            tracing::error!(error = %e, "the reload task failed");
+        }
+    }
 }
 
 async fn shutdown_signal() {

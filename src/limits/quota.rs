@@ -80,7 +80,8 @@ enum Backend {
 }
 
 pub struct QuotaStore {
-    backend: Backend,
+    /// Shared by the stores of every configuration since start (a reload keeps the use).
+    backend: std::sync::Arc<Backend>,
     tz: TimeZone,
     clock: Clock,
     config: std::sync::Arc<Config>,
@@ -149,7 +150,7 @@ impl QuotaStore {
         let tz = TimeZone::get(&config.quotas.time_zone)
             .map_err(|e| format!("quotas.time_zone: {e}"))?;
         Ok(QuotaStore {
-            backend: Backend::Sqlite(Mutex::new(conn)),
+            backend: std::sync::Arc::new(Backend::Sqlite(Mutex::new(conn))),
             tz,
             clock,
             config,
@@ -173,7 +174,7 @@ impl QuotaStore {
         let tz = TimeZone::get(&config.quotas.time_zone)
             .map_err(|e| fail(format!("quotas.time_zone: {e}")))?;
         Ok(QuotaStore {
-            backend: Backend::Postgres(pool),
+            backend: std::sync::Arc::new(Backend::Postgres(pool)),
             tz,
             clock,
             config,
@@ -194,8 +195,21 @@ impl QuotaStore {
         }
     }
 
+    /// The same store (the same use, on the same connection or pool) judged by the limits,
+    /// prices and time zone of `config` (a reload).
+    pub fn reconfigured(&self, config: std::sync::Arc<Config>) -> Result<QuotaStore, String> {
+        let tz = TimeZone::get(&config.quotas.time_zone)
+            .map_err(|e| format!("quotas.time_zone: {e}"))?;
+        Ok(QuotaStore {
+            backend: self.backend.clone(),
+            tz,
+            clock: self.clock.clone(),
+            config,
+        })
+    }
+
     fn sqlite(&self) -> Option<std::sync::MutexGuard<'_, Connection>> {
-        match &self.backend {
+        match &*self.backend {
             Backend::Sqlite(c) => Some(c.lock().expect("quota store lock poisoned by a panic")),
             Backend::Postgres(_) => None,
         }
@@ -262,7 +276,7 @@ impl QuotaStore {
             client_limits,
             format!("client '{}'", who.client),
         ));
-        if let Backend::Postgres(pool) = &self.backend {
+        if let Backend::Postgres(pool) = &*self.backend {
             return self.reserve_pg(pool, scopes, day, month, images, micros, &now);
         }
         let mut conn = self.sqlite().expect("sqlite backend");
@@ -375,7 +389,7 @@ impl QuotaStore {
         if d_images == 0 && d_micros == 0 {
             return Ok(());
         }
-        if let Backend::Postgres(pool) = &self.backend {
+        if let Backend::Postgres(pool) = &*self.backend {
             return pool
                 .with(|c| {
                     let mut tx = c.transaction()?;
@@ -402,7 +416,7 @@ impl QuotaStore {
     /// Use of a scope in the current day and month.
     pub fn usage(&self, scope: &str) -> Result<ScopeUse, String> {
         let (day, month) = Self::periods(&self.now());
-        let ((images_day, micros_day), (images_month, micros_month)) = match &self.backend {
+        let ((images_day, micros_day), (images_month, micros_month)) = match &*self.backend {
             Backend::Postgres(pool) => pool
                 .with(|c| Ok((pg_read(c, scope, &day)?, pg_read(c, scope, &month)?)))
                 .map_err(|e| e.to_string())?,
@@ -435,7 +449,7 @@ impl QuotaStore {
                 .replace('%', "\\%")
                 .replace('_', "\\_")
         );
-        if let Backend::Postgres(pool) = &self.backend {
+        if let Backend::Postgres(pool) = &*self.backend {
             return pool
                 .with(|c| {
                     Ok(c.query(

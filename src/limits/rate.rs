@@ -215,6 +215,8 @@ fn human(d: Duration) -> String {
 
 /// The buckets of one end user.
 struct Buckets {
+    /// The limits these buckets were built for: a reload that changes them rebuilds them.
+    spec: RateSpec,
     requests: Option<Limit>,
     images: Option<Limit>,
     last_seen: Duration,
@@ -226,6 +228,7 @@ struct Buckets {
 impl Buckets {
     fn new(spec: &RateSpec, clock: &Clock) -> Buckets {
         Buckets {
+            spec: *spec,
             requests: Limit::new(spec.requests_per_minute, spec.requests_burst, clock),
             images: Limit::new(spec.images_per_minute, spec.images_burst, clock),
             last_seen: clock.elapsed(),
@@ -285,11 +288,17 @@ impl Buckets {
 }
 
 /// The limits of one client and its users.
+///
+/// After a reload ([`RateLimits::reconfigured`]) the old and the new configuration share the
+/// state that did not change: the client's own limiter when its numbers are the same, and the
+/// map of its users' buckets always, where each bucket remembers the numbers it was built for
+/// and is rebuilt (full) on its next check when they differ from the configuration checking it.
 struct ClientRates {
-    own: Option<Limit>,
+    own_spec: RateSpec,
+    own: Option<Arc<Limit>>,
     user_spec: RateSpec,
     overrides: HashMap<String, RateSpec>,
-    users: Mutex<Users>,
+    users: Arc<Mutex<Users>>,
 }
 
 struct Users {
@@ -317,6 +326,10 @@ pub trait RateBackend: Send + Sync {
     fn tracked_users(&self, client: &str) -> usize;
     /// Forget idle end users (run periodically).
     fn sweep(&self);
+    /// The same backend under a new configuration (a reload): the limiters whose numbers did
+    /// not change keep their state, the others start full. The backend's own settings
+    /// (`limits.backend`, the Redis ones) are not reloadable and are taken from `self`.
+    fn reconfigured(&self, config: &Config) -> Arc<dyn RateBackend>;
 }
 
 /// All rate limits of the gateway, in memory.
@@ -331,6 +344,16 @@ const NO_USER: &str = "";
 
 impl RateLimits {
     pub fn new(config: &Config, clock: Clock) -> RateLimits {
+        Self::build(config, clock, None)
+    }
+
+    /// The limits of `config`, sharing with `self` the state of every limiter whose numbers
+    /// did not change (see [`ClientRates`]). Clients no longer configured are forgotten.
+    pub fn reconfigured(&self, config: &Config) -> RateLimits {
+        Self::build(config, self.clock.clone(), Some(self))
+    }
+
+    fn build(config: &Config, clock: Clock, previous: Option<&RateLimits>) -> RateLimits {
         let l = &config.limits;
         let clients = config
             .clients
@@ -343,19 +366,30 @@ impl RateLimits {
                     .iter()
                     .map(|u| (u.user.clone(), u.limits.over(user_spec)))
                     .collect();
-                let rates = ClientRates {
-                    own: Limit::new(
+                let before = previous.and_then(|p| p.clients.get(c.name.as_str()));
+                let own = match before {
+                    Some(b) if b.own_spec == own_spec => b.own.clone(),
+                    _ => Limit::new(
                         own_spec.requests_per_minute,
                         own_spec.requests_burst,
                         &clock,
-                    ),
-                    user_spec,
-                    overrides,
-                    users: Mutex::new(Users {
+                    )
+                    .map(Arc::new),
+                };
+                let users = match before {
+                    Some(b) => b.users.clone(),
+                    None => Arc::new(Mutex::new(Users {
                         tracked: HashMap::new(),
                         overflow: Buckets::new(&user_spec, &clock),
                         evicted_at: None,
-                    }),
+                    })),
+                };
+                let rates = ClientRates {
+                    own_spec,
+                    own,
+                    user_spec,
+                    overrides,
+                    users,
                 };
                 (Arc::<str>::from(c.name.as_str()), rates)
             })
@@ -395,6 +429,10 @@ impl RateBackend for RateLimits {
             evict_idle(&mut users.tracked, self.clock.elapsed());
             users.tracked.shrink_to_fit();
         }
+    }
+
+    fn reconfigured(&self, config: &Config) -> Arc<dyn RateBackend> {
+        Arc::new(RateLimits::reconfigured(self, config))
     }
 
     fn tracked_users(&self, client: &str) -> usize {
@@ -450,16 +488,23 @@ impl RateLimits {
                 evict_idle(&mut users.tracked, now);
             }
         }
+        let spec = rates.overrides.get(key).copied().unwrap_or(rates.user_spec);
         let buckets = if let Some(b) = users.tracked.get_mut(key) {
+            if b.spec != spec {
+                // Its limits changed in a reload: new numbers, a full bucket.
+                *b = Buckets::new(&spec, &self.clock);
+            }
             b
         } else if users.tracked.len() < self.max_users {
-            let spec = rates.overrides.get(key).copied().unwrap_or(rates.user_spec);
             users
                 .tracked
                 .entry(Arc::from(key))
                 .or_insert_with(|| Buckets::new(&spec, &self.clock))
         } else {
             tracing::warn!(client = %who.client, cap = self.max_users, "tracked-user cap reached; user shares the overflow bucket");
+            if users.overflow.spec != rates.user_spec {
+                users.overflow = Buckets::new(&rates.user_spec, &self.clock);
+            }
             &mut users.overflow
         };
         buckets.check(who, u32::from(n), &self.clock)
@@ -603,6 +648,80 @@ mod tests {
             r.tracked_users("a"),
             1,
             "only 'fresh' was seen in the last minute"
+        );
+    }
+
+    #[test]
+    fn a_reconfiguration_keeps_the_state_of_unchanged_limiters() {
+        let (r, _clock) = setup(100);
+        assert_eq!(admitted(&r, &who("a", "u"), 1, 5), 3);
+        assert_eq!(admitted(&r, &who("a", "vip"), 1, 10), 6);
+        assert_eq!(
+            (0..10).filter(|_| r.check_client_now("a").is_ok()).count(),
+            5
+        );
+        // The same configuration plus a client: nothing is refilled.
+        let mut c = Config {
+            limits: crate::limits::spec::LimitsConfig {
+                max_tracked_users_per_client: 100,
+                per_user: RateSpec {
+                    requests_per_minute: Some(6),
+                    requests_burst: Some(3),
+                    images_per_minute: Some(20),
+                    images_burst: Some(10),
+                },
+                per_client: RateSpec {
+                    requests_per_minute: Some(60),
+                    requests_burst: Some(5),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        c.clients.push(ClientConfig {
+            name: "a".into(),
+            key_hash: hash_key("a"),
+            users: vec![UserOverride {
+                user: "vip".into(),
+                limits: RateSpec {
+                    requests_burst: Some(6),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        c.clients.push(ClientConfig {
+            name: "new".into(),
+            key_hash: hash_key("new"),
+            ..Default::default()
+        });
+        let same = r.reconfigured(&c);
+        assert_eq!(
+            admitted(&same, &who("a", "u"), 1, 5),
+            0,
+            "u kept its empty bucket"
+        );
+        assert_eq!(admitted(&same, &who("a", "vip"), 1, 5), 0);
+        assert!(
+            same.check_client_now("a").is_err(),
+            "the client limiter kept"
+        );
+        assert_eq!(admitted(&same, &who("new", "u"), 1, 5), 3);
+        assert_eq!(same.tracked_users("b"), 0, "client b is gone");
+        // vip's override changes: only vip starts again, with the new numbers.
+        c.clients[0].users[0].limits.requests_burst = Some(4);
+        c.limits.per_client.requests_burst = Some(7);
+        let changed = same.reconfigured(&c);
+        assert_eq!(admitted(&changed, &who("a", "u"), 1, 5), 0);
+        assert_eq!(admitted(&changed, &who("a", "vip"), 1, 10), 4);
+        assert_eq!(
+            (0..10)
+                .filter(|_| changed.check_client_now("a").is_ok())
+                .count(),
+            7,
+            "the client's own limit changed: a new, full limiter"
         );
     }
 

@@ -122,6 +122,29 @@ pub fn problems(l: &LimitsConfig) -> Vec<String> {
     p
 }
 
+/// Every client's limits under `config`.
+fn client_specs(config: &Config) -> HashMap<Arc<str>, ClientSpecs> {
+    let l = &config.limits;
+    config
+        .clients
+        .iter()
+        .map(|c| {
+            let own = c.limits.over(l.per_client);
+            let user_spec = c.user_limits.over(l.per_user);
+            let specs = ClientSpecs {
+                own: LimitSpec::new(own.requests_per_minute, own.requests_burst),
+                user: UserSpecs::of(user_spec),
+                overrides: c
+                    .users
+                    .iter()
+                    .map(|u| (u.user.clone(), UserSpecs::of(u.limits.over(user_spec))))
+                    .collect(),
+            };
+            (Arc::<str>::from(c.name.as_str()), specs)
+        })
+        .collect()
+}
+
 /// The limits of one client, as the Redis backend needs them.
 struct ClientSpecs {
     own: Option<LimitSpec>,
@@ -204,24 +227,7 @@ impl RedisRates {
         let shown_url = redact_url(url.expose());
         let client = redis::Client::open(url.expose().as_str())
             .map_err(|e| format!("limits.redis_url: '{shown_url}' is not a Redis URL: {e}"))?;
-        let clients = config
-            .clients
-            .iter()
-            .map(|c| {
-                let own = c.limits.over(l.per_client);
-                let user_spec = c.user_limits.over(l.per_user);
-                let specs = ClientSpecs {
-                    own: LimitSpec::new(own.requests_per_minute, own.requests_burst),
-                    user: UserSpecs::of(user_spec),
-                    overrides: c
-                        .users
-                        .iter()
-                        .map(|u| (u.user.clone(), UserSpecs::of(u.limits.over(user_spec))))
-                        .collect(),
-                };
-                (Arc::<str>::from(c.name.as_str()), specs)
-            })
-            .collect();
+        let clients = client_specs(config);
         metrics::gauge!("imagegate_rate_backend_up").set(1.0);
         Ok(RedisRates {
             client,
@@ -237,6 +243,27 @@ impl RedisRates {
             retry_at: Mutex::new(None),
             warned_at: Mutex::new(None),
         })
+    }
+
+    /// The same connection, prefix and failure policy with the limits of `config` (a reload).
+    /// The limits live in Redis, keyed by client and user, so they keep their state; the local
+    /// fallback keeps the state of its unchanged limiters.
+    fn reconfigured_with(&self, config: &Config) -> RedisRates {
+        let conn = self.conn.try_lock().ok().and_then(|c| c.clone());
+        RedisRates {
+            client: self.client.clone(),
+            conn: tokio::sync::Mutex::new(conn),
+            script: self.script.clone(),
+            prefix: self.prefix.clone(),
+            timeout: self.timeout,
+            failure: self.failure,
+            shown_url: self.shown_url.clone(),
+            clients: client_specs(config),
+            local: self.local.reconfigured(config),
+            up: AtomicBool::new(self.is_up()),
+            retry_at: Mutex::new(*self.retry_at.lock().expect("lock poisoned by a panic")),
+            warned_at: Mutex::new(*self.warned_at.lock().expect("lock poisoned by a panic")),
+        }
     }
 
     /// Whether the last attempt to reach Redis succeeded.
@@ -512,6 +539,10 @@ impl RateBackend for RedisRates {
 
     fn sweep(&self) {
         self.local.sweep();
+    }
+
+    fn reconfigured(&self, config: &Config) -> Arc<dyn RateBackend> {
+        Arc::new(self.reconfigured_with(config))
     }
 }
 

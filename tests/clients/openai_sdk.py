@@ -18,6 +18,11 @@ gpt-image profile (the shipped `[models]` defaults; ../shared/spec/gpt-image-mod
   8. openai.BadRequestError with `.code`/`.param` for a retired model (dall-e-2), for
      `response_format` and for 17 images, none of them reaching the upstream.
 
+TLS termination (`[server.tls]`, a CA and a server certificate made with the `openssl` command):
+  9. the SDK over https with an httpx client that trusts that CA (`verify=`, the SDK's
+     `DefaultHttpxClient`) gets its edit,
+ 10. a client that trusts only the system CAs is refused (openai.APIConnectionError).
+
 Usage: openai_sdk.py PATH_TO_IMAGEGATE_BINARY
 """
 import base64
@@ -254,6 +259,7 @@ def main():
         try:
             dall_e_2_checks(check, binary, upstream_url, os.path.join(workdir, "dall-e-2"))
             gpt_image_checks(check, binary, upstream_url, os.path.join(workdir, "gpt-image"))
+            https_checks(check, binary, upstream_url, os.path.join(workdir, "https"))
         finally:
             server.shutdown()
     print(f"{passed} passed, {failures} failed")
@@ -428,6 +434,82 @@ def gpt_image_checks(check, binary, upstream_url, workdir):
         check("model dall-e-2 is BadRequestError code=invalid_value param=model", retired_model)
         check("response_format=url is BadRequestError code=unknown_parameter", response_format)
         check("17 images is BadRequestError code=array_above_max_length param=image", seventeen_images)
+    finally:
+        stop(proc)
+
+
+def make_pki(workdir):
+    """A CA and a server certificate for localhost and 127.0.0.1 signed by it (P-256, 2 days),
+    made with the openssl command; returns (ca_path, cert_path, key_path)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = lambda name: os.path.join(workdir, name)  # noqa: E731
+    with open(path("ca.cnf"), "w") as f:
+        f.write("""[req]
+distinguished_name = dn
+x509_extensions = v3_ca
+prompt = no
+[dn]
+CN = imagegate SDK test CA
+[v3_ca]
+basicConstraints = critical, CA:true
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+""")
+    with open(path("leaf.cnf"), "w") as f:
+        f.write("""basicConstraints = critical, CA:false
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost, IP:127.0.0.1
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+""")
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=workdir)  # noqa: E731
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-config", "ca.cnf")
+    run("req", "-new", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "leaf.cnf")
+    return path("ca.pem"), path("server.pem"), path("server.key")
+
+
+def https_checks(check, binary, upstream_url, workdir):
+    print("-- TLS termination ([server.tls])")
+    import ssl
+
+    ca, cert, key = make_pki(workdir)
+    profile = DALL_E_2_PROFILE + f"""
+[server.tls]
+cert_file = "{cert}"
+key_file = "{key}"
+"""
+    proc, addr = start_gateway(binary, upstream_url, workdir, profile)
+    port = addr.rsplit(":", 1)[1]
+    try:
+
+        def trusted_ca():
+            before = len(Upstream.received)
+            # The SDK's own httpx client class, trusting the test CA (an SSLContext, which every
+            # httpx version accepts for `verify=`).
+            with openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=ca), timeout=30) as http_client:
+                client = openai.OpenAI(base_url=f"https://localhost:{port}/v1", api_key=GATEWAY_KEY,
+                                       max_retries=0, http_client=http_client)
+                result = client.images.edit(image=("otter.png", png_rgba(32), "image/png"), prompt="over https", n=1)
+            assert len(result.data) == 1, result
+            assert len(Upstream.received) == before + 1
+            assert b"over https" in Upstream.received[-1][2]
+
+        def untrusted():
+            client = openai.OpenAI(base_url=f"https://localhost:{port}/v1", api_key=GATEWAY_KEY, max_retries=0, timeout=30)
+            try:
+                client.images.edit(image=("otter.png", png_rgba(32), "image/png"), prompt="x")
+            except openai.APIConnectionError:
+                pass
+            else:
+                raise AssertionError("a client without the test CA got through")
+
+        check("the SDK over https with the test CA (httpx verify=) gets its edit", trusted_ca)
+        check("without the test CA the SDK is refused (APIConnectionError)", untrusted)
     finally:
         stop(proc)
 

@@ -58,6 +58,9 @@ pub enum Behavior {
     Status { status: u16, body: String },
     /// Reads and records the whole request, then never answers (until the mock is dropped).
     Hang,
+    /// Extra: reads and records the whole request, then holds its answer until
+    /// [`MockUpstream::release`] is called, then answers as `Success`.
+    Held,
     /// Accepts the request head but never reads the body nor answers. Not recorded in
     /// `received()` (the body never arrives); counted by [`MockUpstream::heads`].
     HangBeforeReading,
@@ -314,6 +317,8 @@ struct Shared {
     count_tx: watch::Sender<usize>,
     heads_tx: watch::Sender<usize>,
     behavior: Mutex<Behavior>,
+    /// `Held` answers wait for it to be true.
+    released: watch::Sender<bool>,
     models: Mutex<ModelsAnswer>,
     responses: AtomicU64,
     connections: AtomicUsize,
@@ -349,6 +354,7 @@ impl MockUpstream {
             count_tx: watch::Sender::new(0),
             heads_tx: watch::Sender::new(0),
             behavior: Mutex::new(Behavior::Success),
+            released: watch::Sender::new(false),
             models: Mutex::new(ModelsAnswer::default()),
             responses: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
@@ -435,6 +441,11 @@ impl MockUpstream {
         let mut recorded = self.shared.recorded.lock().unwrap();
         recorded.clear();
         self.shared.count_tx.send_replace(0);
+    }
+
+    /// Extra: lets every `Held` answer go (those waiting and those to come).
+    pub fn release(&self) {
+        self.shared.released.send_replace(true);
     }
 
     /// Extra: the behaviour currently in force.
@@ -544,6 +555,10 @@ async fn handle(
     if let Behavior::SlowHead { delay_ms } = behavior {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
     }
+    if behavior == Behavior::Held {
+        let mut released = shared.released.subscribe();
+        let _ = released.wait_for(|r| *r).await;
+    }
     let id = shared.responses.fetch_add(1, Ordering::SeqCst) + 1;
     let (status, body, extra) = match behavior {
         Behavior::Hang => return Err(wait_shutdown(&shared).await),
@@ -560,7 +575,7 @@ async fn handle(
             (StatusCode::OK, body, true)
         }
         Behavior::HangBeforeReading => unreachable!(),
-        Behavior::Success | Behavior::FewerImages(_) => (
+        Behavior::Success | Behavior::FewerImages(_) | Behavior::Held => (
             StatusCode::OK,
             MockBody::full(success_json(items, b64)),
             true,
