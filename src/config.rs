@@ -114,6 +114,11 @@ pub struct ServerConfig {
     /// Connections open at once on each listener (the API and the admin listener count
     /// separately); a connection accepted above it is closed at once.
     pub max_connections: usize,
+    /// API listener: connections accepted above `max_connections` that may only ask
+    /// `GET /healthz` or `/readyz` (anything else: 503 `overloaded`), each closed after one
+    /// answer and within `header_read_timeout`, so a probe on a new connection is answered
+    /// while a flood holds every regular place. 0 turns them off.
+    pub probe_connections: usize,
     /// A connection that carries no request for this long is closed (HTTP/1 keep-alive between
     /// requests; HTTP/2 with no open stream, including one that sent its preface and then
     /// nothing).
@@ -150,6 +155,7 @@ impl Default for ServerConfig {
             caller_idle_timeout: Duration::from_secs(60),
             buffer_wait: Duration::from_secs(10),
             max_connections: 1024,
+            probe_connections: 8,
             idle_timeout: Duration::from_secs(60),
             http2_max_concurrent_streams: 64,
             http2_keep_alive_interval: Duration::from_secs(20),

@@ -2,8 +2,10 @@
 //! listener): HTTP/1.1 and h2 on one port (hyper-util's auto builder), and for every connection:
 //!
 //! - a cap on open connections per listener (`server.max_connections`): a semaphore permit is
-//!   taken at accept and lives in the connection's task; a connection accepted above the cap is
-//!   closed at once, before a byte is read;
+//!   taken at accept and lives in the connection's task; above the cap, the API listener has
+//!   `server.probe_connections` places where only `/healthz` and `/readyz` are answered (one
+//!   answer, then closed; anything else 503 `overloaded`), so probes pass during a flood; a
+//!   connection accepted above those too is closed at once, before a byte is read;
 //! - TLS when the listener has it (`server.tls`, `admin.tls`; ALPN `h2` and `http/1.1`): the
 //!   acceptor of the configuration in force when the connection is accepted (a reload that
 //!   renews the certificate serves it to the next connections). The handshake runs in the
@@ -191,6 +193,7 @@ struct ConnSettings {
     /// Also how long a closing connection with no request left gets to finish its goodbye.
     keep_alive_timeout: Duration,
     max_connections: usize,
+    probe_connections: usize,
 }
 
 impl ConnSettings {
@@ -200,8 +203,48 @@ impl ConnSettings {
             idle_timeout: server.idle_timeout,
             keep_alive_timeout: server.http2_keep_alive_timeout,
             max_connections: server.max_connections,
+            probe_connections: server.probe_connections,
         }
     }
+
+    /// A probe connection (above `max_connections`): closed once idle for a moment after its
+    /// answer, and never later than `header_read_timeout` idle.
+    fn for_probes(&self) -> Self {
+        ConnSettings {
+            idle_timeout: self
+                .idle_timeout
+                .min(self.header_read_timeout)
+                .min(PROBE_IDLE),
+            ..self.clone()
+        }
+    }
+}
+
+/// How long a probe connection may stay idle after its answer.
+const PROBE_IDLE: Duration = Duration::from_secs(1);
+
+/// The service of a probe connection: `/healthz` and `/readyz` go to the application (which
+/// answers them above the overload layer); anything else is 503 `overloaded` with
+/// `Retry-After`. HTTP/1 answers carry `Connection: close`.
+fn probes_only(app: AppService) -> AppService {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(move |req: Request<Incoming>| {
+        let app = app.clone();
+        async move {
+            let http1 = req.version() <= http::Version::HTTP_11;
+            let mut resp = if matches!(req.uri().path(), "/healthz" | "/readyz") {
+                app.oneshot(req).await?
+            } else {
+                crate::error::GatewayError::Overloaded.into_response()
+            };
+            if http1 {
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    }))
 }
 
 /// The two stages of stopping: `drain` stops the accept loops and asks every connection to
@@ -330,8 +373,18 @@ async fn accept_loop(
         tls,
     } = listening;
     let permits = Arc::new(Semaphore::new(settings.max_connections));
+    // Only the API listener serves health probes.
+    let probe_places = if name == "api" {
+        settings.probe_connections
+    } else {
+        0
+    };
+    let probe_permits = Arc::new(Semaphore::new(probe_places));
+    let probe_settings = Arc::new(settings.for_probes());
+    let probe_service = probes_only(service.clone());
     let open = metrics::gauge!("imagegate_open_connections", "listener" => name);
     let refused = metrics::counter!("imagegate_connections_refused_total", "listener" => name);
+    let probes = metrics::counter!("imagegate_probe_connections_total", "listener" => name);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -347,13 +400,22 @@ async fn accept_loop(
             },
             () = stop.drain.cancelled() => break,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            // Closing at once (rather than leaving the connection in the kernel's backlog)
-            // tells the client now, and frees the descriptor.
-            refused.increment(1);
-            tracing::debug!(%peer, listener = name, "max_connections reached: connection closed");
-            drop(stream);
-            continue;
+        let (permit, probe) = match permits.clone().try_acquire_owned() {
+            Ok(permit) => (permit, false),
+            Err(_) => match probe_permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    probes.increment(1);
+                    (permit, true)
+                }
+                Err(_) => {
+                    // Closing at once (rather than leaving the connection in the kernel's
+                    // backlog) tells the client now, and frees the descriptor.
+                    refused.increment(1);
+                    tracing::debug!(%peer, listener = name, "max_connections reached: connection closed");
+                    drop(stream);
+                    continue;
+                }
+            },
         };
         let _ = stream.set_nodelay(true);
         open.increment(1.0);
@@ -365,9 +427,17 @@ async fn accept_loop(
                 listener: name,
                 _permit: permit,
             },
-            service.clone(),
+            if probe {
+                probe_service.clone()
+            } else {
+                service.clone()
+            },
             builder.clone(),
-            settings.clone(),
+            if probe {
+                probe_settings.clone()
+            } else {
+                settings.clone()
+            },
             stop.clone(),
         );
         let open = open.clone();

@@ -581,16 +581,20 @@ async fn idle_http2_gets_a_goaway_and_is_closed() {
     );
 }
 
-/// A flood of idle connections up to `server.max_connections` (32 here): the cap is reached, a
-/// connection above it is closed at once without an answer (and counted), a connection inside
+/// A flood of idle connections up to `server.max_connections` (32 here): the cap is reached; a
+/// new connection above it takes a probe place (`server.probe_connections`, 2 here) where
+/// `/healthz` is answered and an edit gets 503 `overloaded`; with the probe places held too, a
+/// connection above them is closed at once without an answer (and counted), a connection inside
 /// the cap still gets `/healthz`, the admin listener (counted apart) still answers, and once the
 /// first-bytes deadline (3 s here) has closed the flood a new connection is served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_idle_connections_reaches_the_cap() {
     const CAP: usize = 32;
+    const PROBES: usize = 2;
     let mock = MockUpstream::start().await;
     let mut conf = Conf::fast();
     conf.set("server", "max_connections", &CAP.to_string())
+        .set("server", "probe_connections", &PROBES.to_string())
         .set("server", "header_read_timeout", "\"3s\"")
         .set("server", "idle_timeout", "\"3s\"");
     let gw = Proc::start(&conf, &mock).await;
@@ -609,7 +613,43 @@ async fn a_flood_of_idle_connections_reaches_the_cap() {
     .await;
     let refused_before = gw.metric(refused).await;
 
-    // Above the cap: accepted by the kernel, closed by the gateway before a byte is read.
+    // Above the cap, a probe place: /healthz is answered (and the connection closed), anything
+    // else is 503 `overloaded` with Retry-After.
+    let started = Instant::now();
+    let (out, _) =
+        raw_exchange_until_end(gw.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", BOUND).await;
+    let probe_latency = started.elapsed();
+    assert_eq!(
+        raw_status(&out),
+        Some(200),
+        "a health probe above the cap is answered: {}",
+        String::from_utf8_lossy(&out)
+    );
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert!(text.contains("connection: close"), "{text}");
+    let (out, _) = raw_exchange_until_end(
+        gw.addr,
+        b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        BOUND,
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert_eq!(raw_status(&out), Some(503), "{text}");
+    assert!(
+        text.contains("retry-after: 1") && text.contains("overloaded"),
+        "{text}"
+    );
+
+    // Probe places held too (2 here): a connection above both is accepted by the kernel and
+    // closed by the gateway before a byte is read.
+    let mut squatters = Vec::new();
+    for _ in 0..PROBES {
+        squatters.push(TcpStream::connect(gw.addr).await.unwrap());
+    }
+    poll("the probe places to fill", || async {
+        (gw.metric(open).await as usize == CAP + PROBES).then_some(())
+    })
+    .await;
     let started = Instant::now();
     let (out, ended) = raw_exchange_until_end(
         gw.addr,
@@ -634,6 +674,16 @@ async fn a_flood_of_idle_connections_reaches_the_cap() {
     })
     .await;
     assert_eq!(refused_after, refused_before + 1.0);
+    // A probe place that stays silent is closed by the first-bytes deadline.
+    for mut c in squatters {
+        let mut sink = Vec::new();
+        let _ = bounded(
+            "a silent probe connection to be closed",
+            c.read_to_end(&mut sink),
+        )
+        .await;
+        assert!(sink.is_empty());
+    }
 
     // A connection of the flood is served: its neighbours' idleness does not hurt it.
     let mut inside = flood.pop().unwrap();
@@ -670,7 +720,8 @@ async fn a_flood_of_idle_connections_reaches_the_cap() {
     assert_eq!(healthz(gw.addr).await, 200);
     let after_latency = started.elapsed();
     eprintln!(
-        "FIGURE connection flood (max_connections {CAP}): cap reached ({held} open); a connection above it closed in {} without an answer ({ended:?}, refused_total +1); /healthz inside the cap {}; flood closed by the 3 s first-bytes deadline / idle timeout after {}; /healthz on a new connection afterwards {}",
+        "FIGURE connection flood (max_connections {CAP}, probe_connections {PROBES}): cap reached ({held} open); /healthz on a new connection during the flood (a probe place) {}; with the probe places held too, a connection above them closed in {} without an answer ({ended:?}, refused_total +1); /healthz inside the cap {}; flood closed by the 3 s first-bytes deadline / idle timeout after {}; /healthz on a new connection afterwards {}",
+        ms(probe_latency),
         ms(refused_in),
         ms(inside_latency),
         ms(flood_closed),
