@@ -4,7 +4,11 @@
 //! - `GET /admin/usage?since=&until=&client=&user=&group_by=user|client|day|model`: the usage report
 //!   as JSON (the same filters and figures as `imagegate usage`);
 //! - `GET /admin/requests/{request_id}`: one ledger record as JSON, 404 when unknown;
-//! - `GET /metrics`: Prometheus text.
+//! - `GET /metrics`: Prometheus text;
+//! - the operator's page (`/admin/`, served without the key: it holds no data) and its API
+//!   (`/admin/requests`, `/admin/quotas`, `/admin/chain`, `/admin/upstream`): see [`page`].
+//!
+//! Every answer but the page's files carries `Cache-Control: no-store`.
 //!
 //! Served by the API's accept path (`server.rs`): the same connection cap, first-bytes deadline,
 //! header-read and idle timeouts, and graceful drain. Errors are [`GatewayError`]s in the same
@@ -33,10 +37,13 @@ use crate::middleware::auth::{bearer, key_digest};
 use crate::middleware::request_id::RequestIdLayer;
 use crate::startup::StartupError;
 
+pub mod page;
+
 struct Admin {
     state: Arc<AppState>,
     reader: LedgerReader,
     key: [u8; 32],
+    page: page::Page,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -55,6 +62,7 @@ enum Route<'a> {
     Metrics,
     Usage,
     Record(&'a str),
+    Page(page::Api),
 }
 
 impl<'a> Route<'a> {
@@ -62,6 +70,7 @@ impl<'a> Route<'a> {
         match path {
             "/metrics" => Some(Route::Metrics),
             "/admin/usage" => Some(Route::Usage),
+            _ if page::Api::of(path).is_some() => page::Api::of(path).map(Route::Page),
             _ => path
                 .strip_prefix("/admin/requests/")
                 .filter(|id| !id.is_empty() && !id.contains('/'))
@@ -83,14 +92,24 @@ pub fn build(state: Arc<AppState>) -> Result<Option<AppService>, StartupError> {
             path: state.config.ledger.location(),
             detail: e.to_string(),
         })?;
-    let admin = Arc::new(Admin { state, reader, key });
+    let page = page::Page::open(&state)?;
+    let admin = Arc::new(Admin {
+        state,
+        reader,
+        key,
+        page,
+    });
     let svc = tower::service_fn(move |req: Request<Incoming>| {
         let admin = admin.clone();
         async move {
-            Ok::<_, Infallible>(match admin.handle(req).await {
+            let mut resp = match admin.handle(req).await {
                 Ok(resp) => resp,
                 Err(e) => e.into_response(),
-            })
+            };
+            resp.headers_mut()
+                .entry(header::CACHE_CONTROL)
+                .or_insert(HeaderValue::from_static("no-store"));
+            Ok::<_, Infallible>(resp)
         }
     });
     let stack = ServiceBuilder::new()
@@ -124,6 +143,9 @@ impl Admin {
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        if let Some(resp) = page::asset(&req) {
+            return Ok(resp);
+        }
         if !self.authorized(&req) {
             return Err(GatewayError::AdminKeyRequired);
         }
@@ -145,6 +167,12 @@ impl Admin {
             Route::Metrics => Ok(self.metrics()),
             Route::Usage => self.usage(req.uri().query().unwrap_or("")).await,
             Route::Record(id) => self.record(id).await,
+            Route::Page(api) => {
+                let query = req.uri().query().unwrap_or("");
+                self.page
+                    .handle(api, query, &self.state, &self.reader)
+                    .await
+            }
         }
     }
 

@@ -1,0 +1,431 @@
+//! The operator's page on the admin listener: its files (served without the key, with a strict
+//! CSP), the API it adds (`/admin/requests`, `/admin/quotas`, `/admin/chain`,
+//! `/admin/upstream`) checked against the traffic the test sent, and (ignored unless Chromium
+//! and `tests/page/node_modules` are there; `.ci/run` runs it) the page itself in headless
+//! Chromium, whose figures must equal the traffic sent.
+
+mod support;
+
+use std::time::Duration;
+
+use imagegate::config::hash_key;
+use imagegate::limits::spec::QuotaSpec;
+use serde_json::Value;
+use support::fixtures::rgba_png;
+use support::gateway::*;
+use support::multipart::edit_request;
+use support::{Resp, send};
+
+const ADMIN_KEY: &str = "ig-admin-key-for-page-tests-42";
+
+fn with_admin(c: &mut imagegate::config::Config) {
+    c.admin.listen = Some("127.0.0.1:0".parse().unwrap());
+    c.admin.key_hash = Some(hash_key(ADMIN_KEY));
+    // Limits to show against: every user 200 images a day, client "app" $100 a day.
+    c.quotas.per_user = QuotaSpec {
+        images_per_day: Some(200),
+        ..QuotaSpec::default()
+    };
+    c.clients[0].quotas = QuotaSpec {
+        usd_per_day: Some(100.0),
+        ..QuotaSpec::default()
+    };
+}
+
+async fn get(addr: std::net::SocketAddr, path: &str, key: Option<&str>) -> Resp {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| vec![("authorization", a)])
+        .unwrap_or_default();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        send(addr, "GET", path, &headers, vec![]),
+    )
+    .await
+    .expect("the admin listener answers")
+}
+
+async fn ok_json(addr: std::net::SocketAddr, path: &str) -> Value {
+    let r = get(addr, path, Some(ADMIN_KEY)).await;
+    assert_eq!(r.status, 200, "{path}: {}", r.text());
+    assert_eq!(
+        r.header("cache-control").as_deref(),
+        Some("no-store"),
+        "{path}"
+    );
+    r.json()
+}
+
+/// One edit request as the traffic sends it.
+struct Sent {
+    client: &'static str,
+    user: &'static str,
+    n: u32,
+    size: &'static str,
+    /// `None`: refused (n=11 is above dall-e-2's maximum).
+    price_micros: Option<i64>,
+}
+
+/// The known traffic: two clients, two users, one rejection. Prices are the dall-e-2 list
+/// (1024x1024 $0.020, 512x512 $0.018, 256x256 $0.016).
+const TRAFFIC: [Sent; 5] = [
+    Sent {
+        client: "app",
+        user: "alice",
+        n: 2,
+        size: "1024x1024",
+        price_micros: Some(20_000),
+    },
+    Sent {
+        client: "app",
+        user: "alice",
+        n: 1,
+        size: "512x512",
+        price_micros: Some(18_000),
+    },
+    Sent {
+        client: "app",
+        user: "bob",
+        n: 1,
+        size: "256x256",
+        price_micros: Some(16_000),
+    },
+    Sent {
+        client: "other",
+        user: "alice",
+        n: 3,
+        size: "1024x1024",
+        price_micros: Some(20_000),
+    },
+    Sent {
+        client: "app",
+        user: "bob",
+        n: 11,
+        size: "1024x1024",
+        price_micros: None,
+    },
+];
+
+/// Send [`TRAFFIC`], one second apart on the gateway's clock; returns the request ids in the
+/// order sent.
+async fn traffic(gw: &Gateway) -> Vec<String> {
+    let mut ids = Vec::new();
+    for s in &TRAFFIC {
+        let key = if s.client == "app" {
+            APP_KEY
+        } else {
+            OTHER_KEY
+        };
+        let form = edit_request(&rgba_png(16, true), "p")
+            .text("user", s.user)
+            .text("n", &s.n.to_string())
+            .text("size", s.size);
+        let r = gw.edit(key, &form).await;
+        let want = if s.price_micros.is_some() { 200 } else { 400 };
+        assert_eq!(r.status, want, "{}", r.text());
+        ids.push(r.header("x-imagegate-request-id").expect("request id"));
+        gw.clock.advance(Duration::from_secs(1));
+    }
+    ids
+}
+
+/// What the traffic adds up to, for a filter on the sent requests.
+fn expected(filter: impl Fn(&Sent) -> bool) -> (u64, u64, i64) {
+    let sent: Vec<&Sent> = TRAFFIC.iter().filter(|s| filter(s)).collect();
+    let images = sent
+        .iter()
+        .filter(|s| s.price_micros.is_some())
+        .map(|s| u64::from(s.n))
+        .sum();
+    let spend = sent
+        .iter()
+        .filter_map(|s| s.price_micros.map(|p| p * i64::from(s.n)))
+        .sum();
+    (sent.len() as u64, images, spend)
+}
+
+fn ids_of(page: &Value) -> Vec<String> {
+    page["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_page_is_served_without_the_key_under_a_strict_csp() {
+    let gw = Gateway::start_with(with_admin).await;
+    let admin = gw.server.admin_addr.unwrap();
+    let page = get(admin, "/admin/", None).await;
+    assert_eq!(page.status, 200);
+    assert_eq!(
+        page.header("content-type").as_deref(),
+        Some("text/html; charset=utf-8")
+    );
+    let csp = page.header("content-security-policy").expect("a CSP");
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "connect-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(directive), "{directive} missing from {csp}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+    assert!(page.text().contains("/admin/page.js"));
+    let redirect = get(admin, "/admin", None).await;
+    assert_eq!(redirect.status, 308);
+    assert_eq!(redirect.header("location").as_deref(), Some("/admin/"));
+    for (path, ty) in [
+        ("/admin/page.js", "text/javascript; charset=utf-8"),
+        ("/admin/page.css", "text/css; charset=utf-8"),
+    ] {
+        let r = get(admin, path, None).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.header("content-type").as_deref(), Some(ty));
+        assert!(r.header("content-security-policy").is_some());
+    }
+    // Other methods on the page's paths go through the key check like everything else.
+    let post = send(admin, "POST", "/admin/", &[], vec![]).await;
+    assert_eq!(post.status, 401);
+}
+
+#[tokio::test]
+async fn page_api_without_the_admin_key_gets_401_and_no_data() {
+    let gw = Gateway::start_with(with_admin).await;
+    let admin = gw.server.admin_addr.unwrap();
+    traffic(&gw).await;
+    for path in [
+        "/admin/requests",
+        "/admin/requests?client=app",
+        "/admin/quotas",
+        "/admin/chain",
+        "/admin/chain?verify=1",
+        "/admin/upstream",
+    ] {
+        for key in [None, Some("ig-not-the-admin-key-000000"), Some(APP_KEY)] {
+            let r = get(admin, path, key).await;
+            assert_eq!(r.status, 401, "{path} with {key:?}");
+            let body = r.json();
+            assert_eq!(body["error"]["code"], "invalid_api_key");
+            assert_eq!(
+                body.as_object().unwrap().keys().collect::<Vec<_>>(),
+                ["error"],
+                "{path}: {body}"
+            );
+            let text = r.text();
+            for leak in ["alice", "bob", "req_", UPSTREAM_KEY] {
+                assert!(!text.contains(leak), "{path} leaks {leak}: {text}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn recent_requests_newest_first_with_filters_and_paging() {
+    let gw = Gateway::start_with(with_admin).await;
+    let admin = gw.server.admin_addr.unwrap();
+    let sent = traffic(&gw).await;
+    let newest_first: Vec<String> = sent.iter().rev().cloned().collect();
+
+    let all = ok_json(admin, "/admin/requests").await;
+    assert_eq!(ids_of(&all), newest_first);
+    assert_eq!(all["next_before"], Value::Null);
+    let first = &all["requests"][4];
+    assert_eq!(first["client"], "app");
+    assert_eq!(first["user"], "alice");
+    assert_eq!(first["outcome"], "answered");
+    assert_eq!(first["images_returned"], 2);
+    assert_eq!(first["cost_settled_micros"], 40_000);
+    let refused = &all["requests"][0];
+    assert_eq!(refused["outcome"], "rejected");
+    assert_eq!(refused["reason_code"], "integer_above_max_value");
+
+    // Filters, alone and together.
+    let pick = |f: &dyn Fn(&Sent) -> bool| -> Vec<String> {
+        TRAFFIC
+            .iter()
+            .zip(&sent)
+            .filter(|(s, _)| f(s))
+            .map(|(_, id)| id.clone())
+            .rev()
+            .collect()
+    };
+    for (query, want) in [
+        ("client=other", pick(&|s| s.client == "other")),
+        ("user=bob", pick(&|s| s.user == "bob")),
+        (
+            "user=alice&client=app",
+            pick(&|s| s.user == "alice" && s.client == "app"),
+        ),
+        ("outcome=rejected", pick(&|s| s.price_micros.is_none())),
+        (
+            "outcome=answered&client=app",
+            pick(&|s| s.price_micros.is_some() && s.client == "app"),
+        ),
+        ("client=nobody", vec![]),
+        ("since=2999-01-01", vec![]),
+        ("until=2000-01-01", vec![]),
+    ] {
+        let page = ok_json(admin, &format!("/admin/requests?{query}")).await;
+        assert_eq!(ids_of(&page), want, "{query}");
+    }
+
+    // Paging: 2 + 2 + 1, each page older than the one before, nothing twice.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for want_len in [2, 2, 1] {
+        let path = match &cursor {
+            Some(c) => format!("/admin/requests?limit=2&before={c}"),
+            None => "/admin/requests?limit=2".into(),
+        };
+        let page = ok_json(admin, &path).await;
+        let ids = ids_of(&page);
+        assert_eq!(ids.len(), want_len, "{path}");
+        seen.extend(ids);
+        cursor = page["next_before"].as_str().map(str::to_owned);
+        if want_len == 2 {
+            assert_eq!(cursor.as_deref(), seen.last().map(String::as_str));
+        }
+    }
+    assert_eq!(seen, newest_first);
+    assert_eq!(cursor, None, "the last page says there is no more");
+
+    for bad in [
+        "limit=0",
+        "limit=201",
+        "limit=ten",
+        "outcome=great",
+        "since=yesterday",
+    ] {
+        let r = get(admin, &format!("/admin/requests?{bad}"), Some(ADMIN_KEY)).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    }
+}
+
+#[tokio::test]
+async fn quotas_show_use_against_limits() {
+    let gw = Gateway::start_with(with_admin).await;
+    let admin = gw.server.admin_addr.unwrap();
+    traffic(&gw).await;
+    let q = ok_json(admin, "/admin/quotas").await;
+    assert_eq!(q["time_zone"], "UTC");
+    let today = gw.clock.now_wall().strftime("%Y-%m-%d").to_string();
+    assert_eq!(q["day"], today.as_str());
+    assert_eq!(q["month"], &today[..7]);
+    assert_eq!(q["truncated"], false);
+    let scopes = q["scopes"].as_array().unwrap();
+    let scope = |client: &str, user: Option<&str>| {
+        scopes
+            .iter()
+            .find(|s| s["client"] == client && s["user"].as_str() == user)
+            .unwrap_or_else(|| panic!("no scope {client}/{user:?}: {q}"))
+            .clone()
+    };
+    assert_eq!(
+        scopes.len(),
+        2 + 3,
+        "two clients and three users with use: {q}"
+    );
+    for (client, user) in [
+        ("app", None),
+        ("other", None),
+        ("app", Some("alice")),
+        ("app", Some("bob")),
+        ("other", Some("alice")),
+    ] {
+        let (_, images, spend) =
+            expected(|s| s.client == client && user.is_none_or(|u| u == s.user));
+        let s = scope(client, user);
+        for period in ["day", "month"] {
+            assert_eq!(s[period]["images"], images, "{client}/{user:?} {period}");
+            assert_eq!(s[period]["micros"], spend, "{client}/{user:?} {period}");
+        }
+        assert_eq!(s["day"]["period"], today.as_str());
+    }
+    // The limits: users 200 images a day; client app $100 a day; nothing else.
+    assert_eq!(scope("app", Some("bob"))["day"]["images_limit"], 200);
+    assert_eq!(scope("other", Some("alice"))["day"]["images_limit"], 200);
+    assert_eq!(
+        scope("app", Some("bob"))["month"]["images_limit"],
+        Value::Null
+    );
+    assert_eq!(scope("app", None)["day"]["micros_limit"], 100_000_000);
+    assert_eq!(scope("app", None)["day"]["images_limit"], Value::Null);
+    assert_eq!(scope("other", None)["day"]["micros_limit"], Value::Null);
+}
+
+#[tokio::test]
+async fn chain_status_and_verify() {
+    let gw = Gateway::start_with(with_admin).await;
+    let admin = gw.server.admin_addr.unwrap();
+    let empty = ok_json(admin, "/admin/chain").await;
+    assert_eq!(empty["head"], Value::Null);
+    assert_eq!(
+        (empty["entries"].as_u64(), empty["records"].as_u64()),
+        (Some(0), Some(0))
+    );
+    traffic(&gw).await;
+    let status = ok_json(admin, "/admin/chain").await;
+    assert_eq!(status["records"], 5);
+    // 4 forwarded (begin + complete) and 1 rejection (final).
+    assert_eq!(status["entries"], 4 * 2 + 1);
+    assert_eq!(status["head"]["seq"], 9);
+    let hash = status["head"]["hash"].as_str().unwrap();
+    assert_eq!(hash.len(), 64);
+    let verified = ok_json(admin, "/admin/chain?verify=1").await;
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert_eq!(verified["entries"], 9);
+    assert_eq!(verified["records"], 5);
+    assert_eq!(verified["head"]["hash"], hash);
+    assert!(verified["took_ms"].is_u64());
+    assert_eq!(
+        get(admin, "/admin/chain?verify=yes", Some(ADMIN_KEY))
+            .await
+            .status,
+        400
+    );
+
+    // A tampered record is reported, with where.
+    let conn = rusqlite::Connection::open(gw.dir.path().join("imagegate.db")).unwrap();
+    conn.execute(
+        "UPDATE records SET images_returned = 9 WHERE end_user = 'bob' AND outcome = 'answered'",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let broken = ok_json(admin, "/admin/chain?verify=1").await;
+    assert_eq!(broken["ok"], false, "{broken}");
+    assert!(broken["first_broken"]["seq"].is_u64(), "{broken}");
+}
+
+#[tokio::test]
+async fn upstream_keys_never_show_a_key() {
+    let gw = Gateway::start_with(with_admin).await;
+    let admin = gw.server.admin_addr.unwrap();
+    let r = get(admin, "/admin/upstream", Some(ADMIN_KEY)).await;
+    assert_eq!(r.status, 200);
+    assert!(!r.text().contains(UPSTREAM_KEY), "{}", r.text());
+    let keys = r.json()["keys"].as_array().unwrap().clone();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0]["name"], "default");
+    assert_eq!(keys[0]["state"], "active");
+    assert_eq!(keys[0]["key_set"], true);
+    assert_eq!(
+        keys[0]["base_url"],
+        format!("http://{}", gw.mock.addr()).as_str()
+    );
+
+    let keyless = Gateway::start_with(|c| {
+        with_admin(c);
+        c.upstream_key = None;
+    })
+    .await;
+    let r = ok_json(keyless.server.admin_addr.unwrap(), "/admin/upstream").await;
+    assert_eq!(r["keys"][0]["state"], "no_key");
+    assert_eq!(r["keys"][0]["key_set"], false);
+}
