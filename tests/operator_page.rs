@@ -429,3 +429,238 @@ async fn upstream_keys_never_show_a_key() {
     assert_eq!(r["keys"][0]["state"], "no_key");
     assert_eq!(r["keys"][0]["key_set"], false);
 }
+
+/// Picks some of the [`TRAFFIC`].
+type Filter = Box<dyn Fn(&Sent) -> bool>;
+
+/// Where the browser test leaves its screenshot (`target/page-artifacts/operator.png`, or
+/// under `CARGO_TARGET_DIR`).
+fn artifacts_dir() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("page-artifacts")
+}
+
+/// `$1.23` as the page prints micro-dollars (2 to 6 decimals, thousands separated).
+fn usd(micros: i64) -> String {
+    let whole = micros / 1_000_000;
+    let mut frac = format!("{:06}", micros % 1_000_000);
+    while frac.len() > 2 && frac.ends_with('0') {
+        frac.pop();
+    }
+    format!("${whole}.{frac}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs Chromium (/usr/bin/chromium) and tests/page/node_modules (npm ci in tests/page); run by .ci/run"]
+async fn browser_shows_the_traffic_sent() {
+    let gw = Gateway::start_with(with_admin).await;
+    let admin = gw.server.admin_addr.unwrap();
+    let sent = traffic(&gw).await;
+
+    let dir = artifacts_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let shot = dir.join("operator.png");
+    let _ = std::fs::remove_file(&shot);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/page/operator_page.mjs");
+    let url = format!("http://{admin}/admin/");
+    let args = [
+        "120".to_owned(),
+        "node".into(),
+        script.display().to_string(),
+        url,
+        ADMIN_KEY.into(),
+        shot.display().to_string(),
+    ];
+    // `timeout` bounds the browser; the gateway keeps serving on this runtime meanwhile.
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("timeout").args(args).output()
+    })
+    .await
+    .unwrap()
+    .expect("node runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the browser script failed: {stderr}"
+    );
+    let seen: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    assert_eq!(seen["loaded"]["state"], "loaded", "{seen}");
+    assert!(
+        seen["page_errors"].as_array().unwrap().is_empty(),
+        "script errors: {}",
+        seen["page_errors"]
+    );
+    // The only console errors: Chromium logging the wrong key's 401 answers.
+    assert!(
+        seen["console"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m.as_str().unwrap().contains("401")),
+        "console errors: {}",
+        seen["console"]
+    );
+
+    // A wrong key: "wrong key", the login form, no data, and every API call it made got 401.
+    let wrong = &seen["wrong_key"];
+    assert_eq!(wrong["login_error"], "wrong key");
+    assert_eq!(
+        (
+            wrong["login_visible"].as_bool(),
+            wrong["dash_visible"].as_bool()
+        ),
+        (Some(true), Some(false))
+    );
+    for list in ["top_users", "top_clients", "recent", "quotas", "upstream"] {
+        assert_eq!(wrong[list].as_array().unwrap().len(), 0, "{list}: {wrong}");
+    }
+    assert!(
+        wrong["tiles"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|v| v == "–"),
+        "{wrong}"
+    );
+    assert_eq!(wrong["stored_key"], Value::Null);
+    let api = seen["api"].as_array().unwrap();
+    let first_ok = api
+        .iter()
+        .position(|c| c["status"] == 200)
+        .expect("calls with the key");
+    assert!(first_ok > 0, "the wrong key made a call: {api:?}");
+    assert!(
+        api[..first_ok].iter().all(|c| c["status"] == 401),
+        "{api:?}"
+    );
+
+    // The right key: the totals, top users and clients equal the traffic.
+    let page = &seen["loaded"];
+    let (requests, images, spend) = expected(|_| true);
+    let tiles = &page["tiles"];
+    assert_eq!(tiles["total-requests"], requests.to_string().as_str());
+    assert_eq!(tiles["total-forwarded"], "4");
+    assert_eq!(tiles["total-images"], images.to_string().as_str());
+    assert_eq!(tiles["total-spend"], usd(spend).as_str());
+    assert_eq!(tiles["total-rejected"], "1");
+    assert_eq!(page["chart_bars"], 30, "one bar per day of the last 30");
+    let check_usage = |list: &str, rows: &[(&str, Filter)]| {
+        let shown = page[list].as_array().unwrap();
+        assert_eq!(shown.len(), rows.len(), "{list}: {shown:?}");
+        let mut spends = Vec::new();
+        for (key, filter) in rows {
+            let (requests, images, spend) = expected(filter);
+            let row = shown
+                .iter()
+                .find(|r| r["key"] == *key)
+                .unwrap_or_else(|| panic!("{list}: no {key} in {shown:?}"));
+            assert_eq!(
+                row["requests"],
+                requests.to_string().as_str(),
+                "{list} {key}"
+            );
+            assert_eq!(row["images"], images.to_string().as_str(), "{list} {key}");
+            assert_eq!(row["spend"], usd(spend).as_str(), "{list} {key}");
+            assert_eq!(row["spend_micros"], spend, "{list} {key}");
+        }
+        for r in shown {
+            spends.push(r["spend_micros"].as_i64().unwrap());
+        }
+        assert!(
+            spends.windows(2).all(|w| w[0] >= w[1]),
+            "{list} sorted by spend: {spends:?}"
+        );
+    };
+    check_usage(
+        "top_users",
+        &[
+            (
+                "app/alice",
+                Box::new(|s: &Sent| s.client == "app" && s.user == "alice"),
+            ),
+            (
+                "app/bob",
+                Box::new(|s: &Sent| s.client == "app" && s.user == "bob"),
+            ),
+            (
+                "other/alice",
+                Box::new(|s: &Sent| s.client == "other" && s.user == "alice"),
+            ),
+        ],
+    );
+    check_usage(
+        "top_clients",
+        &[
+            ("app", Box::new(|s: &Sent| s.client == "app")),
+            ("other", Box::new(|s: &Sent| s.client == "other")),
+        ],
+    );
+
+    // The recent requests: every request sent, newest first, as sent.
+    let recent = page["recent"].as_array().unwrap();
+    let shown_ids: Vec<&str> = recent.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    let want_ids: Vec<&str> = sent.iter().rev().map(String::as_str).collect();
+    assert_eq!(shown_ids, want_ids);
+    for (row, s) in recent.iter().rev().zip(&TRAFFIC) {
+        assert_eq!(row["client"], s.client);
+        assert_eq!(row["user"], s.user);
+        match s.price_micros {
+            Some(p) => {
+                assert_eq!(row["outcome"], "answered");
+                assert_eq!(row["status"], "200");
+                assert_eq!(row["images"], s.n.to_string().as_str());
+                assert_eq!(row["cost_micros"], p * i64::from(s.n));
+            }
+            None => {
+                assert_eq!(row["outcome"], "rejected (integer_above_max_value)");
+                assert_eq!(row["status"], "400");
+                assert_eq!(row["cost_micros"], 0);
+            }
+        }
+    }
+    let record = &seen["record"];
+    assert_eq!(record["request_id"], sent[0].as_str());
+    assert_eq!(record["images_returned"], "2");
+    assert_eq!(record["size"], "1024x1024");
+    let filtered: Vec<&str> = seen["filtered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(filtered, [sent[3].as_str()]);
+
+    // Quotas, chain and upstream are shown.
+    let quotas = page["quotas"].as_array().unwrap();
+    assert_eq!(quotas.len(), 5, "{quotas:?}");
+    let app = quotas.iter().find(|q| q["scope"] == "app").unwrap();
+    let (_, app_images, app_spend) = expected(|s| s.client == "app");
+    assert_eq!(app["cells"][2], format!("{app_images} (no limit)").as_str());
+    assert_eq!(
+        app["cells"][3],
+        format!("{} / $100.00", usd(app_spend)).as_str()
+    );
+    assert_eq!(page["chain"]["chain-records"], "5");
+    assert_eq!(page["chain"]["chain-head-seq"], "9");
+    assert_eq!(page["upstream"][0][1], "active");
+    assert!(!page.to_string().contains(UPSTREAM_KEY));
+
+    // Logged out: no key kept, no data left.
+    let out = &seen["logged_out"];
+    assert_eq!(out["stored_key"], Value::Null);
+    assert_eq!(out["recent"].as_array().unwrap().len(), 0);
+    assert_eq!(out["top_users"].as_array().unwrap().len(), 0);
+    assert_eq!(out["login_visible"], true);
+
+    let png = std::fs::read(&shot).expect("the screenshot was saved");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    eprintln!(
+        "page loaded in {} ms (all its API calls, as the page measures it); screenshot: {}",
+        page["loaded_ms"],
+        shot.display()
+    );
+}
