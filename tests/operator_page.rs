@@ -666,7 +666,8 @@ async fn browser_shows_the_traffic_sent() {
 }
 
 /// Fill a SQLite ledger at `path` with `count` records spread over the 30 days before `now`:
-/// 2 clients, up to 50 users each (a few heavy ones), 1 in 10 rejected, written through the store API in batches.
+/// 2 clients, up to 50 users each (a few heavy ones), 1 in 10 rejected (the others begun and
+/// completed, as forwarded requests are), written through the store API in batches.
 fn fill_ledger(path: &std::path::Path, count: u32, now: jiff::Timestamp) {
     use imagegate::ledger::{LedgerOp, LedgerStore, Outcome, Record, SqliteStore};
     let mut store = SqliteStore::open(path).unwrap();
@@ -683,7 +684,7 @@ fn fill_ledger(path: &std::path::Path, count: u32, now: jiff::Timestamp) {
         let user = (50.0 * ((r * 7.0).fract()).powi(2)) as u32;
         let rejected = i % 10 == 9;
         let n = 1 + i % 3;
-        batch.push(LedgerOp::Final(Record {
+        let record = Record {
             request_id: format!("req_fill_{i:08}"),
             received_at: jiff::Timestamp::from_microsecond(at).unwrap(),
             client: Some(client.into()),
@@ -703,8 +704,15 @@ fn fill_ledger(path: &std::path::Path, count: u32, now: jiff::Timestamp) {
             cost_settled_micros: if rejected { 0 } else { i64::from(n) * 20_000 },
             total_ms: Some(900 + u64::from(i % 500)),
             ..Record::default()
-        }));
-        if batch.len() == 1000 || i + 1 == count {
+        };
+        // Answered requests were forwarded: begun, then completed (two chain entries).
+        if rejected {
+            batch.push(LedgerOp::Final(record));
+        } else {
+            batch.push(LedgerOp::Begin(record.clone()));
+            batch.push(LedgerOp::Complete(record));
+        }
+        if batch.len() >= 1000 || i + 1 == count {
             for r in store.write_batch(&batch).unwrap() {
                 r.unwrap();
             }

@@ -9,7 +9,7 @@
   const PAGE = 25;
   const $ = (id) => document.getElementById(id);
 
-  const view = { since: '', until: '', cursor: null, older: [], filters: {} };
+  const view = { since: '', until: '', cursor: null, filters: {} };
 
   class WrongKey extends Error {}
 
@@ -188,7 +188,7 @@
       return tr;
     }));
     $('older').hidden = !page.next_before;
-    $('older').onclick = () => { view.older.push(view.cursor); view.cursor = page.next_before; guard(loadRecent()); };
+    $('older').onclick = () => { view.cursor = page.next_before; guard(loadRecent()); };
     $('newest').hidden = !view.cursor;
   }
 
@@ -273,7 +273,7 @@
     $('record').hidden = true;
     $('verify-result').textContent = '';
     $('loaded').textContent = '';
-    Object.assign(view, { since: '', until: '', cursor: null, older: [], filters: {} });
+    Object.assign(view, { since: '', until: '', cursor: null, filters: {} });
   }
 
   function logout(message) {
@@ -313,17 +313,15 @@
       view.since = $('since').value;
       view.until = $('until').value;
       view.cursor = null;
-      view.older = [];
       guard(loadAll());
     });
     $('filters').addEventListener('submit', (ev) => {
       ev.preventDefault();
       view.filters = { client: $('f-client').value.trim(), user: $('f-user').value.trim(), outcome: $('f-outcome').value };
       view.cursor = null;
-      view.older = [];
       guard(loadRecent());
     });
-    $('newest').addEventListener('click', () => { view.cursor = null; view.older = []; guard(loadRecent()); });
+    $('newest').addEventListener('click', () => { view.cursor = null; guard(loadRecent()); });
     $('record-close').addEventListener('click', () => { $('record').hidden = true; });
     $('verify').addEventListener('click', async () => {
       $('verify-result').textContent = 'verifying…';
