@@ -70,11 +70,11 @@ impl<'a> Route<'a> {
         match path {
             "/metrics" => Some(Route::Metrics),
             "/admin/usage" => Some(Route::Usage),
-            _ if page::Api::of(path).is_some() => page::Api::of(path).map(Route::Page),
-            _ => path
-                .strip_prefix("/admin/requests/")
-                .filter(|id| !id.is_empty() && !id.contains('/'))
-                .map(Route::Record),
+            _ => page::Api::of(path).map(Route::Page).or_else(|| {
+                path.strip_prefix("/admin/requests/")
+                    .filter(|id| !id.is_empty() && !id.contains('/'))
+                    .map(Route::Record)
+            }),
         }
     }
 }
