@@ -418,6 +418,28 @@ mod tests {
         assert_eq!(Api::of("/admin/"), None);
     }
 
+    #[tokio::test]
+    async fn one_verify_at_a_time() {
+        let reader = || {
+            LedgerReader::new(Box::new(
+                crate::ledger::SqliteStore::open_in_memory().unwrap(),
+            ))
+        };
+        let page = Page {
+            verifier: reader(),
+            verifying: Arc::new(Semaphore::new(1)),
+        };
+        let running = page.verifying.clone().try_acquire_owned().unwrap();
+        let busy = page.chain("verify=1", &reader()).await.unwrap();
+        assert_eq!(busy.status(), StatusCode::CONFLICT);
+        // The cheap status is not held up by a running verify.
+        let status = page.chain("", &reader()).await.unwrap();
+        assert_eq!(status.status(), StatusCode::OK);
+        drop(running);
+        let done = page.chain("verify=1", &reader()).await.unwrap();
+        assert_eq!(done.status(), StatusCode::OK);
+    }
+
     #[test]
     fn the_page_loads_nothing_from_elsewhere() {
         for text in [INDEX_HTML, PAGE_JS, PAGE_CSS] {
