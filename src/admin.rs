@@ -12,7 +12,11 @@
 //!   shape (`status: "rejected"`, `problems`) when the new configuration has a problem (nothing
 //!   changed then).
 //!
-//! The admin key is that of the configuration in force (a reload may change it).
+//! - the operator's page (`/admin/`, served without the key: it holds no data) and its API
+//!   (`/admin/requests`, `/admin/quotas`, `/admin/chain`, `/admin/upstream`): see [`page`].
+//!
+//! Every answer but the page's files carries `Cache-Control: no-store`. The admin key is that
+//! of the configuration in force (a reload may change it).
 //!
 //! Served by the API's accept path (`server.rs`): the same connection cap, first-bytes deadline,
 //! header-read and idle timeouts, and graceful drain. Errors are [`GatewayError`]s in the same
@@ -42,9 +46,12 @@ use crate::middleware::auth::{bearer, key_digest};
 use crate::middleware::request_id::RequestIdLayer;
 use crate::startup::StartupError;
 
+pub mod page;
+
 struct Admin {
     state: Arc<AppState>,
     reader: LedgerReader,
+    page: page::Page,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -65,6 +72,7 @@ enum Route<'a> {
     Record(&'a str),
     UpstreamKeys,
     Reload,
+    Page(page::Api),
 }
 
 impl<'a> Route<'a> {
@@ -74,10 +82,11 @@ impl<'a> Route<'a> {
             "/admin/usage" => Some(Route::Usage),
             "/admin/upstream/keys" => Some(Route::UpstreamKeys),
             "/admin/reload" => Some(Route::Reload),
-            _ => path
-                .strip_prefix("/admin/requests/")
-                .filter(|id| !id.is_empty() && !id.contains('/'))
-                .map(Route::Record),
+            _ => page::Api::of(path).map(Route::Page).or_else(|| {
+                path.strip_prefix("/admin/requests/")
+                    .filter(|id| !id.is_empty() && !id.contains('/'))
+                    .map(Route::Record)
+            }),
         }
     }
 }
@@ -95,14 +104,23 @@ pub fn build(state: Arc<AppState>) -> Result<Option<AppService>, StartupError> {
         path: config.ledger.location(),
         detail: e.to_string(),
     })?;
-    let admin = Arc::new(Admin { state, reader });
+    let page = page::Page::open(&state)?;
+    let admin = Arc::new(Admin {
+        state,
+        reader,
+        page,
+    });
     let svc = tower::service_fn(move |req: Request<Incoming>| {
         let admin = admin.clone();
         async move {
-            Ok::<_, Infallible>(match admin.handle(req).await {
+            let mut resp = match admin.handle(req).await {
                 Ok(resp) => resp,
                 Err(e) => e.into_response(),
-            })
+            };
+            resp.headers_mut()
+                .entry(header::CACHE_CONTROL)
+                .or_insert(HeaderValue::from_static("no-store"));
+            Ok::<_, Infallible>(resp)
         }
     });
     let stack = ServiceBuilder::new()
@@ -139,6 +157,9 @@ impl Admin {
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        if let Some(resp) = page::asset(&req) {
+            return Ok(resp);
+        }
         if !self.authorized(&req) {
             return Err(GatewayError::AdminKeyRequired);
         }
@@ -170,6 +191,12 @@ impl Admin {
             Route::Record(id) => self.record(id).await,
             Route::UpstreamKeys => json(&self.state.live().upstream.pool().health()),
             Route::Reload => self.reload().await,
+            Route::Page(api) => {
+                let query = req.uri().query().unwrap_or("");
+                self.page
+                    .handle(api, query, &self.state, &self.reader)
+                    .await
+            }
         }
     }
 

@@ -67,8 +67,8 @@ pub use report::{
 };
 pub use sqlite::{SqliteStore, Synchronous};
 pub use store::{
-    BrokenLink, ChainHead, GroupBy, LedgerOp, LedgerStore, ReplicaHead, UsageQuery, UsageRow,
-    VerifyReport,
+    BrokenLink, ChainHead, ChainStatus, GroupBy, LedgerOp, LedgerStore, RecentQuery, ReplicaHead,
+    UsageQuery, UsageRow, VerifyReport,
 };
 pub use writer::{Ledger, LedgerReader};
 

@@ -45,8 +45,8 @@ use super::record::{
 use super::report::UsageAggregator;
 use super::sqlite::{differing_fields, kind_fits};
 use super::store::{
-    BrokenLink, ChainHead, LedgerOp, LedgerStore, ReplicaHead, UsageFact, UsageQuery, UsageRow,
-    VerifyReport,
+    BrokenLink, ChainHead, ChainStatus, LedgerOp, LedgerStore, RecentQuery, ReplicaHead, UsageFact,
+    UsageQuery, UsageRow, VerifyReport,
 };
 
 /// How to reach PostgreSQL. `Debug` never shows the password.
@@ -247,6 +247,11 @@ CREATE TABLE quota_usage (
 ALTER TABLE records ADD COLUMN upstream_key TEXT;
 CREATE INDEX records_upstream_key ON records (upstream_key, received_at_us);
 ",
+    ),
+    (
+        3,
+        "records by outcome (the operator page's recent requests)",
+        "CREATE INDEX IF NOT EXISTS records_outcome ON records (outcome, received_at_us);",
     ),
 ];
 
@@ -532,6 +537,36 @@ fn filter(q: &UsageQuery) -> (String, Params) {
     } else {
         (format!(" WHERE {}", clauses.join(" AND ")), args)
     }
+}
+
+/// ` WHERE ...` for the filters and cursor of a [`RecentQuery`], and its arguments.
+fn recent_filter(q: &RecentQuery) -> (String, Params) {
+    let (base, mut args) = filter(&UsageQuery {
+        since: q.since,
+        until: q.until,
+        client: q.client.clone(),
+        user: q.user.clone(),
+        ..UsageQuery::default()
+    });
+    let mut clauses = Vec::new();
+    if let Some(o) = q.outcome {
+        args.push(Box::new(o.as_str().to_owned()));
+        clauses.push(format!("outcome = ${}", args.len()));
+    }
+    if let Some(id) = &q.before {
+        args.push(Box::new(id.clone()));
+        clauses.push(format!(
+            "(received_at_us, request_id) < \
+             (SELECT c.received_at_us, c.request_id FROM records c WHERE c.request_id = ${})",
+            args.len()
+        ));
+    }
+    let sql = match (base.is_empty(), clauses.is_empty()) {
+        (_, true) => base,
+        (true, false) => format!(" WHERE {}", clauses.join(" AND ")),
+        (false, false) => format!("{base} AND {}", clauses.join(" AND ")),
+    };
+    (sql, args)
 }
 
 impl PostgresStore {
@@ -832,6 +867,62 @@ impl LedgerStore for PostgresStore {
                 out(&parse_record(row.get(0))?)?;
             }
             Ok(())
+        })
+    }
+
+    fn recent(&self, q: &RecentQuery) -> Result<Vec<Record>, LedgerError> {
+        let (filter_sql, mut args) = recent_filter(q);
+        args.push(Box::new(i64::from(q.limit)));
+        let sql = format!(
+            "SELECT record_json FROM records{filter_sql} \
+             ORDER BY received_at_us DESC, request_id DESC LIMIT ${}",
+            args.len()
+        );
+        self.with(|c| {
+            c.query(&sql, &refs(&args))?
+                .iter()
+                .map(|r| parse_record(r.get(0)))
+                .collect()
+        })
+    }
+
+    fn chain_status(&self) -> Result<ChainStatus, LedgerError> {
+        let own = self.replica.clone();
+        self.with(|c| {
+            let mut tx = c
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
+            // Each replica's last entry, walking the (replica, seq) primary key backwards.
+            let chains: Vec<ReplicaHead> = tx
+                .query(
+                    "SELECT DISTINCT ON (replica) replica, seq, hash FROM ledger_chain \
+                     ORDER BY replica, seq DESC",
+                    &[],
+                )?
+                .iter()
+                .map(|r| ReplicaHead {
+                    replica: r.get(0),
+                    head: ChainHead {
+                        seq: r.get::<_, i64>(1).max(0) as u64,
+                        hash: r.get(2),
+                    },
+                })
+                .collect();
+            let records: i64 = tx.query_one("SELECT count(*) FROM records", &[])?.get(0);
+            tx.commit()?;
+            Ok(ChainStatus {
+                head: chains
+                    .iter()
+                    .find(|h| h.replica == own)
+                    .or(chains.first())
+                    .map(|h| h.head.clone()),
+                // Each chain is numbered 1, 2, 3, ... without gaps (verify checks it).
+                entries: chains.iter().map(|h| h.head.seq).sum(),
+                records: records.max(0) as u64,
+                chains,
+            })
         })
     }
 

@@ -44,7 +44,8 @@ use super::record::{
 };
 use super::report::UsageAggregator;
 use super::store::{
-    BrokenLink, ChainHead, LedgerOp, LedgerStore, UsageFact, UsageQuery, UsageRow, VerifyReport,
+    BrokenLink, ChainHead, ChainStatus, LedgerOp, LedgerStore, RecentQuery, UsageFact, UsageQuery,
+    UsageRow, VerifyReport,
 };
 
 /// SQLite's `synchronous` setting for the ledger connection.
@@ -130,6 +131,7 @@ CREATE INDEX IF NOT EXISTS records_received ON records (received_at_us);
 CREATE INDEX IF NOT EXISTS records_client ON records (client, received_at_us);
 CREATE INDEX IF NOT EXISTS records_user ON records (end_user, received_at_us);
 CREATE INDEX IF NOT EXISTS records_forwarding ON records (seq) WHERE outcome = 'forwarding';
+CREATE INDEX IF NOT EXISTS records_outcome ON records (outcome, received_at_us);
 ";
 
 /// The records columns added by version 2, with their types. All nullable: existing rows read
@@ -774,6 +776,35 @@ fn filter(q: &UsageQuery) -> (String, Vec<Value>) {
     }
 }
 
+/// ` WHERE ...` for the filters and cursor of a [`RecentQuery`], and its arguments.
+fn recent_filter(q: &RecentQuery) -> (String, Vec<Value>) {
+    let (base, mut args) = filter(&UsageQuery {
+        since: q.since,
+        until: q.until,
+        client: q.client.clone(),
+        user: q.user.clone(),
+        ..UsageQuery::default()
+    });
+    let mut clauses: Vec<&str> = Vec::new();
+    if let Some(o) = q.outcome {
+        clauses.push("outcome = ?");
+        args.push(Value::Text(o.as_str().to_owned()));
+    }
+    if let Some(id) = &q.before {
+        clauses.push(
+            "(received_at_us, request_id) < \
+             (SELECT received_at_us, request_id FROM records WHERE request_id = ?)",
+        );
+        args.push(Value::Text(id.clone()));
+    }
+    let sql = match (base.is_empty(), clauses.is_empty()) {
+        (_, true) => base,
+        (true, false) => format!(" WHERE {}", clauses.join(" AND ")),
+        (false, false) => format!("{base} AND {}", clauses.join(" AND ")),
+    };
+    (sql, args)
+}
+
 /// Whether a chain entry of `kind` may carry `outcome` (as the writer produces them).
 pub(crate) fn kind_fits(kind: EntryKind, outcome: Outcome) -> bool {
     match kind {
@@ -905,6 +936,34 @@ impl LedgerStore for SqliteStore {
             out(&record_from_row(row)?)?;
         }
         Ok(())
+    }
+
+    fn recent(&self, q: &RecentQuery) -> Result<Vec<Record>, LedgerError> {
+        let (filter_sql, mut args) = recent_filter(q);
+        args.push(Value::Integer(i64::from(q.limit)));
+        let mut stmt = self.conn.prepare(&format!(
+            "{}{filter_sql} ORDER BY received_at_us DESC, request_id DESC LIMIT ?",
+            self.select_record()
+        ))?;
+        let rows = stmt.query_map(params_from_iter(args), record_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn chain_status(&self) -> Result<ChainStatus, LedgerError> {
+        // One read transaction, so the head and the counts agree.
+        let tx = self.conn.unchecked_transaction()?;
+        let head = read_tip(&tx)?.map(|t| ChainHead {
+            seq: t.seq as u64,
+            hash: t.hash,
+        });
+        let records: i64 = tx.query_row("SELECT count(*) FROM records", [], |r| r.get(0))?;
+        Ok(ChainStatus {
+            // The chain is numbered 1, 2, 3, ... without gaps (verify checks it).
+            entries: head.as_ref().map_or(0, |h| h.seq),
+            head,
+            records: records.max(0) as u64,
+            chains: Vec::new(),
+        })
     }
 
     fn verify(&self) -> Result<VerifyReport, LedgerError> {

@@ -91,6 +91,55 @@ pub trait LedgerStore: Send + 'static {
     fn ping(&mut self) -> Result<(), LedgerError> {
         Ok(())
     }
+
+    /// The records matching `q`, newest first (`received_at` then `request_id`, descending),
+    /// at most `q.limit`. Served by the `records` indexes (`received_at_us`, `(client, ..)`,
+    /// `(end_user, ..)`, `(outcome, ..)`). Both real stores implement it; the default (for
+    /// wrappers that only write, as in tests) answers an error.
+    fn recent(&self, q: &RecentQuery) -> Result<Vec<Record>, LedgerError> {
+        let _ = q;
+        Err(LedgerError::Store("this store cannot list records".into()))
+    }
+
+    /// The chain's head(s) and the row counts, without reading the chain through (see
+    /// [`ChainStatus`]); [`LedgerStore::verify`] is the full check. Default as for `recent`.
+    fn chain_status(&self) -> Result<ChainStatus, LedgerError> {
+        Err(LedgerError::Store(
+            "this store cannot report its chain".into(),
+        ))
+    }
+}
+
+/// Filters and page of [`LedgerStore::recent`] (all filters optional, combined with AND).
+#[derive(Clone, Debug, Default)]
+pub struct RecentQuery {
+    /// `received_at >= since`.
+    pub since: Option<Timestamp>,
+    /// `received_at < until`.
+    pub until: Option<Timestamp>,
+    pub client: Option<String>,
+    pub user: Option<String>,
+    pub outcome: Option<Outcome>,
+    /// The paging cursor: only records older than this request's (by `received_at`, then
+    /// `request_id`). An unknown id selects nothing.
+    pub before: Option<String>,
+    /// At most this many records.
+    pub limit: u32,
+}
+
+/// What [`LedgerStore::chain_status`] reads: cheap enough for every page load.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ChainStatus {
+    /// The last entry of the chain (PostgreSQL: this replica's chain, or the first one when
+    /// this replica has none).
+    pub head: Option<ChainHead>,
+    /// Chain entries (every replica's).
+    pub entries: u64,
+    /// Rows of the records table.
+    pub records: u64,
+    /// PostgreSQL: the head of each replica's chain. Empty for SQLite (one chain).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chains: Vec<ReplicaHead>,
 }
 
 /// How usage is grouped.

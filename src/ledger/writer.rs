@@ -42,7 +42,9 @@ use super::LedgerError;
 use super::record::Record;
 use super::report::{ExportFormat, write_export};
 use super::sqlite::SqliteStore;
-use super::store::{LedgerOp, LedgerStore, UsageQuery, UsageRow, VerifyReport};
+use super::store::{
+    ChainStatus, LedgerOp, LedgerStore, RecentQuery, UsageQuery, UsageRow, VerifyReport,
+};
 
 /// Most jobs in one transaction: the one waited for and up to 256 more already queued.
 pub const MAX_BATCH: usize = 257;
@@ -645,6 +647,14 @@ impl LedgerReader {
 
     pub async fn verify(&self) -> Result<VerifyReport, LedgerError> {
         self.with(|s| s.verify()).await
+    }
+
+    pub async fn recent(&self, q: RecentQuery) -> Result<Vec<Record>, LedgerError> {
+        self.with(move |s| s.recent(&q)).await
+    }
+
+    pub async fn chain_status(&self) -> Result<ChainStatus, LedgerError> {
+        self.with(|s| s.chain_status()).await
     }
 }
 
