@@ -586,7 +586,7 @@ async fn idle_http2_gets_a_goaway_and_is_closed() {
 /// `/healthz` is answered and an edit gets 503 `overloaded`; with the probe places held too, a
 /// connection above them is closed at once without an answer (and counted), a connection inside
 /// the cap still gets `/healthz`, the admin listener (counted apart) still answers, and once the
-/// first-bytes deadline (3 s here) has closed the flood a new connection is served again.
+/// first-bytes deadline (10 s here) has closed the flood a new connection is served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_idle_connections_reaches_the_cap() {
     const CAP: usize = 32;
@@ -595,8 +595,10 @@ async fn a_flood_of_idle_connections_reaches_the_cap() {
     let mut conf = Conf::fast();
     conf.set("server", "max_connections", &CAP.to_string())
         .set("server", "probe_connections", &PROBES.to_string())
-        .set("server", "header_read_timeout", "\"3s\"")
-        .set("server", "idle_timeout", "\"3s\"");
+        // Long enough that the flood still holds every place while the probe places are
+        // tried on a loaded machine.
+        .set("server", "header_read_timeout", "\"10s\"")
+        .set("server", "idle_timeout", "\"10s\"");
     let gw = Proc::start(&conf, &mock).await;
     let open = "imagegate_open_connections{listener=\"api\"}";
     let refused = "imagegate_connections_refused_total{listener=\"api\"}";
@@ -720,7 +722,7 @@ async fn a_flood_of_idle_connections_reaches_the_cap() {
     assert_eq!(healthz(gw.addr).await, 200);
     let after_latency = started.elapsed();
     eprintln!(
-        "FIGURE connection flood (max_connections {CAP}, probe_connections {PROBES}): cap reached ({held} open); /healthz on a new connection during the flood (a probe place) {}; with the probe places held too, a connection above them closed in {} without an answer ({ended:?}, refused_total +1); /healthz inside the cap {}; flood closed by the 3 s first-bytes deadline / idle timeout after {}; /healthz on a new connection afterwards {}",
+        "FIGURE connection flood (max_connections {CAP}, probe_connections {PROBES}): cap reached ({held} open); /healthz on a new connection during the flood (a probe place) {}; with the probe places held too, a connection above them closed in {} without an answer ({ended:?}, refused_total +1); /healthz inside the cap {}; flood closed by the 10 s first-bytes deadline / idle timeout after {}; /healthz on a new connection afterwards {}",
         ms(probe_latency),
         ms(refused_in),
         ms(inside_latency),
