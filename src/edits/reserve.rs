@@ -20,9 +20,10 @@ pub enum Pricing {
     Tokens(TokenPrices),
 }
 
-/// Reserve `images` and `micros` for `who` on the blocking pool.
+/// Reserve `images` and `micros` for `who` on the blocking pool, held under `request_id`.
 pub async fn reserve(
     quotas: &Arc<QuotaStore>,
+    request_id: &str,
     who: &EndUser,
     images: u32,
     micros: i64,
@@ -30,7 +31,8 @@ pub async fn reserve(
 ) -> Result<ReservationGuard, GatewayError> {
     let store = quotas.clone();
     let who = who.clone();
-    let reservation = tokio::task::spawn_blocking(move || store.reserve(&who, images, micros))
+    let id = request_id.to_owned();
+    let reservation = tokio::task::spawn_blocking(move || store.reserve(&id, &who, images, micros))
         .await
         .map_err(|_| GatewayError::Internal)??;
     Ok(ReservationGuard {
@@ -189,6 +191,14 @@ mod tests {
         Arc::new(QuotaStore::open_in_memory(Arc::new(c), Clock::manual(SystemTime::now())).unwrap())
     }
 
+    fn rid() -> String {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        format!(
+            "req_{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
+    }
+
     fn who() -> EndUser {
         EndUser {
             client: "a".into(),
@@ -204,7 +214,7 @@ mod tests {
     #[tokio::test]
     async fn settles_to_what_the_answer_cost() {
         let s = store();
-        let g = reserve(&s, &who(), 4, 80_000, Pricing::PerImage(20_000))
+        let g = reserve(&s, &rid(), &who(), 4, 80_000, Pricing::PerImage(20_000))
             .await
             .unwrap();
         assert_eq!(g.reserved_micros(), 80_000);
@@ -217,11 +227,11 @@ mod tests {
     #[tokio::test]
     async fn refund_restores_the_quota_before_returning() {
         let s = store();
-        let g = reserve(&s, &who(), 10, 0, Pricing::PerImage(0))
+        let g = reserve(&s, &rid(), &who(), 10, 0, Pricing::PerImage(0))
             .await
             .unwrap();
         assert!(
-            reserve(&s, &who(), 1, 0, Pricing::PerImage(0))
+            reserve(&s, &rid(), &who(), 1, 0, Pricing::PerImage(0))
                 .await
                 .is_err()
         );
@@ -232,7 +242,7 @@ mod tests {
     #[tokio::test]
     async fn charge_all_charges_the_whole_reservation() {
         let s = store();
-        let g = reserve(&s, &who(), 4, 80_000, Pricing::PerImage(20_000))
+        let g = reserve(&s, &rid(), &who(), 4, 80_000, Pricing::PerImage(20_000))
             .await
             .unwrap();
         assert_eq!(g.reserved_images(), 4);
@@ -278,7 +288,7 @@ mod tests {
             .build()
             .unwrap();
         let g = rt
-            .block_on(reserve(&s, &who(), 5, 100, Pricing::PerImage(20)))
+            .block_on(reserve(&s, &rid(), &who(), 5, 100, Pricing::PerImage(20)))
             .unwrap();
         assert_eq!(used(&s), (5, 100));
         drop(rt);

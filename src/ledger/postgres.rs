@@ -191,10 +191,11 @@ fn is_unique_violation(e: &postgres::Error) -> bool {
 }
 
 /// Versioned migrations: `(version, description, SQL)`, applied in order, each once.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "ledger chain, records and quota use",
-    "
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "ledger chain, records and quota use",
+        "
 CREATE TABLE ledger_chain (
     replica TEXT NOT NULL,
     seq BIGINT NOT NULL,
@@ -238,7 +239,27 @@ CREATE TABLE quota_usage (
     PRIMARY KEY (scope, period)
 );
 ",
-)];
+    ),
+    (
+        2,
+        "quota holds: one row per open reservation, reconciled with its record",
+        "
+CREATE TABLE quota_holds (
+    request_id TEXT PRIMARY KEY,
+    replica TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    day TEXT NOT NULL,
+    month TEXT NOT NULL,
+    reserved_images BIGINT NOT NULL,
+    reserved_micros BIGINT NOT NULL,
+    images BIGINT NOT NULL,
+    micros BIGINT NOT NULL,
+    settled BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE INDEX quota_holds_replica ON quota_holds (replica);
+",
+    ),
+];
 
 /// The version [`migrate`] brings a database to.
 pub fn latest_version() -> i32 {
@@ -745,6 +766,13 @@ impl LedgerStore for PostgresStore {
                     Plan::Refuse(why) => results.push(Err(LedgerError::Rejected(why))),
                     Plan::Write(kind, record) => {
                         append_at(tx, replica, tip, kind, &record)?;
+                        if kind != EntryKind::Begin {
+                            // Settled and now final: the quota hold is reconciled.
+                            tx.execute(
+                                "DELETE FROM quota_holds WHERE request_id = $1 AND settled",
+                                &[&record.request_id],
+                            )?;
+                        }
                         results.push(Ok(()));
                     }
                 }

@@ -375,10 +375,13 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
         // Create what is missing and upgrade an older ledger in one transaction: another
         // process opening the same file waits, then finds it current.
-        conn.execute_batch(&format!("BEGIN IMMEDIATE;{SCHEMA}"))
-            .inspect_err(|_| {
-                let _ = conn.execute_batch("ROLLBACK");
-            })?;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE;{SCHEMA}{}",
+            crate::limits::quota::SQLITE_HOLDS
+        ))
+        .inspect_err(|_| {
+            let _ = conn.execute_batch("ROLLBACK");
+        })?;
         let upgraded = (|| {
             if parse_version(read_version(&conn)?)? == Schema::V1 {
                 migrate_1_to_2(&conn)?;
@@ -803,6 +806,14 @@ impl LedgerStore for SqliteStore {
                     Plan::Refuse(why) => results.push(Err(LedgerError::Rejected(why))),
                     Plan::Write(kind, record) => {
                         append(tx, tip, kind, &record)?;
+                        if kind != EntryKind::Begin {
+                            // The quota was settled and now the record is final: the request's
+                            // hold has nothing left to reconcile (see `QuotaStore::settle`).
+                            tx.prepare_cached(
+                                "DELETE FROM quota_holds WHERE request_id = ?1 AND settled = 1",
+                            )?
+                            .execute([&record.request_id])?;
+                        }
                         results.push(Ok(()));
                     }
                 }
