@@ -653,3 +653,62 @@ async fn sigkill_at_random_moments_keeps_quota_and_ledger_in_step() {
     assert_eq!(lost, 0, "every request the upstream saw has a record");
     assert_eq!(max_drift, 0);
 }
+
+/// A forwarding task that panics after the upstream answered (a test-only trigger: the
+/// `testkit` end user) still completes its record, as `upstream_error` charged its whole
+/// reservation, and the quota charges the same; the caller gets a 500 and the gateway serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_forwarding_task_completes_its_record_and_settles_its_quota() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock);
+    let db = dir.path().join("imagegate.db");
+    let mut gw = Proc::start(&config).await;
+    let r = edit(gw.addr, imagegate::testkit::PANIC_AFTER_SEND_USER)
+        .await
+        .expect("the gateway answers");
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert_eq!(mock.count(), 1, "the request reached the upstream");
+    // The record is completed by the task's guard, asynchronously: wait for it (bounded).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let record = loop {
+        let records = read_records(&db);
+        let (_, _, holds) = quota_use(&db);
+        if let Some(r) = records.values().next()
+            && r.outcome.is_final()
+            && holds == 0
+        {
+            break r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the record is completed and its hold reconciled within 20 s: {records:?}\n{}",
+            gw.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(record.outcome, Outcome::UpstreamError, "{record:?}");
+    assert!(record.forwarded);
+    assert_eq!(record.reason_code.as_deref(), Some("server_error"));
+    assert_eq!(record.cost_settled_micros, PRICE_1024);
+    let (q_images, q_micros, _) = quota_use(&db);
+    assert_eq!(
+        (q_images, q_micros),
+        (1, PRICE_1024),
+        "the quota charges the whole reservation, as the record does"
+    );
+    assert!(
+        !gw.events(
+            "the forwarding task ended without completing its record (a panic); completing it"
+        )
+        .is_empty(),
+        "{}",
+        gw.log_text()
+    );
+    // The gateway serves on.
+    let ok = edit(gw.addr, "after-panic").await.expect("answers");
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert!(gw.terminate().await.success(), "{}", gw.log_text());
+    verify(&db);
+    audit_verify(&config);
+}

@@ -39,6 +39,7 @@ pub async fn reserve(
         quotas: quotas.clone(),
         reservation: Some(reservation),
         pricing,
+        charge_on_drop: false,
     })
 }
 
@@ -47,9 +48,17 @@ pub struct ReservationGuard {
     quotas: Arc<QuotaStore>,
     reservation: Option<Reservation>,
     pricing: Pricing,
+    /// Dropped unsettled: charge everything instead of refunding.
+    charge_on_drop: bool,
 }
 
 impl ReservationGuard {
+    /// The request is going upstream: if this guard is dropped without being settled (the
+    /// forwarding task panicked), the whole reservation is charged, not refunded.
+    pub fn charge_if_dropped(&mut self) {
+        self.charge_on_drop = true;
+    }
+
     /// Micro-dollars held.
     pub fn reserved_micros(&self) -> i64 {
         self.reservation.as_ref().map_or(0, |r| r.micros)
@@ -157,7 +166,12 @@ impl Drop for ReservationGuard {
     fn drop(&mut self) {
         if let Some(r) = self.reservation.take() {
             let quotas = self.quotas.clone();
-            let refund = move || settle_now(&quotas, &r, 0, 0);
+            let (images, micros) = if self.charge_on_drop {
+                (r.images, r.micros)
+            } else {
+                (0, 0)
+            };
+            let refund = move || settle_now(&quotas, &r, images, micros);
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
                     rt.spawn_blocking(refund);
