@@ -712,3 +712,84 @@ async fn a_panicking_forwarding_task_completes_its_record_and_settles_its_quota(
     verify(&db);
     audit_verify(&config);
 }
+
+/// `GET /readyz` status, polled (bounded: 20 s) until it is `want`.
+async fn readyz_becomes(gw: &Proc, want: u16) -> Duration {
+    let started = Instant::now();
+    loop {
+        let r = try_send(gw.addr, "GET", "/readyz", &[], vec![])
+            .await
+            .expect("readyz answers");
+        if r.status == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "/readyz did not become {want} within 20 s (still {}):\n{}",
+            r.status,
+            gw.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A ledger file made read-only, or deleted, under the running gateway is noticed: `/readyz`
+/// fails, an edit is refused 503 `ledger_unavailable` and not forwarded; once the file is
+/// writable (or back) again, the gateway is ready and forwards again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_or_deleted_ledger_file_is_noticed_and_recovered_from() {
+    use std::os::unix::fs::PermissionsExt;
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &mock);
+    let db = dir.path().join("imagegate.db");
+    let mut gw = Proc::start(&config).await;
+    assert_eq!(edit(gw.addr, "before").await.unwrap().status, 200);
+    readyz_becomes(&gw, 200).await;
+
+    type Step<'a> = Box<dyn Fn() + 'a>;
+    let cases: [(&str, Step<'_>, Step<'_>); 2] = [
+        (
+            "read-only",
+            Box::new(|| {
+                std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap()
+            }),
+            Box::new(|| {
+                std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap()
+            }),
+        ),
+        (
+            "deleted",
+            Box::new(|| std::fs::rename(&db, db.with_extension("moved")).unwrap()),
+            Box::new(|| std::fs::rename(db.with_extension("moved"), &db).unwrap()),
+        ),
+    ];
+    for (name, break_it, mend_it) in &cases {
+        break_it();
+        let noticed = readyz_becomes(&gw, 503).await;
+        let forwarded = mock.count();
+        let r = edit(gw.addr, &format!("while-{name}")).await.unwrap();
+        assert_eq!(r.status, 503, "{name}: {}", r.text());
+        assert!(
+            r.text().contains("ledger_unavailable"),
+            "{name}: {}",
+            r.text()
+        );
+        assert_eq!(mock.count(), forwarded, "{name}: nothing forwarded");
+        mend_it();
+        let back = readyz_becomes(&gw, 200).await;
+        let r = edit(gw.addr, &format!("after-{name}")).await.unwrap();
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        eprintln!(
+            "ledger file {name}: /readyz failed after {noticed:?}, ready again {back:?} after mending"
+        );
+    }
+    assert!(gw.terminate().await.success(), "{}", gw.log_text());
+    let records = by_user(&read_records(&db));
+    for name in ["read-only", "deleted"] {
+        // The refusal was kept in memory and written once the file was back.
+        assert_eq!(records[&format!("while-{name}")].outcome, Outcome::Rejected);
+        assert_eq!(records[&format!("after-{name}")].outcome, Outcome::Answered);
+    }
+    verify(&db);
+}

@@ -307,6 +307,50 @@ pub struct SqliteStore {
     tip: Option<Tip>,
     read_only: bool,
     schema: Schema,
+    /// The file this store opened for writing (path, device and inode), checked before each
+    /// write: SQLite keeps writing through its open descriptor to a file that was deleted,
+    /// replaced or made read-only, so the gateway would not notice otherwise.
+    file: Option<FileId>,
+}
+
+/// The identity of the ledger file as opened.
+#[derive(Debug, Clone)]
+struct FileId {
+    path: std::path::PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileId {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// `Err` when the file at the path is gone, is another file, or is read-only.
+    fn check(&self) -> Result<(), LedgerError> {
+        use std::os::unix::fs::MetadataExt;
+        let shown = self.path.display();
+        let m = std::fs::metadata(&self.path).map_err(|e| {
+            LedgerError::Unavailable(format!("{shown}: the ledger file is gone ({e})"))
+        })?;
+        if (m.dev(), m.ino()) != (self.dev, self.ino) {
+            return Err(LedgerError::Unavailable(format!(
+                "{shown}: the ledger file was replaced by another file; restart the gateway to use it"
+            )));
+        }
+        if m.permissions().readonly() {
+            return Err(LedgerError::Unavailable(format!(
+                "{shown}: the ledger file is read-only"
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -328,7 +372,9 @@ impl SqliteStore {
                 .map_err(|e| LedgerError::Unavailable(format!("{}: {e}", dir.display())))?;
         }
         let conn = Connection::open(path).map_err(|e| at(path, e))?;
-        Self::init(conn)
+        let mut store = Self::init(conn)?;
+        store.file = FileId::of(path);
+        Ok(store)
     }
 
     /// A private in-memory ledger (tests, dry runs).
@@ -359,6 +405,7 @@ impl SqliteStore {
             tip: None,
             read_only: true,
             schema,
+            file: None,
         })
     }
 
@@ -402,6 +449,7 @@ impl SqliteStore {
             tip: None,
             read_only: false,
             schema: Schema::Current,
+            file: None,
         };
         store.load_tip()?;
         Ok(store)
@@ -486,6 +534,9 @@ impl SqliteStore {
         body: impl FnOnce(&Connection, &mut Tip) -> Result<T, LedgerError>,
     ) -> Result<T, LedgerError> {
         self.writable()?;
+        if let Some(file) = &self.file {
+            file.check()?;
+        }
         let mut tip = self.current_tip()?;
         let result = (|| {
             let tx = self
@@ -790,6 +841,14 @@ impl LedgerStore for SqliteStore {
             }
             Ok(stuck.len())
         })
+    }
+
+    fn check(&mut self) -> Result<(), LedgerError> {
+        self.writable()?;
+        match &self.file {
+            Some(file) => file.check(),
+            None => Ok(()),
+        }
     }
 
     fn write_batch(

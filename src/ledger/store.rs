@@ -69,6 +69,13 @@ pub trait LedgerStore: Send + 'static {
         ops: &[LedgerOp],
     ) -> Result<Vec<Result<(), LedgerError>>, LedgerError>;
 
+    /// Whether the store can still be written, without writing (the writer probes this when
+    /// idle, so readiness follows a store that fails or comes back without traffic).
+    /// [`LedgerError::Unavailable`] when it cannot.
+    fn check(&mut self) -> Result<(), LedgerError> {
+        Ok(())
+    }
+
     /// The current record of a request.
     fn get(&self, request_id: &str) -> Result<Option<Record>, LedgerError>;
 

@@ -363,9 +363,13 @@ fn run(
     let mut backoff = RETRY_MIN;
     loop {
         let first = if retained.is_empty() {
-            match rx.recv() {
+            match rx.recv_timeout(PROBE_EVERY) {
                 Ok(job) => Some(job),
-                Err(_) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    probe(store.as_mut(), stats);
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
             }
         } else {
             match rx.recv_timeout(backoff) {
@@ -423,6 +427,29 @@ fn run(
     Err(LedgerError::Unavailable(format!(
         "{n} records could not be written before the ledger closed (logged under {LOST_TARGET})"
     )))
+}
+
+/// How often an idle writer checks that its store can still be written.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// An idle writer's check of its store: readiness falls when the store can no longer be
+/// written (a deleted or read-only ledger file) and comes back when it can again.
+fn probe(store: &mut dyn LedgerStore, stats: &Stats) {
+    match catch_unwind(AssertUnwindSafe(|| store.check())) {
+        Ok(Ok(())) => {
+            if !stats.healthy.swap(true, Ordering::SeqCst) {
+                tracing::info!("ledger writable again");
+            }
+        }
+        Ok(Err(e)) => {
+            if stats.healthy.swap(false, Ordering::SeqCst) {
+                tracing::error!(error = %e, "ledger cannot be written; forwarding stops until it can");
+            }
+        }
+        Err(_) => {
+            stats.healthy.store(false, Ordering::SeqCst);
+        }
+    }
 }
 
 /// `write_batch`, with a panic of the store turned into an error.

@@ -1137,6 +1137,27 @@ mod tests {
     }
 
     #[test]
+    fn a_panic_under_the_lock_does_not_break_the_store() {
+        let (s, _) = store(QuotaSpec {
+            images_per_day: Some(10),
+            ..Default::default()
+        });
+        let poisoned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _held = s.sqlite();
+            panic!("a bug while the connection is held");
+        }));
+        assert!(poisoned.is_err());
+        let r = s
+            .reserve(&rid(), &who("u"), 4, 0)
+            .expect("reserves after the panic");
+        s.settle(&r, 2, 0).unwrap();
+        assert_eq!(
+            s.usage(&user_scope(&who("u")).unwrap()).unwrap().images_day,
+            2
+        );
+    }
+
+    #[test]
     fn periods_follow_the_configured_time_zone() {
         let mut c = Config::default();
         c.quotas.time_zone = "Asia/Tokyo".into(); // UTC+9, no daylight saving
