@@ -34,6 +34,22 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Install the recorder (idempotent) and return the handle that renders it.
+/// The ledger chain's head as Prometheus text: `imagegate_ledger_chain_head_seq` (a gauge) and
+/// `imagegate_ledger_chain_head_info{seq,hash} 1` (an info gauge whose label is the hash), so
+/// a system outside can keep the head and later compare it with `imagegate audit verify
+/// --expect-head`. Rendered by hand at each scrape: one series, never one per past head.
+pub fn chain_head_lines(head: Option<&crate::ledger::ChainHead>) -> String {
+    let (seq, hash) = head.map_or((0, ""), |h| (h.seq, h.hash.as_str()));
+    format!(
+        "# HELP imagegate_ledger_chain_head_seq Sequence number of the last ledger chain entry this process committed (0: none)\n\
+         # TYPE imagegate_ledger_chain_head_seq gauge\n\
+         imagegate_ledger_chain_head_seq {seq}\n\
+         # HELP imagegate_ledger_chain_head_info The last ledger chain entry this process committed, its hash as a label\n\
+         # TYPE imagegate_ledger_chain_head_info gauge\n\
+         imagegate_ledger_chain_head_info{{seq=\"{seq}\",hash=\"{hash}\"}} 1\n"
+    )
+}
+
 pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let buckets = [

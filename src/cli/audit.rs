@@ -17,7 +17,10 @@ pub fn run(command: &AuditCommand) -> Result<ExitCode, StartupError> {
             limit,
             output,
         } => export(config, filters, format, *limit, output.as_deref()),
-        AuditCommand::Verify { config } => verify(config),
+        AuditCommand::Verify {
+            config,
+            expect_head,
+        } => verify(config, expect_head.as_deref()),
     }
 }
 
@@ -55,8 +58,9 @@ fn export(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Check the hash chain: exit 0 when whole, 1 naming the first broken link.
-fn verify(config: &ConfigArg) -> Result<ExitCode, StartupError> {
+/// Check the hash chain: exit 0 when whole, 1 naming the first broken link, or when the
+/// expected head is not the chain's.
+fn verify(config: &ConfigArg, expect_head: Option<&str>) -> Result<ExitCode, StartupError> {
     let (c, store) = open_ledger(config)?;
     let report = store
         .verify()
@@ -66,6 +70,42 @@ fn verify(config: &ConfigArg) -> Result<ExitCode, StartupError> {
         .as_ref()
         .map(|h| format!("seq {} hash {}", h.seq, h.hash))
         .unwrap_or_else(|| "empty".into());
+    if report.first_broken.is_none()
+        && let Some(expected) = expect_head
+    {
+        let (seq, hash) = match expected.split_once(':') {
+            Some((seq, hash)) => match seq.trim().parse::<u64>() {
+                Ok(seq) => (Some(seq), hash.trim()),
+                Err(_) => {
+                    println!(
+                        "{}: --expect-head {expected:?}: SEQ must be a number",
+                        c.ledger.path.display()
+                    );
+                    return Ok(ExitCode::from(2));
+                }
+            },
+            None => (None, expected.trim()),
+        };
+        let found = match seq {
+            None => report.head.as_ref().map(|h| h.hash.clone()),
+            Some(seq) => store
+                .entry_hash(seq)
+                .map_err(|e| StartupError::Query(e.to_string()))?,
+        };
+        if !found
+            .as_deref()
+            .is_some_and(|f| f.eq_ignore_ascii_case(hash))
+        {
+            let at = seq.map_or("the head".to_string(), |s| format!("entry {s}"));
+            println!(
+                "{}: HEAD MISMATCH: expected {at} to be {hash}, the chain has {}; head {head} \
+                 (a truncated or rewritten tail, or another ledger)",
+                c.ledger.path.display(),
+                found.as_deref().unwrap_or("no such entry"),
+            );
+            return Ok(ExitCode::from(1));
+        }
+    }
     match &report.first_broken {
         None => {
             println!(

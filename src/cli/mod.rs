@@ -119,6 +119,11 @@ pub enum AuditCommand {
     Verify {
         #[command(flatten)]
         config: ConfigArg,
+        /// A chain head kept elsewhere (`/metrics`, a log, a backup): `HASH` must be the
+        /// current head; `SEQ:HASH` must be entry SEQ (the chain may have grown since). Exit 1
+        /// when it is not (a truncated or rewritten tail).
+        #[arg(long, value_name = "[SEQ:]HASH")]
+        expect_head: Option<String>,
     },
 }
 

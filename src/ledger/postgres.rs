@@ -752,6 +752,27 @@ impl LedgerStore for PostgresStore {
         })
     }
 
+    fn entry_hash(&self, seq: u64) -> Result<Option<String>, LedgerError> {
+        let Ok(seq) = i64::try_from(seq) else {
+            return Ok(None);
+        };
+        let replica = self.replica.clone();
+        self.with(|c| {
+            Ok(c.query_opt(
+                "SELECT hash FROM ledger_chain WHERE replica = $1 AND seq = $2",
+                &[&replica, &seq],
+            )?
+            .map(|r| r.get(0)))
+        })
+    }
+
+    fn tip(&self) -> Option<ChainHead> {
+        self.tip.as_ref().filter(|t| t.seq > 0).map(|t| ChainHead {
+            seq: t.seq as u64,
+            hash: t.hash.clone(),
+        })
+    }
+
     fn write_batch(
         &mut self,
         ops: &[LedgerOp],

@@ -843,6 +843,25 @@ impl LedgerStore for SqliteStore {
         })
     }
 
+    fn entry_hash(&self, seq: u64) -> Result<Option<String>, LedgerError> {
+        let Ok(seq) = i64::try_from(seq) else {
+            return Ok(None);
+        };
+        Ok(self
+            .conn
+            .query_row("SELECT hash FROM ledger_chain WHERE seq = ?1", [seq], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    fn tip(&self) -> Option<ChainHead> {
+        self.tip.as_ref().filter(|t| t.seq > 0).map(|t| ChainHead {
+            seq: t.seq as u64,
+            hash: t.hash.clone(),
+        })
+    }
+
     fn check(&mut self) -> Result<(), LedgerError> {
         self.writable()?;
         match &self.file {

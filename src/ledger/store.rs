@@ -76,6 +76,21 @@ pub trait LedgerStore: Send + 'static {
         Ok(())
     }
 
+    /// The last chain entry this store wrote or loaded (no query; `None` when unknown, e.g.
+    /// after a failed transaction). Exposed on `/metrics`.
+    fn tip(&self) -> Option<ChainHead> {
+        None
+    }
+
+    /// The hash of chain entry `seq` (this replica's chain on PostgreSQL), `None` when the
+    /// chain has no such entry.
+    fn entry_hash(&self, seq: u64) -> Result<Option<String>, LedgerError> {
+        let _ = seq;
+        Err(LedgerError::Store(
+            "this store cannot look up chain entries".into(),
+        ))
+    }
+
     /// The current record of a request.
     fn get(&self, request_id: &str) -> Result<Option<Record>, LedgerError>;
 

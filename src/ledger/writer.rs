@@ -42,7 +42,7 @@ use super::LedgerError;
 use super::record::Record;
 use super::report::{ExportFormat, write_export};
 use super::sqlite::SqliteStore;
-use super::store::{LedgerOp, LedgerStore, UsageQuery, UsageRow, VerifyReport};
+use super::store::{ChainHead, LedgerOp, LedgerStore, UsageQuery, UsageRow, VerifyReport};
 
 /// Most jobs in one transaction: the one waited for and up to 256 more already queued.
 pub const MAX_BATCH: usize = 257;
@@ -71,6 +71,8 @@ struct Stats {
     healthy: AtomicBool,
     retained: AtomicUsize,
     lost: AtomicU64,
+    /// The chain head after the last commit.
+    head: Mutex<Option<ChainHead>>,
 }
 
 /// What the handles share. Holds the only sender: when the last handle goes (or `close` takes
@@ -142,6 +144,7 @@ impl Ledger {
             healthy: AtomicBool::new(true),
             retained: AtomicUsize::new(0),
             lost: AtomicU64::new(0),
+            head: Mutex::new(store.tip()),
         });
         let writer_stats = stats.clone();
         std::thread::Builder::new()
@@ -264,6 +267,12 @@ impl Ledger {
     }
 
     /// False from a failed write to the next successful one, and once the ledger is closed.
+    /// The ledger chain's head as this process last committed it (its own chain on
+    /// PostgreSQL); `None` before the first entry.
+    pub fn chain_head(&self) -> Option<ChainHead> {
+        lock(&self.shared.stats.head).clone()
+    }
+
     pub fn healthy(&self) -> bool {
         self.shared.stats.healthy.load(Ordering::SeqCst) && lock(&self.shared.tx).is_some()
     }
@@ -489,6 +498,9 @@ fn commit(
     };
     let failed = match guarded_write(store, &ops) {
         Ok(results) => {
+            if let Some(head) = store.tip() {
+                *lock(&stats.head) = Some(head);
+            }
             if !stats.healthy.swap(true, Ordering::SeqCst) {
                 tracing::info!("ledger writes succeed again");
             }
