@@ -9,6 +9,7 @@
 //! | `imagegate_rate_limit_rejections_total` | counter | |
 //! | `imagegate_quota_rejections_total` | counter | |
 //! | `imagegate_quota_settle_failures_total` | counter | |
+//! | `imagegate_forwarding_task_failures_total` | counter | |
 //! | `imagegate_request_duration_seconds` | histogram | |
 //! | `imagegate_validation_duration_seconds` | histogram | |
 //! | `imagegate_validation_cache_hits_total` | counter | |
@@ -19,6 +20,8 @@
 //! | `imagegate_ledger_write_seconds` | histogram | |
 //! | `imagegate_model_shutdown_days` | gauge | `model` |
 //! | `imagegate_model_live` | gauge | `model` |
+//! | `imagegate_ledger_chain_head_seq` | gauge (rendered by `/metrics`) | |
+//! | `imagegate_ledger_chain_head_info` | gauge, always 1 (rendered by `/metrics`) | `seq`, `hash` |
 //!
 //! The model gauges are set once at start (`models_check::at_start`):
 //! `imagegate_model_shutdown_days` is the number of days from today (UTC) to a configured
@@ -89,6 +92,10 @@ fn describe() {
     describe_counter!(
         "imagegate_quota_settle_failures_total",
         "Quota settlements that failed after every retry (the quota kept what was reserved)"
+    );
+    describe_counter!(
+        "imagegate_forwarding_task_failures_total",
+        "Forwarding tasks that ended without completing their record (a panic); the record was completed for them"
     );
     describe_histogram!(
         "imagegate_request_duration_seconds",
