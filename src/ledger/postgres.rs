@@ -766,6 +766,10 @@ impl LedgerStore for PostgresStore {
         })
     }
 
+    fn check(&mut self) -> Result<(), LedgerError> {
+        self.with(|c| c.batch_execute("SELECT 1").map_err(Into::into))
+    }
+
     fn tip(&self) -> Option<ChainHead> {
         self.tip.as_ref().filter(|t| t.seq > 0).map(|t| ChainHead {
             seq: t.seq as u64,

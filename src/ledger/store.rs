@@ -69,11 +69,17 @@ pub trait LedgerStore: Send + 'static {
         ops: &[LedgerOp],
     ) -> Result<Vec<Result<(), LedgerError>>, LedgerError>;
 
-    /// Whether the store can still be written, without writing (the writer probes this when
-    /// idle, so readiness follows a store that fails or comes back without traffic).
+    /// A cheap check, without writing, that the store can still be written (the idle writer
+    /// runs it each second while healthy, so readiness falls without traffic).
     /// [`LedgerError::Unavailable`] when it cannot.
     fn check(&mut self) -> Result<(), LedgerError> {
         Ok(())
+    }
+
+    /// A write that changes nothing, to learn whether the store takes writes again (the idle
+    /// writer runs it each second while unhealthy; readiness comes back when it succeeds).
+    fn try_write(&mut self) -> Result<(), LedgerError> {
+        self.check()
     }
 
     /// The last chain entry this store wrote or loaded (no query; `None` when unknown, e.g.

@@ -441,10 +441,18 @@ fn run(
 /// How often an idle writer checks that its store can still be written.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// An idle writer's check of its store: readiness falls when the store can no longer be
-/// written (a deleted or read-only ledger file) and comes back when it can again.
+/// An idle writer's check of its store: while healthy, a cheap check that readiness falls
+/// when the store can no longer be written (a deleted or read-only ledger file); while not, a
+/// write that changes nothing, so readiness comes back only once writes succeed again.
 fn probe(store: &mut dyn LedgerStore, stats: &Stats) {
-    match catch_unwind(AssertUnwindSafe(|| store.check())) {
+    let healthy = stats.healthy.load(Ordering::SeqCst);
+    match catch_unwind(AssertUnwindSafe(|| {
+        if healthy {
+            store.check()
+        } else {
+            store.try_write()
+        }
+    })) {
         Ok(Ok(())) => {
             if !stats.healthy.swap(true, Ordering::SeqCst) {
                 tracing::info!("ledger writable again");
