@@ -109,6 +109,8 @@ impl Forwarder {
         let mut record = Unfinished {
             record: Some(record),
             begun: false,
+            sent: false,
+            settled: false,
             ledger: self.ledger.clone(),
             started: trail.clone(),
         };
@@ -139,6 +141,7 @@ impl Forwarder {
         // From here on the upstream may do (and bill) the work: a reservation left unsettled
         // (a panic) is charged in full, as the record then says.
         reservation.charge_if_dropped();
+        record.sent = true;
         let sent = std::time::Instant::now();
         let upstream = self.upstream.send(canonical).await;
         #[cfg(any(test, feature = "testkit"))]
@@ -162,7 +165,9 @@ impl Forwarder {
                 } else {
                     // Nothing was sent: nothing is spent.
                     reservation.refund().await;
+                    record.cost_settled_micros = 0;
                 }
+                record.settled = true;
                 self.complete(record.take(), &trail).await;
                 let _ = head_tx.send(Err(e));
             }
@@ -207,6 +212,7 @@ impl Forwarder {
                 let images = bill.images;
                 record.cost_settled_micros =
                     reservation.settle(bill.charged_images, bill.micros).await;
+                record.settled = true;
                 record.images_returned = Some(images);
                 record.upstream_ms = Some(sent.elapsed().as_millis() as u64);
                 bill.note(&mut record);
@@ -250,14 +256,18 @@ impl Forwarder {
 }
 
 /// The record of a forwarding task until it is handed to the ledger. If the task ends
-/// without doing so (it panicked), dropping this commits it: a request never forwarded as
-/// `rejected` (nothing spent; its reservation is refunded), one that was as `upstream_error`
-/// charged its whole reservation (the upstream may have done the work; the reservation is
-/// charged in full too, see [`ReservationGuard::charge_if_dropped`]).
+/// without doing so (it panicked), dropping this commits it: a request never begun as
+/// `rejected` (nothing spent; its reservation is refunded), a begun one as `upstream_error`
+/// charged what its reservation is: what it was settled to, else in full once sent (the
+/// upstream may have done the work; see [`ReservationGuard::charge_if_dropped`]), else nothing.
 struct Unfinished {
     record: Option<Record>,
     /// The `forwarding` record is committed.
     begun: bool,
+    /// The request is going (or went) upstream: unsettled, its reservation is charged in full.
+    sent: bool,
+    /// The reservation is settled and `cost_settled_micros` says to what.
+    settled: bool,
     ledger: Ledger,
     started: Trail,
 }
@@ -297,8 +307,16 @@ impl Drop for Unfinished {
         record.total_ms = Some(self.started.elapsed_ms());
         let op = if self.begun {
             record.outcome = Outcome::UpstreamError;
-            record.cost_settled_micros = record.cost_reserved_micros;
-            record.cost_basis = Some(CostBasis::Estimated);
+            // What the quota is charged too: the settlement made, else the whole reservation
+            // once sent (`ReservationGuard::charge_if_dropped`), else nothing (a refund).
+            if !self.settled {
+                record.cost_settled_micros = if self.sent {
+                    record.cost_basis = Some(CostBasis::Estimated);
+                    record.cost_reserved_micros
+                } else {
+                    0
+                };
+            }
             record.images_returned.get_or_insert(0);
             LedgerOp::Complete(record)
         } else {

@@ -434,7 +434,7 @@ impl QuotaStore {
         }
         // Without a ledger in this database (a quota store alone) there is nothing to wait for.
         let done = match record_outcome(&tx, &r.request_id).map_err(|e| e.to_string())? {
-            RecordState::Final(_) | RecordState::NoLedger => true,
+            RecordState::Final | RecordState::NoLedger => true,
             RecordState::Forwarding | RecordState::Missing => false,
         };
         if done {
@@ -987,7 +987,7 @@ enum RecordState {
     NoLedger,
     Missing,
     Forwarding,
-    Final(#[allow(dead_code)] String),
+    Final,
 }
 
 fn has_ledger(conn: &Connection) -> rusqlite::Result<bool> {
@@ -1014,7 +1014,7 @@ fn record_outcome(conn: &Connection, request_id: &str) -> rusqlite::Result<Recor
         {
             None => RecordState::Missing,
             Some(o) if o == "forwarding" => RecordState::Forwarding,
-            Some(o) => RecordState::Final(o),
+            Some(_) => RecordState::Final,
         },
     )
 }
