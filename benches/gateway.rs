@@ -244,8 +244,8 @@ fn limits(users: usize, iterations: usize) {
     .unwrap();
     let q_iter = iterations.min(5000);
     let t = Instant::now();
-    for _ in 0..q_iter {
-        let r = store.reserve(&who, 2, 40_000).unwrap();
+    for i in 0..q_iter {
+        let r = store.reserve(&format!("req_{i}"), &who, 2, 40_000).unwrap();
         store.settle(&r, 1, 20_000).unwrap();
     }
     let per_quota = t.elapsed() / q_iter as u32;

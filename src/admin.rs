@@ -38,7 +38,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::app::{AppService, AppState};
 use crate::body::{Body, full};
-use crate::config::parse_key_hash;
+use crate::config::{MetricsAuth, parse_key_hash};
 use crate::error::GatewayError;
 use crate::ledger::UsageFilters;
 use crate::ledger::writer::LedgerReader;
@@ -52,6 +52,9 @@ struct Admin {
     state: Arc<AppState>,
     reader: LedgerReader,
     page: page::Page,
+    /// Who may read `/metrics` (`admin.metrics_auth`), and the metrics token's digest.
+    metrics_auth: MetricsAuth,
+    metrics_token: Option<[u8; 32]>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -105,10 +108,18 @@ pub fn build(state: Arc<AppState>) -> Result<Option<AppService>, StartupError> {
         detail: e.to_string(),
     })?;
     let page = page::Page::open(&state)?;
+    let metrics_auth = config.admin.metrics_auth;
+    let metrics_token = config
+        .admin
+        .metrics_token
+        .as_ref()
+        .map(|t| key_digest(t.expose()));
     let admin = Arc::new(Admin {
         state,
         reader,
         page,
+        metrics_auth,
+        metrics_token,
     });
     let svc = tower::service_fn(move |req: Request<Incoming>| {
         let admin = admin.clone();
@@ -156,11 +167,27 @@ impl Admin {
         bearer(req).is_some_and(|key| bool::from(key_digest(key).ct_eq(&admin_key)))
     }
 
+    /// `/metrics` under `admin.metrics_auth`: the admin key, or the metrics token too, or
+    /// anyone.
+    fn may_read_metrics(&self, req: &Request<Incoming>) -> bool {
+        match self.metrics_auth {
+            MetricsAuth::None => true,
+            MetricsAuth::AdminKey => self.authorized(req),
+            MetricsAuth::Token => {
+                self.authorized(req)
+                    || bearer(req)
+                        .zip(self.metrics_token)
+                        .is_some_and(|(key, token)| bool::from(key_digest(key).ct_eq(&token)))
+            }
+        }
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
         if let Some(resp) = page::asset(&req) {
             return Ok(resp);
         }
-        if !self.authorized(&req) {
+        let metrics = req.uri().path() == "/metrics";
+        if !(self.authorized(&req) || metrics && self.may_read_metrics(&req)) {
             return Err(GatewayError::AdminKeyRequired);
         }
         let path = req.uri().path();
@@ -202,7 +229,11 @@ impl Admin {
 
     fn metrics(&self) -> Response<Body> {
         metrics::gauge!("imagegate_ledger_queue_depth").set(self.state.ledger.queue_depth() as f64);
-        let mut r = Response::new(full(crate::metrics::handle().render()));
+        let mut text = crate::metrics::handle().render();
+        text.push_str(&crate::metrics::chain_head_lines(
+            self.state.ledger.chain_head().as_ref(),
+        ));
+        let mut r = Response::new(full(text));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -291,7 +291,26 @@ impl AppState {
                 "ledger: requests left 'forwarding' by a crash are now 'unknown'"
             );
         }
-        Self::with_ledger(config, clock, ledger)
+        let state = Self::with_ledger(config, clock, ledger)?;
+        // The ledger is recovered: make the quota agree with it (holds a crash left).
+        let holds = state
+            .live()
+            .quotas
+            .recover()
+            .map_err(|detail| StartupError::QuotaStore {
+                path: state.config().ledger.location(),
+                detail,
+            })?;
+        if !holds.is_empty() {
+            tracing::warn!(
+                refunded = holds.refunded,
+                reconciled = holds.reconciled,
+                micros_delta = holds.micros_delta,
+                left = holds.left,
+                "quota: reservations left by a crash now match the ledger"
+            );
+        }
+        Ok(state)
     }
 
     /// Build the state around a ledger that is already running.

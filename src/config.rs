@@ -586,6 +586,14 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
     /// `sha256:<64 hex>` of the admin key (`imagegate hash-key`); required with `listen`.
     pub key_hash: Option<String>,
+    /// Who may read `/metrics`: the admin key (default), its own token, or anyone.
+    pub metrics_auth: MetricsAuth,
+    /// With `metrics_auth = "token"`: a file holding the metrics token (else the environment
+    /// variable `IMAGEGATE_METRICS_TOKEN`). Never in the TOML itself.
+    pub metrics_token_file: Option<PathBuf>,
+    /// The metrics token, loaded from `metrics_token_file` or the environment.
+    #[serde(skip)]
+    pub metrics_token: Option<Secret<String>>,
     /// TLS termination on the admin listener (`[admin.tls]`), separate from the API's.
     pub tls: Option<crate::tls::TlsFiles>,
 }
@@ -619,6 +627,23 @@ fn check_base_url(name: &str, url: &str, allow_http: bool, p: &mut Vec<String>) 
         Err(e) => p.push(format!("{name}: '{url}' is not a URL: {e}")),
     }
 }
+
+/// How `/metrics` on the admin listener is guarded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsAuth {
+    /// The admin key, as for the routes that read records.
+    #[default]
+    AdminKey,
+    /// Its own Bearer token (or the admin key): a scraper need not hold the key that reads
+    /// records.
+    Token,
+    /// No key at all (for a listener only the monitoring network reaches).
+    None,
+}
+
+/// The environment variable of the metrics token.
+pub const METRICS_TOKEN_ENV: &str = "IMAGEGATE_METRICS_TOKEN";
 
 /// The stored form of a gateway key.
 pub fn hash_key(key: &str) -> String {
@@ -773,6 +798,33 @@ impl Config {
             && http::HeaderValue::from_str(&format!("Bearer {}", key.expose())).is_err()
         {
             problems.push("the upstream key contains characters not allowed in a header".into());
+        }
+        if self.admin.metrics_auth == MetricsAuth::Token {
+            self.admin.metrics_token = match &self.admin.metrics_token_file {
+                Some(file) => match std::fs::read_to_string(file) {
+                    Ok(s) if !s.trim().is_empty() => Some(Secret::new(s.trim().to_string())),
+                    Ok(_) => {
+                        problems.push(format!(
+                            "admin.metrics_token_file {}: is empty",
+                            file.display()
+                        ));
+                        None
+                    }
+                    Err(e) => {
+                        problems.push(format!("admin.metrics_token_file {}: {e}", file.display()));
+                        None
+                    }
+                },
+                None => std::env::var(METRICS_TOKEN_ENV)
+                    .ok()
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| Secret::new(s.trim().to_string())),
+            };
+            if self.admin.metrics_token.is_none() && self.admin.metrics_token_file.is_none() {
+                problems.push(format!(
+                    "admin.metrics_auth = \"token\" needs admin.metrics_token_file or {METRICS_TOKEN_ENV}"
+                ));
+            }
         }
         problems
     }
@@ -1100,6 +1152,20 @@ impl Config {
                 p.extend(u.quotas.problems(&format!("{at}.users[{j}].quotas")));
             }
         }
+        if let Some(token) = &self.admin.metrics_token {
+            let token = crate::middleware::auth::key_digest(token.expose());
+            let admin = self
+                .admin
+                .key_hash
+                .as_deref()
+                .and_then(|h| parse_key_hash(h).ok());
+            if hashes.contains(&token) || admin == Some(token) {
+                p.push(
+                    "admin.metrics_token: the metrics token must differ from the admin key and every client key"
+                        .into(),
+                );
+            }
+        }
         if let Some(admin) = self
             .admin
             .key_hash
@@ -1334,6 +1400,38 @@ mod tests {
             ..Default::default()
         });
         assert!(c.problems().is_empty(), "{:?}", c.problems());
+    }
+
+    #[test]
+    fn the_metrics_token_is_loaded_and_must_differ_from_the_other_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("metrics-token");
+        std::fs::write(&file, "ig-metrics-token\n").unwrap();
+        let mut c = Config::default();
+        c.admin.metrics_auth = MetricsAuth::Token;
+        c.admin.metrics_token_file = Some(file.clone());
+        assert!(c.apply_env().is_empty());
+        assert_eq!(
+            c.admin.metrics_token.as_ref().map(|t| t.expose().as_str()),
+            Some("ig-metrics-token")
+        );
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        c.admin.key_hash = Some(hash_key("ig-metrics-token"));
+        assert!(
+            c.problems()
+                .iter()
+                .any(|p| p.starts_with("admin.metrics_token:") && p.contains("must differ")),
+            "{:?}",
+            c.problems()
+        );
+        std::fs::write(&file, "  ").unwrap();
+        assert!(
+            c.apply_env()
+                .iter()
+                .any(|p| p.starts_with("admin.metrics_token_file") && p.contains("empty"))
+        );
+        let parsed: AdminConfig = toml::from_str("metrics_auth = \"none\"").unwrap();
+        assert_eq!(parsed.metrics_auth, MetricsAuth::None);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! | `imagegate_rate_limit_rejections_total` | counter | |
 //! | `imagegate_quota_rejections_total` | counter | |
 //! | `imagegate_quota_settle_failures_total` | counter | |
+//! | `imagegate_forwarding_task_failures_total` | counter | |
 //! | `imagegate_request_duration_seconds` | histogram | |
 //! | `imagegate_validation_duration_seconds` | histogram | |
 //! | `imagegate_validation_cache_hits_total` | counter | |
@@ -31,6 +32,8 @@
 //! | `imagegate_config_last_reload_success_timestamp_seconds` | gauge | |
 //! | `imagegate_config_generation` | gauge | |
 //! | `imagegate_tls_handshake_failures_total` | counter | `listener` |
+//! | `imagegate_ledger_chain_head_seq` | gauge (rendered by `/metrics`) | |
+//! | `imagegate_ledger_chain_head_info` | gauge, always 1 (rendered by `/metrics`) | `seq`, `hash` |
 //!
 //! The model gauges are set at start (`models_check::at_start`), and again after a reload that
 //! changes `[models]`, `[validation]` or `[upstream]`:
@@ -47,6 +50,22 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Install the recorder (idempotent) and return the handle that renders it.
+/// The ledger chain's head as Prometheus text: `imagegate_ledger_chain_head_seq` (a gauge) and
+/// `imagegate_ledger_chain_head_info{seq,hash} 1` (an info gauge whose label is the hash), so
+/// a system outside can keep the head and later compare it with `imagegate audit verify
+/// --expect-head`. Rendered by hand at each scrape: one series, never one per past head.
+pub fn chain_head_lines(head: Option<&crate::ledger::ChainHead>) -> String {
+    let (seq, hash) = head.map_or((0, ""), |h| (h.seq, h.hash.as_str()));
+    format!(
+        "# HELP imagegate_ledger_chain_head_seq Sequence number of the last ledger chain entry this process committed (0: none)\n\
+         # TYPE imagegate_ledger_chain_head_seq gauge\n\
+         imagegate_ledger_chain_head_seq {seq}\n\
+         # HELP imagegate_ledger_chain_head_info The last ledger chain entry this process committed, its hash as a label\n\
+         # TYPE imagegate_ledger_chain_head_info gauge\n\
+         imagegate_ledger_chain_head_info{{seq=\"{seq}\",hash=\"{hash}\"}} 1\n"
+    )
+}
+
 pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let buckets = [
@@ -106,6 +125,10 @@ fn describe() {
     describe_counter!(
         "imagegate_quota_settle_failures_total",
         "Quota settlements that failed after every retry (the quota kept what was reserved)"
+    );
+    describe_counter!(
+        "imagegate_forwarding_task_failures_total",
+        "Forwarding tasks that ended without completing their record (a panic); the record was completed for them"
     );
     describe_histogram!(
         "imagegate_request_duration_seconds",

@@ -23,6 +23,11 @@
 //! without the filter-type byte: `ceil(width * bits_per_pixel / 8)` bytes each, sub-byte
 //! samples packed most-significant bits first, as in the PNG spec.
 
+/// The end user whose request makes the forwarding task panic once the upstream has answered
+/// (only in builds with this module: tests and the `testkit` feature, never a release build).
+/// Proves that a panicking forwarding task still completes its record and settles its quota.
+pub const PANIC_AFTER_SEND_USER: &str = "imagegate-testkit-panic-after-send";
+
 use std::io::Cursor;
 
 use bytes::Bytes;

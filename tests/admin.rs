@@ -401,3 +401,103 @@ async fn a_silent_admin_connection_is_dropped() {
         200
     );
 }
+
+const METRICS_TOKEN: &str = "ig-metrics-token-for-tests-42";
+
+/// `/metrics` under its own token: the token reads the metrics and nothing else (the routes
+/// that read records still want the admin key); the admin key reads everything. The chain head
+/// is on `/metrics` (seq gauge and hash label) and equals what `audit verify` reports.
+#[tokio::test]
+async fn metrics_have_their_own_token_and_show_the_chain_head() {
+    let gw = Gateway::start_with(|c| {
+        with_admin(c);
+        c.admin.metrics_auth = imagegate::config::MetricsAuth::Token;
+        c.admin.metrics_token = Some(imagegate::config::Secret::new(METRICS_TOKEN.into()));
+    })
+    .await;
+    let admin = gw.server.admin_addr.expect("admin listener bound");
+    traffic(&gw).await;
+
+    let m = admin_get(admin, "/metrics", Some(METRICS_TOKEN)).await;
+    assert_eq!(m.status, 200, "{}", m.text());
+    assert_eq!(
+        admin_get(admin, "/metrics", Some(ADMIN_KEY)).await.status,
+        200
+    );
+    assert_eq!(admin_get(admin, "/metrics", None).await.status, 401);
+    assert_eq!(
+        admin_get(admin, "/metrics", Some(APP_KEY)).await.status,
+        401
+    );
+    for path in ["/admin/usage", "/admin/requests/x"] {
+        assert_eq!(
+            admin_get(admin, path, Some(METRICS_TOKEN)).await.status,
+            401,
+            "{path}: the metrics token does not read records"
+        );
+    }
+
+    // The chain head on `/metrics` is the ledger's (polled: the last records of `traffic`
+    // may still be committing; bounded to 10 s).
+    use imagegate::ledger::LedgerStore;
+    let db = gw.dir.path().join("imagegate.db");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = admin_get(admin, "/metrics", Some(METRICS_TOKEN))
+            .await
+            .text();
+        let seq: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("imagegate_ledger_chain_head_seq "))
+            .unwrap_or_else(|| panic!("no chain head seq:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap();
+        let info = text
+            .lines()
+            .find(|l| l.starts_with("imagegate_ledger_chain_head_info{"))
+            .unwrap_or_else(|| panic!("no chain head info:\n{text}"))
+            .to_owned();
+        let hash = info
+            .split("hash=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap()
+            .to_owned();
+        assert_eq!(hash.len(), 64, "{info}");
+        assert!(info.contains(&format!("seq=\"{seq}\"")), "{info}");
+        let store = imagegate::ledger::sqlite::SqliteStore::open_reader(&db).unwrap();
+        let head = store.verify().unwrap().head.expect("a head");
+        if (head.seq, head.hash.as_str()) == (seq, hash.as_str()) {
+            assert!(
+                seq >= 8,
+                "3 answered requests (2 entries each) and 2 refusals: {seq}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/metrics shows {seq} {hash}, the ledger {head:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// With `metrics_auth = "none"`, `/metrics` needs no key; the record routes still do.
+#[tokio::test]
+async fn metrics_without_a_key_when_configured() {
+    let gw = Gateway::start_with(|c| {
+        with_admin(c);
+        c.admin.metrics_auth = imagegate::config::MetricsAuth::None;
+    })
+    .await;
+    let admin = gw.server.admin_addr.expect("admin listener bound");
+    assert_eq!(admin_get(admin, "/metrics", None).await.status, 200);
+    assert_eq!(admin_get(admin, "/admin/usage", None).await.status, 401);
+    assert_eq!(
+        admin_get(admin, "/admin/usage", Some(ADMIN_KEY))
+            .await
+            .status,
+        200
+    );
+}

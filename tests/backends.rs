@@ -119,11 +119,15 @@ fn reserve_refuse_refund(open: OpenQuota<'_>) {
         }),
         late_evening(),
     );
-    let r = s.reserve(&who("u"), 8, 160_000).unwrap();
+    let r = s
+        .reserve(&next_request_id(), &who("u"), 8, 160_000)
+        .unwrap();
     let GatewayError::QuotaExceeded {
         message,
         retry_after,
-    } = s.reserve(&who("u"), 3, 60_000).unwrap_err()
+    } = s
+        .reserve(&next_request_id(), &who("u"), 3, 60_000)
+        .unwrap_err()
     else {
         panic!("not a quota refusal")
     };
@@ -134,9 +138,9 @@ fn reserve_refuse_refund(open: OpenQuota<'_>) {
     assert!(message.contains("is 10 and 8 is already used"), "{message}");
     assert_eq!(retry_after, Some(Duration::from_secs(3600)), "midnight UTC");
     s.settle(&r, 5, 100_000).unwrap(); // fewer images returned: 3 refunded
-    assert!(s.reserve(&who("u"), 3, 60_000).is_ok());
+    assert!(s.reserve(&next_request_id(), &who("u"), 3, 60_000).is_ok());
     assert!(
-        s.reserve(&who("other"), 10, 0).is_ok(),
+        s.reserve(&next_request_id(), &who("other"), 10, 0).is_ok(),
         "users are isolated"
     );
     let u = s.usage(&client_scope("a")).unwrap();
@@ -155,16 +159,23 @@ fn spend_quota_and_rollover(open: OpenQuota<'_>) {
         clock.clone(),
     );
     let price = |size, n| s.price("dall-e-2", size, n);
-    assert!(s.reserve(&who("u"), 2, price("1024x1024", 2)).is_ok());
-    let err = s.reserve(&who("u"), 1, price("1024x1024", 1)).unwrap_err();
+    assert!(
+        s.reserve(&next_request_id(), &who("u"), 2, price("1024x1024", 2))
+            .is_ok()
+    );
+    let err = s
+        .reserve(&next_request_id(), &who("u"), 1, price("1024x1024", 1))
+        .unwrap_err();
     assert!(err.parts().message.contains("spend per day"), "{err:?}");
     assert!(
-        s.reserve(&who("u"), 1, price("256x256", 1)).is_err(),
+        s.reserve(&next_request_id(), &who("u"), 1, price("256x256", 1))
+            .is_err(),
         "0.04 + 0.016 > 0.05"
     );
     clock.advance(Duration::from_secs(3600));
     assert!(
-        s.reserve(&who("u"), 2, price("1024x1024", 2)).is_ok(),
+        s.reserve(&next_request_id(), &who("u"), 2, price("1024x1024", 2))
+            .is_ok(),
         "a new day"
     );
 }
@@ -182,7 +193,7 @@ fn parallel_reservations_never_overspend(open: OpenQuota<'_>) {
         for _ in 0..8 {
             t.spawn(|| {
                 for _ in 0..20 {
-                    if s.reserve(&who("u"), 3, 0).is_ok() {
+                    if s.reserve(&next_request_id(), &who("u"), 3, 0).is_ok() {
                         admitted.fetch_add(3, Ordering::SeqCst);
                     }
                 }
@@ -206,8 +217,8 @@ fn a_refusal_reserves_nothing_in_any_scope(open: OpenQuota<'_>) {
         ..Default::default()
     };
     let s = open(Arc::new(c), late_evening());
-    assert!(s.reserve(&who("u"), 4, 0).is_ok());
-    let err = s.reserve(&who("u"), 2, 0).unwrap_err();
+    assert!(s.reserve(&next_request_id(), &who("u"), 4, 0).is_ok());
+    let err = s.reserve(&next_request_id(), &who("u"), 2, 0).unwrap_err();
     let message = err.parts().message;
     assert!(message.contains("quota of client 'a'"), "{message}");
     let u = s.usage(&user_scope(&who("u")).unwrap()).unwrap();
@@ -381,4 +392,12 @@ fn ledger_store_on_sqlite() {
 fn ledger_store_on_postgres() {
     let schema = Schema::new();
     ledger_suite(&|| Box::new(PostgresStore::open(schema.settings(), "suite").unwrap()));
+}
+
+/// A request id no other reservation of this process uses (each reservation is a hold row
+/// keyed by its request id).
+fn next_request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!("req_backends_{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }

@@ -1112,3 +1112,80 @@ async fn sighup_reloads_the_configuration_of_the_real_binary() {
     assert_eq!(edit(OTHER_KEY).await.status, 200);
     assert_eq!(mock.count(), 2);
 }
+
+/// A truncated tail verifies as a chain; `--expect-head` with the head kept elsewhere (as
+/// `/metrics` shows it) catches it: exit 1 and a clear message. A head kept earlier
+/// (`SEQ:HASH`) still matches a chain that has grown since.
+#[test]
+fn audit_verify_expect_head_detects_a_truncated_tail() {
+    use imagegate::ledger::{LedgerOp, LedgerStore, Outcome, Record};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("imagegate.db");
+    let mut store = imagegate::ledger::SqliteStore::open(&db).unwrap();
+    let rec = |id: &str| Record {
+        request_id: id.into(),
+        received_at: "2026-10-01T08:00:00Z".parse().unwrap(),
+        client: Some("app".into()),
+        outcome: Outcome::Rejected,
+        ..Record::default()
+    };
+    for id in ["req_1", "req_2", "req_3"] {
+        assert!(
+            store
+                .write_batch(&[LedgerOp::Final(rec(id))])
+                .unwrap()
+                .iter()
+                .all(Result::is_ok)
+        );
+    }
+    let head = store.head().unwrap().unwrap();
+    assert_eq!(head.seq, 3);
+    let second = store.entry_hash(2).unwrap().unwrap();
+    drop(store);
+    let config = dir.path().join("imagegate.toml");
+    std::fs::write(
+        &config,
+        format!("[ledger]\npath = {:?}\n", db.display().to_string()),
+    )
+    .unwrap();
+    let verify = |expect: &str| {
+        imagegate()
+            .args(["audit", "verify", "--expect-head", expect, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    for expect in [
+        head.hash.clone(),
+        format!("3:{}", head.hash),
+        format!("2:{second}"),
+    ] {
+        let out = verify(&expect);
+        assert!(
+            out.status.success(),
+            "{expect}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    // Someone removes the last entry and its record (dropping the guard trigger first).
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER ledger_chain_no_delete;
+         DELETE FROM ledger_chain WHERE seq = 3;
+         DELETE FROM records WHERE request_id = 'req_3';",
+    )
+    .unwrap();
+    drop(conn);
+    let plain = run_ok(&["audit", "verify"], &config);
+    assert!(plain.contains(": ok: 2 chain entries"), "{plain}");
+    for expect in [head.hash.clone(), format!("3:{}", head.hash)] {
+        let out = verify(&expect);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{expect}: {stdout}");
+        assert!(stdout.contains("HEAD MISMATCH"), "{stdout}");
+        assert!(stdout.contains(&head.hash), "{stdout}");
+    }
+    // A head kept before the truncation point still matches.
+    assert!(verify(&format!("2:{second}")).status.success());
+}

@@ -490,3 +490,36 @@ async fn the_dall_e_2_profile_still_serves_its_ids_next_to_gpt_image() {
         Some(imagegate::ledger::CostBasis::PerImage)
     );
 }
+
+/// A `prompt` or `user` over 64 KiB gets the field's own length error, as a long value under
+/// 64 KiB does (not a framing error), and nothing is forwarded.
+#[tokio::test]
+async fn a_prompt_or_user_over_64_kib_gets_its_length_error() {
+    let gw = Gateway::start_with(gpt).await;
+    let img = rgba_png(32, true);
+    let long_prompt = Multipart::new()
+        .text("model", "gpt-image-2")
+        .text("prompt", &"p".repeat(70_000))
+        .file("image", Some("x.png"), Some("image/png"), &img);
+    let resp = gw.edit(APP_KEY, &long_prompt).await;
+    let msg = assert_error(
+        &resp,
+        400,
+        "invalid_request_error",
+        Some("prompt"),
+        Some("string_above_max_length"),
+    );
+    assert!(msg.contains("but got a string with length 70000"), "{msg}");
+    let resp = gw
+        .edit(APP_KEY, &form(&img).text("user", &"u".repeat(70_000)))
+        .await;
+    let msg = assert_error(
+        &resp,
+        400,
+        "invalid_request_error",
+        Some("user"),
+        Some("string_above_max_length"),
+    );
+    assert!(msg.contains("length 70000"), "{msg}");
+    assert_eq!(gw.mock.count(), 0, "nothing forwarded");
+}

@@ -382,7 +382,7 @@ fn concurrent_replicas_never_exceed_a_quota() {
                         client: "acme".into(),
                         user: Some(format!("user{t}_{i}")),
                     };
-                    match store.reserve(&who, 1, 1_000) {
+                    match store.reserve(&format!("req_{t}_{i}"), &who, 1, 1_000) {
                         Ok(_) => admitted.fetch_add(1, Ordering::SeqCst),
                         Err(e) => {
                             assert!(
@@ -418,13 +418,13 @@ fn settle_refunds_and_show() {
         client: "acme".into(),
         user: Some("alice".into()),
     };
-    let r = q.reserve(&alice, 2, 80_000).unwrap();
-    assert!(q.reserve(&alice, 2, 80_000).is_err());
+    let r = q.reserve("req_a", &alice, 2, 80_000).unwrap();
+    assert!(q.reserve("req_b", &alice, 2, 80_000).is_err());
     // One image delivered: the other is refunded, and fits again.
     q.settle(&r, 1, 42_000).unwrap();
     let used = q.usage("client:acme").unwrap();
     assert_eq!((used.images_day, used.micros_day), (1, 42_000));
-    let r2 = q.reserve(&alice, 2, 80_000).unwrap();
+    let r2 = q.reserve("req_c", &alice, 2, 80_000).unwrap();
     q.settle(&r2, 0, 0).unwrap();
     let lines = q.show(Some("acme"), None).unwrap();
     let day = lines
@@ -540,7 +540,7 @@ fn ledger_copy_body() {
             client: "acme".into(),
             user: Some("alice".into()),
         };
-        let r = q.reserve(&alice, 3, 60_000).unwrap();
+        let r = q.reserve("req_copy_hold", &alice, 3, 60_000).unwrap();
         q.settle(&r, 2, 40_000).unwrap();
     }
     let source_head = SqliteStore::open_reader(&db)

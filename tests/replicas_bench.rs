@@ -165,7 +165,9 @@ fn quota_pairs(name: &str, store: Arc<QuotaStore>) {
     let mut samples = Vec::new();
     for i in 0..500 {
         let started = Instant::now();
-        let r = store.reserve(&who(i), 1, 20_000).expect("admitted");
+        let r = store
+            .reserve(&format!("req_bench_{i}"), &who(i), 1, 20_000)
+            .expect("admitted");
         store.settle(&r, 1, 18_000).expect("settled");
         samples.push(started.elapsed());
     }
@@ -176,7 +178,9 @@ fn quota_pairs(name: &str, store: Arc<QuotaStore>) {
             let store = store.clone();
             std::thread::spawn(move || {
                 for i in 0..200 {
-                    let r = store.reserve(&who(t * 1000 + i), 1, 20_000).unwrap();
+                    let r = store
+                        .reserve(&format!("req_bench_{t}_{i}"), &who(t * 1000 + i), 1, 20_000)
+                        .unwrap();
                     store.settle(&r, 1, 18_000).unwrap();
                 }
             })

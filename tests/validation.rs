@@ -309,6 +309,16 @@ async fn prompt_and_image_rules() {
                     "Invalid 'prompt': string too long. Expected a string with maximum length 1000, but got a string with length 1001 instead.",
                 ),
             ),
+            // Over 64 KiB: the same length error, not a framing one.
+            reject(
+                "prompt of 70000 ASCII chars",
+                edit_request(&img, &"p".repeat(70_000)),
+                Some("prompt"),
+                "string_above_max_length",
+                exact(
+                    "Invalid 'prompt': string too long. Expected a string with maximum length 1000, but got a string with length 70000 instead.",
+                ),
+            ),
         ],
     )
     .await;
@@ -511,6 +521,13 @@ async fn user_rules() {
                 Some("user"),
                 "string_above_max_length",
                 exact(long(257)),
+            ),
+            reject(
+                "user of 70000 chars (over 64 KiB)",
+                with_user(&"u".repeat(70_000)),
+                Some("user"),
+                "string_above_max_length",
+                exact(long(70_000)),
             ),
             reject(
                 "user with a control character",

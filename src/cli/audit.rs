@@ -17,7 +17,11 @@ pub fn run(command: &AuditCommand) -> Result<ExitCode, StartupError> {
             limit,
             output,
         } => export(config, filters, format, *limit, output.as_deref()),
-        AuditCommand::Verify { config, format } => verify(config, *format),
+        AuditCommand::Verify {
+            config,
+            format,
+            expect_head,
+        } => verify(config, *format, expect_head.as_deref()),
     }
 }
 
@@ -55,18 +59,67 @@ fn export(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Check the hash chain: exit 0 when whole, 1 naming the first broken link.
-fn verify(config: &ConfigArg, format: TableOrJson) -> Result<ExitCode, StartupError> {
+/// Check the hash chain: exit 0 when whole, 1 naming the first broken link, or when the
+/// expected head is not the chain's.
+fn verify(
+    config: &ConfigArg,
+    format: TableOrJson,
+    expect_head: Option<&str>,
+) -> Result<ExitCode, StartupError> {
     let (c, store) = open_ledger(config)?;
     let report = store
         .verify()
         .map_err(|e| StartupError::Query(e.to_string()))?;
+    let head = report
+        .head
+        .as_ref()
+        .map(|h| format!("seq {} hash {}", h.seq, h.hash))
+        .unwrap_or_else(|| "empty".into());
+    // `--expect-head`: None when it matches (or is not given), else the mismatch.
+    let mut mismatch = None;
+    if report.first_broken.is_none()
+        && let Some(expected) = expect_head
+    {
+        let (seq, hash) = match expected.split_once(':') {
+            Some((seq, hash)) => match seq.trim().parse::<u64>() {
+                Ok(seq) => (Some(seq), hash.trim()),
+                Err(_) => {
+                    println!(
+                        "{}: --expect-head {expected:?}: SEQ must be a number",
+                        c.ledger.location().display()
+                    );
+                    return Ok(ExitCode::from(2));
+                }
+            },
+            None => (None, expected.trim()),
+        };
+        let found = match seq {
+            None => report.head.as_ref().map(|h| h.hash.clone()),
+            Some(seq) => store
+                .entry_hash(seq)
+                .map_err(|e| StartupError::Query(e.to_string()))?,
+        };
+        if !found
+            .as_deref()
+            .is_some_and(|f| f.eq_ignore_ascii_case(hash))
+        {
+            let at = seq.map_or("the head".to_string(), |s| format!("entry {s}"));
+            mismatch = Some(format!(
+                "HEAD MISMATCH: expected {at} to be {hash}, the chain has {}; head {head} \
+                 (a truncated or rewritten tail, or another ledger)",
+                found.as_deref().unwrap_or("no such entry"),
+            ));
+        }
+    }
     if format == TableOrJson::Json {
         let mut json =
             serde_json::to_value(&report).map_err(|e| StartupError::Query(e.to_string()))?;
-        json["ok"] = report.is_ok().into();
+        json["ok"] = (report.is_ok() && mismatch.is_none()).into();
+        if let Some(m) = &mismatch {
+            json["head_mismatch"] = m.clone().into();
+        }
         println!("{json}");
-        return Ok(if report.is_ok() {
+        return Ok(if report.is_ok() && mismatch.is_none() {
             ExitCode::SUCCESS
         } else {
             ExitCode::from(1)
@@ -78,11 +131,10 @@ fn verify(config: &ConfigArg, format: TableOrJson) -> Result<ExitCode, StartupEr
             chain.replica, chain.head.seq, chain.head.hash
         );
     }
-    let head = report
-        .head
-        .as_ref()
-        .map(|h| format!("seq {} hash {}", h.seq, h.hash))
-        .unwrap_or_else(|| "empty".into());
+    if let Some(m) = mismatch {
+        println!("{}: {m}", c.ledger.location().display());
+        return Ok(ExitCode::from(1));
+    }
     match &report.first_broken {
         None => {
             println!(

@@ -156,6 +156,11 @@ pub enum AuditCommand {
         /// Output format (`json`: the whole report, with the head of each replica's chain).
         #[arg(long, value_enum, default_value = "table")]
         format: TableOrJson,
+        /// A chain head kept elsewhere (`/metrics`, a log, a backup): `HASH` must be the
+        /// current head; `SEQ:HASH` must be entry SEQ (the chain may have grown since). Exit 1
+        /// when it is not (a truncated or rewritten tail).
+        #[arg(long, value_name = "[SEQ:]HASH")]
+        expect_head: Option<String>,
     },
 }
 

@@ -22,8 +22,13 @@ pub struct FormRules {
 
 const TEXT_FIELDS: [&str; 6] = ["prompt", "model", "n", "size", "response_format", "user"];
 const FILE_FIELDS: [&str; 2] = ["image", "mask"];
-/// Text parts are small; a larger one is refused while parsing.
+/// The enum-like text parts are small; a larger one is refused while parsing. `prompt` and
+/// `user` are not capped here: the body is already buffered and capped, so a long value costs
+/// nothing more, and it gets its field's own length error (`string_above_max_length`), the
+/// same as a long value under 64 KiB.
 const MAX_TEXT_PART_BYTES: u64 = 64 * 1024;
+/// The text parts capped at [`MAX_TEXT_PART_BYTES`] while framing.
+const CAPPED_TEXT_FIELDS: [&str; 4] = ["model", "n", "size", "response_format"];
 
 /// The boundary of a `multipart/form-data` content type, or the OpenAI-shaped refusal.
 pub fn boundary(content_type: Option<&http::HeaderValue>) -> Result<String, GatewayError> {
@@ -58,19 +63,18 @@ pub struct RawPart {
 }
 
 /// Parse the whole body into parts (framing only, no field rules). Any framing fault is
-/// `invalid_multipart`; the dall-e-2 text fields are capped at 64 KiB here.
+/// `invalid_multipart`; the dall-e-2 enum text fields are capped at 64 KiB here (`prompt` and
+/// `user` get their length errors from the field rules, whatever their size).
 pub async fn parse_parts(
     boundary: &str,
     body: Bytes,
     max_parts: usize,
 ) -> Result<Vec<RawPart>, GatewayError> {
-    let limits = multer::SizeLimit::new()
-        .for_field("prompt", MAX_TEXT_PART_BYTES)
-        .for_field("model", MAX_TEXT_PART_BYTES)
-        .for_field("n", MAX_TEXT_PART_BYTES)
-        .for_field("size", MAX_TEXT_PART_BYTES)
-        .for_field("response_format", MAX_TEXT_PART_BYTES)
-        .for_field("user", MAX_TEXT_PART_BYTES);
+    let limits = CAPPED_TEXT_FIELDS
+        .iter()
+        .fold(multer::SizeLimit::new(), |l, f| {
+            l.for_field(*f, MAX_TEXT_PART_BYTES)
+        });
     let constraints = multer::Constraints::new().size_limit(limits);
     read_parts(
         boundary,
@@ -97,7 +101,9 @@ pub async fn parse_parts_uncapped(
 /// dall-e-2 rules by `model`).
 pub fn check_text_part_sizes(parts: &[RawPart]) -> Result<(), GatewayError> {
     for p in parts {
-        if TEXT_FIELDS.contains(&p.name.as_str()) && p.data.len() as u64 > MAX_TEXT_PART_BYTES {
+        if CAPPED_TEXT_FIELDS.contains(&p.name.as_str())
+            && p.data.len() as u64 > MAX_TEXT_PART_BYTES
+        {
             return Err(GatewayError::InvalidMultipart {
                 detail: format!(
                     "the field '{}' is larger than {MAX_TEXT_PART_BYTES} bytes",
@@ -752,15 +758,29 @@ mod tests {
 
     #[tokio::test]
     async fn uncapped_framing_plus_text_cap_matches_parse_parts() {
-        for len in [65_536usize, 65_537] {
-            let prompt = vec![b'p'; len];
-            let b = body(&[("prompt", None, None, &prompt), ("image", None, None, b"x")]);
+        for (field, len) in [
+            ("prompt", 65_536usize),
+            ("prompt", 65_537),
+            ("size", 65_536),
+            ("size", 65_537),
+        ] {
+            let value = vec![b'p'; len];
+            let b = body(&[
+                ("prompt", None, None, b"p"),
+                (field, None, None, &value),
+                ("image", None, None, b"x"),
+            ]);
             let capped = parse_parts("XyZ", b.clone(), 16).await.map(|p| p.len());
             let split = match parse_parts_uncapped("XyZ", b, 16).await {
                 Ok(parts) => check_text_part_sizes(&parts).map(|()| parts.len()),
                 Err(e) => Err(e),
             };
-            assert_eq!(capped, split, "{len}");
+            assert_eq!(capped, split, "{field} {len}");
+            assert_eq!(
+                capped.is_ok(),
+                field == "prompt" || len == 65_536,
+                "only the enum fields are capped: {field} {len}"
+            );
         }
     }
 }

@@ -101,10 +101,20 @@ impl Forwarder {
         answer: Expect,
         reservation: ReservationGuard,
         trail: Trail,
-        mut record: Record,
+        record: Record,
         head_tx: oneshot::Sender<Result<(http::response::Parts, ChannelBody), GatewayError>>,
     ) {
-        if let Err(e) = self.ledger.begin_forwarding(record.clone()).await {
+        let mut reservation = reservation;
+        // Completes the record if this task ends without doing so (a panic).
+        let mut record = Unfinished {
+            record: Some(record),
+            begun: false,
+            sent: false,
+            settled: false,
+            ledger: self.ledger.clone(),
+            started: trail.clone(),
+        };
+        if let Err(e) = self.ledger.begin_forwarding((*record).clone()).await {
             tracing::error!(error = %e, "ledger refused the forwarding record; not forwarding");
             reservation.refund().await;
             let refusal = GatewayError::LedgerUnavailable;
@@ -112,10 +122,11 @@ impl Forwarder {
             note_error(&mut record, &refusal.parts());
             record.total_ms = Some(trail.elapsed_ms());
             // Kept by the writer and retried until the store takes it again.
-            commit_detached(&self.ledger, LedgerOp::Final(record));
+            commit_detached(&self.ledger, LedgerOp::Final(record.take()));
             let _ = head_tx.send(Err(refusal));
             return;
         }
+        record.begun = true;
         if head_tx.is_closed() {
             // The caller left while the record was committed: nothing has gone upstream
             // yet, so nothing is spent.
@@ -124,12 +135,21 @@ impl Forwarder {
             record.reason_message =
                 Some("the caller disconnected before the request was forwarded".into());
             record.images_returned = Some(0);
-            self.complete(record, &trail).await;
+            self.complete(record.take(), &trail).await;
             return;
         }
+        // From here on the upstream may do (and bill) the work: a reservation left unsettled
+        // (a panic) is charged in full, as the record then says.
+        reservation.charge_if_dropped();
+        record.sent = true;
         let sent = std::time::Instant::now();
         let client = record.client.clone();
-        match self.upstream.send(canonical, client.as_deref()).await {
+        let upstream = self.upstream.send(canonical, client.as_deref()).await;
+        #[cfg(any(test, feature = "testkit"))]
+        if record.user.as_deref() == Some(crate::testkit::PANIC_AFTER_SEND_USER) {
+            panic!("testkit: a forwarding task panics after the upstream answered");
+        }
+        match upstream {
             Err(SendError {
                 error: e,
                 reached,
@@ -151,8 +171,10 @@ impl Forwarder {
                 } else {
                     // Nothing was sent: nothing is spent.
                     reservation.refund().await;
+                    record.cost_settled_micros = 0;
                 }
-                self.complete(record, &trail).await;
+                record.settled = true;
+                self.complete(record.take(), &trail).await;
                 let _ = head_tx.send(Err(e));
             }
             Ok(Sent { response, key }) => {
@@ -197,6 +219,7 @@ impl Forwarder {
                 let images = bill.images;
                 record.cost_settled_micros =
                     reservation.settle(bill.charged_images, bill.micros).await;
+                record.settled = true;
                 record.images_returned = Some(images);
                 record.upstream_ms = Some(sent.elapsed().as_millis() as u64);
                 bill.note(&mut record);
@@ -225,7 +248,7 @@ impl Forwarder {
                     caller_gone = outcome.caller_gone,
                     "upstream answer relayed"
                 );
-                self.complete(record, &trail).await;
+                self.complete(record.take(), &trail).await;
                 // Only now does the caller get the end of the answer.
                 tail.finish().await;
             }
@@ -236,6 +259,79 @@ impl Forwarder {
     async fn complete(&self, mut record: Record, trail: &Trail) {
         record.total_ms = Some(trail.elapsed_ms());
         commit(&self.ledger, LedgerOp::Complete(record)).await;
+    }
+}
+
+/// The record of a forwarding task until it is handed to the ledger. If the task ends
+/// without doing so (it panicked), dropping this commits it: a request never begun as
+/// `rejected` (nothing spent; its reservation is refunded), a begun one as `upstream_error`
+/// charged what its reservation is: what it was settled to, else in full once sent (the
+/// upstream may have done the work; see [`ReservationGuard::charge_if_dropped`]), else nothing.
+struct Unfinished {
+    record: Option<Record>,
+    /// The `forwarding` record is committed.
+    begun: bool,
+    /// The request is going (or went) upstream: unsettled, its reservation is charged in full.
+    sent: bool,
+    /// The reservation is settled and `cost_settled_micros` says to what.
+    settled: bool,
+    ledger: Ledger,
+    started: Trail,
+}
+
+impl Unfinished {
+    /// The record, handed over for committing.
+    fn take(&mut self) -> Record {
+        self.record.take().expect("the record is committed once")
+    }
+}
+
+impl std::ops::Deref for Unfinished {
+    type Target = Record;
+    fn deref(&self) -> &Record {
+        self.record.as_ref().expect("the record is committed once")
+    }
+}
+
+impl std::ops::DerefMut for Unfinished {
+    fn deref_mut(&mut self) -> &mut Record {
+        self.record.as_mut().expect("the record is committed once")
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Some(mut record) = self.record.take() else {
+            return;
+        };
+        tracing::error!(
+            begun = self.begun,
+            "the forwarding task ended without completing its record (a panic); completing it"
+        );
+        metrics::counter!("imagegate_forwarding_task_failures_total").increment(1);
+        note_error(&mut record, &GatewayError::Internal.parts());
+        record.reason_message = Some("the forwarding task failed (internal error)".into());
+        record.total_ms = Some(self.started.elapsed_ms());
+        let op = if self.begun {
+            record.outcome = Outcome::UpstreamError;
+            // What the quota is charged too: the settlement made, else the whole reservation
+            // once sent (`ReservationGuard::charge_if_dropped`), else nothing (a refund).
+            if !self.settled {
+                record.cost_settled_micros = if self.sent {
+                    record.cost_basis = Some(CostBasis::Estimated);
+                    record.cost_reserved_micros
+                } else {
+                    0
+                };
+            }
+            record.images_returned.get_or_insert(0);
+            LedgerOp::Complete(record)
+        } else {
+            record.outcome = Outcome::Rejected;
+            record.cost_settled_micros = 0;
+            LedgerOp::Final(record)
+        };
+        commit_detached(&self.ledger, op);
     }
 }
 

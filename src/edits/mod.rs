@@ -255,6 +255,7 @@ impl Edits {
             let each = this.quotas.price(&edit.model, edit.size.as_str(), 1);
             let reservation = reserve(
                 &this.quotas,
+                &trail.request_id(),
                 &who,
                 n,
                 each * i64::from(n),
@@ -371,6 +372,7 @@ impl Edits {
             let bound = reservation_micros(&gpt::reservation_params(&edit), &prices);
             let reservation = reserve(
                 &this.quotas,
+                &trail.request_id(),
                 &who,
                 u32::from(edit.n_or_default()),
                 i64::try_from(bound).unwrap_or(i64::MAX),

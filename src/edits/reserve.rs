@@ -20,9 +20,10 @@ pub enum Pricing {
     Tokens(TokenPrices),
 }
 
-/// Reserve `images` and `micros` for `who` on the blocking pool.
+/// Reserve `images` and `micros` for `who` on the blocking pool, held under `request_id`.
 pub async fn reserve(
     quotas: &Arc<QuotaStore>,
+    request_id: &str,
     who: &EndUser,
     images: u32,
     micros: i64,
@@ -30,13 +31,15 @@ pub async fn reserve(
 ) -> Result<ReservationGuard, GatewayError> {
     let store = quotas.clone();
     let who = who.clone();
-    let reservation = tokio::task::spawn_blocking(move || store.reserve(&who, images, micros))
+    let id = request_id.to_owned();
+    let reservation = tokio::task::spawn_blocking(move || store.reserve(&id, &who, images, micros))
         .await
         .map_err(|_| GatewayError::Internal)??;
     Ok(ReservationGuard {
         quotas: quotas.clone(),
         reservation: Some(reservation),
         pricing,
+        charge_on_drop: false,
     })
 }
 
@@ -45,9 +48,17 @@ pub struct ReservationGuard {
     quotas: Arc<QuotaStore>,
     reservation: Option<Reservation>,
     pricing: Pricing,
+    /// Dropped unsettled: charge everything instead of refunding.
+    charge_on_drop: bool,
 }
 
 impl ReservationGuard {
+    /// The request is going upstream: if this guard is dropped without being settled (the
+    /// forwarding task panicked), the whole reservation is charged, not refunded.
+    pub fn charge_if_dropped(&mut self) {
+        self.charge_on_drop = true;
+    }
+
     /// Micro-dollars held.
     pub fn reserved_micros(&self) -> i64 {
         self.reservation.as_ref().map_or(0, |r| r.micros)
@@ -155,7 +166,12 @@ impl Drop for ReservationGuard {
     fn drop(&mut self) {
         if let Some(r) = self.reservation.take() {
             let quotas = self.quotas.clone();
-            let refund = move || settle_now(&quotas, &r, 0, 0);
+            let (images, micros) = if self.charge_on_drop {
+                (r.images, r.micros)
+            } else {
+                (0, 0)
+            };
+            let refund = move || settle_now(&quotas, &r, images, micros);
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
                     rt.spawn_blocking(refund);
@@ -189,6 +205,14 @@ mod tests {
         Arc::new(QuotaStore::open_in_memory(Arc::new(c), Clock::manual(SystemTime::now())).unwrap())
     }
 
+    fn rid() -> String {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        format!(
+            "req_{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
+    }
+
     fn who() -> EndUser {
         EndUser {
             client: "a".into(),
@@ -204,7 +228,7 @@ mod tests {
     #[tokio::test]
     async fn settles_to_what_the_answer_cost() {
         let s = store();
-        let g = reserve(&s, &who(), 4, 80_000, Pricing::PerImage(20_000))
+        let g = reserve(&s, &rid(), &who(), 4, 80_000, Pricing::PerImage(20_000))
             .await
             .unwrap();
         assert_eq!(g.reserved_micros(), 80_000);
@@ -217,11 +241,11 @@ mod tests {
     #[tokio::test]
     async fn refund_restores_the_quota_before_returning() {
         let s = store();
-        let g = reserve(&s, &who(), 10, 0, Pricing::PerImage(0))
+        let g = reserve(&s, &rid(), &who(), 10, 0, Pricing::PerImage(0))
             .await
             .unwrap();
         assert!(
-            reserve(&s, &who(), 1, 0, Pricing::PerImage(0))
+            reserve(&s, &rid(), &who(), 1, 0, Pricing::PerImage(0))
                 .await
                 .is_err()
         );
@@ -232,7 +256,7 @@ mod tests {
     #[tokio::test]
     async fn charge_all_charges_the_whole_reservation() {
         let s = store();
-        let g = reserve(&s, &who(), 4, 80_000, Pricing::PerImage(20_000))
+        let g = reserve(&s, &rid(), &who(), 4, 80_000, Pricing::PerImage(20_000))
             .await
             .unwrap();
         assert_eq!(g.reserved_images(), 4);
@@ -278,7 +302,7 @@ mod tests {
             .build()
             .unwrap();
         let g = rt
-            .block_on(reserve(&s, &who(), 5, 100, Pricing::PerImage(20)))
+            .block_on(reserve(&s, &rid(), &who(), 5, 100, Pricing::PerImage(20)))
             .unwrap();
         assert_eq!(used(&s), (5, 100));
         drop(rt);

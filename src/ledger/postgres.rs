@@ -253,6 +253,25 @@ CREATE INDEX records_upstream_key ON records (upstream_key, received_at_us);
         "records by outcome (the operator page's recent requests)",
         "CREATE INDEX IF NOT EXISTS records_outcome ON records (outcome, received_at_us);",
     ),
+    (
+        4,
+        "quota holds: one row per open reservation, reconciled with its record",
+        "
+CREATE TABLE quota_holds (
+    request_id TEXT PRIMARY KEY,
+    replica TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    day TEXT NOT NULL,
+    month TEXT NOT NULL,
+    reserved_images BIGINT NOT NULL,
+    reserved_micros BIGINT NOT NULL,
+    images BIGINT NOT NULL,
+    micros BIGINT NOT NULL,
+    settled BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE INDEX quota_holds_replica ON quota_holds (replica);
+",
+    ),
 ];
 
 /// The version [`migrate`] brings a database to.
@@ -780,6 +799,31 @@ impl LedgerStore for PostgresStore {
         })
     }
 
+    fn entry_hash(&self, seq: u64) -> Result<Option<String>, LedgerError> {
+        let Ok(seq) = i64::try_from(seq) else {
+            return Ok(None);
+        };
+        let replica = self.replica.clone();
+        self.with(|c| {
+            Ok(c.query_opt(
+                "SELECT hash FROM ledger_chain WHERE replica = $1 AND seq = $2",
+                &[&replica, &seq],
+            )?
+            .map(|r| r.get(0)))
+        })
+    }
+
+    fn check(&mut self) -> Result<(), LedgerError> {
+        self.with(|c| c.batch_execute("SELECT 1").map_err(Into::into))
+    }
+
+    fn tip(&self) -> Option<ChainHead> {
+        self.tip.as_ref().filter(|t| t.seq > 0).map(|t| ChainHead {
+            seq: t.seq as u64,
+            hash: t.hash.clone(),
+        })
+    }
+
     fn write_batch(
         &mut self,
         ops: &[LedgerOp],
@@ -794,6 +838,13 @@ impl LedgerStore for PostgresStore {
                     Plan::Refuse(why) => results.push(Err(LedgerError::Rejected(why))),
                     Plan::Write(kind, record) => {
                         append_at(tx, replica, tip, kind, &record)?;
+                        if kind != EntryKind::Begin {
+                            // Settled and now final: the quota hold is reconciled.
+                            tx.execute(
+                                "DELETE FROM quota_holds WHERE request_id = $1 AND settled",
+                                &[&record.request_id],
+                            )?;
+                        }
                         results.push(Ok(()));
                     }
                 }

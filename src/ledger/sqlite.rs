@@ -335,6 +335,50 @@ pub struct SqliteStore {
     tip: Option<Tip>,
     read_only: bool,
     schema: Schema,
+    /// The file this store opened for writing (path, device and inode), checked before each
+    /// write: SQLite keeps writing through its open descriptor to a file that was deleted,
+    /// replaced or made read-only, so the gateway would not notice otherwise.
+    file: Option<FileId>,
+}
+
+/// The identity of the ledger file as opened.
+#[derive(Debug, Clone)]
+struct FileId {
+    path: std::path::PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileId {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// `Err` when the file at the path is gone, is another file, or is read-only.
+    fn check(&self) -> Result<(), LedgerError> {
+        use std::os::unix::fs::MetadataExt;
+        let shown = self.path.display();
+        let m = std::fs::metadata(&self.path).map_err(|e| {
+            LedgerError::Unavailable(format!("{shown}: the ledger file is gone ({e})"))
+        })?;
+        if (m.dev(), m.ino()) != (self.dev, self.ino) {
+            return Err(LedgerError::Unavailable(format!(
+                "{shown}: the ledger file was replaced by another file; restart the gateway to use it"
+            )));
+        }
+        if m.permissions().readonly() {
+            return Err(LedgerError::Unavailable(format!(
+                "{shown}: the ledger file is read-only"
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -356,7 +400,9 @@ impl SqliteStore {
                 .map_err(|e| LedgerError::Unavailable(format!("{}: {e}", dir.display())))?;
         }
         let conn = Connection::open(path).map_err(|e| at(path, e))?;
-        Self::init(conn)
+        let mut store = Self::init(conn)?;
+        store.file = FileId::of(path);
+        Ok(store)
     }
 
     /// A private in-memory ledger (tests, dry runs).
@@ -387,6 +433,7 @@ impl SqliteStore {
             tip: None,
             read_only: true,
             schema,
+            file: None,
         })
     }
 
@@ -403,10 +450,13 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
         // Create what is missing and upgrade an older ledger in one transaction: another
         // process opening the same file waits, then finds it current.
-        conn.execute_batch(&format!("BEGIN IMMEDIATE;{SCHEMA}"))
-            .inspect_err(|_| {
-                let _ = conn.execute_batch("ROLLBACK");
-            })?;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE;{SCHEMA}{}",
+            crate::limits::quota::SQLITE_HOLDS
+        ))
+        .inspect_err(|_| {
+            let _ = conn.execute_batch("ROLLBACK");
+        })?;
         let upgraded = (|| {
             if parse_version(read_version(&conn)?)? == Schema::V1 {
                 migrate_1_to_2(&conn)?;
@@ -431,6 +481,7 @@ impl SqliteStore {
             tip: None,
             read_only: false,
             schema: Schema::Current,
+            file: None,
         };
         store.load_tip()?;
         Ok(store)
@@ -515,6 +566,9 @@ impl SqliteStore {
         body: impl FnOnce(&Connection, &mut Tip) -> Result<T, LedgerError>,
     ) -> Result<T, LedgerError> {
         self.writable()?;
+        if let Some(file) = &self.file {
+            file.check()?;
+        }
         let mut tip = self.current_tip()?;
         let result = (|| {
             let tx = self
@@ -853,6 +907,44 @@ impl LedgerStore for SqliteStore {
         })
     }
 
+    fn entry_hash(&self, seq: u64) -> Result<Option<String>, LedgerError> {
+        let Ok(seq) = i64::try_from(seq) else {
+            return Ok(None);
+        };
+        Ok(self
+            .conn
+            .query_row("SELECT hash FROM ledger_chain WHERE seq = ?1", [seq], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    fn tip(&self) -> Option<ChainHead> {
+        self.tip.as_ref().filter(|t| t.seq > 0).map(|t| ChainHead {
+            seq: t.seq as u64,
+            hash: t.hash.clone(),
+        })
+    }
+
+    fn check(&mut self) -> Result<(), LedgerError> {
+        self.writable()?;
+        match &self.file {
+            Some(file) => file.check(),
+            None => Ok(()),
+        }
+    }
+
+    fn try_write(&mut self) -> Result<(), LedgerError> {
+        // Rewrites a row as it is: a real page write and commit (fails on a full disk too).
+        self.in_transaction(|tx, _| {
+            tx.execute(
+                "UPDATE ledger_meta SET value = value WHERE key = 'schema_version'",
+                [],
+            )?;
+            Ok(())
+        })
+    }
+
     fn write_batch(
         &mut self,
         ops: &[LedgerOp],
@@ -867,6 +959,14 @@ impl LedgerStore for SqliteStore {
                     Plan::Refuse(why) => results.push(Err(LedgerError::Rejected(why))),
                     Plan::Write(kind, record) => {
                         append(tx, tip, kind, &record)?;
+                        if kind != EntryKind::Begin {
+                            // The quota was settled and now the record is final: the request's
+                            // hold has nothing left to reconcile (see `QuotaStore::settle`).
+                            tx.prepare_cached(
+                                "DELETE FROM quota_holds WHERE request_id = ?1 AND settled = 1",
+                            )?
+                            .execute([&record.request_id])?;
+                        }
                         results.push(Ok(()));
                     }
                 }

@@ -69,6 +69,34 @@ pub trait LedgerStore: Send + 'static {
         ops: &[LedgerOp],
     ) -> Result<Vec<Result<(), LedgerError>>, LedgerError>;
 
+    /// A cheap check, without writing, that the store can still be written (the idle writer
+    /// runs it each second while healthy, so readiness falls without traffic).
+    /// [`LedgerError::Unavailable`] when it cannot.
+    fn check(&mut self) -> Result<(), LedgerError> {
+        Ok(())
+    }
+
+    /// A write that changes nothing, to learn whether the store takes writes again (the idle
+    /// writer runs it each second while unhealthy; readiness comes back when it succeeds).
+    fn try_write(&mut self) -> Result<(), LedgerError> {
+        self.check()
+    }
+
+    /// The last chain entry this store wrote or loaded (no query; `None` when unknown, e.g.
+    /// after a failed transaction). Exposed on `/metrics`.
+    fn tip(&self) -> Option<ChainHead> {
+        None
+    }
+
+    /// The hash of chain entry `seq` (this replica's chain on PostgreSQL), `None` when the
+    /// chain has no such entry.
+    fn entry_hash(&self, seq: u64) -> Result<Option<String>, LedgerError> {
+        let _ = seq;
+        Err(LedgerError::Store(
+            "this store cannot look up chain entries".into(),
+        ))
+    }
+
     /// The current record of a request.
     fn get(&self, request_id: &str) -> Result<Option<Record>, LedgerError>;
 

@@ -43,7 +43,7 @@ use super::record::Record;
 use super::report::{ExportFormat, write_export};
 use super::sqlite::SqliteStore;
 use super::store::{
-    ChainStatus, LedgerOp, LedgerStore, RecentQuery, UsageQuery, UsageRow, VerifyReport,
+    ChainHead, ChainStatus, LedgerOp, LedgerStore, RecentQuery, UsageQuery, UsageRow, VerifyReport,
 };
 
 /// Most jobs in one transaction: the one waited for and up to 256 more already queued.
@@ -73,6 +73,8 @@ struct Stats {
     healthy: AtomicBool,
     retained: AtomicUsize,
     lost: AtomicU64,
+    /// The chain head after the last commit.
+    head: Mutex<Option<ChainHead>>,
 }
 
 /// What the handles share. Holds the only sender: when the last handle goes (or `close` takes
@@ -155,6 +157,7 @@ impl Ledger {
             healthy: AtomicBool::new(true),
             retained: AtomicUsize::new(0),
             lost: AtomicU64::new(0),
+            head: Mutex::new(store.tip()),
         });
         let writer_stats = stats.clone();
         std::thread::Builder::new()
@@ -290,6 +293,12 @@ impl Ledger {
     }
 
     /// False from a failed write to the next successful one, and once the ledger is closed.
+    /// The ledger chain's head as this process last committed it (its own chain on
+    /// PostgreSQL); `None` before the first entry.
+    pub fn chain_head(&self) -> Option<ChainHead> {
+        lock(&self.shared.stats.head).clone()
+    }
+
     pub fn healthy(&self) -> bool {
         self.shared.stats.healthy.load(Ordering::SeqCst) && lock(&self.shared.tx).is_some()
     }
@@ -384,24 +393,22 @@ fn run(
     mut store: Box<dyn LedgerStore>,
     rx: mpsc::Receiver<Job>,
     stats: &Stats,
-    probe: Option<Duration>,
+    probe_every: Option<Duration>,
 ) -> Result<(), LedgerError> {
+    // An idle writer checks its store this often (`ledger.health_interval` for PostgreSQL,
+    // else PROBE_EVERY), so readiness follows the store between writes.
+    let probe_every = probe_every.unwrap_or(PROBE_EVERY);
     let mut retained: VecDeque<LedgerOp> = VecDeque::new();
     let mut backoff = RETRY_MIN;
     loop {
-        let first = if let (true, Some(every)) = (retained.is_empty(), probe) {
-            match rx.recv_timeout(every) {
+        let first = if retained.is_empty() {
+            match rx.recv_timeout(probe_every) {
                 Ok(job) => Some(job),
                 Err(RecvTimeoutError::Timeout) => {
-                    probe_store(store.as_mut(), stats);
+                    probe(store.as_mut(), stats);
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
-            }
-        } else if retained.is_empty() {
-            match rx.recv() {
-                Ok(job) => Some(job),
-                Err(_) => break,
             }
         } else {
             match rx.recv_timeout(backoff) {
@@ -461,17 +468,29 @@ fn run(
     )))
 }
 
-/// The idle writer's health check: readiness follows the store between writes.
-fn probe_store(store: &mut dyn LedgerStore, stats: &Stats) {
-    match catch_unwind(AssertUnwindSafe(|| store.ping())) {
+/// How often an idle writer checks that its store can still be written.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// An idle writer's check of its store: while healthy, a cheap check that readiness falls
+/// when the store can no longer be written (a deleted or read-only ledger file); while not, a
+/// write that changes nothing, so readiness comes back only once writes succeed again.
+fn probe(store: &mut dyn LedgerStore, stats: &Stats) {
+    let healthy = stats.healthy.load(Ordering::SeqCst);
+    match catch_unwind(AssertUnwindSafe(|| {
+        if healthy {
+            store.check()
+        } else {
+            store.try_write()
+        }
+    })) {
         Ok(Ok(())) => {
             if !stats.healthy.swap(true, Ordering::SeqCst) {
-                tracing::info!("ledger store reachable again");
+                tracing::info!("ledger writable again");
             }
         }
         Ok(Err(e)) => {
             if stats.healthy.swap(false, Ordering::SeqCst) {
-                tracing::error!(error = %e, "ledger store unreachable; forwarding stops until it returns");
+                tracing::error!(error = %e, "ledger cannot be written; forwarding stops until it can");
             }
         }
         Err(_) => {
@@ -517,6 +536,9 @@ fn commit(
     };
     let failed = match guarded_write(store, &ops) {
         Ok(results) => {
+            if let Some(head) = store.tip() {
+                *lock(&stats.head) = Some(head);
+            }
             if !stats.healthy.swap(true, Ordering::SeqCst) {
                 tracing::info!("ledger writes succeed again");
             }

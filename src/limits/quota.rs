@@ -26,9 +26,11 @@ use crate::config::Config;
 use crate::error::GatewayError;
 use crate::startup::StartupError;
 
-/// A charge held against the quotas, to be settled once.
+/// A charge held against the quotas, to be settled once. Its hold row (`quota_holds`, keyed
+/// by request id) is committed in the same transaction as the charge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
+    request_id: String,
     scopes: Vec<String>,
     day: String,
     month: String,
@@ -82,6 +84,8 @@ enum Backend {
 pub struct QuotaStore {
     /// Shared by the stores of every configuration since start (a reload keeps the use).
     backend: std::sync::Arc<Backend>,
+    /// The replica whose holds this store recovers (PostgreSQL); empty for SQLite.
+    replica: String,
     tz: TimeZone,
     clock: Clock,
     config: std::sync::Arc<Config>,
@@ -135,7 +139,7 @@ impl QuotaStore {
     ) -> Result<QuotaStore, String> {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(|e| e.to_string())?;
-        conn.execute_batch(
+        conn.execute_batch(&format!(
             "PRAGMA journal_mode=WAL;
              PRAGMA synchronous=NORMAL;
              CREATE TABLE IF NOT EXISTS quota_usage (
@@ -144,13 +148,15 @@ impl QuotaStore {
                  images INTEGER NOT NULL DEFAULT 0,
                  micros INTEGER NOT NULL DEFAULT 0,
                  PRIMARY KEY (scope, period)
-             ) WITHOUT ROWID;",
-        )
+             ) WITHOUT ROWID;
+             {SQLITE_HOLDS}"
+        ))
         .map_err(|e| e.to_string())?;
         let tz = TimeZone::get(&config.quotas.time_zone)
             .map_err(|e| format!("quotas.time_zone: {e}"))?;
         Ok(QuotaStore {
             backend: std::sync::Arc::new(Backend::Sqlite(Mutex::new(conn))),
+            replica: String::new(),
             tz,
             clock,
             config,
@@ -175,6 +181,7 @@ impl QuotaStore {
             .map_err(|e| fail(format!("quotas.time_zone: {e}")))?;
         Ok(QuotaStore {
             backend: std::sync::Arc::new(Backend::Postgres(pool)),
+            replica: config.ledger.replica(),
             tz,
             clock,
             config,
@@ -202,6 +209,7 @@ impl QuotaStore {
             .map_err(|e| format!("quotas.time_zone: {e}"))?;
         Ok(QuotaStore {
             backend: self.backend.clone(),
+            replica: self.replica.clone(),
             tz,
             clock: self.clock.clone(),
             config,
@@ -210,7 +218,9 @@ impl QuotaStore {
 
     fn sqlite(&self) -> Option<std::sync::MutexGuard<'_, Connection>> {
         match &*self.backend {
-            Backend::Sqlite(c) => Some(c.lock().expect("quota store lock poisoned by a panic")),
+            // Every change is one SQLite transaction, rolled back if it did not commit: a panic
+            // under the lock leaves nothing half-done, so the guard is taken back.
+            Backend::Sqlite(c) => Some(c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
             Backend::Postgres(_) => None,
         }
     }
@@ -258,8 +268,10 @@ impl QuotaStore {
     }
 
     /// Reserve `images` and `micros` for `who` and its client, or refuse with the exhausted quota.
+    /// The charge and the request's hold row commit together.
     pub fn reserve(
         &self,
+        request_id: &str,
         who: &EndUser,
         images: u32,
         micros: i64,
@@ -277,7 +289,7 @@ impl QuotaStore {
             format!("client '{}'", who.client),
         ));
         if let Backend::Postgres(pool) = &*self.backend {
-            return self.reserve_pg(pool, scopes, day, month, images, micros, &now);
+            return self.reserve_pg(pool, request_id, scopes, day, month, images, micros, &now);
         }
         let mut conn = self.sqlite().expect("sqlite backend");
         let tx = conn
@@ -330,9 +342,17 @@ impl QuotaStore {
                 add(&tx, scope, period, i64::from(images), micros).map_err(|e| store_error(&e))?;
             }
         }
+        let scopes: Vec<String> = scopes.into_iter().map(|s| s.0).collect();
+        tx.execute(
+            "INSERT INTO quota_holds (request_id, replica, scopes, day, month, reserved_images, reserved_micros, images, micros)
+             VALUES (?1, '', ?2, ?3, ?4, ?5, ?6, ?5, ?6)",
+            params![request_id, scopes_json(&scopes), day, month, images, micros],
+        )
+        .map_err(|e| store_error(&e))?;
         tx.commit().map_err(|e| store_error(&e))?;
         Ok(Reservation {
-            scopes: scopes.into_iter().map(|s| s.0).collect(),
+            request_id: request_id.to_owned(),
+            scopes,
             day,
             month,
             images,
@@ -382,35 +402,184 @@ impl QuotaStore {
         }
     }
 
-    /// Settle a reservation: the actual images and cost replace the reserved ones.
+    /// Settle a reservation: the actual images and cost replace the reserved ones, and its
+    /// hold row says so in the same transaction. The hold is deleted once the request's ledger
+    /// record is final too (here if it already is, else by the ledger writer when it commits
+    /// that record): until then start-up recovery can reconcile the two (see [`Self::recover`]).
     pub fn settle(&self, r: &Reservation, images: u32, micros: i64) -> Result<(), String> {
         let d_images = i64::from(images) - i64::from(r.images);
         let d_micros = micros - r.micros;
-        if d_images == 0 && d_micros == 0 {
-            return Ok(());
-        }
+        let img = i64::from(images);
         if let Backend::Postgres(pool) = &*self.backend {
             return pool
                 .with(|c| {
                     let mut tx = c.transaction()?;
-                    for scope in &r.scopes {
-                        for period in [&r.day, &r.month] {
-                            tx.execute(PG_ADD, &[scope, period, &d_images, &d_micros])?;
+                    if d_images != 0 || d_micros != 0 {
+                        for scope in &r.scopes {
+                            for period in [&r.day, &r.month] {
+                                tx.execute(PG_ADD, &[scope, period, &d_images, &d_micros])?;
+                            }
                         }
                     }
+                    tx.execute(
+                        "UPDATE quota_holds SET images = $2, micros = $3, settled = TRUE WHERE request_id = $1",
+                        &[&r.request_id, &img, &micros],
+                    )?;
+                    // Final already: the writer has been and gone.
+                    tx.execute(
+                        "DELETE FROM quota_holds h USING records r
+                         WHERE h.request_id = $1 AND r.request_id = h.request_id AND r.outcome <> 'forwarding'",
+                        &[&r.request_id],
+                    )?;
                     tx.commit()?;
                     Ok(())
                 })
                 .map_err(|e| e.to_string());
         }
         let mut conn = self.sqlite().expect("sqlite backend");
-        let tx = conn.transaction().map_err(|e| e.to_string())?;
-        for scope in &r.scopes {
-            for period in [&r.day, &r.month] {
-                add(&tx, scope, period, d_images, d_micros).map_err(|e| e.to_string())?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| e.to_string())?;
+        if d_images != 0 || d_micros != 0 {
+            for scope in &r.scopes {
+                for period in [&r.day, &r.month] {
+                    add(&tx, scope, period, d_images, d_micros).map_err(|e| e.to_string())?;
+                }
             }
         }
+        // Without a ledger in this database (a quota store alone) there is nothing to wait for.
+        let done = match record_outcome(&tx, &r.request_id).map_err(|e| e.to_string())? {
+            RecordState::Final | RecordState::NoLedger => true,
+            RecordState::Forwarding | RecordState::Missing => false,
+        };
+        if done {
+            tx.execute(
+                "DELETE FROM quota_holds WHERE request_id = ?1",
+                params![r.request_id],
+            )
+        } else {
+            tx.execute(
+                "UPDATE quota_holds SET images = ?2, micros = ?3, settled = 1 WHERE request_id = ?1",
+                params![r.request_id, img, micros],
+            )
+        }
+        .map_err(|e| e.to_string())?;
         tx.commit().map_err(|e| e.to_string())
+    }
+
+    /// Start-up recovery (after the ledger's, which turned `forwarding` records into
+    /// `unknown`): make every hold a crash left behind agree with the ledger, then delete it.
+    /// A hold's request is charged what its ledger record charges (`cost_settled_micros`; an
+    /// `unknown` record its whole reservation); a request with no record was never forwarded
+    /// (the `forwarding` record commits before any byte goes upstream) and is refunded. Holds
+    /// whose record is still `forwarding` (another live process) are left alone. Only this
+    /// replica's holds are touched. Call before serving.
+    pub fn recover(&self) -> Result<HoldRecovery, String> {
+        match &*self.backend {
+            Backend::Postgres(pool) => pool
+                .with(|c| {
+                    let mut tx = c.transaction()?;
+                    let rows = tx.query(
+                        "SELECT h.request_id, h.scopes, h.day, h.month, h.reserved_images, h.reserved_micros,
+                                h.images, h.micros, h.settled, r.outcome, r.cost_settled_micros, r.images_returned
+                         FROM quota_holds h LEFT JOIN records r ON r.request_id = h.request_id
+                         WHERE h.replica = $1 ORDER BY h.request_id FOR UPDATE OF h",
+                        &[&self.replica],
+                    )?;
+                    let holds: Vec<Hold> = rows
+                        .iter()
+                        .map(|row| Hold {
+                            request_id: row.get(0),
+                            scopes: parse_scopes(row.get(1)),
+                            day: row.get(2),
+                            month: row.get(3),
+                            reserved_images: row.get(4),
+                            reserved_micros: row.get(5),
+                            images: row.get(6),
+                            micros: row.get(7),
+                            settled: row.get(8),
+                            record: row.get::<_, Option<String>>(9).map(|o| {
+                                (
+                                    o,
+                                    row.get::<_, Option<i64>>(10).unwrap_or(0),
+                                    row.get::<_, Option<i64>>(11),
+                                )
+                            }),
+                        })
+                        .collect();
+                    let mut report = HoldRecovery::default();
+                    for h in &holds {
+                        let Some((d_img, d_mic)) = h.correction(&mut report) else {
+                            continue;
+                        };
+                        if d_img != 0 || d_mic != 0 {
+                            for scope in &h.scopes {
+                                for period in [&h.day, &h.month] {
+                                    tx.execute(PG_ADD, &[scope, period, &d_img, &d_mic])?;
+                                }
+                            }
+                        }
+                        tx.execute(
+                            "DELETE FROM quota_holds WHERE request_id = $1",
+                            &[&h.request_id],
+                        )?;
+                    }
+                    tx.commit()?;
+                    Ok(report)
+                })
+                .map_err(|e| e.to_string()),
+            Backend::Sqlite(_) => {
+                let mut conn = self.sqlite().expect("sqlite backend");
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(|e| e.to_string())?;
+                let holds = sqlite_holds(&tx).map_err(|e| e.to_string())?;
+                let mut report = HoldRecovery::default();
+                for h in &holds {
+                    let Some((d_img, d_mic)) = h.correction(&mut report) else {
+                        continue;
+                    };
+                    if d_img != 0 || d_mic != 0 {
+                        for scope in &h.scopes {
+                            for period in [&h.day, &h.month] {
+                                add(&tx, scope, period, d_img, d_mic).map_err(|e| e.to_string())?;
+                            }
+                        }
+                    }
+                    tx.execute(
+                        "DELETE FROM quota_holds WHERE request_id = ?1",
+                        params![h.request_id],
+                    )
+                    .map_err(|e| e.to_string())?;
+                }
+                tx.commit().map_err(|e| e.to_string())?;
+                Ok(report)
+            }
+        }
+    }
+
+    /// Holds not deleted yet (in-flight requests, or what a crash left).
+    pub fn open_holds(&self) -> Result<u64, String> {
+        match &*self.backend {
+            Backend::Postgres(pool) => pool
+                .with(|c| {
+                    Ok(c.query_one(
+                        "SELECT COUNT(*) FROM quota_holds WHERE replica = $1",
+                        &[&self.replica],
+                    )?
+                    .get::<_, i64>(0))
+                })
+                .map(|n| n.max(0) as u64)
+                .map_err(|e| e.to_string()),
+            Backend::Sqlite(_) => {
+                let conn = self.sqlite().expect("sqlite backend");
+                conn.query_row("SELECT COUNT(*) FROM quota_holds", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map(|n| n.max(0) as u64)
+                .map_err(|e| e.to_string())
+            }
+        }
     }
 
     /// Use of a scope in the current day and month.
@@ -661,6 +830,7 @@ impl QuotaStore {
     fn reserve_pg(
         &self,
         pool: &PgPool,
+        request_id: &str,
         scopes: Vec<(String, ScopeLimits, String)>,
         day: String,
         month: String,
@@ -707,6 +877,12 @@ impl QuotaStore {
                         }
                     }
                 }
+                let names: Vec<&str> = scopes.iter().map(|s| s.0.as_str()).collect();
+                tx.execute(
+                    "INSERT INTO quota_holds (request_id, replica, scopes, day, month, reserved_images, reserved_micros, images, micros)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $6, $7)",
+                    &[&request_id, &self.replica, &scopes_json(&names), &day, &month, &img, &micros],
+                )?;
                 tx.commit()?;
                 Ok(None)
             })
@@ -718,6 +894,7 @@ impl QuotaStore {
             return Err(self.exhausted(&label, name, limit, used, monthly, now));
         }
         Ok(Reservation {
+            request_id: request_id.to_owned(),
             scopes: scopes.into_iter().map(|s| s.0).collect(),
             day,
             month,
@@ -725,6 +902,174 @@ impl QuotaStore {
             micros,
         })
     }
+}
+
+/// The table of open reservations (SQLite), one row per request whose charge is not yet
+/// reconciled with its ledger record: `images`/`micros` are what the request adds to
+/// `quota_usage` now (the reservation, or once `settled` what it was settled to). Created by the
+/// quota store and by the ledger (whose writer deletes settled holds with their final record).
+pub const SQLITE_HOLDS: &str = "CREATE TABLE IF NOT EXISTS quota_holds (
+    request_id TEXT PRIMARY KEY,
+    replica TEXT NOT NULL DEFAULT '',
+    scopes TEXT NOT NULL,
+    day TEXT NOT NULL,
+    month TEXT NOT NULL,
+    reserved_images INTEGER NOT NULL,
+    reserved_micros INTEGER NOT NULL,
+    images INTEGER NOT NULL,
+    micros INTEGER NOT NULL,
+    settled INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;";
+
+/// What start-up recovery did with the holds a crash left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HoldRecovery {
+    /// Holds of requests that have no record (never forwarded): refunded.
+    pub refunded: u64,
+    /// Holds whose record is final: set to what the record charges.
+    pub reconciled: u64,
+    /// Micro-dollars the corrections added (negative: removed) in all.
+    pub micros_delta: i64,
+    /// Holds left alone (their record is still `forwarding`).
+    pub left: u64,
+}
+
+impl HoldRecovery {
+    pub fn is_empty(&self) -> bool {
+        self.refunded == 0 && self.reconciled == 0 && self.left == 0
+    }
+}
+
+/// One hold row with its record, if any: `(outcome, cost_settled_micros, images_returned)`.
+struct Hold {
+    request_id: String,
+    scopes: Vec<String>,
+    day: String,
+    month: String,
+    reserved_images: i64,
+    reserved_micros: i64,
+    images: i64,
+    micros: i64,
+    settled: bool,
+    record: Option<(String, i64, Option<i64>)>,
+}
+
+impl Hold {
+    /// What to add to the quota so this request counts what its record charges; `None`: leave
+    /// the hold (its record is still `forwarding`).
+    fn correction(&self, report: &mut HoldRecovery) -> Option<(i64, i64)> {
+        let (images, micros) = match &self.record {
+            None => {
+                report.refunded += 1;
+                (0, 0)
+            }
+            Some((outcome, _, _)) if outcome == "forwarding" => {
+                report.left += 1;
+                return None;
+            }
+            Some((outcome, charged, returned)) => {
+                report.reconciled += 1;
+                let images = if outcome == "unknown" {
+                    self.reserved_images
+                } else if self.settled && self.micros == *charged {
+                    self.images
+                } else if *charged == 0 {
+                    0
+                } else if *charged >= self.reserved_micros {
+                    self.reserved_images
+                } else {
+                    returned.unwrap_or(0).clamp(0, self.reserved_images)
+                };
+                (images, *charged)
+            }
+        };
+        report.micros_delta += micros - self.micros;
+        Some((images - self.images, micros - self.micros))
+    }
+}
+
+fn scopes_json<S: serde::Serialize>(scopes: &[S]) -> String {
+    serde_json::to_string(scopes).unwrap_or_else(|_| "[]".into())
+}
+
+fn parse_scopes(json: String) -> Vec<String> {
+    serde_json::from_str(&json).unwrap_or_default()
+}
+
+/// The ledger's state of a request, as seen from the quota store's connection.
+enum RecordState {
+    /// This database has no ledger (a quota store on its own).
+    NoLedger,
+    Missing,
+    Forwarding,
+    Final,
+}
+
+fn has_ledger(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'records'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+}
+
+fn record_outcome(conn: &Connection, request_id: &str) -> rusqlite::Result<RecordState> {
+    if !has_ledger(conn)? {
+        return Ok(RecordState::NoLedger);
+    }
+    Ok(
+        match conn
+            .query_row(
+                "SELECT outcome FROM records WHERE request_id = ?1",
+                [request_id],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()?
+        {
+            None => RecordState::Missing,
+            Some(o) if o == "forwarding" => RecordState::Forwarding,
+            Some(_) => RecordState::Final,
+        },
+    )
+}
+
+fn sqlite_holds(conn: &Connection) -> rusqlite::Result<Vec<Hold>> {
+    let ledger = has_ledger(conn)?;
+    let sql = if ledger {
+        "SELECT h.request_id, h.scopes, h.day, h.month, h.reserved_images, h.reserved_micros,
+                h.images, h.micros, h.settled, r.outcome, r.cost_settled_micros, r.images_returned
+         FROM quota_holds h LEFT JOIN records r ON r.request_id = h.request_id ORDER BY h.request_id"
+    } else {
+        "SELECT request_id, scopes, day, month, reserved_images, reserved_micros,
+                images, micros, settled, NULL, NULL, NULL
+         FROM quota_holds ORDER BY request_id"
+    };
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map([], |row| {
+        Ok(Hold {
+            request_id: row.get(0)?,
+            scopes: parse_scopes(row.get(1)?),
+            day: row.get(2)?,
+            month: row.get(3)?,
+            reserved_images: row.get(4)?,
+            reserved_micros: row.get(5)?,
+            images: row.get(6)?,
+            micros: row.get(7)?,
+            settled: row.get::<_, i64>(8)? != 0,
+            record: row
+                .get::<_, Option<String>>(9)?
+                .map(|o| -> rusqlite::Result<_> {
+                    Ok((
+                        o,
+                        row.get::<_, Option<i64>>(10)?.unwrap_or(0),
+                        row.get::<_, Option<i64>>(11)?,
+                    ))
+                })
+                .transpose()?,
+        })
+    })?;
+    rows.collect()
 }
 
 fn store_error(e: &rusqlite::Error) -> GatewayError {
@@ -755,6 +1100,15 @@ mod tests {
         )
     }
 
+    /// A new request id.
+    fn rid() -> String {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        format!(
+            "req_{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
+    }
+
     fn who(u: &str) -> EndUser {
         EndUser {
             client: "a".into(),
@@ -768,8 +1122,8 @@ mod tests {
             images_per_day: Some(10),
             ..Default::default()
         });
-        let r = s.reserve(&who("u"), 8, 160_000).unwrap();
-        let err = s.reserve(&who("u"), 3, 60_000).unwrap_err();
+        let r = s.reserve(&rid(), &who("u"), 8, 160_000).unwrap();
+        let err = s.reserve(&rid(), &who("u"), 3, 60_000).unwrap_err();
         let GatewayError::QuotaExceeded {
             message,
             retry_after,
@@ -788,13 +1142,34 @@ mod tests {
             "resets at midnight UTC"
         );
         s.settle(&r, 5, 100_000).unwrap(); // fewer images returned: refund 3
-        assert!(s.reserve(&who("u"), 3, 60_000).is_ok());
+        assert!(s.reserve(&rid(), &who("u"), 3, 60_000).is_ok());
         assert!(
-            s.reserve(&who("other"), 10, 0).is_ok(),
+            s.reserve(&rid(), &who("other"), 10, 0).is_ok(),
             "users are isolated"
         );
         let u = s.usage(&client_scope("a")).unwrap();
         assert_eq!((u.images_day, u.micros_day), (18, 160_000));
+    }
+
+    #[test]
+    fn a_panic_under_the_lock_does_not_break_the_store() {
+        let (s, _) = store(QuotaSpec {
+            images_per_day: Some(10),
+            ..Default::default()
+        });
+        let poisoned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _held = s.sqlite();
+            panic!("a bug while the connection is held");
+        }));
+        assert!(poisoned.is_err());
+        let r = s
+            .reserve(&rid(), &who("u"), 4, 0)
+            .expect("reserves after the panic");
+        s.settle(&r, 2, 0).unwrap();
+        assert_eq!(
+            s.usage(&user_scope(&who("u")).unwrap()).unwrap().images_day,
+            2
+        );
     }
 
     #[test]
@@ -813,7 +1188,7 @@ mod tests {
         // 2026-11-29T23:00:00Z is 2026-11-30T08:00 in Tokyo: the day resets at 15:00Z.
         let clock = Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_993_200));
         let s = QuotaStore::open_in_memory(Arc::new(c), clock.clone()).unwrap();
-        s.reserve(&who("u"), 1, 0).unwrap();
+        s.reserve(&rid(), &who("u"), 1, 0).unwrap();
         assert_eq!(
             s.usage(&user_scope(&who("u")).unwrap()).unwrap().day,
             "day:2026-11-30"
@@ -821,7 +1196,7 @@ mod tests {
         let GatewayError::QuotaExceeded {
             message,
             retry_after,
-        } = s.reserve(&who("u"), 1, 0).unwrap_err()
+        } = s.reserve(&rid(), &who("u"), 1, 0).unwrap_err()
         else {
             panic!("not a quota refusal")
         };
@@ -832,7 +1207,10 @@ mod tests {
         );
         assert!(message.contains("2026-11-30T15:00:00Z"), "{message}");
         clock.advance(Duration::from_secs(16 * 3600));
-        assert!(s.reserve(&who("u"), 1, 0).is_ok(), "a new Tokyo day");
+        assert!(
+            s.reserve(&rid(), &who("u"), 1, 0).is_ok(),
+            "a new Tokyo day"
+        );
     }
 
     #[test]
@@ -842,11 +1220,11 @@ mod tests {
             ..Default::default()
         });
         assert!(
-            s.reserve(&who("u"), 2, s.price("dall-e-2", "1024x1024", 2))
+            s.reserve(&rid(), &who("u"), 2, s.price("dall-e-2", "1024x1024", 2))
                 .is_ok()
         );
         let err = s
-            .reserve(&who("u"), 1, s.price("dall-e-2", "1024x1024", 1))
+            .reserve(&rid(), &who("u"), 1, s.price("dall-e-2", "1024x1024", 1))
             .unwrap_err();
         assert!(
             err.parts().message.contains("spend per day"),
@@ -854,13 +1232,13 @@ mod tests {
             err.parts().message
         );
         assert!(
-            s.reserve(&who("u"), 1, s.price("dall-e-2", "256x256", 1))
+            s.reserve(&rid(), &who("u"), 1, s.price("dall-e-2", "256x256", 1))
                 .is_err(),
             "0.04 + 0.016 > 0.05"
         );
         clock.advance(Duration::from_secs(3600));
         assert!(
-            s.reserve(&who("u"), 2, s.price("dall-e-2", "1024x1024", 2))
+            s.reserve(&rid(), &who("u"), 2, s.price("dall-e-2", "1024x1024", 2))
                 .is_ok(),
             "a new day"
         );
@@ -877,7 +1255,7 @@ mod tests {
             for _ in 0..8 {
                 t.spawn(|| {
                     for _ in 0..20 {
-                        if s.reserve(&who("u"), 3, 0).is_ok() {
+                        if s.reserve(&rid(), &who("u"), 3, 0).is_ok() {
                             admitted.fetch_add(3, std::sync::atomic::Ordering::SeqCst);
                         }
                     }
@@ -891,5 +1269,137 @@ mod tests {
                 .images_month,
             99
         );
+    }
+
+    /// Every point a crash can fall between a reservation and its record, recovered: the quota
+    /// then counts exactly what the ledger's records charge, and no hold is left.
+    #[test]
+    fn recovery_makes_the_quota_agree_with_the_ledger_after_a_crash_anywhere() {
+        use crate::ledger::store::LedgerOp;
+        use crate::ledger::{LedgerStore, Outcome, Record, SqliteStore, UsageQuery};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut c = Config::default();
+        c.clients.push(ClientConfig {
+            name: "a".into(),
+            key_hash: hash_key("a"),
+            ..Default::default()
+        });
+        let config = Arc::new(c);
+        let clock = Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_993_200));
+        let record = |id: &str, outcome: Outcome, settled: i64, images: Option<u32>| Record {
+            request_id: id.into(),
+            received_at: "2026-11-29T23:00:00Z".parse().unwrap(),
+            client: Some("a".into()),
+            user: Some(id.into()),
+            outcome,
+            cost_reserved_micros: 40_000,
+            cost_settled_micros: settled,
+            images_returned: images,
+            ..Record::default()
+        };
+        let w = |id: &str| who(id);
+        {
+            let mut ledger = SqliteStore::open(&path).unwrap();
+            let q = QuotaStore::open(&path, config.clone(), clock.clone()).unwrap();
+            let write = |l: &mut SqliteStore, op: LedgerOp| {
+                assert!(l.write_batch(&[op]).unwrap().iter().all(Result::is_ok));
+            };
+            // a: reserved, killed before its `forwarding` record: never forwarded.
+            q.reserve("a", &w("a"), 2, 40_000).unwrap();
+            // b: forwarding when killed: the upstream may have billed it.
+            q.reserve("b", &w("b"), 2, 40_000).unwrap();
+            write(
+                &mut ledger,
+                LedgerOp::Begin(record("b", Outcome::Forwarding, 0, None)),
+            );
+            // c: settled to one image, killed before the completed record.
+            let rc = q.reserve("c", &w("c"), 2, 40_000).unwrap();
+            write(
+                &mut ledger,
+                LedgerOp::Begin(record("c", Outcome::Forwarding, 0, None)),
+            );
+            q.settle(&rc, 1, 20_000).unwrap();
+            // d: settled and completed: nothing to recover.
+            let rd = q.reserve("d", &w("d"), 2, 40_000).unwrap();
+            write(
+                &mut ledger,
+                LedgerOp::Begin(record("d", Outcome::Forwarding, 0, None)),
+            );
+            q.settle(&rd, 1, 20_000).unwrap();
+            write(
+                &mut ledger,
+                LedgerOp::Complete(record("d", Outcome::Answered, 20_000, Some(1))),
+            );
+            // e: rejected after the reservation; the record committed, the refund not yet.
+            q.reserve("e", &w("e"), 2, 40_000).unwrap();
+            write(
+                &mut ledger,
+                LedgerOp::Final(record("e", Outcome::Rejected, 0, None)),
+            );
+            // f: the same, refunded: the refund finds the record final and deletes the hold.
+            let rf = q.reserve("f", &w("f"), 2, 40_000).unwrap();
+            write(
+                &mut ledger,
+                LedgerOp::Final(record("f", Outcome::Rejected, 0, None)),
+            );
+            q.settle(&rf, 0, 0).unwrap();
+            assert_eq!(q.open_holds().unwrap(), 4, "a, b, c and e are open");
+            assert_eq!(
+                q.usage("client:a").unwrap().micros_day,
+                5 * 40_000 - 20_000 - 20_000
+            );
+            // killed here
+        }
+        let mut ledger = SqliteStore::open(&path).unwrap();
+        assert_eq!(ledger.recover().unwrap(), 2, "b and c were forwarding");
+        let q = QuotaStore::open(&path, config, clock).unwrap();
+        let report = q.recover().unwrap();
+        assert_eq!(
+            (report.refunded, report.reconciled, report.left),
+            (1, 3, 0),
+            "{report:?}"
+        );
+        assert_eq!(q.open_holds().unwrap(), 0);
+        let mut spend = 0;
+        let mut images = 0;
+        ledger
+            .export(&UsageQuery::default(), &mut |r| {
+                spend += r.cost_settled_micros;
+                images += if r.outcome == Outcome::Unknown {
+                    2
+                } else {
+                    i64::from(r.images_returned.unwrap_or(0))
+                };
+                Ok(())
+            })
+            .unwrap();
+        let used = q.usage("client:a").unwrap();
+        assert_eq!(
+            spend,
+            40_000 + 40_000 + 20_000,
+            "b and c unknown, d answered"
+        );
+        assert_eq!(
+            used.micros_day, spend,
+            "the quota charges what the ledger does"
+        );
+        assert_eq!(used.micros_month, spend);
+        assert_eq!(used.images_day as i64, images);
+        for (u, micros) in [
+            ("a", 0),
+            ("b", 40_000),
+            ("c", 40_000),
+            ("d", 20_000),
+            ("e", 0),
+            ("f", 0),
+        ] {
+            assert_eq!(
+                q.usage(&user_scope(&w(u)).unwrap()).unwrap().micros_day,
+                micros,
+                "{u}"
+            );
+        }
+        assert_eq!(q.recover().unwrap(), HoldRecovery::default(), "idempotent");
     }
 }

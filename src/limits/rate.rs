@@ -298,6 +298,8 @@ struct ClientRates {
     own: Option<Arc<Limit>>,
     user_spec: RateSpec,
     overrides: HashMap<String, RateSpec>,
+    /// Taken back after a panic under it (`PoisonError::into_inner`): the map stays a valid
+    /// map, and at worst one user's buckets miss one update.
     users: Arc<Mutex<Users>>,
 }
 
@@ -425,7 +427,7 @@ impl RateBackend for RateLimits {
             let mut users = rates
                 .users
                 .lock()
-                .expect("rate-limit map lock poisoned by a panic");
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             evict_idle(&mut users.tracked, self.clock.elapsed());
             users.tracked.shrink_to_fit();
         }
@@ -439,7 +441,7 @@ impl RateBackend for RateLimits {
         self.clients.get(client).map_or(0, |r| {
             r.users
                 .lock()
-                .expect("rate-limit map lock poisoned by a panic")
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .tracked
                 .len()
         })
@@ -474,7 +476,7 @@ impl RateLimits {
         let mut users = rates
             .users
             .lock()
-            .expect("rate-limit map lock poisoned by a panic");
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let users = &mut *users;
         if !users.tracked.contains_key(key) && users.tracked.len() >= self.max_users {
             // At most once a second: under a spray, nobody may be idle, and a scan per
@@ -565,6 +567,23 @@ mod tests {
         (0..tries)
             .filter(|_| r.check_user_now(w, n).is_ok())
             .count()
+    }
+
+    #[test]
+    fn a_panic_under_the_lock_does_not_refuse_every_later_request() {
+        let (r, _) = setup(100);
+        let w = who("a", "u");
+        assert!(r.check_user_now(&w, 1).is_ok());
+        let poisoned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _held = r.clients["a"].users.lock();
+            panic!("a bug while the map is held");
+        }));
+        assert!(poisoned.is_err());
+        assert!(r.clients["a"].users.is_poisoned());
+        // Two more of the burst of 3 fit, then the limit still holds.
+        assert_eq!(admitted(&r, &w, 1, 5), 2, "the limiter still works");
+        assert_eq!(r.tracked_users("a"), 1);
+        r.sweep();
     }
 
     #[test]

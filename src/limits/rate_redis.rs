@@ -298,7 +298,7 @@ impl RedisRates {
         if self
             .retry_at
             .lock()
-            .expect("retry_at lock poisoned by a panic")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .is_some_and(|at| Instant::now() < at)
         {
             return None;
@@ -363,7 +363,8 @@ impl RedisRates {
         *self
             .retry_at
             .lock()
-            .expect("retry_at lock poisoned by a panic") = Some(Instant::now() + RETRY_AFTER);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(Instant::now() + RETRY_AFTER);
         if self.up.swap(false, Ordering::Relaxed) {
             metrics::gauge!("imagegate_rate_backend_up").set(0.0);
         }
@@ -371,7 +372,7 @@ impl RedisRates {
         let mut warned = self
             .warned_at
             .lock()
-            .expect("warned_at lock poisoned by a panic");
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if warned.is_none_or(|at| now.duration_since(at) >= WARN_EVERY) {
             *warned = Some(now);
             let policy = match self.failure {

@@ -76,6 +76,11 @@ impl Trail {
         f(&mut self.lock().record);
     }
 
+    /// The request's id.
+    pub fn request_id(&self) -> String {
+        self.lock().record.request_id.clone()
+    }
+
     /// Milliseconds since the request arrived.
     pub fn elapsed_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
