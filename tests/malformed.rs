@@ -261,11 +261,19 @@ async fn malformed_multipart_bodies_are_400_in_the_envelope() {
             multipart,
         ),
         (
-            "a text field over 64 KiB",
+            "a prompt over 64 KiB",
             ct.clone(),
             edit_request(&rgba_png(32, true), &"p".repeat(100 * 1024)).body(),
-            // README "Errors": a text part over 64 KiB is not parseable multipart (issue 9 item 8
-            // asks for the field's own length error instead; change this when that lands).
+            // Issue 9 item 8: the field's own length error, as for any too-long prompt.
+            "string_above_max_length",
+        ),
+        (
+            "an enum field over 64 KiB",
+            ct.clone(),
+            edit_request(&rgba_png(32, true), "p")
+                .text("size", &"x".repeat(100 * 1024))
+                .body(),
+            // README "Errors": model, n, size and response_format stay capped at 64 KiB.
             multipart,
         ),
         (
