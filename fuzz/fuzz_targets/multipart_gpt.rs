@@ -2,11 +2,14 @@
 //! uncapped framing, the profile chosen by `model` (dall-e-2 rules with their 64 KiB text cap,
 //! or the gpt-image rules), then the structure check of each uploaded file, mask and markup.
 //! Input: the header value, `\n`, the body.
+//!
+//! Invariant: the canonical body built from an accepted gpt-image edit (what goes upstream, as
+//! multipart or JSON like the request) is accepted again as the same edit.
 #![no_main]
 
 use bytes::Bytes;
 use imagegate::edit::files::{self, ImageInfo};
-use imagegate::edit::gpt::{self, GptEdit};
+use imagegate::edit::gpt::{self, Encoding, GptEdit};
 use imagegate::edit::{form, gpt::multipart};
 use imagegate::edits::gpt::{Body, body_kind};
 use libfuzzer_sys::fuzz_target;
@@ -24,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
         Err(_) => multipart_edit("b", body, &models, &limits),
     };
     if let Some(edit) = edit {
+        round_trip(&edit, &models, &limits);
         check_files(&edit);
     }
 });
@@ -45,6 +49,23 @@ fn multipart_edit(
         return None;
     }
     multipart::check_multipart(parts, models, limits).ok()
+}
+
+fn round_trip(edit: &GptEdit, models: &imagegate_fuzz::FuzzModels, limits: &gpt::GptLimits) {
+    let again = match edit.encoding {
+        Encoding::Multipart => {
+            let out = gpt::canonical::multipart(edit);
+            imagegate_fuzz::block_on(multipart::parse_multipart(
+                &out.boundary,
+                Bytes::from(out.body.to_vec()),
+                models,
+                limits,
+            ))
+        }
+        Encoding::Json => gpt::json::parse_json(&gpt::canonical::json(edit), models, limits),
+    }
+    .unwrap_or_else(|e| panic!("the canonical body of an accepted edit is refused: {e:?}"));
+    assert_eq!(edit, &again, "the canonical body changed the edit");
 }
 
 /// The check-files phase on what the gateway holds.
