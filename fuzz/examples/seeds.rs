@@ -74,14 +74,16 @@ fn main() {
     let mp = format!("multipart/form-data; boundary={BOUNDARY}");
     let png = rgba_png(8, true);
     let opaque = rgba_png(8, false);
-    let trns = RawPng::new(4, 3, 8, |x, y| vec![u16::from((x + y) % 2 == 0)])
+    let trns = RawPng::new(8, 3, 8, |x, y| vec![u16::from((x + y) % 2 == 0)])
         .plte(vec![0, 0, 0, 255, 255, 255])
         .trns(vec![0])
-        .raw();
+        .bytes()
+        .to_vec();
     let trns_interlaced = RawPng::new(4, 2, 8, |x, _| vec![x as u16 * 60, 9, 9])
         .interlaced()
         .trns(vec![0, 0, 0, 9, 0, 9])
-        .raw();
+        .bytes()
+        .to_vec();
     let jpg = jpeg(8, 8);
     let webp = webp_lossless(4, 4);
 
@@ -128,7 +130,6 @@ fn main() {
         ("quality", None, None, b"high"),
         ("background", None, None, b"transparent"),
         ("output_format", None, None, b"png"),
-        ("input_fidelity", None, None, b"high"),
         ("user", None, None, b"u"),
     ]);
     write("multipart_gpt", "multipart", &with_header(&mp, &gpt));
@@ -137,18 +138,36 @@ fn main() {
         ("prompt", None, None, b"p"),
         ("image", Some("a.png"), None, &png),
         ("markup", Some("k.png"), None, &png),
+        ("n", None, None, b"1"),
         ("output_format", None, None, b"svg"),
         ("svg[model]", None, None, b"m"),
         ("svg[reasoning][effort]", None, None, b"low"),
-        ("stream", None, None, b"true"),
-        ("partial_images", None, None, b"2"),
-        ("output_compression", None, None, b"50"),
-        ("frame_count", None, None, b"4"),
-        ("frame_duration_ms", None, None, b"100"),
         ("complexity", None, None, b"low"),
         ("moderation", None, None, b"low"),
         ("safety_identifier", None, None, b"s"),
     ]);
+    let gpt_gif = multipart(&[
+        ("model", None, None, b"gpt-image-2.6-sunburst"),
+        ("prompt", None, None, b"p"),
+        ("image[]", Some("a.jpg"), None, &jpg),
+        ("output_format", None, None, b"gif"),
+        ("size", None, None, b"64x64"),
+        ("frame_count", None, None, b"4"),
+        ("frame_duration_ms", None, None, b"100"),
+        ("stream", None, None, b"false"),
+    ]);
+    write("multipart_gpt", "gif", &with_header(&mp, &gpt_gif));
+    let gpt_webp = multipart(&[
+        ("model", None, None, b"gpt-image-2.5-flare"),
+        ("prompt", None, None, b"p"),
+        ("image", Some("a.webp"), None, &webp),
+        ("quality", None, None, b"xhigh"),
+        ("output_format", None, None, b"webp"),
+        ("output_compression", None, None, b"50"),
+        ("stream", None, None, b"true"),
+        ("partial_images", None, None, b"2"),
+    ]);
+    write("multipart_gpt", "webp-stream", &with_header(&mp, &gpt_webp));
     write("multipart_gpt", "svg-markup", &with_header(&mp, &gpt_misc));
     write("multipart_gpt", "dalle2", &with_header(&mp, &dalle(true)));
     let json = format!(
@@ -163,11 +182,16 @@ fn main() {
     );
     write("json_gpt", "full", json.as_bytes());
     let json2 = format!(
-        r#"{{"model":"gpt-image-2.6-sunburst","prompt":"p","images":[{{"image_url":"{}"}}],"markup":{{"image_url":"{}"}},"output_format":"gif","frame_count":3,"frame_duration_ms":50,"svg":{{"model":"m","reasoning":{{"effort":"high"}}}},"complexity":"high","safety_identifier":"s","partial_images":0}}"#,
+        r#"{{"model":"gpt-image-2.6-sunburst","prompt":"p","images":[{{"image_url":"{}"}}],"markup":{{"image_url":"{}"}},"output_format":"gif","frame_count":3,"frame_duration_ms":50,"complexity":"high","safety_identifier":"s","partial_images":0}}"#,
         data_url("image/jpeg", &jpg),
         data_url("image/png", &png),
     );
-    write("json_gpt", "gif-svg", json2.as_bytes());
+    write("json_gpt", "gif", json2.as_bytes());
+    let json3 = format!(
+        r#"{{"model":"gpt-image-2.6-sunburst","prompt":"p","images":[{{"image_url":"{}"}}],"output_format":"svg","svg":{{"model":"m","reasoning":{{"effort":"high"}}}},"n":1}}"#,
+        data_url("image/webp", &webp),
+    );
+    write("json_gpt", "svg", json3.as_bytes());
     write(
         "json_gpt",
         "minimal",
