@@ -285,6 +285,7 @@ impl AppState {
             path: config.ledger.location(),
             detail: e.to_string(),
         })?;
+        ledger.set_stall_timeout(config.ledger.stall_timeout);
         if recovered > 0 {
             tracing::warn!(
                 recovered,

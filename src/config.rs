@@ -474,6 +474,12 @@ pub struct LedgerConfig {
     /// (`SELECT 1`), so `/readyz` follows an outage (and its end) even when idle.
     #[serde(with = "humantime_serde")]
     pub health_interval: Duration,
+    /// A store call (a commit, a health check) running longer than this makes the ledger
+    /// stalled: `/readyz` fails and new edits are refused 503 `ledger_unavailable` before any
+    /// quota is reserved, until the call ends (a PostgreSQL server frozen with its connections
+    /// open neither answers nor fails).
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
 }
 
 /// `[ledger] backend`.
@@ -510,6 +516,7 @@ impl Default for LedgerConfig {
             replica_id: None,
             startup_wait: Duration::from_secs(30),
             health_interval: Duration::from_secs(5),
+            stall_timeout: crate::ledger::writer::DEFAULT_STALL_TIMEOUT,
         }
     }
 }
@@ -1109,6 +1116,9 @@ impl Config {
             if self.ledger.health_interval.is_zero() {
                 p.push("ledger.health_interval: must be greater than zero".into());
             }
+        }
+        if self.ledger.stall_timeout.is_zero() {
+            p.push("ledger.stall_timeout: must be greater than zero".into());
         }
         let mut names = std::collections::HashSet::new();
         let mut hashes = std::collections::HashSet::new();

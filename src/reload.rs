@@ -162,6 +162,7 @@ pub fn pin_restart_only(running: &Config, new: &mut Config) -> Vec<String> {
         ledger.pool_size,
         ledger.connect_timeout,
         ledger.replica_id,
+        ledger.stall_timeout,
         limits.backend,
         limits.redis_prefix,
         limits.redis_timeout,

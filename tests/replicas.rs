@@ -154,6 +154,7 @@ pool_size = 4
 connect_timeout = "2s"
 startup_wait = "60s"
 health_interval = "200ms"
+stall_timeout = "1s"
 
 # A burst of 10 per user, refilled slowly.
 [[clients]]
@@ -771,6 +772,28 @@ impl OwnPostgres {
         );
     }
 
+    /// `kill -SIG` to the postmaster and every process it started (backends included): STOP
+    /// freezes the whole server with its connections open, CONT thaws it.
+    fn signal_all(&self, signal: &str) {
+        let pid = std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .expect("postmaster.pid")
+            .lines()
+            .next()
+            .unwrap()
+            .trim()
+            .to_string();
+        let children = Command::new("pkill")
+            .args([&format!("-{signal}"), "-P", &pid])
+            .status()
+            .unwrap();
+        assert!(children.success(), "pkill -{signal} -P {pid}");
+        let main = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(main.success(), "kill -{signal} {pid}");
+    }
+
     fn stop(&self, mode: &str) {
         let _ = self
             .command("pg_ctl")
@@ -940,6 +963,45 @@ async fn faults_of_redis_and_postgres() {
         mock.count(),
         before + 3,
         "nothing was forwarded while the ledger was down"
+    );
+
+    // ---- PostgreSQL freezes (every process SIGSTOPped): connections stay open, nothing
+    // answers. The idle writer's check hangs; past ledger.stall_timeout (1 s here) /readyz
+    // fails and a new edit is refused 503 ledger_unavailable at once, before any quota is
+    // reserved. SIGCONT: ready again, edits forwarded again.
+    tokio::task::block_in_place(|| pg.signal_all("STOP"));
+    for gw in [&open, &closed] {
+        eventually(
+            Duration::from_secs(30),
+            "/readyz fails while PostgreSQL is frozen",
+            || async { readyz(gw.addr).await == Some(503) },
+        )
+        .await;
+        let (r, took) = timed_edit(gw.addr, &unique("pg-frozen")).await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(code(&r), "ledger_unavailable");
+        eprintln!("PostgreSQL frozen: 503 ledger_unavailable in {took:?}");
+    }
+    let frozen_before = mock.count();
+    tokio::task::block_in_place(|| pg.signal_all("CONT"));
+    for gw in [&open, &closed] {
+        eventually(
+            Duration::from_secs(30),
+            "/readyz recovers after the freeze",
+            || async { readyz(gw.addr).await == Some(200) },
+        )
+        .await;
+        eventually(
+            Duration::from_secs(30),
+            "edits recover after the freeze",
+            || async { timed_edit(gw.addr, &unique("pg-thawed")).await.0.status == 200 },
+        )
+        .await;
+    }
+    assert_eq!(
+        mock.count(),
+        frozen_before + 2,
+        "nothing was forwarded while PostgreSQL was frozen"
     );
     // Every request has its record, the refusals included; the chains verify.
     let v = tokio::task::block_in_place(|| {

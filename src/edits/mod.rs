@@ -253,6 +253,10 @@ impl Edits {
             // reserve quota (before any decoding)
             let n = u32::from(edit.n);
             let each = this.quotas.price(&edit.model, edit.size.as_str(), 1);
+            // A ledger whose store neither answers nor fails: refuse now, before reserving.
+            if this.forwarder.ledger.stalled() {
+                return Err(GatewayError::LedgerUnavailable);
+            }
             let reservation = reserve(
                 &this.quotas,
                 &trail.request_id(),
@@ -370,6 +374,10 @@ impl Edits {
                 .prices(&edit.model)
                 .ok_or(GatewayError::Internal)?;
             let bound = reservation_micros(&gpt::reservation_params(&edit), &prices);
+            // A ledger whose store neither answers nor fails: refuse now, before reserving.
+            if this.forwarder.ledger.stalled() {
+                return Err(GatewayError::LedgerUnavailable);
+            }
             let reservation = reserve(
                 &this.quotas,
                 &trail.request_id(),

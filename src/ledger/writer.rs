@@ -75,7 +75,41 @@ struct Stats {
     lost: AtomicU64,
     /// The chain head after the last commit.
     head: Mutex<Option<ChainHead>>,
+    /// Origin of `busy_since_ms`.
+    epoch: std::time::Instant,
+    /// When the store call running now started (ms since `epoch`, + 1); 0: no call running.
+    busy_since_ms: AtomicU64,
+    /// A store call running longer than this makes the ledger stalled (`ledger.stall_timeout`).
+    stall_after_ms: AtomicU64,
 }
+
+impl Stats {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+}
+
+/// Marks a store call as running for as long as it lives (see [`Ledger::stalled`]).
+struct Busy<'a>(&'a Stats);
+
+impl<'a> Busy<'a> {
+    fn start(stats: &'a Stats) -> Self {
+        stats.busy_since_ms.store(stats.now_ms(), Ordering::SeqCst);
+        Busy(stats)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy_since_ms.store(0, Ordering::SeqCst);
+    }
+}
+
+/// How often a waiter for a commit looks whether the store stalled.
+const STALL_POLL: Duration = Duration::from_millis(100);
+
+/// Default of `ledger.stall_timeout`.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the handles share. Holds the only sender: when the last handle goes (or `close` takes
 /// it), the channel closes and the writer drains it and exits.
@@ -158,6 +192,9 @@ impl Ledger {
             retained: AtomicUsize::new(0),
             lost: AtomicU64::new(0),
             head: Mutex::new(store.tip()),
+            epoch: std::time::Instant::now(),
+            busy_since_ms: AtomicU64::new(0),
+            stall_after_ms: AtomicU64::new(DEFAULT_STALL_TIMEOUT.as_millis() as u64),
         });
         let writer_stats = stats.clone();
         std::thread::Builder::new()
@@ -268,7 +305,21 @@ impl Ledger {
             reply: Some(reply),
             permit: Some(permit),
         })?;
-        done.await.unwrap_or(Err(LedgerError::Closed))
+        // Not behind a stalled store: the job stays queued (written when the store comes
+        // back) and the caller goes on.
+        tokio::pin!(done);
+        loop {
+            tokio::select! {
+                answer = &mut done => return answer.unwrap_or(Err(LedgerError::Closed)),
+                () = tokio::time::sleep(STALL_POLL) => {
+                    if self.stalled() {
+                        return Err(LedgerError::Unavailable(
+                            "the ledger store is stalled; the record stays queued".into(),
+                        ));
+                    }
+                }
+            }
+        }
     }
 
     /// Queue a final record without waiting, for `Drop` paths and other code that cannot
@@ -300,7 +351,28 @@ impl Ledger {
     }
 
     pub fn healthy(&self) -> bool {
-        self.shared.stats.healthy.load(Ordering::SeqCst) && lock(&self.shared.tx).is_some()
+        self.shared.stats.healthy.load(Ordering::SeqCst)
+            && lock(&self.shared.tx).is_some()
+            && !self.stalled()
+    }
+
+    /// Whether a store call has been running for longer than the stall timeout: a store that
+    /// neither answers nor fails (a PostgreSQL server frozen with its connections open). While
+    /// it lasts, readiness fails and new edits are refused 503 `ledger_unavailable` before any
+    /// quota is reserved, so they end at once instead of queueing behind the stuck call.
+    pub fn stalled(&self) -> bool {
+        let stats = &self.shared.stats;
+        let since = stats.busy_since_ms.load(Ordering::SeqCst);
+        since != 0
+            && stats.now_ms().saturating_sub(since) > stats.stall_after_ms.load(Ordering::SeqCst)
+    }
+
+    /// Set the stall timeout (`ledger.stall_timeout`; see [`Ledger::stalled`]).
+    pub fn set_stall_timeout(&self, after: Duration) {
+        self.shared.stats.stall_after_ms.store(
+            u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
     }
 
     /// Final records held in memory for retry because the store failed.
@@ -476,6 +548,7 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// write that changes nothing, so readiness comes back only once writes succeed again.
 fn probe(store: &mut dyn LedgerStore, stats: &Stats) {
     let healthy = stats.healthy.load(Ordering::SeqCst);
+    let _busy = Busy::start(stats);
     match catch_unwind(AssertUnwindSafe(|| {
         if healthy {
             store.check()
@@ -534,7 +607,11 @@ fn commit(
         }
         log_lost(op, why);
     };
-    let failed = match guarded_write(store, &ops) {
+    let written = {
+        let _busy = Busy::start(stats);
+        guarded_write(store, &ops)
+    };
+    let failed = match written {
         Ok(results) => {
             if let Some(head) = store.tip() {
                 *lock(&stats.head) = Some(head);
@@ -822,6 +899,33 @@ mod tests {
         let v = SqliteStore::open_reader(path).unwrap().verify().unwrap();
         assert!(v.is_ok(), "{v:?}");
         (v.entries, v.records)
+    }
+
+    /// A store call that neither answers nor fails (the gate held closed inside `write_batch`)
+    /// makes the ledger stalled once it has run past the stall timeout: not healthy, so
+    /// readiness fails and new edits are refused; it ends when the call does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_call_that_hangs_makes_the_ledger_stalled_until_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, c) = spy_ledger(&dir.path().join("l.db"), 8);
+        ledger.set_stall_timeout(Duration::from_millis(50));
+        assert!(!ledger.stalled() && ledger.healthy());
+        c.gate.close();
+        ledger.finish_detached(rejected("req_stuck"));
+        until("the batch to enter the store", || {
+            c.entered.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        until("the call to pass the stall timeout", || ledger.stalled()).await;
+        assert!(!ledger.healthy(), "a stalled ledger is not ready");
+        c.gate.open();
+        until("the call to end", || !ledger.stalled()).await;
+        until("the ledger to be healthy again", || ledger.healthy()).await;
+        assert_eq!(
+            c.batches.load(Ordering::SeqCst),
+            1,
+            "the held batch was written"
+        );
     }
 
     #[tokio::test]

@@ -119,8 +119,14 @@ pub fn note_error(record: &mut Record, parts: &ErrorParts) {
 
 /// Write a finished record: the one place where a request's metrics are observed and its
 /// final ledger write is made. Waits until the record is committed (or deferred: the writer
-/// keeps and retries it).
+/// keeps and retries it), but not behind a stalled store (`ledger.stall_timeout`): then the
+/// record is queued and the answer goes out.
 pub async fn commit(ledger: &Ledger, op: LedgerOp) {
+    if ledger.stalled() {
+        // The store neither answers nor fails: queue the record and answer now (the writer
+        // writes it when the store comes back).
+        return commit_detached(ledger, op);
+    }
     crate::metrics::request_finished(op.record());
     let started = std::time::Instant::now();
     if let Err(e) = ledger.finish(op).await {
