@@ -644,6 +644,11 @@ async fn a_flood_of_idle_connections_reaches_the_cap() {
 
     // Probe places held too (2 here): a connection above both is accepted by the kernel and
     // closed by the gateway before a byte is read.
+    // The probe connections above have ended (their places are free again) first.
+    poll("the probe connections to end", || async {
+        (gw.metric(open).await as usize == CAP).then_some(())
+    })
+    .await;
     let mut squatters = Vec::new();
     for _ in 0..PROBES {
         squatters.push(TcpStream::connect(gw.addr).await.unwrap());
