@@ -46,6 +46,7 @@ struct Args {
     oha: Option<PathBuf>,
     callers: Vec<usize>,
     wrap: Vec<String>,
+    sqlite_synchronous: String,
 }
 
 fn args() -> Args {
@@ -58,6 +59,7 @@ fn args() -> Args {
         oha: None,
         callers: vec![1, 32],
         wrap: Vec::new(),
+        sqlite_synchronous: "full".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -77,6 +79,8 @@ fn args() -> Args {
             }
             // A command the gateway runs under (a profiler): `--wrap "valgrind --tool=callgrind"`.
             "--wrap" => a.wrap = value().split_whitespace().map(str::to_owned).collect(),
+            // `ledger.sqlite_synchronous` of the gateway: full (default) or normal.
+            "--sqlite-synchronous" => a.sqlite_synchronous = value(),
             "--quick" => {
                 a.requests_1 = 40;
                 a.requests_32 = 200;
@@ -296,7 +300,7 @@ impl Drop for Gateway {
     }
 }
 
-fn start_gateway(bin: &Path, wrap: &[String], mock: SocketAddr) -> Gateway {
+fn start_gateway(bin: &Path, wrap: &[String], sync: &str, mock: SocketAddr) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("imagegate.db");
     let config = format!(
@@ -311,6 +315,7 @@ allow_http = true
 
 [ledger]
 path = {db:?}
+sqlite_synchronous = {sync:?}
 
 [validation]
 models = ["dall-e-2"]
@@ -544,7 +549,7 @@ async fn main() {
         },
     ];
     let mock = mock().await;
-    let gw = start_gateway(&args.gateway, &args.wrap, mock);
+    let gw = start_gateway(&args.gateway, &args.wrap, &args.sqlite_synchronous, mock);
     let pid = gw.child.id();
     let tck = clk_tck();
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
@@ -651,8 +656,9 @@ async fn main() {
         }
     }
     println!(
-        "gateway {} (pid {pid}), mock in this process; CPU ticks of {} per second; gateway RSS at start {} MiB\n",
+        "gateway {} (pid {pid}, ledger.sqlite_synchronous = {}), mock in this process; CPU ticks of {} per second; gateway RSS at start {} MiB\n",
         args.gateway.display(),
+        args.sqlite_synchronous,
         tck,
         base_rss / 1024
     );

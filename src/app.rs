@@ -279,7 +279,11 @@ impl AppState {
     pub fn new(config: Config, clock: Clock) -> Result<AppState, StartupError> {
         let opened = match config.ledger.postgres() {
             Some(settings) => open_postgres_waiting(&config, settings),
-            None => Ledger::open_sqlite(&config.ledger.path, config.ledger.queue),
+            None => Ledger::open_sqlite_with(
+                &config.ledger.path,
+                config.ledger.queue,
+                config.ledger.sqlite_synchronous,
+            ),
         };
         let (ledger, recovered) = opened.map_err(|e| StartupError::LedgerOpen {
             path: config.ledger.location(),

@@ -480,6 +480,10 @@ pub struct LedgerConfig {
     /// open neither answers nor fails).
     #[serde(with = "humantime_serde")]
     pub stall_timeout: Duration,
+    /// SQLite: `full` (default) makes every commit durable across a power loss (an fsync of
+    /// the WAL per commit, two per forwarded request); `normal` across a process crash only
+    /// (fsync at checkpoints), for less CPU and latency per request.
+    pub sqlite_synchronous: crate::ledger::Synchronous,
 }
 
 /// `[ledger] backend`.
@@ -517,6 +521,7 @@ impl Default for LedgerConfig {
             startup_wait: Duration::from_secs(30),
             health_interval: Duration::from_secs(5),
             stall_timeout: crate::ledger::writer::DEFAULT_STALL_TIMEOUT,
+            sqlite_synchronous: crate::ledger::Synchronous::Full,
         }
     }
 }
@@ -1410,6 +1415,21 @@ mod tests {
             ..Default::default()
         });
         assert!(c.problems().is_empty(), "{:?}", c.problems());
+    }
+
+    #[test]
+    fn ledger_sqlite_synchronous_is_full_unless_set_and_takes_only_its_two_values() {
+        use crate::ledger::Synchronous;
+        assert_eq!(
+            Config::default().ledger.sqlite_synchronous,
+            Synchronous::Full
+        );
+        let c = Config::from_toml("[ledger]\nsqlite_synchronous = \"normal\"\n").unwrap();
+        assert_eq!(c.ledger.sqlite_synchronous, Synchronous::Normal);
+        let errs = Config::from_toml("[ledger]\nsqlite_synchronous = \"off\"\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(errs.contains("sqlite_synchronous"), "{errs}");
     }
 
     #[test]

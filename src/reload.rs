@@ -163,6 +163,7 @@ pub fn pin_restart_only(running: &Config, new: &mut Config) -> Vec<String> {
         ledger.connect_timeout,
         ledger.replica_id,
         ledger.stall_timeout,
+        ledger.sqlite_synchronous,
         limits.backend,
         limits.redis_prefix,
         limits.redis_timeout,

@@ -48,8 +48,9 @@ use super::store::{
     UsageRow, VerifyReport,
 };
 
-/// SQLite's `synchronous` setting for the ledger connection.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// SQLite's `synchronous` setting for the ledger connection (`ledger.sqlite_synchronous`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Synchronous {
     /// fsync the WAL at every commit: durable across power loss. The default.
     #[default]

@@ -219,7 +219,17 @@ impl Ledger {
     /// and start the writer. Returns the ledger and how many records were recovered. Blocking
     /// (file I/O): call it at start-up, before serving.
     pub fn open_sqlite(path: &Path, queue: usize) -> Result<(Ledger, usize), LedgerError> {
+        Self::open_sqlite_with(path, queue, super::Synchronous::Full)
+    }
+
+    /// [`Ledger::open_sqlite`] with the ledger connection's `synchronous` setting.
+    pub fn open_sqlite_with(
+        path: &Path,
+        queue: usize,
+        synchronous: super::Synchronous,
+    ) -> Result<(Ledger, usize), LedgerError> {
         let mut store = SqliteStore::open(path)?;
+        store.set_synchronous(synchronous)?;
         let recovered = store.recover()?;
         if let Some(head) = store.head()? {
             tracing::info!(seq = head.seq, hash = %head.hash, path = %path.display(), "ledger opened");
