@@ -52,9 +52,6 @@ struct Admin {
     state: Arc<AppState>,
     reader: LedgerReader,
     page: page::Page,
-    /// Who may read `/metrics` (`admin.metrics_auth`), and the metrics token's digest.
-    metrics_auth: MetricsAuth,
-    metrics_token: Option<[u8; 32]>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -108,18 +105,10 @@ pub fn build(state: Arc<AppState>) -> Result<Option<AppService>, StartupError> {
         detail: e.to_string(),
     })?;
     let page = page::Page::open(&state)?;
-    let metrics_auth = config.admin.metrics_auth;
-    let metrics_token = config
-        .admin
-        .metrics_token
-        .as_ref()
-        .map(|t| key_digest(t.expose()));
     let admin = Arc::new(Admin {
         state,
         reader,
         page,
-        metrics_auth,
-        metrics_token,
     });
     let svc = tower::service_fn(move |req: Request<Incoming>| {
         let admin = admin.clone();
@@ -167,17 +156,20 @@ impl Admin {
         bearer(req).is_some_and(|key| bool::from(key_digest(key).ct_eq(&admin_key)))
     }
 
-    /// `/metrics` under `admin.metrics_auth`: the admin key, or the metrics token too, or
-    /// anyone.
+    /// `/metrics` under `admin.metrics_auth` of the configuration in force (a reload may
+    /// change it and the token): the admin key, or the metrics token too, or anyone.
     fn may_read_metrics(&self, req: &Request<Incoming>) -> bool {
-        match self.metrics_auth {
+        let config = self.state.config();
+        match config.admin.metrics_auth {
             MetricsAuth::None => true,
             MetricsAuth::AdminKey => self.authorized(req),
             MetricsAuth::Token => {
                 self.authorized(req)
                     || bearer(req)
-                        .zip(self.metrics_token)
-                        .is_some_and(|(key, token)| bool::from(key_digest(key).ct_eq(&token)))
+                        .zip(config.admin.metrics_token.as_ref())
+                        .is_some_and(|(key, token)| {
+                            bool::from(key_digest(key).ct_eq(&key_digest(token.expose())))
+                        })
             }
         }
     }

@@ -479,6 +479,61 @@ async fn the_reload_route_needs_the_admin_key_and_post() {
     assert_eq!(gw.server.state.live().generation, 1);
 }
 
+/// `admin.metrics_auth` and the metrics token follow a reload: a scraper's token that reads
+/// nothing under `admin_key` reads `/metrics` (and only it) once the file says `token`, and a
+/// rotated token replaces the old one.
+#[tokio::test]
+async fn the_metrics_token_follows_a_reload() {
+    let gw = Reloadable::start(&[("app", APP_KEY)], "").await;
+    let with_token = |token_file: &str| {
+        config_text(&gw.mock, gw.dir.path(), &[("app", APP_KEY)], "").replacen(
+            "[admin]\n",
+            &format!("[admin]\nmetrics_auth = \"token\"\nmetrics_token_file = {token_file:?}\n"),
+            1,
+        )
+    };
+    let scrape = |token: &'static str| {
+        let admin = gw.admin();
+        async move {
+            let auth = format!("Bearer {token}");
+            send(
+                admin,
+                "GET",
+                "/metrics",
+                &[("authorization", &auth)],
+                Vec::new(),
+            )
+            .await
+            .status
+        }
+    };
+    const FIRST: &str = "ig-metrics-token-first-000111";
+    const SECOND: &str = "ig-metrics-token-second-000222";
+    assert_eq!(scrape(FIRST).await, 401, "admin_key: a token reads nothing");
+
+    let file = gw.dir.path().join("metrics.token");
+    std::fs::write(&file, FIRST).unwrap();
+    std::fs::write(&gw.path, with_token(file.to_str().unwrap())).unwrap();
+    assert_eq!(gw.reload().await.status, 200);
+    assert_eq!(scrape(FIRST).await, 200, "the token reads /metrics");
+    let auth = format!("Bearer {FIRST}");
+    let usage = send(
+        gw.admin(),
+        "GET",
+        "/admin/usage",
+        &[("authorization", &auth)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(usage.status, 401, "and nothing else");
+
+    // The token rotated in its file: the reload reads it again.
+    std::fs::write(&file, SECOND).unwrap();
+    assert_eq!(gw.reload().await.status, 200);
+    assert_eq!(scrape(SECOND).await, 200);
+    assert_eq!(scrape(FIRST).await, 401, "the old token is refused");
+}
+
 /// Not a test of speed (nothing is asserted on time): prints the time a reload takes, from the
 /// admin request to the swap, over 20 reloads of a configuration with 200 clients.
 #[tokio::test]
