@@ -3,56 +3,25 @@
 //! `postgres://postgres@127.0.0.1:5432/test`; each run in a schema of its own). Each check is
 //! written once, over a factory that opens the backend.
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
+use support::pg::Schema;
 
 use imagegate::clock::Clock;
 use imagegate::config::{ClientConfig, Config, hash_key};
 use imagegate::error::GatewayError;
 use imagegate::ledger::{GroupBy, LedgerOp};
 use imagegate::ledger::{
-    LedgerError, LedgerStore, Outcome, PgSettings, PostgresStore, Record, SqliteStore, UsageQuery,
+    LedgerError, LedgerStore, Outcome, PostgresStore, Record, SqliteStore, UsageQuery,
 };
 use imagegate::limits::EndUser;
 use imagegate::limits::quota::{QuotaStore, client_scope, user_scope};
 use imagegate::limits::spec::QuotaSpec;
 
 // ---- backends ------------------------------------------------------------------------------
-
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-struct Schema(String);
-
-impl Schema {
-    fn new() -> Schema {
-        let name = format!("imagegate_suite_{}", uuid::Uuid::new_v4().simple());
-        let mut c =
-            postgres::Client::connect(&database_url(), postgres::NoTls).expect("PostgreSQL");
-        c.batch_execute(&format!("CREATE SCHEMA {name}")).unwrap();
-        Schema(name)
-    }
-
-    fn settings(&self) -> PgSettings {
-        PgSettings {
-            url: database_url(),
-            schema: Some(self.0.clone()),
-            pool_size: 8,
-            connect_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&database_url(), postgres::NoTls) {
-            let _ = c.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.0));
-        }
-    }
-}
 
 /// Opens a quota store for a configuration and a clock; each call a fresh, empty one.
 type OpenQuota<'a> = &'a dyn Fn(Arc<Config>, Clock) -> QuotaStore;
@@ -66,7 +35,7 @@ fn sqlite_quota(config: Arc<Config>, clock: Clock) -> QuotaStore {
 fn postgres_quota(config: Arc<Config>, clock: Clock) -> QuotaStore {
     // A schema per store, dropped by the test at its end.
     let schema = Schema::new();
-    let store = QuotaStore::open_postgres(schema.settings(), config, clock).unwrap();
+    let store = QuotaStore::open_postgres(schema.settings_pooled(8), config, clock).unwrap();
     KEEP.lock().unwrap().push(schema);
     store
 }
@@ -391,7 +360,7 @@ fn ledger_store_on_sqlite() {
 #[ignore = "needs PostgreSQL at DATABASE_URL"]
 fn ledger_store_on_postgres() {
     let schema = Schema::new();
-    ledger_suite(&|| Box::new(PostgresStore::open(schema.settings(), "suite").unwrap()));
+    ledger_suite(&|| Box::new(PostgresStore::open(schema.settings_pooled(8), "suite").unwrap()));
 }
 
 /// A request id no other reservation of this process uses (each reservation is a hold row

@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::pg::{Schema, database_url};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
@@ -14,53 +16,13 @@ use imagegate::clock::Clock;
 use imagegate::config::{ClientConfig, Config, hash_key};
 use imagegate::ledger::postgres::{latest_version, migrate, schema_version};
 use imagegate::ledger::{
-    LedgerError, LedgerOp, LedgerStore, Outcome, PgSettings, PostgresStore, Record, UsageQuery,
+    LedgerError, LedgerOp, LedgerStore, Outcome, PostgresStore, Record, UsageQuery,
 };
 use imagegate::limits::EndUser;
 use imagegate::limits::quota::QuotaStore;
 use imagegate::limits::spec::QuotaSpec;
 
 const NEEDS: &str = "needs PostgreSQL at DATABASE_URL";
-
-fn url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-/// A fresh schema, dropped when this goes out of scope.
-struct Schema {
-    name: String,
-}
-
-impl Schema {
-    fn new() -> Schema {
-        let name = format!("imagegate_test_{}", uuid::Uuid::new_v4().simple());
-        let mut c = postgres::Client::connect(&url(), postgres::NoTls).expect("PostgreSQL");
-        c.batch_execute(&format!("CREATE SCHEMA {name}")).unwrap();
-        Schema { name }
-    }
-
-    fn settings(&self) -> PgSettings {
-        PgSettings {
-            url: url(),
-            schema: Some(self.name.clone()),
-            pool_size: 4,
-            connect_timeout: Duration::from_secs(5),
-        }
-    }
-
-    fn client(&self) -> postgres::Client {
-        self.settings().connect().unwrap()
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&url(), postgres::NoTls) {
-            let _ = c.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
-        }
-    }
-}
 
 fn record(id: &str, user: &str) -> Record {
     Record {
@@ -451,7 +413,7 @@ async fn the_gateway_serves_on_the_postgres_backend() {
     c.admin.listen = Some("127.0.0.1:0".parse().unwrap());
     c.admin.key_hash = Some(hash_key("admin-key-for-the-test"));
     c.ledger.backend = imagegate::config::LedgerBackend::Postgres;
-    c.ledger.postgres_url = Some(imagegate::config::PgUrl(url()));
+    c.ledger.postgres_url = Some(imagegate::config::PgUrl(database_url()));
     c.ledger.postgres_schema = Some(schema.name.clone());
     c.ledger.replica_id = Some("serve-test".into());
     c.models.check_at_start = false;
@@ -565,7 +527,7 @@ fn ledger_copy_body() {
             "[ledger]\npath = {db:?}\nbackend = \"postgres\"\npostgres_url = {url:?}\n\
              postgres_schema = {schema:?}\nreplica_id = \"gw-1\"\n[quotas.per_client]\nimages_per_day = 100\n",
             db = db.to_str().unwrap(),
-            url = url(),
+            url = database_url(),
             schema = schema.name,
         ),
     )
@@ -591,7 +553,7 @@ fn ledger_copy_body() {
         .query_row("SELECT count(*) FROM quota_usage", [], |r| r.get(0))
         .unwrap();
     assert!(quota_rows >= 2, "day and month of the client at least");
-    let target = url();
+    let target = database_url();
     let (code, stdout, stderr) = cli(&["ledger", "copy", "--to", &target]);
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(

@@ -4,50 +4,17 @@
 //! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`, trust authentication);
 //! ignored otherwise. Each test works in a schema of its own.
 
+mod support;
+
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
+use support::pg::Schema;
 
 use imagegate::clock::Clock;
 use imagegate::config::{ClientConfig, Config, hash_key};
-use imagegate::ledger::{LedgerOp, LedgerStore, Outcome, PgSettings, PostgresStore, Record};
+use imagegate::ledger::{LedgerOp, LedgerStore, Outcome, PostgresStore, Record};
 use imagegate::limits::EndUser;
 use imagegate::limits::quota::{HoldRecovery, QuotaStore};
-
-fn url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-/// A fresh schema, dropped when this goes out of scope.
-struct Schema {
-    name: String,
-}
-
-impl Schema {
-    fn new() -> Schema {
-        let name = format!("imagegate_holds_{}", uuid::Uuid::new_v4().simple());
-        let mut c = postgres::Client::connect(&url(), postgres::NoTls).expect("PostgreSQL");
-        c.batch_execute(&format!("CREATE SCHEMA {name}")).unwrap();
-        Schema { name }
-    }
-
-    fn settings(&self) -> PgSettings {
-        PgSettings {
-            url: url(),
-            schema: Some(self.name.clone()),
-            pool_size: 2,
-            connect_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&url(), postgres::NoTls) {
-            let _ = c.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
-        }
-    }
-}
 
 fn config(replica: &str) -> Arc<Config> {
     let mut c = Config::default();

@@ -12,6 +12,8 @@
 
 mod support;
 
+use support::pg::{Schema, database_url};
+
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -38,59 +40,8 @@ fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
 fn unique(tag: &str) -> String {
     format!("{tag}_{}", uuid::Uuid::new_v4().simple())
-}
-
-/// A fresh schema at `url`, dropped on drop.
-struct Schema {
-    url: String,
-    name: String,
-}
-
-impl Schema {
-    fn new(url: &str) -> Schema {
-        let name = unique("imagegate_replicas");
-        let mut c = postgres::Client::connect(url, postgres::NoTls).expect("PostgreSQL");
-        c.batch_execute(&format!("CREATE SCHEMA {name}")).unwrap();
-        Schema {
-            url: url.to_owned(),
-            name,
-        }
-    }
-
-    fn settings(&self) -> PgSettings {
-        PgSettings {
-            url: self.url.clone(),
-            schema: Some(self.name.clone()),
-            pool_size: 1,
-            connect_timeout: Duration::from_secs(5),
-        }
-    }
-
-    fn count(&self, sql: &str) -> i64 {
-        let mut c = self.settings().connect().unwrap();
-        c.query_one(sql, &[]).unwrap().get(0)
-    }
-}
-
-impl Drop for Schema {
-    /// On a plain thread: the synchronous client must not run on a runtime's worker (a test
-    /// that panics drops this there).
-    fn drop(&mut self) {
-        let (url, name) = (self.url.clone(), self.name.clone());
-        let _ = std::thread::spawn(move || {
-            if let Ok(mut c) = postgres::Client::connect(&url, postgres::NoTls) {
-                let _ = c.batch_execute(&format!("DROP SCHEMA {name} CASCADE"));
-            }
-        })
-        .join();
-    }
 }
 
 /// What a gateway process is configured with.
@@ -357,7 +308,7 @@ fn cli(config: &Path, args: &[&str]) -> (Option<i32>, String, String) {
 
 /// The records of the load phase (users `load-*` and `after-*`, one request each), by user.
 fn records_by_user(schema: &Schema) -> HashMap<String, Record> {
-    let reader = PostgresStore::reader(schema.settings(), "gw-a");
+    let reader = PostgresStore::reader(schema.settings_pooled(1), "gw-a");
     let mut out = HashMap::new();
     reader
         .export(&UsageQuery::default(), &mut |r| {
@@ -400,7 +351,7 @@ async fn parallel(
 async fn two_replicas_share_limits_quotas_and_the_ledger() {
     let mock = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let schema = tokio::task::block_in_place(|| Schema::new(&database_url()));
+    let schema = tokio::task::block_in_place(|| Schema::at(&database_url()));
     let prefix = format!("{}:", unique("imagegate-replicas"));
     let config = |replica| {
         write_config(

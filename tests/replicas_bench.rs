@@ -18,12 +18,14 @@
 
 mod support;
 
+use support::pg::{Schema, database_url};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use imagegate::clock::Clock;
 use imagegate::config::{ClientConfig, Config, LedgerBackend, PgUrl, Secret, hash_key};
-use imagegate::ledger::{Ledger, LedgerOp, Outcome, PgSettings, Record};
+use imagegate::ledger::{Ledger, LedgerOp, Outcome, Record};
 use imagegate::limits::EndUser;
 use imagegate::limits::quota::QuotaStore;
 use imagegate::limits::rate::{RateBackend, RateLimits};
@@ -39,44 +41,6 @@ const KEY: &str = "ig-bench-key-0123456789abcdef";
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-struct Schema(String);
-
-impl Schema {
-    fn new() -> Schema {
-        let name = format!("imagegate_bench_{}", uuid::Uuid::new_v4().simple());
-        let mut c = postgres::Client::connect(&database_url(), postgres::NoTls).unwrap();
-        c.batch_execute(&format!("CREATE SCHEMA {name}")).unwrap();
-        Schema(name)
-    }
-
-    fn settings(&self, pool_size: usize) -> PgSettings {
-        PgSettings {
-            url: database_url(),
-            schema: Some(self.0.clone()),
-            pool_size,
-            connect_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-impl Drop for Schema {
-    /// On a plain thread: the synchronous client must not run on a runtime's worker.
-    fn drop(&mut self) {
-        let name = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            if let Ok(mut c) = postgres::Client::connect(&database_url(), postgres::NoTls) {
-                let _ = c.batch_execute(&format!("DROP SCHEMA {name} CASCADE"));
-            }
-        })
-        .join();
-    }
 }
 
 /// (p50, p99, mean) of `samples`.
@@ -135,7 +99,7 @@ fn with_redis(mut c: Config) -> Config {
 fn with_postgres(mut c: Config, schema: &Schema, replica: &str) -> Config {
     c.ledger.backend = LedgerBackend::Postgres;
     c.ledger.postgres_url = Some(PgUrl(database_url()));
-    c.ledger.postgres_schema = Some(schema.0.clone());
+    c.ledger.postgres_schema = Some(schema.name.clone());
     c.ledger.replica_id = Some(replica.into());
     c
 }
@@ -305,7 +269,8 @@ async fn shared_backend_figures() {
     tokio::task::block_in_place(|| {
         let config = Arc::new(base_config());
         let pg =
-            QuotaStore::open_postgres(schema.settings(8), config.clone(), clock.clone()).unwrap();
+            QuotaStore::open_postgres(schema.settings_pooled(8), config.clone(), clock.clone())
+                .unwrap();
         quota_pairs("PostgreSQL", Arc::new(pg));
         let sqlite = QuotaStore::open(&dir.path().join("quota.db"), config, clock.clone()).unwrap();
         quota_pairs("SQLite", Arc::new(sqlite));
@@ -313,7 +278,7 @@ async fn shared_backend_figures() {
 
     // Ledger throughput.
     let (pg_ledger, _) = tokio::task::block_in_place(|| {
-        Ledger::open_postgres(schema.settings(1), "bench", 1024).unwrap()
+        Ledger::open_postgres(schema.settings_pooled(1), "bench", 1024).unwrap()
     });
     ledger_throughput("PostgreSQL", pg_ledger).await;
     let (sqlite_ledger, _) = tokio::task::block_in_place(|| {

@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod ledger_v1;
 pub mod mock_upstream;
 pub mod multipart;
+pub mod pg;
 
 use std::net::SocketAddr;
 use std::time::Duration;
