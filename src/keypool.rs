@@ -716,35 +716,54 @@ mod tests {
         assert!(is_rate_limit_body(b"not json"));
     }
 
-    /// The cost of choosing a key and reporting the answer, printed (`--nocapture`), never
-    /// asserted.
+    /// Smooth weighted round-robin gives each key exactly its share over whole rounds, on one
+    /// thread and under four; the cost of choosing a key and reporting the answer is printed
+    /// (`--nocapture`), never asserted.
     #[test]
     fn selection_overhead() {
         let (p, _) = pool(&[("a", 5), ("b", 3), ("c", 1), ("d", 1)], &[]);
         let n = 200_000u32;
+        let mut counts = [0u32; 4];
         let start = std::time::Instant::now();
         for _ in 0..n {
             let k = p.pick(None, &[]).unwrap();
+            counts[k.index] += 1;
             p.report(&k, Verdict::Success);
         }
         let single = start.elapsed() / n;
+        assert_eq!(
+            counts,
+            [n / 2, n * 3 / 10, n / 10, n / 10],
+            "shares 5:3:1:1"
+        );
         let p = Arc::new(p);
         let start = std::time::Instant::now();
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let p = p.clone();
                 std::thread::spawn(move || {
+                    let mut counts = [0u32; 4];
                     for _ in 0..n / 4 {
                         let k = p.pick(None, &[]).unwrap();
+                        counts[k.index] += 1;
                         p.report(&k, Verdict::Success);
                     }
+                    counts
                 })
             })
             .collect();
+        let mut counts = [0u32; 4];
         for t in threads {
-            t.join().unwrap();
+            for (all, one) in counts.iter_mut().zip(t.join().unwrap()) {
+                *all += one;
+            }
         }
         let contended = start.elapsed() / n;
+        assert_eq!(
+            counts,
+            [n / 2, n * 3 / 10, n / 10, n / 10],
+            "shares 5:3:1:1 under contention"
+        );
         eprintln!(
             "key selection (pick + report, 4 keys): {single:?} per request on one thread, {contended:?} per request (wall) with 4 threads"
         );
