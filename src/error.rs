@@ -4,7 +4,9 @@
 //! turns it into OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`. The match in
 //! [`GatewayError::parts`] is exhaustive and grouped by fault (client / upstream / internal), so a
 //! new variant cannot be added without deciding its status, type, param and code. Internal details
-//! (I/O errors, upstream bodies) are logged by the caller, never put into a message.
+//! (I/O errors, upstream bodies) are logged by the caller, never put into a message. Domain code
+//! returns its own typed refusals (`edit::form::FormError`, `limits::EndUserError`,
+//! `limits::rate::RateRefusal`); their `From` conversions (`domain`) word them.
 
 use std::time::Duration;
 
@@ -13,6 +15,10 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::{Body, full};
 use crate::edit::png_check::PngRejection;
+
+mod domain;
+
+pub(crate) use domain::quoted_list;
 
 /// One rejected or failed request.
 #[derive(Debug, Clone, PartialEq)]

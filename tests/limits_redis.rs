@@ -16,7 +16,7 @@ use imagegate::clock::Clock;
 use imagegate::config::{ClientConfig, Config, Secret, hash_key};
 use imagegate::error::GatewayError;
 use imagegate::limits::EndUser;
-use imagegate::limits::rate::{RateBackend, RateLimits, RateStatus};
+use imagegate::limits::rate::{RateBackend, RateLimits, RateRefusal, RateStatus};
 use imagegate::limits::rate_redis::{RETRY_AFTER, RedisRates};
 use imagegate::limits::spec::{RateBackendKind, RateSpec, RedisFailure};
 
@@ -132,8 +132,8 @@ impl Drop for OwnRedis {
 }
 
 /// The 429 message without its wait (which depends on the clock of each backend).
-fn message_head(e: &GatewayError) -> String {
-    match e {
+fn message_head(e: &RateRefusal) -> String {
+    match GatewayError::from(e.clone()) {
         GatewayError::RateLimited { message, .. } => message
             .split(" Please try again")
             .next()
@@ -143,9 +143,9 @@ fn message_head(e: &GatewayError) -> String {
     }
 }
 
-fn retry_after(e: &GatewayError) -> Duration {
-    match e {
-        GatewayError::RateLimited { retry_after, .. } => *retry_after,
+fn retry_after(e: &RateRefusal) -> Duration {
+    match GatewayError::from(e.clone()) {
+        GatewayError::RateLimited { retry_after, .. } => retry_after,
         other => panic!("not a rate limit: {other:?}"),
     }
 }
@@ -218,7 +218,7 @@ async fn same_answers_as_the_memory_backend() {
     }
     let (e, status) = redis.check_user(&fresh, 1).await.unwrap_err();
     assert_eq!(
-        e.clone().into_response().status(),
+        GatewayError::from(e.clone()).into_response().status(),
         StatusCode::TOO_MANY_REQUESTS
     );
     let headers = status.headers();
@@ -363,11 +363,11 @@ async fn unreachable_redis_fails_closed_with_503() {
     let rates = redis_rates(&c);
     let started = Instant::now();
     let (e, _) = rates.check_user(&who("u"), 1).await.unwrap_err();
-    assert_eq!(e, GatewayError::RateLimiterUnavailable);
-    let response = e.into_response();
+    assert_eq!(e, RateRefusal::Unavailable);
+    let response = GatewayError::from(e).into_response();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     let e = rates.check_client("app").await.unwrap_err();
-    assert_eq!(e, GatewayError::RateLimiterUnavailable);
+    assert_eq!(e, RateRefusal::Unavailable);
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "no check waits past the timeout"
@@ -404,7 +404,7 @@ async fn recovers_by_itself_when_redis_returns() {
     server.stop();
     let started = Instant::now();
     let (e, _) = rates.check_user(&who("b"), 1).await.unwrap_err();
-    assert_eq!(e, GatewayError::RateLimiterUnavailable);
+    assert_eq!(e, RateRefusal::Unavailable);
     assert!(!rates.is_up());
     assert!(
         started.elapsed() < Duration::from_secs(1),

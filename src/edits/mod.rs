@@ -165,13 +165,13 @@ impl Edits {
         let content_type = req.headers().get(header::CONTENT_TYPE);
         if !self.models.serves_gpt_image() {
             // The dall-e-2-only gateway: its content type rule, part caps and field rules.
-            let boundary = form::boundary(content_type).map_err(no_rate)?;
+            let boundary = form::boundary(content_type).map_err(|e| no_rate(e.into()))?;
             let (body, held) = read_body(self.body, &self.budget, req)
                 .await
                 .map_err(no_rate)?;
             let parts = form::parse_parts(&boundary, body, self.form.max_parts)
                 .await
-                .map_err(no_rate)?;
+                .map_err(|e| no_rate(e.into()))?;
             return self
                 .admit_dall_e_2(caller, trail, parts, held, started)
                 .await;
@@ -196,7 +196,7 @@ impl Edits {
                     .max(gpt_form::multipart::max_parts(&self.models.limits));
                 form::parse_parts_uncapped(&boundary, body, max)
                     .await
-                    .map_err(no_rate)?
+                    .map_err(|e| no_rate(e.into()))?
             }
         };
         if self
@@ -228,7 +228,7 @@ impl Edits {
             trail.update(|r| r.user = who.user.clone());
         }
         // field rules
-        let mut edit = form::check(parts, &self.form).map_err(no_rate)?;
+        let mut edit = form::check(parts, &self.form).map_err(|e| no_rate(e.into()))?;
         trail.update(|r| {
             r.model = Some(edit.model.clone());
             r.n = Some(edit.n);
@@ -247,7 +247,7 @@ impl Edits {
             .rates
             .check_user(&who, edit.n)
             .await
-            .map_err(|(e, rate)| (e, Some(rate)))?;
+            .map_err(|(e, rate)| (e.into(), Some(rate)))?;
         let this = self.clone();
         let rest = Box::pin(async move {
             // reserve quota (before any decoding)
@@ -365,7 +365,7 @@ impl Edits {
             .rates
             .check_user(&who, edit.n_or_default())
             .await
-            .map_err(|(e, rate)| (e, Some(rate)))?;
+            .map_err(|(e, rate)| (e.into(), Some(rate)))?;
         let this = self.clone();
         let rest = Box::pin(async move {
             // reserve quota: the upper bound of §7, settled to the usage
@@ -438,6 +438,7 @@ impl Edits {
             r.mismatch,
             r.max_user_chars,
         )
+        .map_err(GatewayError::from)
     }
 }
 

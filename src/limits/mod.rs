@@ -10,8 +10,21 @@ pub mod rate_redis;
 pub mod spec;
 
 use crate::config::ClientConfig;
-use crate::error::GatewayError;
 use spec::{ClientKind, MissingUser, UserMismatch};
+
+/// Why the end user of a request could not be resolved: the facts `crate::error` words the 400
+/// (param `user`) from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndUserError {
+    /// The sent id holds control characters.
+    ControlCharacters,
+    /// The sent id, trimmed, is longer than `limits.max_user_chars` (`got` code points).
+    TooLong { max: usize, got: usize },
+    /// An `app` client sent no id and its policy is `missing_user = "reject"`.
+    Missing,
+    /// A `personal` key sent another person's id under `user_mismatch = "reject"`.
+    NotTheKeysUser { own: String },
+}
 
 /// The party a request is charged to. `user` is `None` when an `app` client's request without
 /// `user` is charged to the client itself (policy `missing_user = "client"`).
@@ -32,27 +45,20 @@ impl EndUser {
 }
 
 /// Trim, bound the length, refuse control characters. Empty after trimming is "absent".
-pub fn normalize_user(raw: &str, max_chars: usize) -> Result<Option<String>, GatewayError> {
+pub fn normalize_user(raw: &str, max_chars: usize) -> Result<Option<String>, EndUserError> {
     let t = raw.trim();
     if t.is_empty() {
         return Ok(None);
     }
     if t.chars().any(char::is_control) {
-        return Err(GatewayError::field(
-            "user",
-            "invalid_value",
-            "Invalid 'user': control characters are not allowed in an end-user id.",
-        ));
+        return Err(EndUserError::ControlCharacters);
     }
     let len = t.chars().count();
     if len > max_chars {
-        return Err(GatewayError::field(
-            "user",
-            "string_above_max_length",
-            format!(
-                "Invalid 'user': string too long. Expected a string with maximum length {max_chars}, but got a string with length {len} instead."
-            ),
-        ));
+        return Err(EndUserError::TooLong {
+            max: max_chars,
+            got: len,
+        });
     }
     Ok(Some(t.to_owned()))
 }
@@ -65,7 +71,7 @@ pub fn resolve_end_user(
     missing: MissingUser,
     mismatch: UserMismatch,
     max_chars: usize,
-) -> Result<EndUser, GatewayError> {
+) -> Result<EndUser, EndUserError> {
     let sent = match sent {
         Some(s) => normalize_user(s, max_chars)?,
         None => None,
@@ -81,11 +87,7 @@ pub fn resolve_end_user(
                 client: name,
                 user: None,
             }),
-            (None, MissingUser::Reject) => Err(GatewayError::field(
-                "user",
-                "missing_required_parameter",
-                "Missing required parameter: 'user'. This gateway charges every request to an end user; send the end user's id in 'user'.",
-            )),
+            (None, MissingUser::Reject) => Err(EndUserError::Missing),
         },
         ClientKind::Personal => {
             let own = client
@@ -94,13 +96,7 @@ pub fn resolve_end_user(
                 .expect("config validation: personal clients have a user");
             match sent {
                 Some(u) if u != own && mismatch == UserMismatch::Reject => {
-                    Err(GatewayError::field(
-                        "user",
-                        "invalid_value",
-                        format!(
-                            "Invalid 'user': this key belongs to '{own}'; send 'user' as '{own}' or leave it out."
-                        ),
-                    ))
+                    Err(EndUserError::NotTheKeysUser { own })
                 }
                 Some(u) if u != own => {
                     tracing::info!(sent = %u, charged = %own, "personal key sent another user; overwritten");
@@ -145,11 +141,7 @@ mod tests {
             Some("éééé".into())
         );
         let e = normalize_user(&format!(" {} ", "a".repeat(5)), 4).unwrap_err();
-        assert!(
-            e.parts().message.contains("length 5"),
-            "{}",
-            e.parts().message
-        );
+        assert_eq!(e, EndUserError::TooLong { max: 4, got: 5 });
     }
 
     #[test]
@@ -163,25 +155,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.user.as_deref(), Some("u-1"));
-        assert!(
+        assert_eq!(
             resolve_end_user(
                 &app(),
                 Some("a\u{0}b"),
                 MissingUser::Reject,
                 UserMismatch::Reject,
                 256
-            )
-            .is_err()
+            ),
+            Err(EndUserError::ControlCharacters)
         );
-        assert!(
+        assert_eq!(
             resolve_end_user(
                 &app(),
                 Some("abc"),
                 MissingUser::Reject,
                 UserMismatch::Reject,
                 2
-            )
-            .is_err()
+            ),
+            Err(EndUserError::TooLong { max: 2, got: 3 })
         );
     }
 
@@ -189,8 +181,7 @@ mod tests {
     fn missing_user_policies() {
         let err = resolve_end_user(&app(), None, MissingUser::Reject, UserMismatch::Reject, 256)
             .unwrap_err();
-        assert_eq!(err.parts().code, Some("missing_required_parameter"));
-        assert_eq!(err.parts().param.as_deref(), Some("user"));
+        assert_eq!(err, EndUserError::Missing);
         let blank = resolve_end_user(
             &app(),
             Some("   "),
@@ -198,7 +189,11 @@ mod tests {
             UserMismatch::Reject,
             256,
         );
-        assert!(blank.is_err(), "a blank user is a missing user");
+        assert_eq!(
+            blank,
+            Err(EndUserError::Missing),
+            "a blank user is a missing user"
+        );
         let e =
             resolve_end_user(&app(), None, MissingUser::Client, UserMismatch::Reject, 256).unwrap();
         assert_eq!(e.user, None);
@@ -232,6 +227,11 @@ mod tests {
             256,
         )
         .unwrap_err();
-        assert_eq!(err.parts().code, Some("invalid_value"));
+        assert_eq!(
+            err,
+            EndUserError::NotTheKeysUser {
+                own: "alice".into()
+            }
+        );
     }
 }

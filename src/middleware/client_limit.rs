@@ -65,7 +65,7 @@ where
                 && let Err(e) = rates.check_client(&client).await
             {
                 tracing::info!("client rate limit reached");
-                return Ok(e.into_response());
+                return Ok(crate::error::GatewayError::from(e).into_response());
             }
             inner.call(req).await
         })

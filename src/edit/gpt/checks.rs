@@ -5,9 +5,9 @@
 use serde_json::Value;
 
 use super::rules::{FamilyRules, GptLimits, Models};
-use crate::edit::form::{RawPart, parse_int, quoted_list};
+use crate::edit::form::{RawPart, parse_int};
 use crate::edit::sniff::{ImageFormat, Sniffed, sniff};
-use crate::error::GatewayError;
+use crate::error::{GatewayError, quoted_list};
 
 /// One field's value as sent.
 #[derive(Debug, Clone, Copy)]
@@ -292,14 +292,14 @@ pub(crate) fn int_field(
     max: i128,
 ) -> Result<i128, GatewayError> {
     match raw {
-        Raw::Part(p) => parse_int(
+        Raw::Part(p) => Ok(parse_int(
             param,
             std::str::from_utf8(&p.data).unwrap_or("\u{FFFD}"),
             min,
             max,
-        ),
+        )?),
         Raw::Json(Value::Number(n)) if n.is_i64() || n.is_u64() => {
-            parse_int(param, &n.to_string(), min, max)
+            Ok(parse_int(param, &n.to_string(), min, max)?)
         }
         Raw::Json(v) => Err(invalid_type(param, "an integer", json_kind(v))),
     }

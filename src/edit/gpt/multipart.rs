@@ -45,7 +45,7 @@ pub async fn parse_parts(
     body: Bytes,
     max_parts: usize,
 ) -> Result<Vec<RawPart>, GatewayError> {
-    form::parse_parts_uncapped(boundary, body, max_parts).await
+    Ok(form::parse_parts_uncapped(boundary, body, max_parts).await?)
 }
 
 /// The part count [`parse_multipart`] allows: room for twice the image limit and every field,

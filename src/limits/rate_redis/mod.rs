@@ -36,66 +36,24 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, IntoConnectionInfo};
 
 use super::EndUser;
-use super::rate::{LimitSpec, RateBackend, RateLimits, RateStatus, UserCheck, Window};
+use super::rate::{
+    Counted, LimitSpec, Limited, RateBackend, RateLimits, RateRefusal, RateStatus, UserCheck,
+    Window,
+};
 use super::spec::{LimitsConfig, RateBackendKind, RedisFailure, redact_url};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::error::GatewayError;
+
+mod script;
+
+pub use script::SCRIPT;
+use script::{Outcome, decode, micros, remaining, wait};
 
 /// After a failure, checks skip Redis for this long (so a dead Redis costs one timeout, not one
 /// per request).
 pub const RETRY_AFTER: Duration = Duration::from_millis(500);
 /// At most one "Redis unreachable" warning this often.
 pub const WARN_EVERY: Duration = Duration::from_secs(30);
-
-/// GCRA over several keys in one atomic step.
-///
-/// KEYS[i]: one limit's key. ARGV[3i-2], ARGV[3i-1], ARGV[3i]: its interval `t` (µs), its burst
-/// tolerance `tau` = t × burst (µs) and the cost in cells. Returns a flat array with one pair
-/// per key: `0, tat - now` admitted (new TAT written, expiring after tau); `1, wait` refused
-/// until `wait` µs from now; `2, 0` cost beyond the burst (never admitted); after a refusal the
-/// later keys are only read: `3, tat - now` (may be negative) or `4, 0` (no key).
-/// A missing key starts at `now + t`, governor's starting state.
-pub const SCRIPT: &str = r#"
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local out = {}
-local stopped = false
-for i, key in ipairs(KEYS) do
-  local t = tonumber(ARGV[3 * i - 2])
-  local tau = tonumber(ARGV[3 * i - 1])
-  local cost = tonumber(ARGV[3 * i])
-  local stored = redis.call('GET', key)
-  if stopped then
-    if stored then
-      out[#out + 1] = 3
-      out[#out + 1] = tonumber(stored) - now
-    else
-      out[#out + 1] = 4
-      out[#out + 1] = 0
-    end
-  elseif cost * t > tau then
-    out[#out + 1] = 2
-    out[#out + 1] = 0
-    stopped = true
-  else
-    local tat = now + t
-    if stored then tat = tonumber(stored) end
-    local earliest = tat + (cost - 1) * t - tau
-    if now < earliest then
-      out[#out + 1] = 1
-      out[#out + 1] = earliest - now
-      stopped = true
-    else
-      local next = math.max(tat, now) + cost * t
-      redis.call('SET', key, string.format('%d', next), 'PX', math.max(1, math.ceil(tau / 1000)))
-      out[#out + 1] = 0
-      out[#out + 1] = next - now
-    end
-  end
-end
-return out
-"#;
 
 /// The configuration's problems with the Redis settings (for `check-config` and start-up).
 pub fn problems(l: &LimitsConfig) -> Vec<String> {
@@ -172,28 +130,6 @@ struct Touch<'a> {
     key: String,
     spec: &'a LimitSpec,
     cost: u32,
-}
-
-/// What the script said about one key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Admitted { tat_from_now: i64 },
-    Refused { wait_us: i64 },
-    BeyondBurst,
-    Peeked { tat_from_now: i64 },
-    Absent,
-}
-
-fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX).max(1)
-}
-
-/// governor's `remaining_burst_capacity` for a TAT `tat_from_now` µs ahead.
-fn remaining(spec: &LimitSpec, tat_from_now: i64) -> u32 {
-    let t = micros(spec.interval());
-    let tau = t * i64::from(spec.burst);
-    let cells = (t + tau - tat_from_now).clamp(0, tau) / t;
-    u32::try_from(cells).unwrap_or(u32::MAX)
 }
 
 /// Rate limits on Redis, with this replica's in-memory limiter as the `fail_open` fallback.
@@ -387,7 +323,7 @@ impl RedisRates {
         metrics::counter!("imagegate_rate_backend_fallbacks_total").increment(1);
     }
 
-    async fn check_client_shared(&self, client: &str) -> Result<Option<Window>, GatewayError> {
+    async fn check_client_shared(&self, client: &str) -> Result<Option<Window>, RateRefusal> {
         let Some(spec) = self.clients.get(client).and_then(|c| c.own.as_ref()) else {
             return Ok(None);
         };
@@ -402,22 +338,22 @@ impl RedisRates {
                     self.fallback_counted();
                     self.local.check_client_now(client)
                 }
-                RedisFailure::FailClosed => Err(GatewayError::RateLimiterUnavailable),
+                RedisFailure::FailClosed => Err(RateRefusal::Unavailable),
             };
         };
-        let who = format!("client '{client}'");
+        let of = || Limited::Client(client.into());
         match outcomes[0] {
             Outcome::Admitted { tat_from_now } => {
                 Ok(Some(spec.window(remaining(spec, tat_from_now))))
             }
             Outcome::Refused { wait_us } => {
                 let refusal = spec.refusal(1, wait(wait_us));
-                Err(spec.error("requests", &who, 1, &refusal))
+                Err(spec.refused(Counted::Requests, of(), 1, &refusal))
             }
             // A cost of 1 is never beyond a burst of at least 1, and nothing is peeked here.
             Outcome::BeyondBurst | Outcome::Peeked { .. } | Outcome::Absent => {
                 let refusal = spec.beyond_burst();
-                Err(spec.error("requests", &who, 1, &refusal))
+                Err(spec.refused(Counted::Requests, of(), 1, &refusal))
             }
         }
     }
@@ -435,7 +371,7 @@ impl RedisRates {
         let mut touches = Vec::with_capacity(2);
         if let Some(spec) = &specs.requests {
             touches.push((
-                "requests",
+                Counted::Requests,
                 Touch {
                     key: self.user_key(who, "r"),
                     spec,
@@ -445,7 +381,7 @@ impl RedisRates {
         }
         if let Some(spec) = &specs.images {
             touches.push((
-                "images",
+                Counted::Images,
                 Touch {
                     key: self.user_key(who, "i"),
                     spec,
@@ -470,11 +406,10 @@ impl RedisRates {
                     self.fallback_counted();
                     self.local.check_user_now(who, n)
                 }
-                RedisFailure::FailClosed => {
-                    Err((GatewayError::RateLimiterUnavailable, RateStatus::default()))
-                }
+                RedisFailure::FailClosed => Err((RateRefusal::Unavailable, RateStatus::default())),
             };
         };
+        let of = || Limited::EndUser(who.clone());
         let mut status = RateStatus::default();
         let mut refused = None;
         for ((what, touch), outcome) in touches.iter().zip(outcomes) {
@@ -486,18 +421,18 @@ impl RedisRates {
                 Outcome::Absent => None,
                 Outcome::Refused { wait_us } => {
                     let refusal = spec.refusal(touch.cost, wait(wait_us));
-                    refused = Some(spec.error(what, &who.label(), touch.cost, &refusal));
+                    refused = Some(spec.refused(*what, of(), touch.cost, &refusal));
                     Some(refusal.window)
                 }
                 Outcome::BeyondBurst => {
                     let refusal = spec.beyond_burst();
-                    refused = Some(spec.error(what, &who.label(), touch.cost, &refusal));
+                    refused = Some(spec.refused(*what, of(), touch.cost, &refusal));
                     Some(refusal.window)
                 }
             };
-            match *what {
-                "requests" => status.requests = window,
-                _ => status.images = window,
+            match what {
+                Counted::Requests => status.requests = window,
+                Counted::Images => status.images = window,
             }
         }
         match refused {
@@ -507,25 +442,11 @@ impl RedisRates {
     }
 }
 
-fn wait(us: i64) -> Duration {
-    Duration::from_micros(u64::try_from(us).unwrap_or(0))
-}
-
-fn decode(pair: &[i64]) -> Outcome {
-    match (pair[0], pair[1]) {
-        (0, v) => Outcome::Admitted { tat_from_now: v },
-        (1, v) => Outcome::Refused { wait_us: v },
-        (2, _) => Outcome::BeyondBurst,
-        (3, v) => Outcome::Peeked { tat_from_now: v },
-        _ => Outcome::Absent,
-    }
-}
-
 impl RateBackend for RedisRates {
     fn check_client<'a>(
         &'a self,
         client: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Window>, GatewayError>> {
+    ) -> BoxFuture<'a, Result<Option<Window>, RateRefusal>> {
         Box::pin(self.check_client_shared(client))
     }
 
@@ -550,15 +471,6 @@ impl RateBackend for RedisRates {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn remaining_matches_governor() {
-        // 6/min, burst 3: t = 10 s. A fresh key admitted once has its TAT 2t ahead.
-        let spec = LimitSpec::new(Some(6), Some(3)).unwrap();
-        assert_eq!(remaining(&spec, 20_000_000), 2);
-        assert_eq!(remaining(&spec, 40_000_000), 0);
-        assert_eq!(remaining(&spec, -5_000_000), 3, "never above the burst");
-    }
 
     #[test]
     fn urls_are_redacted() {

@@ -23,103 +23,14 @@ use super::EndUser;
 use super::spec::RateSpec;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::error::GatewayError;
 use futures_util::future::BoxFuture;
 
+mod limit;
+
+pub use limit::{Counted, Exhausted, Limited, RateRefusal, RateStatus, Window, format_reset};
+pub(crate) use limit::{LimitSpec, Refusal};
+
 type Direct = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
-
-/// The numbers of one limit, shared by the in-memory and the Redis backends so both answer
-/// with the same windows, waits and messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct LimitSpec {
-    pub(crate) per_minute: u32,
-    pub(crate) burst: u32,
-}
-
-impl LimitSpec {
-    /// `None` when the limit is off (absent or zero); the burst defaults to the rate.
-    pub(crate) fn new(per_minute: Option<u32>, burst: Option<u32>) -> Option<LimitSpec> {
-        let per_minute = per_minute.filter(|&v| v > 0)?;
-        let burst = burst.filter(|&b| b > 0).unwrap_or(per_minute);
-        Some(LimitSpec { per_minute, burst })
-    }
-
-    /// Time to earn one cell (governor's `replenish_1_per`).
-    pub(crate) fn interval(&self) -> Duration {
-        Duration::from_secs(60) / self.per_minute
-    }
-
-    /// Time for an emptied bucket to be full again (governor's `tau`).
-    pub(crate) fn refill(&self) -> Duration {
-        self.interval() * self.burst
-    }
-
-    /// The window after an admitted request that left `remaining` cells.
-    pub(crate) fn window(&self, remaining: u32) -> Window {
-        Window {
-            limit: self.per_minute,
-            remaining,
-            reset: self.interval() * self.burst.saturating_sub(remaining),
-        }
-    }
-
-    /// A request of `cost` cells refused until `wait` has passed.
-    pub(crate) fn refusal(&self, cost: u32, wait: Duration) -> Refusal {
-        // Cells still missing for this request: one per interval of waiting.
-        let interval = self.interval().as_nanos().max(1);
-        let missing = u32::try_from(wait.as_nanos().div_ceil(interval)).unwrap_or(u32::MAX);
-        let available = cost.saturating_sub(missing);
-        let reset = wait + self.interval() * self.burst.saturating_sub(cost);
-        Refusal {
-            window: Window {
-                limit: self.per_minute,
-                remaining: available,
-                reset,
-            },
-            wait,
-            available,
-        }
-    }
-
-    /// More cells than the burst: this request can never pass (config validation keeps image
-    /// bursts >= 10, the largest n).
-    pub(crate) fn beyond_burst(&self) -> Refusal {
-        Refusal {
-            window: Window {
-                limit: self.per_minute,
-                remaining: 0,
-                reset: self.refill(),
-            },
-            wait: self.refill(),
-            available: 0,
-        }
-    }
-
-    /// The 429 message: which limit, its numbers, what was asked and what is available.
-    pub(crate) fn message(&self, what: &str, who: &str, cost: u32, refusal: &Refusal) -> String {
-        format!(
-            "Rate limit reached for {what} per minute for {who} on this gateway. Limit: {}/1min (burst {}). Requested: {cost}, available now: {}. Please try again in {}.",
-            self.per_minute,
-            self.burst,
-            refusal.available,
-            human(refusal.wait)
-        )
-    }
-
-    /// The 429 error of a refusal.
-    pub(crate) fn error(
-        &self,
-        what: &str,
-        who: &str,
-        cost: u32,
-        refusal: &Refusal,
-    ) -> GatewayError {
-        GatewayError::RateLimited {
-            message: self.message(what, who, cost, refusal),
-            retry_after: refusal.wait,
-        }
-    }
-}
 
 /// One limit: a limiter and the numbers it was built from.
 struct Limit {
@@ -148,68 +59,6 @@ impl Limit {
             )),
             Err(_) => Err(self.spec.beyond_burst()),
         }
-    }
-}
-
-/// Why a limit refused: the window for the headers, how long to wait, cells available now.
-pub(crate) struct Refusal {
-    pub(crate) window: Window,
-    pub(crate) wait: Duration,
-    pub(crate) available: u32,
-}
-
-/// The state of one limit after a check, for the `x-ratelimit-*` headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
-    pub limit: u32,
-    pub remaining: u32,
-    pub reset: Duration,
-}
-
-/// What the per-user check saw, for the response headers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RateStatus {
-    pub requests: Option<Window>,
-    pub images: Option<Window>,
-}
-
-impl RateStatus {
-    /// The gateway's own `x-ratelimit-*` headers.
-    pub fn headers(&self) -> Vec<(&'static str, String)> {
-        let mut h = Vec::new();
-        if let Some(w) = self.requests {
-            h.push(("x-ratelimit-limit-requests", w.limit.to_string()));
-            h.push(("x-ratelimit-remaining-requests", w.remaining.to_string()));
-            h.push(("x-ratelimit-reset-requests", format_reset(w.reset)));
-        }
-        if let Some(w) = self.images {
-            h.push(("x-ratelimit-limit-images", w.limit.to_string()));
-            h.push(("x-ratelimit-remaining-images", w.remaining.to_string()));
-            h.push(("x-ratelimit-reset-images", format_reset(w.reset)));
-        }
-        h
-    }
-}
-
-/// OpenAI's duration style: `12ms`, `1.5s`, `6m0s`.
-pub fn format_reset(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms < 1000 {
-        format!("{ms}ms")
-    } else if ms < 60_000 {
-        let s = format!("{:.3}", d.as_secs_f64());
-        format!("{}s", s.trim_end_matches('0').trim_end_matches('.'))
-    } else {
-        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
-    }
-}
-
-fn human(d: Duration) -> String {
-    let ms = d.as_millis().max(1);
-    if ms < 1000 {
-        format!("{ms}ms")
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
     }
 }
 
@@ -254,7 +103,7 @@ impl Buckets {
         who: &EndUser,
         n: u32,
         clock: &Clock,
-    ) -> Result<RateStatus, (GatewayError, RateStatus)> {
+    ) -> Result<RateStatus, (RateRefusal, RateStatus)> {
         self.last_seen = clock.elapsed();
         let mut status = RateStatus {
             requests: None,
@@ -267,7 +116,13 @@ impl Buckets {
                     // The images bucket was not checked: its last known window stands in (it
                     // can only have refilled since).
                     status.requests = Some(refusal.window);
-                    return Err((l.spec.error("requests", &who.label(), 1, &refusal), status));
+                    let refused = l.spec.refused(
+                        Counted::Requests,
+                        Limited::EndUser(who.clone()),
+                        1,
+                        &refusal,
+                    );
+                    return Err((refused, status));
                 }
             }
         }
@@ -279,7 +134,10 @@ impl Buckets {
                 }
                 Err(refusal) => {
                     status.images = Some(refusal.window);
-                    return Err((l.spec.error("images", &who.label(), n, &refusal), status));
+                    let refused =
+                        l.spec
+                            .refused(Counted::Images, Limited::EndUser(who.clone()), n, &refusal);
+                    return Err((refused, status));
                 }
             }
         }
@@ -311,7 +169,7 @@ struct Users {
 }
 
 /// What a backend answers for a per-user check.
-pub type UserCheck = Result<RateStatus, (GatewayError, RateStatus)>;
+pub type UserCheck = Result<RateStatus, (RateRefusal, RateStatus)>;
 
 /// A rate-limit backend: in memory ([`RateLimits`], governor) or shared by several gateway
 /// replicas ([`super::rate_redis::RedisRates`]). The checks are futures because a shared
@@ -321,7 +179,7 @@ pub trait RateBackend: Send + Sync {
     fn check_client<'a>(
         &'a self,
         client: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Window>, GatewayError>>;
+    ) -> BoxFuture<'a, Result<Option<Window>, RateRefusal>>;
     /// The per-user limits: one request and `n` images.
     fn check_user<'a>(&'a self, who: &'a EndUser, n: u8) -> BoxFuture<'a, UserCheck>;
     /// End users currently tracked for a client.
@@ -414,7 +272,7 @@ impl RateBackend for RateLimits {
     fn check_client<'a>(
         &'a self,
         client: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Window>, GatewayError>> {
+    ) -> BoxFuture<'a, Result<Option<Window>, RateRefusal>> {
         Box::pin(std::future::ready(self.check_client_now(client)))
     }
 
@@ -450,7 +308,7 @@ impl RateBackend for RateLimits {
 
 impl RateLimits {
     /// The per-client check, answered at once.
-    pub fn check_client_now(&self, client: &str) -> Result<Option<Window>, GatewayError> {
+    pub fn check_client_now(&self, client: &str) -> Result<Option<Window>, RateRefusal> {
         let Some(rates) = self.clients.get(client) else {
             return Ok(None);
         };
@@ -460,9 +318,8 @@ impl RateLimits {
         match own.take(1, &self.clock) {
             Ok(w) => Ok(Some(w)),
             Err(refusal) => {
-                Err(own
-                    .spec
-                    .error("requests", &format!("client '{client}'"), 1, &refusal))
+                let of = Limited::Client(client.into());
+                Err(own.spec.refused(Counted::Requests, of, 1, &refusal))
             }
         }
     }
@@ -595,11 +452,13 @@ mod tests {
             "burst of 3 requests"
         );
         let (err, status) = r.check_user_now(&who("a", "u"), 1).unwrap_err();
-        let GatewayError::RateLimited { retry_after, .. } = err else {
-            panic!("not a rate limit")
+        let RateRefusal::Exhausted(refused) = err else {
+            panic!("not a spent limit")
         };
+        assert_eq!(refused.of, Limited::EndUser(who("a", "u")));
+        assert_eq!((refused.requested, refused.available), (1, 0));
         assert_eq!(
-            retry_after,
+            refused.retry_after,
             Duration::from_secs(10),
             "6/min: one request every 10 s"
         );
@@ -742,13 +601,5 @@ mod tests {
             7,
             "the client's own limit changed: a new, full limiter"
         );
-    }
-
-    #[test]
-    fn reset_format() {
-        assert_eq!(format_reset(Duration::from_millis(12)), "12ms");
-        assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
-        assert_eq!(format_reset(Duration::from_secs(20)), "20s");
-        assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
     }
 }
