@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use support::fixtures::rgba_png;
 use support::gateway::*;
 use support::multipart::edit_request;
+use support::process::{START_WITHIN, Served};
 
 fn imagegate() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_imagegate"));
@@ -679,94 +680,6 @@ async fn models_lists_the_configured_models_and_checks_them_upstream() {
     assert_eq!(mock.count(), before);
 }
 
-/// `imagegate serve` as a child process with JSON logs; its log events arrive on a channel.
-/// Killed on drop.
-struct Served {
-    child: std::process::Child,
-    events: std::sync::mpsc::Receiver<serde_json::Value>,
-    seen: Vec<serde_json::Value>,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Served {
-    fn start(config: &std::path::Path) -> Served {
-        use std::io::BufRead;
-        let mut child = imagegate()
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .env("OPENAI_API_KEY", MODELS_KEY)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, events) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let event = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| serde_json::json!({ "message": line }));
-                if tx.send(event).is_err() {
-                    break;
-                }
-            }
-        });
-        Served {
-            child,
-            events,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The first event with this message (waiting at most 60 s for it, no polling).
-    async fn wait_for(&mut self, message: &str) -> serde_json::Value {
-        if let Some(e) = self.seen.iter().find(|e| e["message"] == message) {
-            return e.clone();
-        }
-        loop {
-            let rx = std::mem::replace(&mut self.events, std::sync::mpsc::channel().1);
-            let (rx, got) = tokio::task::spawn_blocking(move || {
-                let got = rx.recv_timeout(std::time::Duration::from_secs(60));
-                (rx, got)
-            })
-            .await
-            .unwrap();
-            self.events = rx;
-            match got {
-                Ok(e) => {
-                    self.seen.push(e.clone());
-                    if e["message"] == message {
-                        return e;
-                    }
-                }
-                Err(_) => panic!(
-                    "no {message:?} log line within 60 s; seen:\n{}",
-                    self.seen
-                        .iter()
-                        .map(|e| e.to_string())
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                ),
-            }
-        }
-    }
-
-    /// Wait for `imagegate listening` and return the address.
-    async fn listening(&mut self) -> std::net::SocketAddr {
-        let e = self.wait_for("imagegate listening").await;
-        e["addr"].as_str().unwrap().parse().unwrap()
-    }
-}
-
 #[tokio::test]
 async fn serve_checks_the_models_at_start_and_warns() {
     use support::mock_upstream::{MockUpstream, ModelsAnswer};
@@ -777,17 +690,19 @@ async fn serve_checks_the_models_at_start_and_warns() {
         ("gpt-image-2.6-sunburst", Some(&soon)),
     ]));
     let dir = tempfile::tempdir().unwrap();
-    let mut served = Served::start(&models_config(dir.path(), &mock.base_url()));
-    let addr = served.listening().await;
-    let gone = served.wait_for("model not listed upstream").await;
+    let mut served = Served::spawn(&models_config(dir.path(), &mock.base_url()), MODELS_KEY);
+    let addr = served.listening(START_WITHIN).await;
+    let gone = served
+        .wait_for("model not listed upstream", START_WITHIN)
+        .await;
     assert_eq!(gone["level"], "WARN");
     assert_eq!(gone["model"], "dall-e-2");
-    let soon_event = served.wait_for("model shuts down soon").await;
+    let soon_event = served.wait_for("model shuts down soon", START_WITHIN).await;
     assert_eq!(soon_event["level"], "WARN");
     assert_eq!(soon_event["model"], "gpt-image-2.6-sunburst");
     assert_eq!(soon_event["shutdown_date"], soon.as_str());
     // Every configured model gets a line; the live one and the retired one at info level.
-    let ok = served.wait_for("model checked").await;
+    let ok = served.wait_for("model checked", START_WITHIN).await;
     assert_eq!(ok["level"], "INFO");
     let models = mock.received();
     assert_eq!(models.len(), 1, "one check");
@@ -806,10 +721,13 @@ async fn serve_starts_when_the_models_check_fails() {
         body: "{}".into(),
     });
     let dir = tempfile::tempdir().unwrap();
-    let mut served = Served::start(&models_config(dir.path(), &mock.base_url()));
-    let addr = served.listening().await;
+    let mut served = Served::spawn(&models_config(dir.path(), &mock.base_url()), MODELS_KEY);
+    let addr = served.listening(START_WITHIN).await;
     let failed = served
-        .wait_for("models check failed: the configured models are not verified upstream")
+        .wait_for(
+            "models check failed: the configured models are not verified upstream",
+            START_WITHIN,
+        )
         .await;
     assert_eq!(failed["level"], "WARN");
     assert!(
@@ -825,10 +743,13 @@ async fn serve_starts_when_the_models_check_fails() {
     let base = format!("http://{}/v1", closed.local_addr().unwrap());
     drop(closed);
     let dir = tempfile::tempdir().unwrap();
-    let mut served = Served::start(&models_config(dir.path(), &base));
-    let addr = served.listening().await;
+    let mut served = Served::spawn(&models_config(dir.path(), &base), MODELS_KEY);
+    let addr = served.listening(START_WITHIN).await;
     let failed = served
-        .wait_for("models check failed: the configured models are not verified upstream")
+        .wait_for(
+            "models check failed: the configured models are not verified upstream",
+            START_WITHIN,
+        )
         .await;
     assert_eq!(failed["level"], "WARN");
     assert!(
@@ -997,17 +918,17 @@ async fn serve_with_the_demo_key_on_loopback_still_serves() {
         ),
     )
     .unwrap();
-    let mut served = Served::start(&path);
-    let addr = served.listening().await;
+    let mut served = Served::spawn(&path, MODELS_KEY);
+    let addr = served.listening(START_WITHIN).await;
     let warning = served
-        .seen
-        .iter()
+        .log_events()
+        .into_iter()
+        .take_while(|e| e["message"] != "imagegate listening")
         .find(|e| {
             e["message"]
                 .as_str()
                 .is_some_and(|m| m.contains("uses the documented demo key"))
         })
-        .cloned()
         .expect("a demo key warning before listening");
     assert_eq!(warning["level"], "WARN");
     assert!(!warning.to_string().contains(imagegate::cli::DEMO_KEY));
@@ -1061,12 +982,7 @@ accepted = {{}}
 }
 
 fn hangup(served: &Served) {
-    let status = Command::new("kill")
-        .arg("-HUP")
-        .arg(served.child.id().to_string())
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
+    served.signal("-HUP");
 }
 
 #[tokio::test]
@@ -1076,8 +992,8 @@ async fn sighup_reloads_the_configuration_of_the_real_binary() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("imagegate.toml");
     hangup_config(&path, &mock.base_url(), &[("app", APP_KEY)]);
-    let mut served = Served::start(&path);
-    let addr = served.listening().await;
+    let mut served = Served::spawn(&path, MODELS_KEY);
+    let addr = served.listening(START_WITHIN).await;
     let edit = async |key: &str| {
         let form = edit_request(&rgba_png(16, true), "p");
         post_edit(addr, key, &form.content_type(), form.body()).await
@@ -1087,7 +1003,9 @@ async fn sighup_reloads_the_configuration_of_the_real_binary() {
     // "other" added, "app" removed.
     hangup_config(&path, &mock.base_url(), &[("other", OTHER_KEY)]);
     hangup(&served);
-    let reloaded = served.wait_for("configuration reloaded").await;
+    let reloaded = served
+        .wait_for("configuration reloaded", START_WITHIN)
+        .await;
     assert_eq!(reloaded["level"], "INFO");
     assert_eq!(reloaded["trigger"], "SIGHUP");
     assert_eq!(reloaded["generation"], 2);
@@ -1102,7 +1020,10 @@ async fn sighup_reloads_the_configuration_of_the_real_binary() {
     std::fs::write(&path, "[server]\nlisten = 42\n").unwrap();
     hangup(&served);
     let rejected = served
-        .wait_for("configuration reload rejected: nothing changed")
+        .wait_for(
+            "configuration reload rejected: nothing changed",
+            START_WITHIN,
+        )
         .await;
     assert_eq!(rejected["level"], "ERROR");
     assert!(

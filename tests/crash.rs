@@ -12,12 +12,11 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use imagegate::config::hash_key;
@@ -27,6 +26,7 @@ use imagegate::ledger::{LedgerStore, Outcome, Record, UsageQuery};
 use support::fixtures::rgba_png;
 use support::mock_upstream::{Behavior, MockUpstream};
 use support::multipart::edit_request;
+use support::process::Served;
 use support::try_send;
 
 const KEY: &str = "ig-crash-test-key-0123456789";
@@ -34,117 +34,6 @@ const UPSTREAM_KEY: &str = "sk-crash-test-upstream-key";
 const PRICE_1024: i64 = 20_000;
 const TASKS: usize = 8;
 const PER_TASK: usize = 50;
-
-/// The gateway process. Killed (SIGKILL) on drop if still running.
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Proc {
-    /// Start `imagegate serve --config <config>` and wait (at most 60 s) for its
-    /// `imagegate listening` line.
-    async fn start(config: &Path) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_imagegate"))
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .env("OPENAI_API_KEY", UPSTREAM_KEY)
-            .env_remove("IMAGEGATE_UPSTREAM_URL")
-            .env_remove("IMAGEGATE_CONFIG")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the gateway binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let lines = log.clone();
-        // Reads every line until the process ends (keeps the pipe drained).
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
-                    && event["message"] == "imagegate listening"
-                    && let Some(addr) = event["addr"].as_str()
-                {
-                    let _ = tx.send(addr.to_string());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
-            .await
-            .unwrap();
-        let mut proc = Proc {
-            child,
-            addr: "127.0.0.1:1".parse().unwrap(),
-            log,
-        };
-        match addr {
-            Ok(a) => proc.addr = a.parse().expect("a socket address"),
-            Err(_) => panic!(
-                "the gateway did not log 'imagegate listening' within 60 s:\n{}",
-                proc.log_text()
-            ),
-        }
-        proc
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    /// The JSON log events whose message is `message`.
-    fn events(&self, message: &str) -> Vec<serde_json::Value> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["message"] == message)
-            .collect()
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("the killed gateway is reaped");
-    }
-
-    /// SIGTERM, then wait (at most 30 s) for a clean exit.
-    async fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill runs");
-        assert!(sent.success(), "SIGTERM sent to {pid}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the gateway did not stop within 30 s of SIGTERM:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
 
 fn write_config(dir: &Path, mock: &MockUpstream) -> PathBuf {
     let db = dir.join("imagegate.db");
@@ -253,7 +142,7 @@ async fn sigkill_under_load_loses_no_forwarded_request() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &mock);
     let db = dir.path().join("imagegate.db");
-    let mut gw = Proc::start(&config).await;
+    let mut gw = Served::start(&config, UPSTREAM_KEY).await;
     let addr = gw.addr;
 
     // The load: 8 callers, up to 50 requests each, for at most 60 s; a caller stops at its
@@ -361,7 +250,7 @@ async fn sigkill_under_load_loses_no_forwarded_request() {
 
     // ---- restart on the same ledger ----
     mock.set_behavior(Behavior::Success);
-    let mut gw = Proc::start(&config).await;
+    let mut gw = Served::start(&config, UPSTREAM_KEY).await;
     let recovered = gw.events("ledger: requests left 'forwarding' by a crash are now 'unknown'");
     assert_eq!(
         recovered.len(),
@@ -564,7 +453,7 @@ async fn sigkill_at_random_moments_keeps_quota_and_ledger_in_step() {
     let mut sent_total = 0usize;
     let started = Instant::now();
     for round in 0..=KILLS {
-        let mut gw = Proc::start(&config).await;
+        let mut gw = Served::start(&config, UPSTREAM_KEY).await;
         // ---- the state the previous kill left, after recovery ----
         if let Some(e) = gw
             .events("quota: reservations left by a crash now match the ledger")
@@ -663,7 +552,7 @@ async fn a_panicking_forwarding_task_completes_its_record_and_settles_its_quota(
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &mock);
     let db = dir.path().join("imagegate.db");
-    let mut gw = Proc::start(&config).await;
+    let mut gw = Served::start(&config, UPSTREAM_KEY).await;
     let r = edit(gw.addr, imagegate::testkit::PANIC_AFTER_SEND_USER)
         .await
         .expect("the gateway answers");
@@ -714,7 +603,7 @@ async fn a_panicking_forwarding_task_completes_its_record_and_settles_its_quota(
 }
 
 /// `GET /readyz` status, polled (bounded: 20 s) until it is `want`.
-async fn readyz_becomes(gw: &Proc, want: u16) -> Duration {
+async fn readyz_becomes(gw: &Served, want: u16) -> Duration {
     let started = Instant::now();
     loop {
         let r = try_send(gw.addr, "GET", "/readyz", &[], vec![])
@@ -743,7 +632,7 @@ async fn an_unwritable_or_deleted_ledger_file_is_noticed_and_recovered_from() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &mock);
     let db = dir.path().join("imagegate.db");
-    let mut gw = Proc::start(&config).await;
+    let mut gw = Served::start(&config, UPSTREAM_KEY).await;
     assert_eq!(edit(gw.addr, "before").await.unwrap().status, 200);
     readyz_becomes(&gw, 200).await;
 

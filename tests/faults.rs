@@ -9,14 +9,12 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use imagegate::config::hash_key;
@@ -28,7 +26,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use support::fixtures::rgba_png;
 use support::mock_upstream::{Behavior, MockUpstream};
 use support::multipart::{Multipart, edit_request};
-use support::{Ended, Resp, raw_exchange_until_end, raw_status, send, try_send};
+use support::process::{START_WITHIN, Served, metric_value};
+use support::{Ended, Resp, raw_exchange_until_end, raw_status, try_send};
 
 const KEY: &str = "ig-faults-test-key-0123456789";
 const ADMIN_KEY: &str = "ig-faults-admin-key-0123456789";
@@ -119,22 +118,20 @@ impl Conf {
     }
 }
 
-/// `imagegate serve` in its own process, killed on drop.
+/// `imagegate serve` in its own process (`support::process`, killed on drop), with its
+/// temporary directory (configuration and ledger) and its admin listener.
 struct Proc {
-    child: Child,
-    addr: SocketAddr,
+    served: Served,
     admin: SocketAddr,
     db: PathBuf,
-    log: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+impl std::ops::Deref for Proc {
+    type Target = Served;
+
+    fn deref(&self) -> &Served {
+        &self.served
     }
 }
 
@@ -145,95 +142,19 @@ impl Proc {
         let db = dir.path().join("imagegate.db");
         let config = dir.path().join("imagegate.toml");
         std::fs::write(&config, conf.render(mock, &db)).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_imagegate"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .env("OPENAI_API_KEY", UPSTREAM_KEY)
-            .env_remove("IMAGEGATE_UPSTREAM_URL")
-            .env_remove("IMAGEGATE_CONFIG")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the gateway binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let lines = log.clone();
-        // Reads every line until the process ends (keeps the pipe drained).
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
-                    && let Some(addr) = event["addr"].as_str()
-                {
-                    match event["message"].as_str() {
-                        Some("imagegate listening") => {
-                            let _ = tx.send(("api", addr.to_string()));
-                        }
-                        Some("admin listener") => {
-                            let _ = tx.send(("admin", addr.to_string()));
-                        }
-                        _ => {}
-                    }
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let found = tokio::task::spawn_blocking(move || {
-            let mut found = HashMap::new();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while found.len() < 2 {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(left) {
-                    Ok((name, addr)) => {
-                        found.insert(name, addr.parse::<SocketAddr>().expect("an address"));
-                    }
-                    Err(_) => break,
-                }
-            }
-            found
-        })
-        .await
-        .unwrap();
-        let (Some(&addr), Some(&admin)) = (found.get("api"), found.get("admin")) else {
-            panic!(
-                "the gateway did not log both listeners within 60 s:\n{}",
-                log.lock().unwrap().join("\n")
-            );
-        };
+        let served = Served::start(&config, UPSTREAM_KEY).await;
+        let admin = served.listener("admin listener", START_WITHIN).await;
         Proc {
-            child,
-            addr,
+            served,
             admin,
             db,
-            log,
             _dir: dir,
         }
     }
 
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
     /// `/metrics` from the admin listener.
     async fn metrics(&self) -> String {
-        let auth = format!("Bearer {ADMIN_KEY}");
-        let r = bounded(
-            "GET /metrics",
-            send(
-                self.admin,
-                "GET",
-                "/metrics",
-                &[("authorization", &auth)],
-                Vec::new(),
-            ),
-        )
-        .await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        r.text()
+        self.served.metrics(self.admin, ADMIN_KEY).await
     }
 
     /// One series of `/metrics` (`name` or `name{labels}` exactly as rendered); 0 when absent.
@@ -243,11 +164,11 @@ impl Proc {
 
     /// The process's peak resident set (VmHWM), in KiB.
     fn peak_rss_kib(&self) -> u64 {
-        proc_status_kib(self.child.id(), "VmHWM:")
+        self.served.proc_status_kib("VmHWM:")
     }
 
     fn current_rss_kib(&self) -> u64 {
-        proc_status_kib(self.child.id(), "VmRSS:")
+        self.served.proc_status_kib("VmRSS:")
     }
 
     /// POST an edit with the client key (bounded).
@@ -273,26 +194,6 @@ impl Proc {
             self.log_text()
         );
     }
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
-/// The value of one series in Prometheus text.
-fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
 }
 
 fn read_records(path: &Path) -> Vec<Record> {

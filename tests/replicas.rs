@@ -13,14 +13,14 @@
 mod support;
 
 use support::pg::{Schema, database_url};
+use support::process::Served;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use imagegate::config::hash_key;
@@ -136,107 +136,6 @@ key_hash = {load:?}
     let path = dir.join(format!("{}.toml", s.replica));
     std::fs::write(&path, text).unwrap();
     path
-}
-
-/// A gateway process. Killed (SIGKILL) on drop if still running.
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    listening: Option<mpsc::Receiver<String>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Proc {
-    /// `imagegate serve --config <config>`; waits (at most `within`) for `imagegate listening`.
-    async fn start(config: &Path, within: Duration) -> Proc {
-        let mut proc = Proc::spawn(config);
-        proc.listening(within).await;
-        proc
-    }
-
-    /// Start the process without waiting for it.
-    fn spawn(config: &Path) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_imagegate"))
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .env("OPENAI_API_KEY", UPSTREAM_KEY)
-            .env_remove("IMAGEGATE_UPSTREAM_URL")
-            .env_remove("IMAGEGATE_CONFIG")
-            .env_remove("IMAGEGATE_REDIS_URL")
-            .env_remove("IMAGEGATE_POSTGRES_URL")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the gateway binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
-                    && event["message"] == "imagegate listening"
-                    && let Some(addr) = event["addr"].as_str()
-                {
-                    let _ = tx.send(addr.to_string());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        Proc {
-            child,
-            addr: "127.0.0.1:1".parse().unwrap(),
-            log,
-            listening: Some(rx),
-        }
-    }
-
-    /// Wait (at most `within`) for the `imagegate listening` line; read the address.
-    async fn listening(&mut self, within: Duration) {
-        let rx = self.listening.take().expect("not waited for yet");
-        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(within))
-            .await
-            .unwrap();
-        match addr {
-            Ok(a) => self.addr = a.parse().expect("a socket address"),
-            Err(_) => panic!(
-                "the gateway did not log 'imagegate listening' within {within:?}:\n{}",
-                self.log_text()
-            ),
-        }
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    fn events(&self, message: &str) -> Vec<serde_json::Value> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["message"] == message)
-            .collect()
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("the killed gateway is reaped");
-    }
 }
 
 /// One edit (dall-e-2, n = 1) for `user` with `key`, answered within 30 s.
@@ -368,8 +267,8 @@ async fn two_replicas_share_limits_quotas_and_the_ledger() {
         )
     };
     let (config_a, config_b) = (config("gw-a"), config("gw-b"));
-    let a = Proc::start(&config_a, Duration::from_secs(60)).await;
-    let mut b = Proc::start(&config_b, Duration::from_secs(60)).await;
+    let a = Served::start(&config_a, UPSTREAM_KEY).await;
+    let mut b = Served::start(&config_b, UPSTREAM_KEY).await;
     let addrs = [a.addr, b.addr];
 
     // A burst of 10 per user: 20 parallel requests over both replicas, exactly 10 admitted.
@@ -501,7 +400,7 @@ async fn two_replicas_share_limits_quotas_and_the_ledger() {
 
     // b restarts: its stragglers become unknown; nothing the upstream saw is missing.
     mock.set_behavior(Behavior::Success);
-    let b = Proc::start(&config_b, Duration::from_secs(60)).await;
+    let b = Served::start(&config_b, UPSTREAM_KEY).await;
     let recovered = b.events("ledger: requests left 'forwarding' by a crash are now 'unknown'");
     assert_eq!(recovered.len(), 1, "{}", b.log_text());
     assert_eq!(recovered[0]["recovered"].as_i64(), Some(stuck));
@@ -789,8 +688,8 @@ async fn faults_of_redis_and_postgres() {
     };
     let open_cfg = write_config(dir.path(), &setup("open", "fail_open"));
     let closed_cfg = write_config(dir.path(), &setup("closed", "fail_closed"));
-    let open = Proc::start(&open_cfg, Duration::from_secs(60)).await;
-    let closed = Proc::start(&closed_cfg, Duration::from_secs(60)).await;
+    let open = Served::start(&open_cfg, UPSTREAM_KEY).await;
+    let closed = Served::start(&closed_cfg, UPSTREAM_KEY).await;
     for gw in [&open, &closed] {
         assert_eq!(timed_edit(gw.addr, "warm-up").await.0.status, 200);
         assert_eq!(readyz(gw.addr).await, Some(200));
@@ -888,7 +787,7 @@ async fn faults_of_redis_and_postgres() {
 
     // A replica that starts while PostgreSQL is down waits for it (ledger.startup_wait).
     let late_cfg = write_config(dir.path(), &setup("late", "fail_open"));
-    let mut late = Proc::spawn(&late_cfg);
+    let mut late = Served::spawn(&late_cfg, UPSTREAM_KEY);
     eventually(
         Duration::from_secs(30),
         "the late replica waits",

@@ -12,6 +12,7 @@ pub mod ledger_v1;
 pub mod mock_upstream;
 pub mod multipart;
 pub mod pg;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::time::Duration;
