@@ -752,6 +752,214 @@ mod tests {
         ));
     }
 
+    /// The field-rule cases `tests/validation.rs` leaves to this file (it keeps one end-to-end
+    /// case per param and code): each form's first refusal, as the envelope words it.
+    #[tokio::test]
+    async fn each_field_rule_case_gets_its_param_code_and_message() {
+        let img: TestPart<'_> = ("image", Some("image.png"), Some("image/png"), b"PNG");
+        let prompt: TestPart<'_> = ("prompt", None, None, b"p");
+        let not_int = "Invalid type for 'n': expected an integer, but got a string value that could not be converted into an integer.";
+        let long = |param: &str, max: usize, got: usize| {
+            format!(
+                "Invalid '{param}': string too long. Expected a string with maximum length {max}, but got a string with length {got} instead."
+            )
+        };
+        let sizes = |v: &str| {
+            format!(
+                "Invalid value: '{v}'. Supported values are: '256x256', '512x512', and '1024x1024'."
+            )
+        };
+        let array = |param: &str, what: &str| {
+            format!("Invalid type for '{param}': expected {what}, but got an array instead.")
+        };
+        let otters = "🦦".repeat(1001);
+        let huge = "123456789012345678901234567890123456789";
+        let ascii_user = "u".repeat(257);
+        let wide_user = "ü".repeat(257);
+        let mut cases: Vec<(String, Vec<TestPart<'_>>, &str, &str, String)> = vec![
+            (
+                "prompt of 1001 four-byte code points".into(),
+                vec![("prompt", None, None, otters.as_bytes()), img],
+                "prompt",
+                "string_above_max_length",
+                long("prompt", 1000, 1001),
+            ),
+            (
+                "n=-1".into(),
+                vec![prompt, img, ("n", None, None, b"-1")],
+                "n",
+                "integer_below_min_value",
+                "Invalid 'n': integer below minimum value. Expected a value >= 1, but got -1 instead.".into(),
+            ),
+            (
+                "n=huge".into(),
+                vec![prompt, img, ("n", None, None, huge.as_bytes())],
+                "n",
+                "integer_above_max_value",
+                format!("Invalid 'n': integer above maximum value. Expected a value <= 10, but got {huge} instead."),
+            ),
+            (
+                "response_format empty".into(),
+                vec![prompt, img, ("response_format", None, None, b"")],
+                "response_format",
+                "invalid_value",
+                "Invalid value: ''. Supported values are: 'url' and 'b64_json'.".into(),
+            ),
+            (
+                "model=DALL-E-2".into(),
+                vec![prompt, img, ("model", None, None, b"DALL-E-2")],
+                "model",
+                "invalid_value",
+                "Invalid value: 'DALL-E-2'. Supported values are: 'dall-e-2'.".into(),
+            ),
+            (
+                "user of 257 ASCII chars".into(),
+                vec![prompt, img, ("user", None, None, ascii_user.as_bytes())],
+                "user",
+                "string_above_max_length",
+                long("user", 256, 257),
+            ),
+            (
+                "user of 257 two-byte chars".into(),
+                vec![prompt, img, ("user", None, None, wide_user.as_bytes())],
+                "user",
+                "string_above_max_length",
+                long("user", 256, 257),
+            ),
+            (
+                "unknown file field".into(),
+                vec![prompt, img, ("image2", Some("image2.png"), Some("image/png"), b"PNG")],
+                "image2",
+                "unknown_parameter",
+                "Unknown parameter: 'image2'.".into(),
+            ),
+            (
+                "field names are case-sensitive".into(),
+                vec![prompt, img, ("Size", None, None, b"256x256")],
+                "Size",
+                "unknown_parameter",
+                "Unknown parameter: 'Size'.".into(),
+            ),
+            (
+                "n twice".into(),
+                vec![prompt, img, ("n", None, None, b"1"), ("n", None, None, b"2")],
+                "n",
+                "invalid_type",
+                array("n", "a string"),
+            ),
+            (
+                "image[]".into(),
+                vec![prompt, ("image[]", Some("image[].png"), Some("image/png"), b"PNG")],
+                "image",
+                "invalid_type",
+                array("image", "a file"),
+            ),
+            (
+                "prompt[]".into(),
+                vec![("prompt[]", None, None, b"p"), img],
+                "prompt",
+                "invalid_type",
+                array("prompt", "a string"),
+            ),
+            (
+                "image typed image/webp".into(),
+                vec![prompt, ("image", Some("a.webp"), Some("image/webp"), b"PNG")],
+                "image",
+                "unsupported_file_mimetype",
+                "Invalid file 'image': unsupported mimetype ('image/webp'). Supported file formats are 'image/png'.".into(),
+            ),
+            // order of checks within the form
+            (
+                "unknown field before missing prompt".into(),
+                vec![("quality", None, None, b"hd"), img],
+                "quality",
+                "unknown_parameter",
+                "Unknown parameter: 'quality'.".into(),
+            ),
+            (
+                "unknown field sent after the missing-prompt fault".into(),
+                vec![img, ("quality", None, None, b"hd")],
+                "quality",
+                "unknown_parameter",
+                "Unknown parameter: 'quality'.".into(),
+            ),
+            (
+                "duplicate field before missing image".into(),
+                vec![("prompt", None, None, b"a"), ("prompt", None, None, b"b")],
+                "prompt",
+                "invalid_type",
+                array("prompt", "a string"),
+            ),
+            (
+                "missing prompt before a bad n".into(),
+                vec![("n", None, None, b"abc"), img],
+                "prompt",
+                "missing_required_parameter",
+                "Missing required parameter: 'prompt'.".into(),
+            ),
+        ];
+        for v in ["2.5", "", "1e1", "0x3", "+", "- 3", "٣"] {
+            cases.push((
+                format!("n={v:?}"),
+                vec![prompt, img, ("n", None, None, v.as_bytes())],
+                "n",
+                "invalid_type",
+                not_int.into(),
+            ));
+        }
+        for v in ["256", "", "1024x1024 ", "2048x2048"] {
+            cases.push((
+                format!("size={v:?}"),
+                vec![prompt, img, ("size", None, None, v.as_bytes())],
+                "size",
+                "invalid_value",
+                sizes(v),
+            ));
+        }
+        for (name, parts, param, code, message) in cases {
+            let p = run(&parts).await.expect_err(&name).parts();
+            assert_eq!(
+                (p.status.as_u16(), p.kind, p.param.as_deref(), p.code),
+                (400, "invalid_request_error", Some(param), Some(code)),
+                "{name}"
+            );
+            assert_eq!(p.message, message, "{name}");
+        }
+    }
+
+    /// The content-type cases `tests/validation.rs` leaves to this file.
+    #[test]
+    fn each_content_type_case_is_unsupported_with_the_header_as_sent() {
+        let hv = |s: &str| http::HeaderValue::from_str(s).unwrap();
+        let unsupported = |ct: &str| {
+            format!(
+                "Unsupported content type: '{ct}'. This API method only accepts 'multipart/form-data' requests, but you specified the header 'Content-Type: {ct}'. Please try again with a supported content type."
+            )
+        };
+        for ct in [
+            Some("text/plain"),
+            Some("application/json"),
+            Some("multipart/form-data"),
+            Some("multipart/form-data; boundary="),
+            Some("multipart/mixed; boundary=abc"),
+            None,
+        ] {
+            let header = ct.map(hv);
+            let p = GatewayError::from(boundary(header.as_ref()).unwrap_err()).parts();
+            assert_eq!(
+                (p.status.as_u16(), p.kind, p.param, p.code),
+                (
+                    400,
+                    "invalid_request_error",
+                    None,
+                    Some("unsupported_content_type")
+                ),
+                "{ct:?}"
+            );
+            assert_eq!(p.message, unsupported(ct.unwrap_or_default()), "{ct:?}");
+        }
+    }
+
     #[tokio::test]
     async fn uncapped_framing_plus_text_cap_matches_parse_parts() {
         for (field, len) in [

@@ -177,6 +177,36 @@ mod tests {
         );
     }
 
+    /// The end-user cases `tests/validation.rs` leaves to this file, as the envelope words them.
+    #[test]
+    fn control_characters_are_refused_with_their_message() {
+        for sent in ["alice\u{1}bob", "alice\u{7f}"] {
+            let e = resolve_end_user(
+                &app(),
+                Some(sent),
+                MissingUser::Reject,
+                UserMismatch::Reject,
+                256,
+            )
+            .unwrap_err();
+            let p = crate::error::GatewayError::from(e).parts();
+            assert_eq!(
+                (p.status.as_u16(), p.kind, p.param.as_deref(), p.code),
+                (
+                    400,
+                    "invalid_request_error",
+                    Some("user"),
+                    Some("invalid_value")
+                ),
+                "{sent:?}"
+            );
+            assert_eq!(
+                p.message, "Invalid 'user': control characters are not allowed in an end-user id.",
+                "{sent:?}"
+            );
+        }
+    }
+
     #[test]
     fn missing_user_policies() {
         let err = resolve_end_user(&app(), None, MissingUser::Reject, UserMismatch::Reject, 256)
