@@ -755,6 +755,97 @@ pub fn palette_png(side: u32) -> Vec<u8> {
     )
 }
 
+/// Gray 16-bit (Pillow mode `I;16`), opaque.
+pub fn gray16_png(side: u32) -> Vec<u8> {
+    png_with(
+        side,
+        side,
+        ColorType::Grayscale,
+        BitDepth::Sixteen,
+        false,
+        None,
+        None,
+        |x, y| ((x * 1000 + y) as u16).to_be_bytes().to_vec(),
+    )
+}
+
+/// Gray at bit depth 1, 2 or 4 (Pillow modes `1` at depth 1, `L` otherwise), no tRNS.
+pub fn gray_low_depth_png(side: u32, depth: BitDepth) -> Vec<u8> {
+    let max = (1u16 << depth as u8) - 1;
+    png_with(
+        side,
+        side,
+        ColorType::Grayscale,
+        depth,
+        false,
+        None,
+        None,
+        |x, y| vec![((x + y) as u16 % (max + 1)) as u8],
+    )
+}
+
+/// RGBA 16-bit: pixel (0, 0) has alpha `alpha`, every other pixel 0xFFFF.
+pub fn rgba16_alpha(side: u32, alpha: u16) -> Vec<u8> {
+    png_with(
+        side,
+        side,
+        ColorType::Rgba,
+        BitDepth::Sixteen,
+        false,
+        None,
+        None,
+        |x, y| {
+            let a = if x == 0 && y == 0 { alpha } else { 0xFFFF };
+            [1000u16, (x * 100) as u16, (y * 100) as u16, a]
+                .iter()
+                .flat_map(|v| v.to_be_bytes())
+                .collect()
+        },
+    )
+}
+
+/// An APNG of two RGBA frames: the default image (IDAT) is the first frame, transparent in
+/// places or not; the second (fdAT) has alpha `second_alpha` everywhere and must be ignored.
+pub fn apng(side: u32, first_transparent: bool, second_alpha: u8) -> Vec<u8> {
+    let base = rgba_png(side, first_transparent);
+    let parts = chunks(&base);
+    let fctl = |seq: u32| {
+        let mut d = Vec::with_capacity(26);
+        for v in [seq, side, side, 0, 0] {
+            d.extend_from_slice(&v.to_be_bytes());
+        }
+        d.extend_from_slice(&[0, 1, 0, 10, 0, 0]);
+        chunk(b"fcTL", &d)
+    };
+    let mut actl = 2u32.to_be_bytes().to_vec();
+    actl.extend_from_slice(&0u32.to_be_bytes());
+    let rows: Vec<u8> = (0..side)
+        .flat_map(|_| {
+            std::iter::once(0u8).chain(std::iter::repeat_n(second_alpha, side as usize * 4))
+        })
+        .collect();
+    let mut fdat = 2u32.to_be_bytes().to_vec();
+    fdat.extend_from_slice(&zlib(&rows));
+    let mut framed = Vec::new();
+    for c in &parts {
+        let raw = base[c.offset..c.offset + c.framed_len()].to_vec();
+        match &c.kind {
+            b"IDAT" if framed.iter().all(|f: &Vec<u8>| &f[4..8] != b"IDAT") => {
+                framed.push(chunk(b"acTL", &actl));
+                framed.push(fctl(0));
+                framed.push(raw);
+            }
+            b"IEND" => {
+                framed.push(fctl(1));
+                framed.push(chunk(b"fdAT", &fdat));
+                framed.push(raw);
+            }
+            _ => framed.push(raw),
+        }
+    }
+    assemble(&framed)
+}
+
 /// A header-only RGBA PNG of `w` x `h` (IHDR, a tiny IDAT, IEND): refused from IHDR alone.
 pub fn header_only_png(w: u32, h: u32) -> Vec<u8> {
     assemble(&[

@@ -2676,4 +2676,544 @@ mod tests {
         assert_eq!(mib(1_048_576 / 4), "0.25");
         assert_eq!(mib(50 * MIB), "50");
     }
+
+    // -----------------------------------------------------------------------------------------
+    // The request-level cases of tests/validation.rs
+    // -----------------------------------------------------------------------------------------
+
+    /// The PNG-rule cases `tests/validation.rs` leaves to this file (it keeps one end-to-end
+    /// case per param and code). Each request's files are checked as the edits pipeline checks
+    /// them (`edits::check_images`: the image, then the mask against the image's size) under the
+    /// gateway's default rules, and the first refusal is rendered as the envelope words it.
+    mod request_cases {
+        use bytes::Bytes;
+        use png::{BitDepth, ColorType};
+
+        use super::super::*;
+        use crate::error::{ErrorParts, GatewayError};
+        use crate::testkit as kit;
+
+        const BAD_FORMAT: &str = "Uploaded image must be a PNG and less than 4 MB.";
+        const BAD_MASK_FORMAT: &str = "Uploaded mask must be a PNG and less than 4 MB.";
+        const FOUR_MIB: usize = 4 * 1024 * 1024;
+
+        enum Want {
+            Exact(String),
+            Prefix(String),
+            Contains(String),
+        }
+        use Want::*;
+
+        fn exact(s: impl Into<String>) -> Want {
+            Exact(s.into())
+        }
+        fn prefix(s: impl Into<String>) -> Want {
+            Prefix(s.into())
+        }
+        fn contains(s: impl Into<String>) -> Want {
+            Contains(s.into())
+        }
+
+        /// `[validation]` as configured by default, with this transparency policy.
+        fn gateway(transparency: Transparency) -> PngRules {
+            PngRules {
+                max_bytes: FOUR_MIB,
+                max_dimension: 4096,
+                transparency,
+                max_conversion_bytes: PngRules::DEFAULT_MAX_CONVERSION_BYTES,
+            }
+        }
+
+        /// The refusal of a request with this image (and mask).
+        fn refusal(image: &[u8], mask: Option<&[u8]>, rules: &PngRules) -> ErrorParts {
+            let (part, rejection) =
+                match check_image(Bytes::copy_from_slice(image), mask.is_some(), rules) {
+                    Err(r) => ("image", r),
+                    Ok(checked) => {
+                        let mask = mask.expect("the image alone was accepted");
+                        let dims = (checked.width, checked.height);
+                        let r = check_mask(Bytes::copy_from_slice(mask), dims, rules)
+                            .expect_err("the mask was accepted");
+                        ("mask", r)
+                    }
+                };
+            GatewayError::Png {
+                part,
+                rejection,
+                max_bytes: rules.max_bytes,
+            }
+            .parts()
+        }
+
+        struct Case {
+            name: &'static str,
+            image: Vec<u8>,
+            mask: Option<Vec<u8>>,
+            rules: PngRules,
+            param: &'static str,
+            code: &'static str,
+            want: Want,
+        }
+
+        fn case(
+            name: &'static str,
+            image: Vec<u8>,
+            mask: Option<Vec<u8>>,
+            param: &'static str,
+            code: &'static str,
+            want: Want,
+        ) -> Case {
+            Case {
+                name,
+                image,
+                mask,
+                rules: gateway(Transparency::Strict),
+                param,
+                code,
+                want,
+            }
+        }
+
+        fn under(rules: PngRules, c: Case) -> Case {
+            Case { rules, ..c }
+        }
+
+        #[test]
+        fn each_png_rule_case_gets_its_param_code_and_message() {
+            let good = kit::rgba_png(64, true);
+            let img32 = kit::rgba_png(32, true);
+            let rgb = kit::rgb_png(64);
+            let mode = |m: &str| {
+                format!("Invalid input image - format must be in ['RGBA', 'LA', 'L'], got {m}.")
+            };
+            let mismatch = "Invalid mask image format - mask size does not match image size";
+            let no_alpha = "Invalid mask image format - mask image missing alpha channel";
+            let not_square = |part: &str| {
+                format!(
+                    "Invalid input {part} - expected an image with equal width and height, got 64x32 instead."
+                )
+            };
+            let compatible = gateway(Transparency::Compatible);
+            let limited = PngRules {
+                max_bytes: 3 * 512 * 1024,
+                ..gateway(Transparency::Strict)
+            };
+            let at_limited = "Uploaded image must be a PNG and less than 1.5 MB.";
+            // A 64x64 palette image of 16 colours in noise, one of them transparent: small as
+            // palette indices, several times larger as RGBA.
+            let mut state = 0x9E37_79B9u32;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state % 16) as u8
+            };
+            let noise: Vec<u8> = (0..64 * 64).map(|_| next()).collect();
+            let palette: Vec<u8> = (0..16u8)
+                .flat_map(|i| [i * 16, 255 - i * 16, i * 7])
+                .collect();
+            let noisy_palette = kit::png_with(
+                64,
+                64,
+                ColorType::Indexed,
+                BitDepth::Eight,
+                false,
+                Some(vec![0]),
+                Some(palette),
+                |x, y| vec![noise[(y * 64 + x) as usize]],
+            );
+            let conversion_limit = noisy_palette.len() + 1;
+            let rgb_trns_unused = kit::png_with(
+                16,
+                16,
+                ColorType::Rgb,
+                BitDepth::Eight,
+                false,
+                Some(vec![0, 9, 0, 9, 0, 9]),
+                None,
+                |_, _| vec![1, 2, 3],
+            );
+            let cases = vec![
+                // declared part types: the bytes decide
+                case(
+                    "octet-stream that is not a PNG",
+                    kit::jfif_stub(),
+                    None,
+                    "image",
+                    "invalid_image_format",
+                    exact(BAD_FORMAT),
+                ),
+                case(
+                    "octet-stream mask that is not a PNG",
+                    img32.clone(),
+                    Some(kit::jfif_stub()),
+                    "mask",
+                    "invalid_image_format",
+                    exact(BAD_MASK_FORMAT),
+                ),
+                // image bytes: size, signature, structure, dimensions
+                case(
+                    "JPEG bytes declared image/png",
+                    kit::jfif_stub(),
+                    None,
+                    "image",
+                    "invalid_image_format",
+                    exact(BAD_FORMAT),
+                ),
+                case(
+                    "empty file",
+                    Vec::new(),
+                    None,
+                    "image",
+                    "invalid_image_format",
+                    exact(BAD_FORMAT),
+                ),
+                case(
+                    "only the signature",
+                    kit::PNG_SIGNATURE.to_vec(),
+                    None,
+                    "image",
+                    "invalid_image_format",
+                    prefix(BAD_FORMAT),
+                ),
+                case(
+                    "exactly 4 MiB",
+                    kit::png_of_size(FOUR_MIB),
+                    None,
+                    "image",
+                    "invalid_image_format",
+                    exact(BAD_FORMAT),
+                ),
+                case(
+                    "4 MiB + 1",
+                    kit::png_of_size(FOUR_MIB + 1),
+                    None,
+                    "image",
+                    "invalid_image_format",
+                    exact(BAD_FORMAT),
+                ),
+                case(
+                    "bad CRC",
+                    kit::with_bad_crc(&good),
+                    None,
+                    "image",
+                    "invalid_image_format",
+                    prefix(BAD_FORMAT),
+                ),
+                case(
+                    "truncated IDAT",
+                    kit::truncated_idat(&good),
+                    None,
+                    "image",
+                    "invalid_image_format",
+                    prefix(BAD_FORMAT),
+                ),
+                case(
+                    "file cut in the middle",
+                    good[..good.len() / 2].to_vec(),
+                    None,
+                    "image",
+                    "invalid_image_format",
+                    prefix(BAD_FORMAT),
+                ),
+                case(
+                    "5000x5000 header",
+                    kit::bomb_png(5000),
+                    None,
+                    "image",
+                    "invalid_image_dimensions",
+                    contains("5000x5000"),
+                ),
+                case(
+                    "4097x4097 header (one over the default limit)",
+                    kit::header_only_png(4097, 4097),
+                    None,
+                    "image",
+                    "invalid_image_dimensions",
+                    contains("4097x4097"),
+                ),
+                // mode and transparency
+                case(
+                    "palette without tRNS",
+                    kit::palette_png(16),
+                    None,
+                    "image",
+                    "invalid_image_mode",
+                    exact(mode("P")),
+                ),
+                case(
+                    "gray 8-bit without alpha",
+                    kit::gray_png(32),
+                    None,
+                    "image",
+                    "image_not_transparent",
+                    prefix("Invalid input image"),
+                ),
+                under(
+                    compatible.clone(),
+                    case(
+                        "compatible: RGB without mask",
+                        kit::rgb_png(64),
+                        None,
+                        "image",
+                        "invalid_image_mode",
+                        exact(mode("RGB")),
+                    ),
+                ),
+                under(
+                    compatible.clone(),
+                    case(
+                        "compatible: palette without tRNS",
+                        kit::palette_png(16),
+                        None,
+                        "image",
+                        "invalid_image_mode",
+                        exact(mode("P")),
+                    ),
+                ),
+                case(
+                    "gray 16-bit is I;16",
+                    kit::gray16_png(32),
+                    None,
+                    "image",
+                    "invalid_image_mode",
+                    exact(mode("I;16")),
+                ),
+                case(
+                    "gray 1-bit is mode 1",
+                    kit::gray_low_depth_png(32, BitDepth::One),
+                    None,
+                    "image",
+                    "invalid_image_mode",
+                    exact(mode("1")),
+                ),
+                case(
+                    "gray 4-bit is L: passes the mode check, nothing transparent under strict",
+                    kit::gray_low_depth_png(32, BitDepth::Four),
+                    None,
+                    "image",
+                    "image_not_transparent",
+                    prefix("Invalid input image"),
+                ),
+                case(
+                    "RGB with a tRNS colour no pixel uses",
+                    rgb_trns_unused,
+                    None,
+                    "image",
+                    "image_not_transparent",
+                    prefix("Invalid input image"),
+                ),
+                case(
+                    "16-bit alpha 0x0100 is not transparent (high byte 1)",
+                    kit::rgba16_alpha(16, 0x0100),
+                    None,
+                    "image",
+                    "image_not_transparent",
+                    prefix("Invalid input image"),
+                ),
+                case(
+                    "APNG: an opaque default image is not made transparent by a later frame",
+                    kit::apng(16, false, 0),
+                    None,
+                    "image",
+                    "image_not_transparent",
+                    prefix("Invalid input image"),
+                ),
+                // the configured byte limit
+                under(
+                    limited.clone(),
+                    case(
+                        "exactly the configured limit",
+                        kit::png_of_size(3 * 512 * 1024),
+                        None,
+                        "image",
+                        "invalid_image_format",
+                        exact(at_limited),
+                    ),
+                ),
+                under(
+                    limited.clone(),
+                    case(
+                        "corrupt under the configured limit",
+                        kit::with_bad_crc(&good),
+                        None,
+                        "image",
+                        "invalid_image_format",
+                        prefix(at_limited),
+                    ),
+                ),
+                under(
+                    PngRules {
+                        max_bytes: conversion_limit.max(64),
+                        ..gateway(Transparency::Strict)
+                    },
+                    case(
+                        "palette + tRNS whose RGBA form is over the limit",
+                        noisy_palette,
+                        None,
+                        "image",
+                        "invalid_image_format",
+                        contains(format!("limit of {conversion_limit} bytes")),
+                    ),
+                ),
+                // mask
+                case(
+                    "mask 128x128 for a 64x64 image",
+                    rgb.clone(),
+                    Some(kit::rgba_png(128, true)),
+                    "mask",
+                    "invalid_image_dimensions",
+                    prefix(mismatch),
+                ),
+                case(
+                    "gray mask without alpha",
+                    rgb.clone(),
+                    Some(kit::gray_png(64)),
+                    "mask",
+                    "invalid_image_mode",
+                    prefix(no_alpha),
+                ),
+                case(
+                    "mask with a bad CRC",
+                    rgb.clone(),
+                    Some(kit::with_bad_crc(&good)),
+                    "mask",
+                    "invalid_image_format",
+                    prefix(BAD_MASK_FORMAT),
+                ),
+                case(
+                    "mask with a truncated IDAT",
+                    rgb.clone(),
+                    Some(kit::truncated_idat(&good)),
+                    "mask",
+                    "invalid_image_format",
+                    prefix(BAD_MASK_FORMAT),
+                ),
+                case(
+                    "JPEG mask",
+                    rgb.clone(),
+                    Some(kit::jfif_stub()),
+                    "mask",
+                    "invalid_image_format",
+                    exact(BAD_MASK_FORMAT),
+                ),
+                case(
+                    "non-square mask",
+                    good.clone(),
+                    Some(kit::rgba_png_64x32()),
+                    "mask",
+                    "invalid_image_dimensions",
+                    exact(not_square("mask")),
+                ),
+                // order of checks
+                case(
+                    "chunk CRCs before the square check",
+                    kit::with_bad_crc(&kit::rgba_png_64x32()),
+                    None,
+                    "image",
+                    "invalid_image_format",
+                    prefix(BAD_FORMAT),
+                ),
+                case(
+                    "dimension limit before the square check",
+                    kit::header_only_png(5000, 4000),
+                    None,
+                    "image",
+                    "invalid_image_dimensions",
+                    contains("5000x4000"),
+                ),
+                case(
+                    "square before the mode check",
+                    kit::rgb_png_64x32(),
+                    None,
+                    "image",
+                    "invalid_image_dimensions",
+                    exact(not_square("image")),
+                ),
+                case(
+                    "mode check before the full decode: RGB with a truncated IDAT",
+                    kit::truncated_idat(&rgb),
+                    None,
+                    "image",
+                    "invalid_image_mode",
+                    exact(mode("RGB")),
+                ),
+                case(
+                    "full decode before the transparency verdict: opaque RGBA, truncated IDAT",
+                    kit::truncated_idat(&kit::rgba_png(64, false)),
+                    None,
+                    "image",
+                    "invalid_image_format",
+                    prefix(BAD_FORMAT),
+                ),
+                case(
+                    "acceptance needs the complete decode: transparent first row, truncated IDAT",
+                    kit::truncated_idat(&good),
+                    None,
+                    "image",
+                    "invalid_image_format",
+                    prefix(BAD_FORMAT),
+                ),
+                case(
+                    "with a mask the image is still decoded completely",
+                    kit::truncated_idat(&rgb),
+                    Some(good.clone()),
+                    "image",
+                    "invalid_image_format",
+                    prefix(BAD_FORMAT),
+                ),
+                case(
+                    "image before mask",
+                    kit::with_bad_crc(&good),
+                    Some(kit::with_bad_crc(&good)),
+                    "image",
+                    "invalid_image_format",
+                    prefix(BAD_FORMAT),
+                ),
+                case(
+                    "mask alpha channel before mask dimensions",
+                    good.clone(),
+                    Some(kit::rgb_png(32)),
+                    "mask",
+                    "invalid_image_mode",
+                    prefix(no_alpha),
+                ),
+                case(
+                    "mask decode before mask dimensions",
+                    good.clone(),
+                    Some(kit::truncated_idat(&kit::rgba_png(32, true))),
+                    "mask",
+                    "invalid_image_format",
+                    prefix(BAD_MASK_FORMAT),
+                ),
+                under(
+                    compatible,
+                    case(
+                        "compatible: RGB with a truncated IDAT gets the mode message",
+                        kit::truncated_idat(&rgb),
+                        None,
+                        "image",
+                        "invalid_image_mode",
+                        exact(mode("RGB")),
+                    ),
+                ),
+            ];
+            for c in cases {
+                let p = refusal(&c.image, c.mask.as_deref(), &c.rules);
+                assert_eq!(
+                    (p.status.as_u16(), p.kind, p.param.as_deref(), p.code),
+                    (400, "invalid_request_error", Some(c.param), Some(c.code)),
+                    "{}: {}",
+                    c.name,
+                    p.message
+                );
+                let ok = match &c.want {
+                    Exact(m) => p.message == *m,
+                    Prefix(m) => p.message.starts_with(m.as_str()),
+                    Contains(m) => p.message.contains(m.as_str()),
+                };
+                assert!(ok, "{}: message {:?}", c.name, p.message);
+            }
+        }
+    }
 }
