@@ -773,10 +773,25 @@ mod tests {
             format!("Invalid type for '{param}': expected {what}, but got an array instead.")
         };
         let otters = "🦦".repeat(1001);
+        let accents = "é".repeat(1001);
         let huge = "123456789012345678901234567890123456789";
         let ascii_user = "u".repeat(257);
         let wide_user = "ü".repeat(257);
         let mut cases: Vec<(String, Vec<TestPart<'_>>, &str, &str, String)> = vec![
+            (
+                "prompt of 1001 two-byte code points".into(),
+                vec![("prompt", None, None, accents.as_bytes()), img],
+                "prompt",
+                "string_above_max_length",
+                long("prompt", 1000, 1001),
+            ),
+            (
+                "image typed image/jpeg".into(),
+                vec![prompt, ("image", Some("a.jpg"), Some("image/jpeg"), b"PNG")],
+                "image",
+                "unsupported_file_mimetype",
+                "Invalid file 'image': unsupported mimetype ('image/jpeg'). Supported file formats are 'image/png'.".into(),
+            ),
             (
                 "prompt of 1001 four-byte code points".into(),
                 vec![("prompt", None, None, otters.as_bytes()), img],
