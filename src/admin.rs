@@ -38,7 +38,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::app::{AppService, AppState};
 use crate::body::{Body, full};
-use crate::config::{MetricsAuth, parse_key_hash};
+use crate::config::MetricsAuth;
 use crate::error::GatewayError;
 use crate::ledger::UsageFilters;
 use crate::ledger::writer::LedgerReader;
@@ -98,8 +98,12 @@ pub fn build(state: Arc<AppState>) -> Result<Option<AppService>, StartupError> {
     if config.admin.listen.is_none() {
         return Ok(None);
     }
-    parse_key_hash(config.admin.key_hash.as_deref().unwrap_or_default())
-        .map_err(StartupError::AdminKeyHash)?;
+    config
+        .admin
+        .key_hash
+        .unwrap_or_default()
+        .digest()
+        .map_err(|e| StartupError::AdminKeyHash(e.into()))?;
     let reader = LedgerReader::open(&config.ledger).map_err(|e| StartupError::AdminLedger {
         path: config.ledger.location(),
         detail: e.to_string(),

@@ -53,7 +53,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::body::{Body, full};
 use crate::clock::Clock;
-use crate::config::{Config, parse_key_hash};
+use crate::config::Config;
 use crate::edit::files::FileRules;
 use crate::edit::form::FormRules;
 use crate::edit::png_check::PngRules;
@@ -197,7 +197,10 @@ impl Live {
             None => Arc::new(Upstream::with_clock(&config, fixed.clock.clone())?),
         };
         let admin_key = match (&config.admin.listen, &config.admin.key_hash) {
-            (Some(_), Some(h)) => Some(parse_key_hash(h).map_err(StartupError::AdminKeyHash)?),
+            (Some(_), Some(h)) => Some(
+                h.digest()
+                    .map_err(|e| StartupError::AdminKeyHash(e.into()))?,
+            ),
             _ => None,
         };
         let tls = |files: &Option<crate::tls::TlsFiles>, at: &str| {

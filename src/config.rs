@@ -394,7 +394,7 @@ pub struct ClientConfig {
     /// Name used in logs, the ledger and reports.
     pub name: String,
     /// `sha256:<64 hex>` as printed by `imagegate hash-key`.
-    pub key_hash: String,
+    pub key_hash: KeyHash,
     /// `app` (passes its end users in `user`) or `personal` (one person's key).
     #[serde(default)]
     pub kind: ClientKind,
@@ -597,7 +597,7 @@ pub struct AdminConfig {
     /// Address of the admin listener (`/admin/usage`, `/admin/requests/{id}`, `/metrics`).
     pub listen: Option<SocketAddr>,
     /// `sha256:<64 hex>` of the admin key (`imagegate hash-key`); required with `listen`.
-    pub key_hash: Option<String>,
+    pub key_hash: Option<KeyHash>,
     /// Who may read `/metrics`: the admin key (default), its own token, or anyone.
     pub metrics_auth: MetricsAuth,
     /// With `metrics_auth = "token"`: a file holding the metrics token (else the environment
@@ -657,21 +657,80 @@ pub enum MetricsAuth {
 /// The environment variable of the metrics token.
 pub const METRICS_TOKEN_ENV: &str = "IMAGEGATE_METRICS_TOKEN";
 
-/// The stored form of a gateway key.
-pub fn hash_key(key: &str) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
+/// The stored form of a gateway key (`imagegate hash-key`): `sha256:<64 hex>`.
+pub fn hash_key(key: &str) -> KeyHash {
+    KeyHash::of_key(key)
 }
 
-/// Parse a stored key hash into its 32 digest bytes.
-pub fn parse_key_hash(s: &str) -> Result<[u8; 32], String> {
-    let hex_part = s
-        .strip_prefix("sha256:")
-        .ok_or_else(|| "must start with 'sha256:' (use `imagegate hash-key`)".to_string())?;
-    let bytes =
-        hex::decode(hex_part).map_err(|_| "is not valid hex after 'sha256:'".to_string())?;
-    bytes
-        .try_into()
-        .map_err(|_| "must hold 64 hex digits after 'sha256:'".to_string())
+/// A stored key hash (`clients[].key_hash`, `admin.key_hash`): `sha256:<64 hex>` in the file,
+/// parsed once when the configuration is read into the 32 digest bytes.
+///
+/// Text that is not a key hash still deserializes, holding the reason, so that every problem of
+/// a file is reported together: [`Config::problems`] reports it, and a loaded configuration never
+/// holds one. `Display` prints the stored form; `Debug` prints it quoted, like a string (a key
+/// hash is no secret).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyHash(Result<[u8; 32], &'static str>);
+
+impl KeyHash {
+    /// The hash of a key.
+    pub fn of_key(key: &str) -> KeyHash {
+        KeyHash(Ok(Sha256::digest(key.as_bytes()).into()))
+    }
+
+    /// Parse the stored form; the reason is kept when it is not one.
+    pub fn parse(text: &str) -> KeyHash {
+        let parsed = text
+            .strip_prefix("sha256:")
+            .ok_or("must start with 'sha256:' (use `imagegate hash-key`)")
+            .and_then(|hex_part| {
+                hex::decode(hex_part).map_err(|_| "is not valid hex after 'sha256:'")
+            })
+            .and_then(|bytes| {
+                <[u8; 32]>::try_from(bytes).map_err(|_| "must hold 64 hex digits after 'sha256:'")
+            });
+        KeyHash(parsed)
+    }
+
+    /// The 32 digest bytes, or why the text was not a key hash.
+    pub fn digest(&self) -> Result<[u8; 32], &'static str> {
+        self.0
+    }
+}
+
+impl Default for KeyHash {
+    /// An absent hash: the empty text, which is not one.
+    fn default() -> Self {
+        KeyHash::parse("")
+    }
+}
+
+impl fmt::Display for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Ok(digest) => write!(f, "sha256:{}", hex::encode(digest)),
+            Err(why) => write!(f, "(not a key hash: {why})"),
+        }
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.to_string(), f)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|text| KeyHash::parse(&text))
+    }
+}
+
+/// Text equals a key hash when it is the stored form of the same hash.
+impl PartialEq<KeyHash> for &str {
+    fn eq(&self, other: &KeyHash) -> bool {
+        other.digest().is_ok() && KeyHash::parse(self) == *other
+    }
 }
 
 /// The config file path to use when none is given.
@@ -1075,7 +1134,7 @@ impl Config {
         match (&self.admin.listen, &self.admin.key_hash) {
             (Some(_), None) => p.push("admin.key_hash: required when admin.listen is set".into()),
             (_, Some(h)) => {
-                if let Err(e) = parse_key_hash(h) {
+                if let Err(e) = h.digest() {
                     p.push(format!("admin.key_hash: {e}"));
                 }
             }
@@ -1133,7 +1192,7 @@ impl Config {
             } else if !names.insert(c.name.clone()) {
                 p.push(format!("clients[{i}].name: '{}' is used twice", c.name));
             }
-            match parse_key_hash(&c.key_hash) {
+            match c.key_hash.digest() {
                 Ok(h) => {
                     if !hashes.insert(h) {
                         p.push(format!(
@@ -1168,12 +1227,8 @@ impl Config {
             }
         }
         if let Some(token) = &self.admin.metrics_token {
-            let token = crate::middleware::auth::key_digest(token.expose());
-            let admin = self
-                .admin
-                .key_hash
-                .as_deref()
-                .and_then(|h| parse_key_hash(h).ok());
+            let token: [u8; 32] = Sha256::digest(token.expose().as_bytes()).into();
+            let admin = self.admin.key_hash.and_then(|h| h.digest().ok());
             if hashes.contains(&token) || admin == Some(token) {
                 p.push(
                     "admin.metrics_token: the metrics token must differ from the admin key and every client key"
@@ -1181,11 +1236,7 @@ impl Config {
                 );
             }
         }
-        if let Some(admin) = self
-            .admin
-            .key_hash
-            .as_deref()
-            .and_then(|h| parse_key_hash(h).ok())
+        if let Some(admin) = self.admin.key_hash.and_then(|h| h.digest().ok())
             && hashes.contains(&admin)
         {
             p.push(
@@ -1275,11 +1326,12 @@ mod tests {
         c.admin.key_hash = Some(hash_key("ig-admin"));
         assert!(c.problems().is_empty(), "{:?}", c.problems());
         // The same key, even spelled with upper-case hex.
-        c.admin.key_hash = Some(
-            hash_key("ig-client-b")
+        c.admin.key_hash = Some(KeyHash::parse(
+            &hash_key("ig-client-b")
+                .to_string()
                 .to_uppercase()
                 .replace("SHA256:", "sha256:"),
-        );
+        ));
         let problems = c.problems();
         assert!(
             problems
@@ -1291,9 +1343,14 @@ mod tests {
 
     #[test]
     fn key_hash_round_trips() {
-        let h = hash_key("ig-test");
+        let h = hash_key("ig-test").to_string();
         assert!(h.starts_with("sha256:") && h.len() == 7 + 64);
-        assert!(parse_key_hash(&h).is_ok());
+        assert_eq!(KeyHash::parse(&h), hash_key("ig-test"));
+        assert!(hash_key("ig-test").digest().is_ok());
+        assert_eq!(
+            KeyHash::parse("sha256:abc").digest(),
+            Err("is not valid hex after 'sha256:'")
+        );
     }
 
     #[test]
