@@ -58,7 +58,7 @@ use chain::{append_at, plan, read_tip};
 use conn::with_slot;
 pub use conn::{PgPool, PgSettings, is_transient, redact_url};
 use rows::{COLUMNS_SQL, filter, parse_record, recent_filter, refs};
-pub(crate) use rows::{Columns, INSERT_ENTRY, UPSERT_RECORD};
+pub(crate) use rows::{Columns, INSERT_ENTRY};
 pub use schema::{MIGRATIONS, latest_version, migrate, schema_version};
 
 #[derive(Clone, Debug)]
