@@ -14,11 +14,14 @@
 //!    Then the request takes the configuration snapshot in force ([`Live`], swapped by a
 //!    reload, `src/reload.rs`) and keeps it to its end: the layers below are those of its
 //!    snapshot.
-//! 8. [`AuthLayer`](crate::middleware::auth::AuthLayer): gateway key → client (401), the caller's key removed.
-//! 9. [`ClientLimitLayer`](crate::middleware::client_limit::ClientLimitLayer): the per-client request rate (429), before the body is read.
-//! 10. [`EditsService`](crate::edits::EditsService), the phases of `src/edits/` (see its module doc): content type → read
-//!     body → parse form → resolve end user → field rules → user limits → reserve quota →
-//!     check images → canonical body → forward → relay → settle and record.
+//! 8. [`AuthLayer`](crate::middleware::auth::AuthLayer): gateway key → client (401), the
+//!    caller's key removed.
+//! 9. [`ClientLimitLayer`](crate::middleware::client_limit::ClientLimitLayer): the per-client
+//!    request rate (429), before the body is read.
+//! 10. [`EditsService`](crate::edits::EditsService), the phases of `src/edits/` (see its module
+//!     doc): content type → read body → parse form → resolve end user → field rules → user
+//!     limits → reserve quota → check images → canonical body → forward → relay → settle and
+//!     record.
 //!
 //! Why the router sits above the overload layer: load shedding refuses everything below it, and
 //! a gateway at `max_in_flight` is busy, not broken. Were the health routes below it, a load
