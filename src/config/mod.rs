@@ -34,7 +34,7 @@ pub use ledger::{LedgerBackend, LedgerConfig, PgUrl};
 pub use log::{LogConfig, LogFormat};
 pub use secret::Secret;
 pub use server::ServerConfig;
-pub use upstream::{BreakerConfig, UpstreamConfig, UpstreamKeyConfig};
+pub use upstream::{BreakerConfig, DEFAULT_KEY_NAME, UpstreamConfig, UpstreamKeyConfig};
 pub use validation::{TransparencyPolicy, ValidationConfig};
 
 use crate::limits::spec::{LimitsConfig, Prices, QuotasConfig, default_prices};
@@ -365,7 +365,7 @@ mod tests {
         c.clients.push(ClientConfig {
             name: "c".into(),
             key_hash: hash_key("c"),
-            upstream_key: Some(KeyPin::One(crate::keypool::DEFAULT_KEY_NAME.into())),
+            upstream_key: Some(KeyPin::One(DEFAULT_KEY_NAME.into())),
             ..Default::default()
         });
         assert!(c.problems().is_empty(), "{:?}", c.problems());

@@ -74,6 +74,9 @@ pub struct UpstreamKeyConfig {
     pub secret: Option<Secret<String>>,
 }
 
+/// The name of the single key of a config without `[[upstream.keys]]`.
+pub const DEFAULT_KEY_NAME: &str = "default";
+
 fn default_weight() -> u32 {
     1
 }
@@ -305,7 +308,7 @@ impl UpstreamConfig {
             }
             for n in pin.names() {
                 let known = if u.keys.is_empty() {
-                    n == crate::keypool::DEFAULT_KEY_NAME
+                    n == DEFAULT_KEY_NAME
                 } else {
                     u.keys.iter().any(|k| &k.name == n)
                 };

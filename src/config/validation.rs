@@ -2,22 +2,11 @@
 
 use serde::Deserialize;
 
-use crate::edit::png_check::Transparency;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TransparencyPolicy {
     Strict,
     Compatible,
-}
-
-impl From<TransparencyPolicy> for Transparency {
-    fn from(p: TransparencyPolicy) -> Self {
-        match p {
-            TransparencyPolicy::Strict => Transparency::Strict,
-            TransparencyPolicy::Compatible => Transparency::Compatible,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -29,8 +29,7 @@ use std::time::Duration;
 use crate::clock::Clock;
 use crate::config::Config;
 
-/// The name of the single key of a config without `[[upstream.keys]]`.
-pub const DEFAULT_KEY_NAME: &str = "default";
+pub use crate::config::DEFAULT_KEY_NAME;
 
 /// What `imagegate_upstream_key_state` says of a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -25,6 +25,7 @@
 use bytes::Bytes;
 use png::BitDepth;
 
+use crate::config::TransparencyPolicy;
 use crate::edit::cancel::Cancel;
 
 mod convert;
@@ -44,6 +45,15 @@ pub enum Transparency {
     Strict,
     /// Only the upstream's mode check applies.
     Compatible,
+}
+
+impl From<TransparencyPolicy> for Transparency {
+    fn from(p: TransparencyPolicy) -> Self {
+        match p {
+            TransparencyPolicy::Strict => Transparency::Strict,
+            TransparencyPolicy::Compatible => Transparency::Compatible,
+        }
+    }
 }
 
 /// Limits and policy for the checks.
