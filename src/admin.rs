@@ -163,17 +163,15 @@ impl Admin {
     /// `/metrics` under `admin.metrics_auth` of the configuration in force (a reload may
     /// change it and the token): the admin key, or the metrics token too, or anyone.
     fn may_read_metrics(&self, req: &Request<Incoming>) -> bool {
-        let config = self.state.config();
-        match config.admin.metrics_auth {
+        let live = self.state.live();
+        match live.config.admin.metrics_auth {
             MetricsAuth::None => true,
             MetricsAuth::AdminKey => self.authorized(req),
             MetricsAuth::Token => {
                 self.authorized(req)
                     || bearer(req)
-                        .zip(config.admin.metrics_token.as_ref())
-                        .is_some_and(|(key, token)| {
-                            bool::from(key_digest(key).ct_eq(&key_digest(token.expose())))
-                        })
+                        .zip(live.metrics_token)
+                        .is_some_and(|(key, token)| bool::from(key_digest(key).ct_eq(&token)))
             }
         }
     }

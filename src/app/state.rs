@@ -19,7 +19,7 @@ use crate::limits::quota::QuotaStore;
 use crate::limits::rate::{RateBackend, RateLimits};
 use crate::limits::rate_redis::RedisRates;
 use crate::limits::spec::RateBackendKind;
-use crate::middleware::auth::{AuthLayer, KeyTable};
+use crate::middleware::auth::{AuthLayer, KeyTable, key_digest};
 use crate::middleware::client_limit::ClientLimitLayer;
 use crate::startup::StartupError;
 use crate::upstream::Upstream;
@@ -104,6 +104,8 @@ pub struct Live {
     pub models: Arc<ModelTable>,
     /// The digest of the admin key, when the admin listener is on.
     pub admin_key: Option<[u8; 32]>,
+    /// The digest of the metrics token (`admin.metrics_auth = "token"`), hashed once here.
+    pub metrics_token: Option<[u8; 32]>,
     /// TLS of the API listener (`server.tls`), for the connections accepted under it.
     pub api_tls: Option<TlsAcceptor>,
     /// TLS of the admin listener (`admin.tls`).
@@ -151,6 +153,11 @@ impl Live {
             ),
             _ => None,
         };
+        let metrics_token = config
+            .admin
+            .metrics_token
+            .as_ref()
+            .map(|token| key_digest(token.expose()));
         let tls = |files: &Option<crate::tls::TlsFiles>, at: &str| {
             files
                 .as_ref()
@@ -176,6 +183,7 @@ impl Live {
             quotas,
             models,
             admin_key,
+            metrics_token,
             api_tls: tls(&config.server.tls, "server.tls")?,
             admin_tls: tls(&config.admin.tls, "admin.tls")?,
             generation: previous.map_or(1, |p| p.generation + 1),
