@@ -38,7 +38,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::app::{AppService, AppState};
 use crate::body::{Body, full};
-use crate::config::{MetricsAuth, parse_key_hash};
+use crate::config::MetricsAuth;
 use crate::error::GatewayError;
 use crate::ledger::UsageFilters;
 use crate::ledger::writer::LedgerReader;
@@ -98,8 +98,12 @@ pub fn build(state: Arc<AppState>) -> Result<Option<AppService>, StartupError> {
     if config.admin.listen.is_none() {
         return Ok(None);
     }
-    parse_key_hash(config.admin.key_hash.as_deref().unwrap_or_default())
-        .map_err(StartupError::AdminKeyHash)?;
+    config
+        .admin
+        .key_hash
+        .unwrap_or_default()
+        .digest()
+        .map_err(|e| StartupError::AdminKeyHash(e.into()))?;
     let reader = LedgerReader::open(&config.ledger).map_err(|e| StartupError::AdminLedger {
         path: config.ledger.location(),
         detail: e.to_string(),
@@ -159,17 +163,15 @@ impl Admin {
     /// `/metrics` under `admin.metrics_auth` of the configuration in force (a reload may
     /// change it and the token): the admin key, or the metrics token too, or anyone.
     fn may_read_metrics(&self, req: &Request<Incoming>) -> bool {
-        let config = self.state.config();
-        match config.admin.metrics_auth {
+        let live = self.state.live();
+        match live.config.admin.metrics_auth {
             MetricsAuth::None => true,
             MetricsAuth::AdminKey => self.authorized(req),
             MetricsAuth::Token => {
                 self.authorized(req)
                     || bearer(req)
-                        .zip(config.admin.metrics_token.as_ref())
-                        .is_some_and(|(key, token)| {
-                            bool::from(key_digest(key).ct_eq(&key_digest(token.expose())))
-                        })
+                        .zip(live.metrics_token)
+                        .is_some_and(|(key, token)| bool::from(key_digest(key).ct_eq(&token)))
             }
         }
     }

@@ -283,8 +283,8 @@ pub fn exposure(config: &Config) -> Exposure {
     {
         exposed.push(format!("admin.listen {admin}"));
     }
-    let demo = config::parse_key_hash(&config::hash_key(DEMO_KEY));
-    let is_demo = |c: &&config::ClientConfig| config::parse_key_hash(&c.key_hash) == demo;
+    let demo = config::hash_key(DEMO_KEY);
+    let is_demo = |c: &&config::ClientConfig| c.key_hash == demo;
     for c in config.clients.iter().filter(is_demo) {
         let what = format!(
             "client '{}' uses the documented demo key (the example configuration's, printed in \

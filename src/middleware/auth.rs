@@ -18,7 +18,7 @@ use tower::{Layer, Service};
 
 use super::BoxFuture;
 use crate::body::Body;
-use crate::config::{Config, parse_key_hash};
+use crate::config::Config;
 use crate::error::{GatewayError, mask_key};
 
 /// An authenticated caller.
@@ -39,10 +39,10 @@ impl KeyTable {
     pub fn from_config(config: &Config) -> Result<KeyTable, crate::startup::StartupError> {
         let mut entries = Vec::new();
         for (index, c) in config.clients.iter().enumerate() {
-            let hash = parse_key_hash(&c.key_hash).map_err(|detail| {
+            let hash = c.key_hash.digest().map_err(|detail| {
                 crate::startup::StartupError::ClientKeyHash {
                     client: c.name.clone(),
-                    detail,
+                    detail: detail.into(),
                 }
             })?;
             entries.push((
