@@ -78,12 +78,13 @@ impl Config {
             self.limits.redis_url = Some(Secret::new(url.trim().to_string()));
         }
         let mut problems = Vec::new();
-        if !self.upstream.keys.is_empty() {
-            self.upstream.load_pool_keys(&mut problems);
-            return problems;
-        }
-        self.upstream_key = self.upstream.load_single_key(&mut problems);
+        // The metrics token is read whichever way the upstream keys are given.
         self.admin.load_metrics_token(&mut problems);
+        if self.upstream.keys.is_empty() {
+            self.upstream_key = self.upstream.load_single_key(&mut problems);
+        } else {
+            self.upstream.load_pool_keys(&mut problems);
+        }
         problems
     }
 }

@@ -417,4 +417,33 @@ mod tests {
         let parsed: AdminConfig = toml::from_str("metrics_auth = \"none\"").unwrap();
         assert_eq!(parsed.metrics_auth, MetricsAuth::None);
     }
+
+    #[test]
+    fn the_metrics_token_is_loaded_with_a_key_pool_too() {
+        // With [[upstream.keys]] the keys are read by the pool; the metrics token must still be
+        // read (it once was skipped, leaving /metrics to the admin key alone).
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("metrics-token");
+        std::fs::write(&token, "ig-metrics-token\n").unwrap();
+        let key = dir.path().join("pool.key");
+        std::fs::write(&key, "sk-pool-from-file\n").unwrap();
+        let text = format!(
+            "[admin]\nmetrics_auth = \"token\"\nmetrics_token_file = {token:?}\n\
+             [[upstream.keys]]\nname = \"main\"\napi_key_file = {key:?}\n"
+        );
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, &text).unwrap();
+        let c = Config::load(&path, true).unwrap();
+        assert_eq!(
+            c.admin.metrics_token.as_ref().map(|t| t.expose().as_str()),
+            Some("ig-metrics-token")
+        );
+        std::fs::remove_file(&token).unwrap();
+        let errs = Config::load(&path, true).unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|p| p.starts_with("admin.metrics_token_file")),
+            "{errs:?}"
+        );
+    }
 }
