@@ -7,7 +7,8 @@
 //! Serves HTTP/1.1 and h2c (prior knowledge) through hyper-util's auto builder. Every request
 //! whose body was read completely is recorded (method, path, headers, body, multipart parts)
 //! *before* its response is sent, so once a client has an answer, [`MockUpstream::count`]
-//! already includes that request. `GET /v1/models` is answered apart from the edits behaviour,
+//! already includes that request; one whose body broke off is kept apart
+//! ([`MockUpstream::aborted`]). `GET /v1/models` is answered apart from the edits behaviour,
 //! by [`ModelsAnswer`] (see [`MockUpstream::set_models`]). Dropping the [`MockUpstream`] aborts the accept loop and
 //! every connection task and releases all hanging handlers, so calls stuck on it end.
 
@@ -312,8 +313,19 @@ impl Recorded {
     }
 }
 
+/// Extra: a request whose body broke off before its end (the client aborted it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Aborted {
+    /// The request's `content-length`, if it had one.
+    pub content_length: Option<usize>,
+    /// Body bytes received before the body failed.
+    pub received: usize,
+}
+
 struct Shared {
     recorded: Mutex<Vec<Recorded>>,
+    aborted: Mutex<Vec<Aborted>>,
+    aborted_tx: watch::Sender<usize>,
     count_tx: watch::Sender<usize>,
     heads_tx: watch::Sender<usize>,
     behavior: Mutex<Behavior>,
@@ -351,6 +363,8 @@ impl MockUpstream {
         let (shutdown_tx, shutdown_rx) = watch::channel(());
         let shared = Arc::new(Shared {
             recorded: Mutex::new(Vec::new()),
+            aborted: Mutex::new(Vec::new()),
+            aborted_tx: watch::Sender::new(0),
             count_tx: watch::Sender::new(0),
             heads_tx: watch::Sender::new(0),
             behavior: Mutex::new(Behavior::Success),
@@ -395,6 +409,18 @@ impl MockUpstream {
     /// Resolves once at least `n` requests were fully received (no polling).
     pub async fn wait_for(&self, n: usize) {
         let mut rx = self.shared.count_tx.subscribe();
+        let _ = rx.wait_for(|c| *c >= n).await;
+    }
+
+    /// Extra: the requests whose body broke off before its end (not in `received()`), in the
+    /// order they failed.
+    pub fn aborted(&self) -> Vec<Aborted> {
+        self.shared.aborted.lock().unwrap().clone()
+    }
+
+    /// Extra: resolves once at least `n` request bodies broke off (no polling).
+    pub async fn wait_for_aborted(&self, n: usize) {
+        let mut rx = self.shared.aborted_tx.subscribe();
         let _ = rx.wait_for(|c| *c >= n).await;
     }
 
@@ -498,12 +524,31 @@ async fn handle(
         return Err(wait_shutdown(&shared).await);
     }
 
-    let (head, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map_err(std::io::Error::other)?
-        .to_bytes();
+    let (head, mut body) = req.into_parts();
+    let mut received = Vec::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    received.extend_from_slice(&data);
+                }
+            }
+            Err(e) => {
+                let content_length = head
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                shared.aborted.lock().unwrap().push(Aborted {
+                    content_length,
+                    received: received.len(),
+                });
+                shared.aborted_tx.send_modify(|n| *n += 1);
+                return Err(std::io::Error::other(e));
+            }
+        }
+    }
+    let body = Bytes::from(received);
     let parts = parse_multipart(&head.headers, &body).await;
     let json = parse_json(&head.headers, &body);
     let rec = Recorded {
