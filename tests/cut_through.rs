@@ -12,7 +12,7 @@ use imagegate::testkit::{HOLD_CHECK_PREFIX, release_check};
 use support::Resp;
 use support::fixtures::*;
 use support::gateway::*;
-use support::mock_upstream::Recorded;
+use support::mock_upstream::{Behavior, Recorded};
 use support::multipart::{Multipart, edit_request};
 
 fn spend_quota(c: &mut imagegate::config::Config) {
@@ -45,6 +45,17 @@ fn day_use(gw: &Gateway, user: &str) -> (u64, i64) {
     let u = gw.server.state.live().quotas.usage(&scope).unwrap();
     (u.images_day, u.micros_day)
 }
+
+/// `f`, which must end within 60 s (a wait that would hang fails the test instead).
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(60), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} within 60 s"))
+}
+
+/// The last chunk of a canonical body, which waits for the check: `\r\n--<42-character
+/// boundary>--\r\n`.
+const TAIL: usize = 2 + 2 + 42 + 2 + 2;
 
 /// Post `form` in a task of its own (its check may be held).
 fn post(gw: &Gateway, form: &Multipart) -> tokio::task::JoinHandle<Resp> {
@@ -111,12 +122,12 @@ async fn an_invalid_image_never_completes_an_upstream_request() {
     let user = format!("{HOLD_CHECK_PREFIX}invalid");
     let answer = post(&gw, &form(&bad, &user));
     // The upload is in flight while the check is held...
-    gw.mock.wait_for_heads(1).await;
+    within("the upload begins", gw.mock.wait_for_heads(1)).await;
     assert_eq!(gw.mock.count(), 0, "no complete body while the check runs");
     assert_eq!(day_use(&gw, &user), (2, 40_000), "reserved meanwhile");
     // ... and the check fails.
     release_check(&user);
-    let r = answer.await.unwrap();
+    let r = within("the answer", answer).await.unwrap();
     assert_eq!(r.status, expected.status);
     assert_eq!(
         r.json(),
@@ -132,13 +143,13 @@ async fn an_invalid_image_never_completes_an_upstream_request() {
     );
 
     // The upstream saw a body that broke off before its end, never a complete one.
-    gw.mock.wait_for_aborted(1).await;
+    within("the upload is cut short", gw.mock.wait_for_aborted(1)).await;
     let aborted = gw.mock.aborted();
     assert_eq!(aborted.len(), 1, "{aborted:?}");
     let length = aborted[0].content_length.expect("a content-length");
     assert!(
-        aborted[0].received < length,
-        "cut short: {} of {length} bytes",
+        aborted[0].received <= length - TAIL,
+        "cut short before the last chunk: {} of {length} bytes",
         aborted[0].received
     );
     assert_eq!(gw.mock.count(), 0, "no complete request upstream");
@@ -181,10 +192,16 @@ async fn a_valid_request_goes_byte_for_byte_as_without_cut_through() {
     let gw = Gateway::start_with(cut_through).await;
     let user = format!("{HOLD_CHECK_PREFIX}valid-2");
     let answer = post(&gw, &form(&png, &user));
-    gw.mock.wait_for_heads(1).await;
+    // Everything but the last chunk arrives while the check is held.
+    let length = plain.mock.last().unwrap().body.len();
+    within(
+        "the body but its tail",
+        gw.mock.wait_for_body_bytes(length - TAIL),
+    )
+    .await;
     assert_eq!(gw.mock.count(), 0, "the last bytes wait for the check");
     release_check(&user);
-    let r = answer.await.unwrap();
+    let r = within("the answer", answer).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["data"].as_array().map(Vec::len), Some(2));
     assert!(gw.mock.aborted().is_empty());
@@ -246,12 +263,12 @@ async fn a_caller_leaving_during_the_check_aborts_the_upload_and_spends_nothing(
     let gw = Gateway::start_with(cut_through).await;
     let user = format!("{HOLD_CHECK_PREFIX}leaves");
     let answer = post(&gw, &form(&rgba_png_noisy(1024), &user));
-    gw.mock.wait_for_heads(1).await;
+    within("the upload begins", gw.mock.wait_for_heads(1)).await;
     // The caller disconnects (its connection is dropped with the task); the check is never
     // released: its cancellation ends it.
     answer.abort();
     let _ = answer.await;
-    gw.mock.wait_for_aborted(1).await;
+    within("the upload is cut short", gw.mock.wait_for_aborted(1)).await;
     assert_eq!(gw.mock.count(), 0, "no complete request upstream");
     let state = gw.server.state.clone();
     let dir = gw.dir;
@@ -267,6 +284,59 @@ async fn a_caller_leaving_during_the_check_aborts_the_upload_and_spends_nothing(
     let scope = imagegate::limits::quota::user_scope(&who).unwrap();
     let u = state.live().quotas.usage(&scope).unwrap();
     assert_eq!((u.images_day, u.micros_day), (0, 0), "refunded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_answering_before_the_check_ended_waits_for_it() {
+    let gw = Gateway::start_with(cut_through).await;
+    let refusal = support::mock_upstream::openai_error_body(
+        "Incorrect API key provided.",
+        "invalid_request_error",
+        None,
+        Some("invalid_api_key"),
+    );
+    gw.mock.set_behavior(Behavior::AnswerUnread {
+        status: 401,
+        body: refusal.clone(),
+    });
+
+    // The check fails after the upstream refused: the check's error wins.
+    let bad = truncated_idat(&rgba_png_noisy(1024));
+    let user = format!("{HOLD_CHECK_PREFIX}early-bad");
+    let answer = post(&gw, &form(&bad, &user));
+    within("the upload begins", gw.mock.wait_for_heads(1)).await;
+    release_check(&user);
+    let r = within("the answer", answer).await.unwrap();
+    assert_error(
+        &r,
+        400,
+        "invalid_request_error",
+        Some("image"),
+        Some("invalid_image_format"),
+    );
+    let record = gw.record_of(&r);
+    assert_eq!(record.outcome, imagegate::ledger::Outcome::Rejected);
+    assert_eq!(record.reason_code.as_deref(), Some("invalid_image_format"));
+    assert_eq!(record.cost_settled_micros, 0);
+    assert_eq!(day_use(&gw, &user), (0, 0));
+
+    // The check passes after the upstream refused: its answer is relayed, nothing charged.
+    let user = format!("{HOLD_CHECK_PREFIX}early-good");
+    let answer = post(&gw, &form(&rgba_png_noisy(1024), &user));
+    within("the upload begins", gw.mock.wait_for_heads(2)).await;
+    release_check(&user);
+    let r = within("the answer", answer).await.unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        serde_json::from_str::<serde_json::Value>(&refusal).unwrap()
+    );
+    let record = gw.record_of(&r);
+    assert_eq!(record.outcome, imagegate::ledger::Outcome::Answered);
+    assert_eq!(record.upstream_status, Some(401));
+    assert_eq!(record.cost_settled_micros, 0);
+    assert_eq!(day_use(&gw, &user), (0, 0));
+    assert_eq!(gw.mock.count(), 0, "no complete request upstream");
 }
 
 /// Every record of the ledger file at `path`.

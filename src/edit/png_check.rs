@@ -2718,11 +2718,12 @@ mod tests {
             .trns(vec![0, 21])
             .bytes();
         let gray = Img::new(4, 0, 8, |x, y| vec![(x * 10 + y) as u16]).bytes();
+        assert!(gray.len() > 41 && &gray[37..41] == b"IDAT", "IDAT right after IHDR");
         let rgba = Bytes::from(crate::testkit::rgba_png(16, true));
-        let cases: [(&str, Bytes, bool); 7] = [
+        let cases: [(&str, Bytes, bool); 8] = [
             ("palette with tRNS", palette_trns, true),
             ("gray with tRNS", gray_trns, true),
-            ("gray without tRNS", gray, false),
+            ("gray without tRNS", gray.clone(), false),
             ("RGBA", rgba.clone(), false),
             (
                 "not a PNG",
@@ -2730,7 +2731,8 @@ mod tests {
                 true,
             ),
             ("cut inside IHDR", rgba.slice(..20), true),
-            ("cut before IDAT", rgba.slice(..40), true),
+            ("gray cut before its IDAT", gray.slice(..40), true),
+            ("RGBA cut before its IDAT", rgba.slice(..40), false),
         ];
         for (name, bytes, want) in cases {
             assert_eq!(may_convert(&bytes), want, "{name}");
