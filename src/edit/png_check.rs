@@ -2718,7 +2718,10 @@ mod tests {
             .trns(vec![0, 21])
             .bytes();
         let gray = Img::new(4, 0, 8, |x, y| vec![(x * 10 + y) as u16]).bytes();
-        assert!(gray.len() > 41 && &gray[37..41] == b"IDAT", "IDAT right after IHDR");
+        assert!(
+            gray.len() > 41 && &gray[37..41] == b"IDAT",
+            "IDAT right after IHDR"
+        );
         let rgba = Bytes::from(crate::testkit::rgba_png(16, true));
         let cases: [(&str, Bytes, bool); 8] = [
             ("palette with tRNS", palette_trns, true),
