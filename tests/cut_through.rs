@@ -339,6 +339,42 @@ async fn an_upstream_answering_before_the_check_ended_waits_for_it() {
     assert_eq!(gw.mock.count(), 0, "no complete request upstream");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_through_follows_a_reload_and_keeps_the_upstream_client() {
+    let gw = Gateway::start_with(spend_quota).await;
+    let before = gw.server.state.live().upstream.clone();
+    let mut config = test_config(&gw.mock, gw.dir.path());
+    cut_through(&mut config);
+    gw.server
+        .state
+        .set_source(std::sync::Arc::new(move || Ok(config.clone())));
+    let state = gw.server.state.clone();
+    let report = tokio::task::spawn_blocking(move || state.reload("test"))
+        .await
+        .unwrap();
+    assert_eq!(report.status, "applied", "{report:?}");
+    assert!(report.restart_required.is_empty(), "{report:?}");
+    assert!(
+        std::sync::Arc::ptr_eq(&before, &gw.server.state.live().upstream),
+        "the upstream client and its connections are kept"
+    );
+    // The next request goes while its check runs, and is cut short when it fails.
+    let user = format!("{HOLD_CHECK_PREFIX}after-reload");
+    let answer = post(&gw, &form(&truncated_idat(&rgba_png_noisy(256)), &user));
+    within("the upload begins", gw.mock.wait_for_heads(1)).await;
+    release_check(&user);
+    let r = within("the answer", answer).await.unwrap();
+    assert_error(
+        &r,
+        400,
+        "invalid_request_error",
+        Some("image"),
+        Some("invalid_image_format"),
+    );
+    within("the upload is cut short", gw.mock.wait_for_aborted(1)).await;
+    assert_eq!(gw.mock.count(), 0);
+}
+
 /// Every record of the ledger file at `path`.
 fn records_of(path: &std::path::Path) -> Vec<imagegate::ledger::Record> {
     use imagegate::ledger::sqlite::SqliteStore;
