@@ -53,6 +53,18 @@ async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("{what} within 60 s"))
 }
 
+/// Wait until the mock saw a request body break off; fails as soon as it received a complete
+/// request instead.
+async fn cut_short(gw: &Gateway) {
+    within("the upload is cut short", async {
+        tokio::select! {
+            _ = gw.mock.wait_for_aborted(1) => {}
+            _ = gw.mock.wait_for(1) => panic!("the upstream received a complete request"),
+        }
+    })
+    .await;
+}
+
 /// The last chunk of a canonical body, which waits for the check: `\r\n--<42-character
 /// boundary>--\r\n`.
 const TAIL: usize = 2 + 2 + 42 + 2 + 2;
@@ -143,7 +155,7 @@ async fn an_invalid_image_never_completes_an_upstream_request() {
     );
 
     // The upstream saw a body that broke off before its end, never a complete one.
-    within("the upload is cut short", gw.mock.wait_for_aborted(1)).await;
+    cut_short(&gw).await;
     let aborted = gw.mock.aborted();
     assert_eq!(aborted.len(), 1, "{aborted:?}");
     let length = aborted[0].content_length.expect("a content-length");
@@ -268,7 +280,7 @@ async fn a_caller_leaving_during_the_check_aborts_the_upload_and_spends_nothing(
     // released: its cancellation ends it.
     answer.abort();
     let _ = answer.await;
-    within("the upload is cut short", gw.mock.wait_for_aborted(1)).await;
+    cut_short(&gw).await;
     assert_eq!(gw.mock.count(), 0, "no complete request upstream");
     let state = gw.server.state.clone();
     let dir = gw.dir;
@@ -371,7 +383,7 @@ async fn cut_through_follows_a_reload_and_keeps_the_upstream_client() {
         Some("image"),
         Some("invalid_image_format"),
     );
-    within("the upload is cut short", gw.mock.wait_for_aborted(1)).await;
+    cut_short(&gw).await;
     assert_eq!(gw.mock.count(), 0);
 }
 
