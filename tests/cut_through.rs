@@ -166,6 +166,12 @@ async fn an_invalid_image_never_completes_an_upstream_request() {
     );
     assert_eq!(gw.mock.count(), 0, "no complete request upstream");
 
+    assert!(
+        cut_through_count("refused") >= 1,
+        "counted: {}",
+        imagegate::metrics::handle().render()
+    );
+
     // One record: rejected with the check's error, nothing spent.
     let record = gw.record_of(&r);
     let plain_record = plain.record_of(&expected);
@@ -217,6 +223,7 @@ async fn a_valid_request_goes_byte_for_byte_as_without_cut_through() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["data"].as_array().map(Vec::len), Some(2));
     assert!(gw.mock.aborted().is_empty());
+    assert!(cut_through_count("passed") >= 1);
 
     let (sent, plain_sent) = (gw.mock.last().unwrap(), plain.mock.last().unwrap());
     assert_eq!(sent.body.len(), plain_sent.body.len());
@@ -385,6 +392,15 @@ async fn cut_through_follows_a_reload_and_keeps_the_upstream_client() {
     );
     cut_short(&gw).await;
     assert_eq!(gw.mock.count(), 0);
+}
+
+/// `imagegate_cut_through_total{result}` of this process (every test of this file shares it).
+fn cut_through_count(result: &str) -> u64 {
+    let text = imagegate::metrics::handle().render();
+    let series = format!("imagegate_cut_through_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0, |v| v.trim().parse().expect("a count"))
 }
 
 /// Every record of the ledger file at `path`.

@@ -199,6 +199,7 @@ impl Forwarder {
                 sent = &mut send, if early.is_none() => early = Some(sent),
                 _ = caller.closed(), if early.is_none() => {
                     tracing::info!("the caller left during the check: aborting the upload");
+                    counted("caller_gone");
                     drop((opener, check));
                     self.finish_abort(send);
                     return Err(Stop::CallerGone);
@@ -209,6 +210,7 @@ impl Forwarder {
         match verdict.result {
             Err(e) => {
                 tracing::info!("the check failed: aborting the upload before its last byte");
+                counted("refused");
                 drop(opener);
                 if early.is_none() {
                     self.finish_abort(send);
@@ -217,6 +219,7 @@ impl Forwarder {
             }
             Ok(()) => {
                 opener.open();
+                counted("passed");
                 Ok(match early {
                     // It failed before the last byte could go: the upstream never had the
                     // whole request.
@@ -238,4 +241,10 @@ impl Forwarder {
             let _ = send.await;
         });
     }
+}
+
+/// `imagegate_cut_through_total{result}`: requests forwarded while checked, by how their check
+/// ended.
+fn counted(result: &'static str) {
+    metrics::counter!("imagegate_cut_through_total", "result" => result).increment(1);
 }
