@@ -108,13 +108,13 @@ pub fn start_check_images(
                     (&image, &image_digest),
                     mask.as_ref().zip(mask_digest.as_ref()),
                 );
+                #[cfg(any(test, feature = "testkit"))]
                 let overlap = matches!(verdict, Early::Overlap(..));
                 let _ = early.send(verdict);
                 #[cfg(any(test, feature = "testkit"))]
                 if overlap {
                     crate::testkit::hold_check(user.as_deref(), cancel);
                 }
-                let _ = overlap;
             }
             let png_error = |part| {
                 move |rejection| GatewayError::Png {

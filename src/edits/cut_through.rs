@@ -193,16 +193,23 @@ impl Forwarder {
             Box::pin(async move { upstream.send(canonical, client.as_deref()).await });
         // What the upstream said before the check ended, if it did.
         let mut early = None;
-        let verdict = loop {
-            tokio::select! {
-                verdict = &mut check => break verdict,
-                sent = &mut send, if early.is_none() => early = Some(sent),
-                _ = caller.closed(), if early.is_none() => {
-                    tracing::info!("the caller left during the check: aborting the upload");
-                    counted("caller_gone");
-                    drop((opener, check));
-                    self.finish_abort(send);
-                    return Err(Stop::CallerGone);
+        // A check that ended already (a fault early in the data): nothing goes upstream.
+        let ended = futures_util::FutureExt::now_or_never(&mut check);
+        let started = ended.is_none();
+        let verdict = if let Some(verdict) = ended {
+            verdict
+        } else {
+            loop {
+                tokio::select! {
+                    verdict = &mut check => break verdict,
+                    sent = &mut send, if early.is_none() => early = Some(sent),
+                    _ = caller.closed(), if early.is_none() => {
+                        tracing::info!("the caller left during the check: aborting the upload");
+                        counted("caller_gone");
+                        drop((opener, check));
+                        self.finish_abort(send);
+                        return Err(Stop::CallerGone);
+                    }
                 }
             }
         };
@@ -212,7 +219,7 @@ impl Forwarder {
                 tracing::info!("the check failed: aborting the upload before its last byte");
                 counted("refused");
                 drop(opener);
-                if early.is_none() {
+                if started && early.is_none() {
                     self.finish_abort(send);
                 }
                 Err(Stop::Refused(e))
