@@ -47,6 +47,10 @@ struct Args {
     callers: Vec<usize>,
     wrap: Vec<String>,
     sqlite_synchronous: String,
+    /// The mock reads each request body at this many Mbit/s (an emulated slow link).
+    slow_upstream: Option<f64>,
+    /// The gateway's `upstream.cut_through`.
+    cut_through: bool,
 }
 
 fn args() -> Args {
@@ -60,6 +64,8 @@ fn args() -> Args {
         callers: vec![1, 32],
         wrap: Vec::new(),
         sqlite_synchronous: "full".into(),
+        slow_upstream: None,
+        cut_through: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -81,6 +87,10 @@ fn args() -> Args {
             "--wrap" => a.wrap = value().split_whitespace().map(str::to_owned).collect(),
             // `ledger.sqlite_synchronous` of the gateway: full (default) or normal.
             "--sqlite-synchronous" => a.sqlite_synchronous = value(),
+            // The mock reads request bodies at this many Mbit/s: `--slow-upstream 50`.
+            "--slow-upstream" => a.slow_upstream = Some(value().parse().expect("Mbit/s")),
+            // The gateway sends the body while the images are checked (`upstream.cut_through`).
+            "--cut-through" => a.cut_through = true,
             "--quick" => {
                 a.requests_1 = 40;
                 a.requests_32 = 200;
@@ -219,8 +229,10 @@ fn check_time(case: &Case) -> Duration {
 // ---------------------------------------------------------------------------------------------
 
 /// A fast upstream: reads each body to its end, answers a fixed success (a URL for dall-e-2,
-/// one tiny `b64_json` image and usage for gpt-image). Keeps nothing.
-async fn mock() -> SocketAddr {
+/// one tiny `b64_json` image and usage for gpt-image). Keeps nothing. With `mbit`, it reads
+/// each body no faster than that many Mbit/s (an emulated slow link: it stops reading, so TCP
+/// holds the sender back once the socket buffers are full).
+async fn mock(mbit: Option<f64>) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let dalle: Bytes = Bytes::from_static(
@@ -250,7 +262,7 @@ async fn mock() -> SocketAddr {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let (dalle, gpt) = (dalle.clone(), gpt.clone());
                     async move {
-                        let body = req.into_body().collect().await?.to_bytes();
+                        let body = read_body(req.into_body(), mbit).await?;
                         // The model field is near the start of every body this bench sends.
                         let head = &body[..body.len().min(400)];
                         let is_gpt = memchr::memmem::find(head, b"gpt-image").is_some();
@@ -270,6 +282,24 @@ async fn mock() -> SocketAddr {
         }
     });
     addr
+}
+
+/// A request body, read no faster than `mbit` Mbit/s when given.
+async fn read_body(mut body: Incoming, mbit: Option<f64>) -> Result<Bytes, hyper::Error> {
+    let Some(mbit) = mbit else {
+        return Ok(body.collect().await?.to_bytes());
+    };
+    let bytes_per_second = mbit * 1e6 / 8.0;
+    let start = tokio::time::Instant::now();
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            out.extend_from_slice(&data);
+            let due = start + Duration::from_secs_f64(out.len() as f64 / bytes_per_second);
+            tokio::time::sleep_until(due).await;
+        }
+    }
+    Ok(Bytes::from(out))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -300,7 +330,13 @@ impl Drop for Gateway {
     }
 }
 
-fn start_gateway(bin: &Path, wrap: &[String], sync: &str, mock: SocketAddr) -> Gateway {
+fn start_gateway(
+    bin: &Path,
+    wrap: &[String],
+    sync: &str,
+    cut_through: bool,
+    mock: SocketAddr,
+) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("imagegate.db");
     let config = format!(
@@ -312,6 +348,7 @@ max_in_flight = 1024
 [upstream]
 base_url = "http://{mock}"
 allow_http = true
+cut_through = {cut_through}
 
 [ledger]
 path = {db:?}
@@ -548,8 +585,14 @@ async fn main() {
             ],
         },
     ];
-    let mock = mock().await;
-    let gw = start_gateway(&args.gateway, &args.wrap, &args.sqlite_synchronous, mock);
+    let mock = mock(args.slow_upstream).await;
+    let gw = start_gateway(
+        &args.gateway,
+        &args.wrap,
+        &args.sqlite_synchronous,
+        args.cut_through,
+        mock,
+    );
     let pid = gw.child.id();
     let tck = clk_tck();
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
@@ -656,9 +699,12 @@ async fn main() {
         }
     }
     println!(
-        "gateway {} (pid {pid}, ledger.sqlite_synchronous = {}), mock in this process; CPU ticks of {} per second; gateway RSS at start {} MiB\n",
+        "gateway {} (pid {pid}, ledger.sqlite_synchronous = {}, upstream.cut_through = {}), mock in this process reading {}; CPU ticks of {} per second; gateway RSS at start {} MiB\n",
         args.gateway.display(),
         args.sqlite_synchronous,
+        args.cut_through,
+        args.slow_upstream
+            .map_or("at full speed".to_string(), |m| format!("at {m} Mbit/s")),
         tck,
         base_rss / 1024
     );

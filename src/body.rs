@@ -1,5 +1,8 @@
 //! Body types shared by the stack: one boxed response body, and a body made of `Bytes` chunks
-//! (the canonical multipart, which reuses the image bytes instead of copying them).
+//! (the canonical multipart, which reuses the image bytes instead of copying them), whose last
+//! chunk may wait for a check ([`gate`]).
+
+pub mod gate;
 
 use std::any::Any;
 use std::collections::VecDeque;
@@ -41,6 +44,8 @@ pub struct ChunkedBody {
     /// Set when the sender first asks for a frame: from then on the request may have reached
     /// its peer (the connection is up and its head written or about to be).
     polled: Option<Arc<AtomicBool>>,
+    /// Cut-through: the last chunk waits for this gate ([`ChunkedBody::gated`]).
+    gate: Option<gate::Gate>,
 }
 
 impl std::fmt::Debug for ChunkedBody {
@@ -48,6 +53,7 @@ impl std::fmt::Debug for ChunkedBody {
         f.debug_struct("ChunkedBody")
             .field("chunks", &self.chunks.len())
             .field("remaining", &self.remaining)
+            .field("gate", &self.gate)
             .finish()
     }
 }
@@ -60,6 +66,7 @@ impl ChunkedBody {
             remaining,
             hold: None,
             polled: None,
+            gate: None,
         }
     }
 
@@ -95,14 +102,21 @@ impl ChunkedBody {
 
 impl http_body::Body for ChunkedBody {
     type Data = Bytes;
-    type Error = std::convert::Infallible;
+    type Error = gate::GateShut;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if let Some(flag) = &self.polled {
             flag.store(true, Ordering::Release);
+        }
+        if self.chunks.len() == 1 {
+            match gate::poll_last(&mut self.gate, cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(shut)) => return Poll::Ready(Some(Err(shut))),
+                Poll::Ready(Ok(())) => {}
+            }
         }
         match self.chunks.pop_front() {
             Some(chunk) => {

@@ -18,6 +18,7 @@
 //! | `imagegate_in_flight_requests` | gauge | |
 //! | `imagegate_decodes_running` | gauge | |
 //! | `imagegate_decodes_cancelled_total` | counter | |
+//! | `imagegate_cut_through_total` | counter | `result` (`passed`, `refused`, `caller_gone`) |
 //! | `imagegate_ledger_queue_depth` | gauge | |
 //! | `imagegate_ledger_write_seconds` | histogram | |
 //! | `imagegate_model_shutdown_days` | gauge | `model` |
@@ -158,6 +159,10 @@ fn describe() {
     describe_counter!(
         "imagegate_decodes_cancelled_total",
         "Image checks stopped at a row because their caller had left"
+    );
+    describe_counter!(
+        "imagegate_cut_through_total",
+        "Requests sent upstream while their images were checked (upstream.cut_through), by how the check ended: passed, refused (upload aborted), caller_gone"
     );
     describe_gauge!(
         "imagegate_rate_backend_up",

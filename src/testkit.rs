@@ -28,6 +28,41 @@
 /// Proves that a panicking forwarding task still completes its record and settles its quota.
 pub const PANIC_AFTER_SEND_USER: &str = "imagegate-testkit-panic-after-send";
 
+/// End users whose name starts with this hold their image check right after it said that the
+/// body may go upstream while it runs (cut-through), until [`release_check`] is called with
+/// their name or their caller leaves: a test sees the upload in flight before the check ends,
+/// whatever the machine's speed. Only in builds with this module.
+pub const HOLD_CHECK_PREFIX: &str = "imagegate-testkit-hold-check-";
+
+static RELEASED_CHECKS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static RELEASE: std::sync::Condvar = std::sync::Condvar::new();
+
+/// Let the held check of end user `user` (see [`HOLD_CHECK_PREFIX`]) go on.
+pub fn release_check(user: &str) {
+    let mut released = RELEASED_CHECKS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    released.push(user.to_owned());
+    RELEASE.notify_all();
+}
+
+/// Block this (blocking-pool) thread while `user` is held: until [`release_check`] or `cancel`.
+pub(crate) fn hold_check(user: Option<&str>, cancel: &crate::edit::cancel::Cancel) {
+    let Some(user) = user.filter(|u| u.starts_with(HOLD_CHECK_PREFIX)) else {
+        return;
+    };
+    let mut released = RELEASED_CHECKS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    while !released.iter().any(|u| u == user) && !cancel.is_cancelled() {
+        // Woken by a release; the timeout only lets a cancellation be seen.
+        released = RELEASE
+            .wait_timeout(released, std::time::Duration::from_millis(20))
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0;
+    }
+}
+
 use std::io::Cursor;
 
 use bytes::Bytes;

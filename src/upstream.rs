@@ -29,6 +29,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 use crate::body::ChunkedBody;
+use crate::body::gate::Gate;
 use crate::clock::Clock;
 use crate::config::{Config, Secret};
 use crate::edit::canonical::CanonicalBody;
@@ -160,7 +161,9 @@ impl Upstream {
     /// The retry rule: the same body goes to another key only when the upstream refused it
     /// without doing the work: a 429 rate-limit answer, or a connection that failed to open
     /// (nothing of the request was sent). Never once a body went out otherwise (a 5xx, a
-    /// timeout, a broken connection). Each key is tried at most once.
+    /// timeout, a broken connection). Each key is tried at most once. A gated body (cut-through)
+    /// goes to another key only once its gate is open; a failure after its gate shut is not
+    /// held against the key.
     pub async fn send(
         &self,
         canonical: CanonicalBody,
@@ -171,12 +174,23 @@ impl Upstream {
         // The body is kept for another attempt only while another key could take one: with a
         // single choice it goes to hyper, which drops it (and its memory budget) once sent.
         let choices = self.pool.choices(client);
+        // Cut-through: the body's last chunk waits for the check (see `body::gate`).
+        let gate = canonical.body.gate().cloned();
         let mut body = Some(canonical.body);
         let mut tried: Vec<usize> = Vec::new();
         // What to give the caller when no key is left: a refusal answer, else the last failure.
         let mut refused: Option<Sent> = None;
         let mut failed: Option<SendError> = None;
-        while let Some(pick) = self.pool.pick(client, &tried) {
+        loop {
+            // Another attempt only with the whole body known: once the check passed.
+            if let Some(gate) = gate.as_ref().filter(|_| !tried.is_empty())
+                && !gate.decided().await
+            {
+                return Err(check_failed(None));
+            }
+            let Some(pick) = self.pool.pick(client, &tried) else {
+                break;
+            };
             if !tried.is_empty() {
                 let reason = if refused.is_some() {
                     "rate_limit"
@@ -279,6 +293,11 @@ impl Upstream {
                     timeout: true,
                 },
             };
+            if gate.as_ref().and_then(Gate::state) == Some(false) {
+                // The check failed and the body was cut short on purpose: not the key's fault.
+                attempt.verdict = Verdict::Nothing;
+                return Err(check_failed(Some(key)));
+            }
             attempt.verdict = Verdict::Failure;
             let polled = polled.load(Ordering::Acquire);
             let mut error = failure.classify(polled, self.response_timeout);
@@ -298,6 +317,16 @@ impl Upstream {
             reached: false,
             key: None,
         }))
+    }
+}
+
+/// A send abandoned because the request failed its check (cut-through): nothing complete went
+/// upstream. The caller is told the check's error, not this one.
+fn check_failed(key: Option<Arc<str>>) -> SendError {
+    SendError {
+        error: GatewayError::Internal,
+        reached: false,
+        key,
     }
 }
 

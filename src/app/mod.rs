@@ -363,6 +363,7 @@ fn edits(
             slots: fixed.forwarding_slots.clone(),
             ledger: fixed.ledger.clone(),
             tasks: fixed.tasks.clone(),
+            cut_through: config.upstream.cut_through,
         },
     }
 }

@@ -194,8 +194,14 @@ impl Live {
 }
 
 /// The upstream client can be kept: same `[upstream]` (the pool's keys included, their
-/// values compared: `Debug` redacts them), same single key, no CA file to read again.
+/// values compared: `Debug` redacts them; `cut_through` aside, which the forwarder reads), same
+/// single key, no CA file to read again.
 pub(super) fn same_upstream(old: &Config, new: &Config) -> bool {
+    let client = |c: &Config| {
+        let mut u = c.upstream.clone();
+        u.cut_through = false;
+        format!("{u:?}")
+    };
     let secrets = |c: &Config| {
         c.upstream
             .keys
@@ -203,7 +209,7 @@ pub(super) fn same_upstream(old: &Config, new: &Config) -> bool {
             .map(|k| k.secret.as_ref().map(|s| s.expose().to_owned()))
             .collect::<Vec<_>>()
     };
-    format!("{:?}", old.upstream) == format!("{:?}", new.upstream)
+    client(old) == client(new)
         && old.upstream_key.as_ref().map(|k| k.expose())
             == new.upstream_key.as_ref().map(|k| k.expose())
         && secrets(old) == secrets(new)

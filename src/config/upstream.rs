@@ -44,6 +44,10 @@ pub struct UpstreamConfig {
     pub keys: Vec<UpstreamKeyConfig>,
     /// When a key is benched (`[upstream.breaker]`).
     pub breaker: BreakerConfig,
+    /// Cut-through: send the canonical body upstream while the images are still being
+    /// checked, holding back its last bytes until they pass (a failed check aborts the upload,
+    /// so the upstream never receives a complete request). Off by default.
+    pub cut_through: bool,
 }
 
 /// One key of the pool (`[[upstream.keys]]`).
@@ -141,6 +145,7 @@ impl Default for UpstreamConfig {
             ca_file: None,
             keys: Vec::new(),
             breaker: BreakerConfig::default(),
+            cut_through: false,
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 
 use super::validated::{Key, Role, Validated, ValidatedCache, fingerprint};
 
@@ -62,63 +62,134 @@ pub async fn check_images(
     rules: &PngRules,
     edit: &ImageEdit,
 ) -> Checked {
+    start_check_images(permits, validated, rules, edit, None).await
+}
+
+/// What the check says once it took the digests, before any decode (cut-through).
+#[derive(Debug)]
+pub enum Early {
+    /// Its result cannot change the canonical body (no file can be converted) and it still has
+    /// a file to decode: the body may go upstream now. The digests, for the `forwarding` record.
+    Overlap(FileDigest, Option<FileDigest>),
+    /// A file may be converted, or the validated cache knows every file: wait for the result.
+    Wait,
+}
+
+/// [`check_images`] as a future that owns what it needs; with `early`, it also says right after
+/// the digests whether the body may go upstream while it decodes ([`Early`]).
+pub fn start_check_images(
+    permits: &Arc<Semaphore>,
+    validated: &Arc<ValidatedCache>,
+    rules: &PngRules,
+    edit: &ImageEdit,
+    early: Option<oneshot::Sender<Early>>,
+) -> impl Future<Output = Checked> + Send + 'static {
     let image = edit.image.bytes.clone();
     let mask = edit.mask.as_ref().map(|m| m.bytes.clone());
     let rules = rules.clone();
     let cache = validated.clone();
+    let permits = permits.clone();
     let max_bytes = rules.max_bytes;
-    let job = decode_pool::run(permits, "PNG check", move |cancel| {
-        let mut image_digest = FileDigest::of(&image);
-        let mut mask_digest = mask.as_deref().map(FileDigest::of);
-        let tag = if cache.is_on() {
-            fingerprint(&rules)
-        } else {
-            0
-        };
-        let png_error = |part| {
-            move |rejection| GatewayError::Png {
-                part,
-                rejection,
-                max_bytes,
-            }
-        };
-        let result = (|| {
-            let role = Role::DallE2Image {
-                has_mask: mask.is_some(),
+    #[cfg(any(test, feature = "testkit"))]
+    let user = edit.user.clone();
+    async move {
+        decode_pool::run(&permits, "PNG check", move |cancel| {
+            let mut image_digest = FileDigest::of(&image);
+            let mut mask_digest = mask.as_deref().map(FileDigest::of);
+            let tag = if cache.is_on() {
+                fingerprint(&rules)
+            } else {
+                0
             };
-            let image = cached_check(&cache, &image_digest, tag, role, image, |bytes| {
-                png_check::check_image_with(bytes, mask.is_some(), &rules, cancel)
-            })
-            .map_err(png_error("image"))?;
-            image_digest.dims = Some((image.width, image.height));
-            let mask = match (mask, mask_digest.as_mut()) {
-                (Some(m), Some(digest)) => {
-                    let image_dims = (image.width, image.height);
-                    let m = cached_check(&cache, digest, tag, Role::DallE2Mask, m, |bytes| {
-                        png_check::check_mask_with(bytes, image_dims, &rules, cancel)
-                    })
-                    .and_then(|m| {
-                        // A fact of this request, never cached: compared on every hit too.
-                        png_check::mask_fits((m.width, m.height), image_dims)?;
-                        Ok(m)
-                    })
-                    .map_err(png_error("mask"))?;
-                    digest.dims = Some((m.width, m.height));
-                    Some(m)
+            if let Some(early) = early {
+                let verdict = early_verdict(
+                    &cache,
+                    tag,
+                    (&image, &image_digest),
+                    mask.as_ref().zip(mask_digest.as_ref()),
+                );
+                #[cfg(any(test, feature = "testkit"))]
+                let overlap = matches!(verdict, Early::Overlap(..));
+                let _ = early.send(verdict);
+                #[cfg(any(test, feature = "testkit"))]
+                if overlap {
+                    crate::testkit::hold_check(user.as_deref(), cancel);
                 }
-                _ => None,
+            }
+            let png_error = |part| {
+                move |rejection| GatewayError::Png {
+                    part,
+                    rejection,
+                    max_bytes,
+                }
             };
-            Ok((image, mask))
-        })();
-        Checked {
-            digests: Some((image_digest, mask_digest)),
-            result,
-        }
-    });
-    job.await.unwrap_or_else(|| Checked {
-        digests: None,
-        result: Err(GatewayError::Internal),
-    })
+            let result = (|| {
+                let role = Role::DallE2Image {
+                    has_mask: mask.is_some(),
+                };
+                let image = cached_check(&cache, &image_digest, tag, role, image, |bytes| {
+                    png_check::check_image_with(bytes, mask.is_some(), &rules, cancel)
+                })
+                .map_err(png_error("image"))?;
+                image_digest.dims = Some((image.width, image.height));
+                let mask = match (mask, mask_digest.as_mut()) {
+                    (Some(m), Some(digest)) => {
+                        let image_dims = (image.width, image.height);
+                        let m = cached_check(&cache, digest, tag, Role::DallE2Mask, m, |bytes| {
+                            png_check::check_mask_with(bytes, image_dims, &rules, cancel)
+                        })
+                        .and_then(|m| {
+                            // A fact of this request, never cached: compared on every hit too.
+                            png_check::mask_fits((m.width, m.height), image_dims)?;
+                            Ok(m)
+                        })
+                        .map_err(png_error("mask"))?;
+                        digest.dims = Some((m.width, m.height));
+                        Some(m)
+                    }
+                    _ => None,
+                };
+                Ok((image, mask))
+            })();
+            Checked {
+                digests: Some((image_digest, mask_digest)),
+                result,
+            }
+        })
+        .await
+        .unwrap_or_else(|| Checked {
+            digests: None,
+            result: Err(GatewayError::Internal),
+        })
+    }
+}
+
+/// [`Early`] from what is known before decoding: the IHDR and the chunks before IDAT (may a
+/// file be converted?) and the validated cache (is every file known?).
+fn early_verdict(
+    cache: &ValidatedCache,
+    tag: u64,
+    (image, image_digest): (&Bytes, &FileDigest),
+    mask: Option<(&Bytes, &FileDigest)>,
+) -> Early {
+    // An image sent with a mask is never converted; a mask, or an image alone, may be.
+    let may_convert = match mask {
+        Some((m, _)) => png_check::may_convert(m),
+        None => png_check::may_convert(image),
+    };
+    let known = |digest: &FileDigest, role| cache.contains(&Key::new(digest.sha256(), tag, role));
+    let all_known = cache.is_on()
+        && known(
+            image_digest,
+            Role::DallE2Image {
+                has_mask: mask.is_some(),
+            },
+        )
+        && mask.is_none_or(|(_, d)| known(d, Role::DallE2Mask));
+    if may_convert || all_known {
+        return Early::Wait;
+    }
+    Early::Overlap(image_digest.clone(), mask.map(|(_, d)| d.clone()))
 }
 
 /// `check` of one file, or its cached success: a file that passed unchanged is stored (one that

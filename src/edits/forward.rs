@@ -15,6 +15,7 @@ use http::{HeaderValue, Response, header};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
+use super::cut_through::Verdict;
 use super::relay::{ChannelBody, ImageCounter, Observed, RelayTimeouts, Watch, pump};
 use super::reserve::ReservationGuard;
 use crate::answer::{JsonAnswerScanner, SseScanner};
@@ -24,6 +25,7 @@ use crate::error::GatewayError;
 use crate::ledger::CostBasis;
 use crate::ledger::store::LedgerOp;
 use crate::ledger::{Ledger, Outcome, Record};
+use crate::middleware::BoxFuture;
 use crate::middleware::usage::{Trail, commit, commit_detached, note_error};
 use crate::pricing::{Usage, cost_micros_sum};
 use crate::upstream::{SendError, Sent, Upstream, passed_headers};
@@ -40,6 +42,8 @@ pub struct Forwarder {
     pub ledger: Ledger,
     /// Forwarding tasks, which outlive their connections; shutdown waits for them.
     pub tasks: TaskTracker,
+    /// `upstream.cut_through`: the body may go upstream while its images are checked.
+    pub cut_through: bool,
 }
 
 impl Forwarder {
@@ -50,6 +54,20 @@ impl Forwarder {
         answer: Expect,
         reservation: ReservationGuard,
         trail: Trail,
+    ) -> Result<Response<Body>, GatewayError> {
+        self.forward_checking(canonical, answer, reservation, trail, None)
+            .await
+    }
+
+    /// [`Forwarder::forward`] of a body whose check may still run (cut-through, see
+    /// [`super::cut_through`]).
+    pub async fn forward_checking(
+        &self,
+        canonical: CanonicalBody,
+        answer: Expect,
+        reservation: ReservationGuard,
+        trail: Trail,
+        check: Option<BoxFuture<Verdict>>,
     ) -> Result<Response<Body>, GatewayError> {
         if !self.upstream.has_key() {
             reservation.refund().await;
@@ -70,8 +88,16 @@ impl Forwarder {
             async move {
                 // Held until the record is complete and the answer relayed.
                 let _slot = slot;
-                this.run(canonical, answer, reservation, trail, record, head_tx)
-                    .await
+                this.run(
+                    canonical,
+                    check,
+                    answer,
+                    reservation,
+                    trail,
+                    record,
+                    head_tx,
+                )
+                .await
             },
             span,
         ));
@@ -95,14 +121,16 @@ impl Forwarder {
     }
 
     /// The forwarding task.
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         self,
         canonical: CanonicalBody,
+        check: Option<BoxFuture<Verdict>>,
         answer: Expect,
         reservation: ReservationGuard,
         trail: Trail,
         record: Record,
-        head_tx: oneshot::Sender<Result<(http::response::Parts, ChannelBody), GatewayError>>,
+        mut head_tx: oneshot::Sender<Result<(http::response::Parts, ChannelBody), GatewayError>>,
     ) {
         let mut reservation = reservation;
         // Completes the record if this task ends without doing so (a panic).
@@ -144,7 +172,26 @@ impl Forwarder {
         record.sent = true;
         let sent = std::time::Instant::now();
         let client = record.client.clone();
-        let upstream = self.upstream.send(canonical, client.as_deref()).await;
+        let upstream = match check {
+            None => self.upstream.send(canonical, client.as_deref()).await,
+            Some(check) => {
+                let sending =
+                    self.send_while_checking(canonical, client, check, &mut head_tx, &mut record);
+                match sending.await {
+                    Ok(upstream) => upstream,
+                    Err(stop) => {
+                        reservation.refund().await;
+                        record.settled = true;
+                        let error = stop.note(&mut record);
+                        self.complete(record.take(), &trail).await;
+                        if let Some(e) = error {
+                            let _ = head_tx.send(Err(e));
+                        }
+                        return;
+                    }
+                }
+            }
+        };
         #[cfg(any(test, feature = "testkit"))]
         if record.user.as_deref() == Some(crate::testkit::PANIC_AFTER_SEND_USER) {
             panic!("testkit: a forwarding task panics after the upstream answered");

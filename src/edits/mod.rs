@@ -14,6 +14,7 @@
 
 pub mod check_files;
 pub mod check_images;
+pub mod cut_through;
 pub mod decode_pool;
 pub mod forward;
 pub mod gpt;
@@ -49,7 +50,7 @@ use crate::middleware::auth::Caller;
 use crate::middleware::usage::Trail;
 use crate::pricing::reservation_micros;
 use check_files::check_files;
-use check_images::check_images;
+use cut_through::{Checking, check_or_start, forward_dall_e_2};
 use forward::{Expect, Forwarder};
 use read_body::BudgetHold;
 use read_body::{BodyLimits, BufferBudget, read_body};
@@ -267,9 +268,24 @@ impl Edits {
             )
             .await?;
             trail.update(|r| r.cost_reserved_micros = reservation.reserved_micros());
-            // check images
-            let checked =
-                check_images(&this.decode_permits, &this.validated, &this.png, &edit).await;
+            // check images (cut-through: the body goes upstream while they are checked)
+            let cut_through = this.forwarder.cut_through;
+            let checking = check_or_start(
+                &this.decode_permits,
+                &this.validated,
+                &this.png,
+                &edit,
+                cut_through,
+            );
+            let checked = match checking.await {
+                Checking::Done(checked) => checked,
+                Checking::Running(running) => {
+                    // canonical body → forward while checking → relay → settle and record
+                    let fwd = &this.forwarder;
+                    return forward_dall_e_2(fwd, edit, running, held, reservation, trail, started)
+                        .await;
+                }
+            };
             if let Some((image, mask)) = &checked.digests {
                 trail.update(|r| {
                     (r.image_sha256, r.image_bytes, r.image_width, r.image_height) = image.fields();

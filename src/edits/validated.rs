@@ -186,6 +186,18 @@ impl ValidatedCache {
         found
     }
 
+    /// Whether a fresh entry for `key` is there, without counting a hit or a miss and without
+    /// touching its place in the eviction order (cut-through asks before the check, which then
+    /// asks again with [`ValidatedCache::get`]).
+    pub fn contains(&self, key: &Key) -> bool {
+        let Some(inner) = &self.inner else {
+            return false;
+        };
+        let now = self.clock.elapsed();
+        let g = inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.map.get(key).is_some_and(|slot| slot.expires > now)
+    }
+
     /// Store a file that passed unchanged; the least recently used entries make room.
     pub fn insert(&self, key: Key, value: Validated) {
         let Some(inner) = &self.inner else { return };

@@ -7,7 +7,8 @@
 //! Serves HTTP/1.1 and h2c (prior knowledge) through hyper-util's auto builder. Every request
 //! whose body was read completely is recorded (method, path, headers, body, multipart parts)
 //! *before* its response is sent, so once a client has an answer, [`MockUpstream::count`]
-//! already includes that request. `GET /v1/models` is answered apart from the edits behaviour,
+//! already includes that request; one whose body broke off is kept apart
+//! ([`MockUpstream::aborted`]). `GET /v1/models` is answered apart from the edits behaviour,
 //! by [`ModelsAnswer`] (see [`MockUpstream::set_models`]). Dropping the [`MockUpstream`] aborts the accept loop and
 //! every connection task and releases all hanging handlers, so calls stuck on it end.
 
@@ -64,6 +65,10 @@ pub enum Behavior {
     /// Accepts the request head but never reads the body nor answers. Not recorded in
     /// `received()` (the body never arrives); counted by [`MockUpstream::heads`].
     HangBeforeReading,
+    /// Extra: answers `status` with `body` (`application/json`, the OpenAI headers) as soon
+    /// as the request head arrives, without reading the body (an upstream refusing a request
+    /// on its headers, e.g. a 401). Not recorded in `received()`; counted by `heads()`.
+    AnswerUnread { status: u16, body: String },
     /// Like `Success`, but the JSON body (no content-length, chunked on HTTP/1.1) is sent in
     /// `chunks` pieces (at most one per byte), yielding to the scheduler between pieces
     /// (same mechanism as `tokio::task::yield_now`; no sleeps).
@@ -312,8 +317,21 @@ impl Recorded {
     }
 }
 
+/// Extra: a request whose body broke off before its end (the client aborted it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Aborted {
+    /// The request's `content-length`, if it had one.
+    pub content_length: Option<usize>,
+    /// Body bytes received before the body failed.
+    pub received: usize,
+}
+
 struct Shared {
     recorded: Mutex<Vec<Recorded>>,
+    aborted: Mutex<Vec<Aborted>>,
+    aborted_tx: watch::Sender<usize>,
+    /// The most body bytes any request had received so far (complete or not).
+    progress_tx: watch::Sender<usize>,
     count_tx: watch::Sender<usize>,
     heads_tx: watch::Sender<usize>,
     behavior: Mutex<Behavior>,
@@ -351,6 +369,9 @@ impl MockUpstream {
         let (shutdown_tx, shutdown_rx) = watch::channel(());
         let shared = Arc::new(Shared {
             recorded: Mutex::new(Vec::new()),
+            aborted: Mutex::new(Vec::new()),
+            aborted_tx: watch::Sender::new(0),
+            progress_tx: watch::Sender::new(0),
             count_tx: watch::Sender::new(0),
             heads_tx: watch::Sender::new(0),
             behavior: Mutex::new(Behavior::Success),
@@ -398,6 +419,25 @@ impl MockUpstream {
         let _ = rx.wait_for(|c| *c >= n).await;
     }
 
+    /// Extra: the requests whose body broke off before its end (not in `received()`), in the
+    /// order they failed.
+    pub fn aborted(&self) -> Vec<Aborted> {
+        self.shared.aborted.lock().unwrap().clone()
+    }
+
+    /// Extra: resolves once at least `n` request bodies broke off (no polling).
+    pub async fn wait_for_aborted(&self, n: usize) {
+        let mut rx = self.shared.aborted_tx.subscribe();
+        let _ = rx.wait_for(|c| *c >= n).await;
+    }
+
+    /// Extra: resolves once some request's body has delivered at least `n` bytes so far,
+    /// complete or not (no polling).
+    pub async fn wait_for_body_bytes(&self, n: usize) {
+        let mut rx = self.shared.progress_tx.subscribe();
+        let _ = rx.wait_for(|most| *most >= n).await;
+    }
+
     /// Extra: number of request heads seen (every request, including `HangBeforeReading`
     /// ones and ones whose body never completed).
     pub fn heads(&self) -> usize {
@@ -418,7 +458,10 @@ impl MockUpstream {
     /// Sets the behaviour for all following requests (a request uses the behaviour in force
     /// when its head arrived). Panics on an invalid status code.
     pub fn set_behavior(&self, b: Behavior) {
-        if let Behavior::Status { status, .. } | Behavior::Custom { status, .. } = &b {
+        if let Behavior::Status { status, .. }
+        | Behavior::Custom { status, .. }
+        | Behavior::AnswerUnread { status, .. } = &b
+        {
             StatusCode::from_u16(*status).expect("set_behavior: invalid status code");
         }
         if let Behavior::Custom { headers, .. } = &b {
@@ -493,17 +536,49 @@ async fn handle(
         return models(req, &shared).await;
     }
     let behavior = shared.behavior.lock().unwrap().clone();
+    if let Behavior::AnswerUnread { status, body } = behavior {
+        let id = shared.responses.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut resp = Response::new(MockBody::full(body));
+        *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+        openai_headers(resp.headers_mut(), id, req.version());
+        return Ok(resp);
+    }
     if behavior == Behavior::HangBeforeReading {
         let _unread = req; // keep the request and its unread body alive
         return Err(wait_shutdown(&shared).await);
     }
 
-    let (head, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map_err(std::io::Error::other)?
-        .to_bytes();
+    let (head, mut body) = req.into_parts();
+    let mut received = Vec::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    received.extend_from_slice(&data);
+                    let n = received.len();
+                    shared.progress_tx.send_if_modified(|most| {
+                        let more = n > *most;
+                        *most = (*most).max(n);
+                        more
+                    });
+                }
+            }
+            Err(e) => {
+                let content_length = head
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                shared.aborted.lock().unwrap().push(Aborted {
+                    content_length,
+                    received: received.len(),
+                });
+                shared.aborted_tx.send_modify(|n| *n += 1);
+                return Err(std::io::Error::other(e));
+            }
+        }
+    }
+    let body = Bytes::from(received);
     let parts = parse_multipart(&head.headers, &body).await;
     let json = parse_json(&head.headers, &body);
     let rec = Recorded {
@@ -574,7 +649,7 @@ async fn handle(
             body.stall_at_end = behavior == Behavior::StallMidBody;
             (StatusCode::OK, body, true)
         }
-        Behavior::HangBeforeReading => unreachable!(),
+        Behavior::HangBeforeReading | Behavior::AnswerUnread { .. } => unreachable!(),
         Behavior::Success | Behavior::FewerImages(_) | Behavior::Held => (
             StatusCode::OK,
             MockBody::full(success_json(items, b64)),

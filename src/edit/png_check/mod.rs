@@ -124,6 +124,37 @@ pub fn check_image_with(
     finish(bytes, &header, mode, outcome, rules)
 }
 
+/// Whether the checks may re-encode this file (a type without an alpha channel whose
+/// transparency comes from tRNS, see [`Header::needs_conversion`]), told from IHDR and the chunk
+/// headers before the image data: no CRC, no decoding. `true` when it cannot tell (a malformed
+/// file: only its check decides). An image sent with a mask is never converted, whatever this
+/// says.
+pub fn may_convert(bytes: &[u8]) -> bool {
+    const COLOR_TYPE: usize = 8 + 8 + 9;
+    if bytes.len() <= COLOR_TYPE || bytes[..8] != SIGNATURE || &bytes[12..16] != b"IHDR" {
+        return true;
+    }
+    if matches!(bytes[COLOR_TYPE], 4 | 6) {
+        return false;
+    }
+    let mut at = SIGNATURE.len();
+    while at + 8 <= bytes.len() {
+        match &bytes[at + 4..at + 8] {
+            b"tRNS" => return true,
+            b"IDAT" | b"IEND" => return false,
+            _ => {}
+        }
+        let Some(next) = (walk::be_u32(&bytes[at..]) as usize)
+            .checked_add(12)
+            .and_then(|n| n.checked_add(at))
+        else {
+            return true;
+        };
+        at = next;
+    }
+    true
+}
+
 /// Validates the `mask` part against the already checked image's dimensions.
 pub fn check_mask(
     bytes: Bytes,
@@ -2346,6 +2377,45 @@ mod tests {
                     Contains(m) => p.message.contains(m.as_str()),
                 };
                 assert!(ok, "{}: message {:?}", c.name, p.message);
+            }
+        }
+    }
+
+    #[test]
+    fn may_convert_says_yes_whenever_the_check_converts() {
+        let palette_trns = Img::new(4, 3, 8, |x, y| vec![((x + y) % 3) as u16])
+            .plte(vec![10, 20, 30, 40, 50, 60, 70, 80, 90])
+            .trns(vec![0, 128])
+            .bytes();
+        let gray_trns = Img::new(4, 0, 8, |x, y| vec![(x * 10 + y) as u16])
+            .trns(vec![0, 21])
+            .bytes();
+        let gray = Img::new(4, 0, 8, |x, y| vec![(x * 10 + y) as u16]).bytes();
+        assert!(
+            gray.len() > 41 && &gray[37..41] == b"IDAT",
+            "IDAT right after IHDR"
+        );
+        let rgba = Bytes::from(crate::testkit::rgba_png(16, true));
+        let cases: [(&str, Bytes, bool); 8] = [
+            ("palette with tRNS", palette_trns, true),
+            ("gray with tRNS", gray_trns, true),
+            ("gray without tRNS", gray.clone(), false),
+            ("RGBA", rgba.clone(), false),
+            (
+                "not a PNG",
+                Bytes::from_static(b"GIF89a......................"),
+                true,
+            ),
+            ("cut inside IHDR", rgba.slice(..20), true),
+            ("gray cut before its IDAT", gray.slice(..40), true),
+            ("RGBA cut before its IDAT", rgba.slice(..40), false),
+        ];
+        for (name, bytes, want) in cases {
+            assert_eq!(may_convert(&bytes), want, "{name}");
+            for rules in [strict(), compatible()] {
+                if let Ok(out) = check_image(bytes.clone(), false, &rules) {
+                    assert!(want || !out.converted, "{name}: converted unannounced");
+                }
             }
         }
     }
