@@ -457,15 +457,12 @@ impl Upstream {
         }
     }
 
-    /// `GET {base_url}/models` with the first key of the pool that is loaded: the ids the upstream lists, with their
-    /// shutdown dates. The whole exchange (connect, answer, body of at most
-    /// [`MAX_LISTING_BYTES`](crate::models_check::MAX_LISTING_BYTES)) must end within `timeout`;
-    /// the connect timeout of `upstream.connect_timeout` applies too. Errors are one line for
-    /// the operator and never carry the key.
-    pub async fn list_models(
-        &self,
-        timeout: Duration,
-    ) -> Result<crate::models_check::Listing, String> {
+    /// `GET {base_url}/models` with the first key of the pool that is loaded: the body of a
+    /// successful answer, for `models_check` to read the ids and shutdown dates from. The whole
+    /// exchange (connect, answer, body of at most `max_bytes`) must end within `timeout`; the
+    /// connect timeout of `upstream.connect_timeout` applies too. Errors are one line for the
+    /// operator and never carry the key.
+    pub async fn list_models(&self, timeout: Duration, max_bytes: usize) -> Result<Bytes, String> {
         use http_body_util::Limited;
         let (endpoint, auth) = self
             .endpoints
@@ -485,7 +482,7 @@ impl Upstream {
                 .await
                 .map_err(|e| format!("GET /models failed: {}", error_chain(&e)))?;
             let status = resp.status();
-            let body = Limited::new(resp.into_body(), crate::models_check::MAX_LISTING_BYTES)
+            let body = Limited::new(resp.into_body(), max_bytes)
                 .collect()
                 .await
                 .map_err(|e| format!("GET /models: reading the answer: {e}"))?
@@ -496,7 +493,7 @@ impl Upstream {
                     error_summary(&body)
                 ));
             }
-            crate::models_check::parse_listing(&body)
+            Ok(body)
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,

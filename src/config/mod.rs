@@ -19,6 +19,7 @@ mod keys;
 mod ledger;
 mod load;
 mod log;
+pub mod models;
 mod secret;
 mod server;
 mod upstream;
@@ -35,7 +36,9 @@ pub use log::{LogConfig, LogFormat};
 pub use secret::Secret;
 pub use server::ServerConfig;
 pub use upstream::{BreakerConfig, DEFAULT_KEY_NAME, UpstreamConfig, UpstreamKeyConfig};
-pub use validation::{TransparencyPolicy, ValidationConfig};
+pub use validation::{
+    DEFAULT_MAX_CONVERSION_BYTES, DEFAULT_MAX_PIXELS, Size, TransparencyPolicy, ValidationConfig,
+};
 
 use crate::limits::spec::{LimitsConfig, Prices, QuotasConfig, default_prices};
 
@@ -45,7 +48,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub validation: ValidationConfig,
-    pub models: crate::models::ModelsConfig,
+    pub models: models::ModelsConfig,
     pub log: LogConfig,
     pub limits: LimitsConfig,
     pub quotas: QuotasConfig,
@@ -69,7 +72,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             upstream: UpstreamConfig::default(),
             validation: ValidationConfig::default(),
-            models: crate::models::ModelsConfig::default(),
+            models: models::ModelsConfig::default(),
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
             quotas: QuotasConfig::default(),
@@ -136,7 +139,7 @@ impl Config {
             match self.prices.get(model) {
                 None => p.push(format!("prices: no prices for model '{model}'")),
                 Some(sizes) => {
-                    for size in crate::edit::Size::ALL {
+                    for size in Size::ALL {
                         match sizes.get(size.as_str()) {
                             Some(usd) if usd.is_finite() && *usd >= 0.0 => {}
                             Some(_) => p.push(format!(

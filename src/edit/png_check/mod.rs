@@ -69,8 +69,8 @@ pub struct PngRules {
 }
 
 impl PngRules {
-    /// 64 MiB: an 8-bit RGBA frame of 4096 × 4096.
-    pub const DEFAULT_MAX_CONVERSION_BYTES: usize = 64 * 1024 * 1024;
+    /// 64 MiB: an 8-bit RGBA frame of 4096 × 4096 ([`crate::config::DEFAULT_MAX_CONVERSION_BYTES`]).
+    pub const DEFAULT_MAX_CONVERSION_BYTES: usize = crate::config::DEFAULT_MAX_CONVERSION_BYTES;
 }
 
 /// A PNG that passed every check.
