@@ -9,14 +9,16 @@
 //! This module composes the sections, one file each, and reports their problems; each section's
 //! file holds its type, its defaults and its own checks. `load` reads the file and the
 //! environment; `keys` parses key hashes once; `secret` keeps secrets from being printed.
-//! `[limits]`, `[quotas]` and `[prices]` are the `limits` module's (`limits::spec`), `[models]`
-//! the `models` module's.
+//! `limits` holds `[limits]`, `[quotas]` and `[prices]` (re-exported as `limits::spec`),
+//! `models` the `[models]` section (re-exported as `crate::models`): configuration is plain
+//! data and imports no other module of the gateway but `tls`.
 
 mod admin;
 mod cache;
 mod clients;
 mod keys;
 mod ledger;
+pub mod limits;
 mod load;
 mod log;
 pub mod models;
@@ -40,7 +42,7 @@ pub use validation::{
     DEFAULT_MAX_CONVERSION_BYTES, DEFAULT_MAX_PIXELS, Size, TransparencyPolicy, ValidationConfig,
 };
 
-use crate::limits::spec::{LimitsConfig, Prices, QuotasConfig, default_prices};
+use limits::{LimitsConfig, Prices, QuotasConfig, default_prices};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -115,7 +117,7 @@ impl Config {
         if self.limits.max_tracked_users_per_client == 0 {
             p.push("limits.max_tracked_users_per_client: must be at least 1".into());
         }
-        p.extend(crate::limits::rate_redis::problems(&self.limits));
+        p.extend(limits::redis_problems(&self.limits));
         p.extend(self.quotas.per_user.problems("quotas.per_user"));
         p.extend(self.quotas.per_client.problems("quotas.per_client"));
         if jiff::tz::TimeZone::get(&self.quotas.time_zone).is_err() {

@@ -8,7 +8,7 @@ pub mod quota;
 pub mod rate;
 pub mod rate_redis;
 mod refusal;
-pub mod spec;
+pub use crate::config::limits as spec;
 
 use crate::config::ClientConfig;
 use spec::{ClientKind, MissingUser, UserMismatch};

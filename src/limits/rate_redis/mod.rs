@@ -32,15 +32,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
+use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, IntoConnectionInfo};
 
 use super::EndUser;
 use super::rate::{
     Counted, LimitSpec, Limited, RateBackend, RateLimits, RateRefusal, RateStatus, UserCheck,
     Window,
 };
-use super::spec::{LimitsConfig, RateBackendKind, RedisFailure, redact_url};
+use super::spec::{RedisFailure, redact_url};
 use crate::clock::Clock;
 use crate::config::Config;
 
@@ -55,30 +55,7 @@ pub const RETRY_AFTER: Duration = Duration::from_millis(500);
 /// At most one "Redis unreachable" warning this often.
 pub const WARN_EVERY: Duration = Duration::from_secs(30);
 
-/// The configuration's problems with the Redis settings (for `check-config` and start-up).
-pub fn problems(l: &LimitsConfig) -> Vec<String> {
-    let mut p = Vec::new();
-    if l.backend == RateBackendKind::Redis {
-        match &l.redis_url {
-            None => p.push(
-                "limits.redis_url: required when limits.backend = \"redis\" (or set IMAGEGATE_REDIS_URL)"
-                    .into(),
-            ),
-            Some(url) => {
-                if let Err(e) = url.expose().as_str().into_connection_info() {
-                    p.push(format!(
-                        "limits.redis_url: '{}' is not a Redis URL: {e}",
-                        redact_url(url.expose())
-                    ));
-                }
-            }
-        }
-        if l.redis_timeout.is_zero() {
-            p.push("limits.redis_timeout: must be greater than zero".into());
-        }
-    }
-    p
-}
+pub use crate::config::limits::redis_problems as problems;
 
 /// Every client's limits under `config`.
 fn client_specs(config: &Config) -> HashMap<Arc<str>, ClientSpecs> {

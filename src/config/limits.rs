@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use redis::IntoConnectionInfo;
 use serde::Deserialize;
 
 use crate::config::Secret;
@@ -262,4 +263,30 @@ pub struct UserOverride {
     pub limits: RateSpec,
     #[serde(default)]
     pub quotas: QuotaSpec,
+}
+
+/// The configuration's problems with the Redis settings (for `check-config`, start-up and
+/// reload; also `limits::rate_redis::problems`).
+pub fn redis_problems(l: &LimitsConfig) -> Vec<String> {
+    let mut p = Vec::new();
+    if l.backend == RateBackendKind::Redis {
+        match &l.redis_url {
+            None => p.push(
+                "limits.redis_url: required when limits.backend = \"redis\" (or set IMAGEGATE_REDIS_URL)"
+                    .into(),
+            ),
+            Some(url) => {
+                if let Err(e) = url.expose().as_str().into_connection_info() {
+                    p.push(format!(
+                        "limits.redis_url: '{}' is not a Redis URL: {e}",
+                        redact_url(url.expose())
+                    ));
+                }
+            }
+        }
+        if l.redis_timeout.is_zero() {
+            p.push("limits.redis_timeout: must be greater than zero".into());
+        }
+    }
+    p
 }
