@@ -33,7 +33,10 @@ pub use admin::{AdminConfig, METRICS_TOKEN_ENV, MetricsAuth};
 pub use cache::CacheConfig;
 pub use clients::{ClientConfig, KeyPin};
 pub use keys::{KeyHash, hash_key};
-pub use ledger::{LedgerBackend, LedgerConfig, PgUrl};
+pub use ledger::{
+    DEFAULT_STALL_TIMEOUT, LedgerBackend, LedgerConfig, PgSettings, PgUrl, PromptPolicy,
+    Synchronous, redact_pg_url,
+};
 pub use log::{LogConfig, LogFormat};
 pub use secret::Secret;
 pub use server::ServerConfig;
