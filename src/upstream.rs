@@ -25,8 +25,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 
 use crate::body::ChunkedBody;
 use crate::clock::Clock;
@@ -551,30 +549,13 @@ fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, StartupError> {
     Ok(roots)
 }
 
-/// The CA certificates of a PEM file (`upstream.ca_file`) as trust anchors. Other PEM sections
-/// (keys, CRLs) are skipped. Errors name the key and the path: the file cannot be read, is not
-/// PEM, holds no certificate, or holds one that cannot be a trust anchor.
+/// The CA certificates of a PEM file (`upstream.ca_file`) as trust anchors
+/// ([`crate::config::read_ca_file`]); the error names the key and the path.
 pub fn extra_roots(path: &Path) -> Result<RootCertStore, StartupError> {
-    let at = |detail: String| StartupError::CaFile {
+    crate::config::read_ca_file(path).map_err(|detail| StartupError::CaFile {
         path: path.to_path_buf(),
         detail,
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect())
-        .map_err(|e| match e {
-            rustls::pki_types::pem::Error::Io(io) => at(format!("cannot read: {io}")),
-            other => at(format!("not a PEM file: {other}")),
-        })?;
-    if certs.is_empty() {
-        return Err(at("holds no PEM certificate".into()));
-    }
-    let mut roots = RootCertStore::empty();
-    for (i, cert) in certs.into_iter().enumerate() {
-        roots
-            .add(cert)
-            .map_err(|e| at(format!("certificate {}: {e}", i + 1)))?;
-    }
-    Ok(roots)
+    })
 }
 
 fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::IntoConnectionInfo;
 use serde::Deserialize;
 
-use crate::config::Secret;
+use super::Secret;
 
 /// Per-minute rate limits. A missing value means "inherit"; `0` means "no limit".
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -265,8 +265,7 @@ pub struct UserOverride {
     pub quotas: QuotaSpec,
 }
 
-/// The configuration's problems with the Redis settings (for `check-config`, start-up and
-/// reload; also `limits::rate_redis::problems`).
+/// The configuration's problems with the Redis settings (for `check-config` and start-up).
 pub fn redis_problems(l: &LimitsConfig) -> Vec<String> {
     let mut p = Vec::new();
     if l.backend == RateBackendKind::Redis {
@@ -289,4 +288,39 @@ pub fn redis_problems(l: &LimitsConfig) -> Vec<String> {
         }
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+        assert_eq!(redact_url("redis://:hunter2@h:6379"), "redis://:***@h:6379");
+        assert_eq!(redact_url("rediss://me:hunter2@h/1"), "rediss://me:***@h/1");
+        assert_eq!(redact_url("redis://hunter2@h"), "redis://***@h");
+    }
+
+    #[test]
+    fn a_bad_url_is_a_problem() {
+        let l = LimitsConfig {
+            backend: RateBackendKind::Redis,
+            redis_url: Some(Secret::new("http://:pw@nowhere".into())),
+            ..Default::default()
+        };
+        let p = redis_problems(&l);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("limits.redis_url"), "{p:?}");
+        assert!(!p[0].contains("pw"), "the password is never shown: {p:?}");
+        let none = LimitsConfig {
+            backend: RateBackendKind::Redis,
+            ..Default::default()
+        };
+        assert_eq!(redis_problems(&none).len(), 1);
+        assert!(redis_problems(&LimitsConfig::default()).is_empty());
+    }
 }

@@ -40,7 +40,9 @@ pub use ledger::{
 pub use log::{LogConfig, LogFormat};
 pub use secret::Secret;
 pub use server::ServerConfig;
-pub use upstream::{BreakerConfig, DEFAULT_KEY_NAME, UpstreamConfig, UpstreamKeyConfig};
+pub use upstream::{
+    BreakerConfig, DEFAULT_KEY_NAME, UpstreamConfig, UpstreamKeyConfig, read_ca_file,
+};
 pub use validation::{
     DEFAULT_MAX_CONVERSION_BYTES, DEFAULT_MAX_PIXELS, Size, TransparencyPolicy, ValidationConfig,
 };

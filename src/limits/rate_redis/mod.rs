@@ -55,8 +55,6 @@ pub const RETRY_AFTER: Duration = Duration::from_millis(500);
 /// At most one "Redis unreachable" warning this often.
 pub const WARN_EVERY: Duration = Duration::from_secs(30);
 
-pub use crate::config::limits::redis_problems as problems;
-
 /// Every client's limits under `config`.
 fn client_specs(config: &Config) -> HashMap<Arc<str>, ClientSpecs> {
     let l = &config.limits;
@@ -442,40 +440,5 @@ impl RateBackend for RedisRates {
 
     fn reconfigured(&self, config: &Config) -> Arc<dyn RateBackend> {
         Arc::new(self.reconfigured_with(config))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("redis://127.0.0.1:6379/0"),
-            "redis://127.0.0.1:6379/0"
-        );
-        assert_eq!(redact_url("redis://:hunter2@h:6379"), "redis://:***@h:6379");
-        assert_eq!(redact_url("rediss://me:hunter2@h/1"), "rediss://me:***@h/1");
-        assert_eq!(redact_url("redis://hunter2@h"), "redis://***@h");
-    }
-
-    #[test]
-    fn a_bad_url_is_a_problem() {
-        let l = LimitsConfig {
-            backend: RateBackendKind::Redis,
-            redis_url: Some(crate::config::Secret::new("http://:pw@nowhere".into())),
-            ..Default::default()
-        };
-        let p = problems(&l);
-        assert_eq!(p.len(), 1, "{p:?}");
-        assert!(p[0].contains("limits.redis_url"), "{p:?}");
-        assert!(!p[0].contains("pw"), "the password is never shown: {p:?}");
-        let none = LimitsConfig {
-            backend: RateBackendKind::Redis,
-            ..Default::default()
-        };
-        assert_eq!(problems(&none).len(), 1);
-        assert!(problems(&LimitsConfig::default()).is_empty());
     }
 }
