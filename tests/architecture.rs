@@ -44,7 +44,11 @@ fn src_files() -> Vec<(String, String)> {
     files
         .into_iter()
         .map(|p| {
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
+            let rel = p
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
             (rel, std::fs::read_to_string(&p).expect("read source"))
         })
         .collect()
@@ -70,10 +74,17 @@ fn uses(code: &str) -> BTreeSet<String> {
                 .map(|s| s.trim().split("::").next().unwrap_or(""))
                 .collect()
         } else {
-            vec![rest.split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or("")]
+            vec![
+                rest.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .next()
+                    .unwrap_or(""),
+            ]
         };
         for n in names {
-            if !n.is_empty() && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+            if !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
                 out.insert(n.to_owned());
             }
         }
@@ -147,7 +158,9 @@ fn no_import_cycle_among_the_top_level_modules() {
     // (from, to) → the files that make the edge, for the failure message.
     let mut why: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for (rel, text) in src_files() {
-        let Some(from) = top_module(&rel) else { continue };
+        let Some(from) = top_module(&rel) else {
+            continue;
+        };
         let code = production(&text).join("\n");
         for to in uses(&code) {
             if to != from {
@@ -180,9 +193,15 @@ fn the_cycle_finder_finds_a_cycle() {
     assert_eq!(cycles(&edges), vec![vec!["a", "b", "c"]]);
     assert_eq!(
         uses("use crate::{x, y::Z};\nlet v = crate::w::f();"),
-        ["w", "x", "y"].into_iter().map(String::from).collect::<BTreeSet<_>>()
+        ["w", "x", "y"]
+            .into_iter()
+            .map(String::from)
+            .collect::<BTreeSet<_>>()
     );
-    assert_eq!(production("fn a() {} // crate::b\n#[cfg(test)]\nmod tests {}"), vec!["fn a() {} "]);
+    assert_eq!(
+        production("fn a() {} // crate::b\n#[cfg(test)]\nmod tests {}"),
+        vec!["fn a() {} "]
+    );
 }
 
 #[test]
