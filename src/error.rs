@@ -6,7 +6,8 @@
 //! new variant cannot be added without deciding its status, type, param and code. Internal details
 //! (I/O errors, upstream bodies) are logged by the caller, never put into a message. Domain code
 //! returns its own typed refusals (`edit::form::FormError`, `limits::EndUserError`,
-//! `limits::rate::RateRefusal`); their `From` conversions (`domain`) word them.
+//! `limits::rate::RateRefusal`); their `From` conversions live beside them (`edit::form::error`,
+//! `limits::refusal`) and word them with the shared wordings of `domain`.
 
 use std::time::Duration;
 
@@ -14,11 +15,12 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::{Body, full};
-use crate::edit::png_check::PngRejection;
 
 mod domain;
+pub(crate) mod png;
 
-pub(crate) use domain::quoted_list;
+pub(crate) use domain::{quoted_list, too_long};
+pub use png::PngRejection;
 
 /// One rejected or failed request.
 #[derive(Debug, Clone, PartialEq)]

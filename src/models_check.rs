@@ -58,6 +58,15 @@ pub struct Listing {
     pub models: BTreeMap<String, Option<Date>>,
 }
 
+/// The upstream's listing: `GET /models` within [`CHECK_TIMEOUT`], its body bounded by
+/// [`MAX_LISTING_BYTES`], read by [`parse_listing`]. Errors are one line for the operator.
+pub async fn fetch_listing(upstream: &Upstream) -> Result<Listing, String> {
+    let body = upstream
+        .list_models(CHECK_TIMEOUT, MAX_LISTING_BYTES)
+        .await?;
+    parse_listing(&body)
+}
+
 /// Parse a `GET /models` answer leniently (see the module doc). Err when the body is not JSON
 /// or has no `data` array.
 pub fn parse_listing(body: &[u8]) -> Result<Listing, String> {
@@ -430,7 +439,7 @@ pub fn at_start(config: Arc<Config>, upstream: Arc<Upstream>, clock: Clock) {
         return;
     }
     tokio::spawn(async move {
-        let check = match upstream.list_models(CHECK_TIMEOUT).await {
+        let check = match fetch_listing(&upstream).await {
             Ok(listing) => Check::Listed(listing),
             Err(e) => Check::Failed(e),
         };

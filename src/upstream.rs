@@ -25,8 +25,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 
 use crate::body::ChunkedBody;
 use crate::body::gate::Gate;
@@ -486,15 +484,12 @@ impl Upstream {
         }
     }
 
-    /// `GET {base_url}/models` with the first key of the pool that is loaded: the ids the upstream lists, with their
-    /// shutdown dates. The whole exchange (connect, answer, body of at most
-    /// [`MAX_LISTING_BYTES`](crate::models_check::MAX_LISTING_BYTES)) must end within `timeout`;
-    /// the connect timeout of `upstream.connect_timeout` applies too. Errors are one line for
-    /// the operator and never carry the key.
-    pub async fn list_models(
-        &self,
-        timeout: Duration,
-    ) -> Result<crate::models_check::Listing, String> {
+    /// `GET {base_url}/models` with the first key of the pool that is loaded: the body of a
+    /// successful answer, for `models_check` to read the ids and shutdown dates from. The whole
+    /// exchange (connect, answer, body of at most `max_bytes`) must end within `timeout`; the
+    /// connect timeout of `upstream.connect_timeout` applies too. Errors are one line for the
+    /// operator and never carry the key.
+    pub async fn list_models(&self, timeout: Duration, max_bytes: usize) -> Result<Bytes, String> {
         use http_body_util::Limited;
         let (endpoint, auth) = self
             .endpoints
@@ -514,7 +509,7 @@ impl Upstream {
                 .await
                 .map_err(|e| format!("GET /models failed: {}", error_chain(&e)))?;
             let status = resp.status();
-            let body = Limited::new(resp.into_body(), crate::models_check::MAX_LISTING_BYTES)
+            let body = Limited::new(resp.into_body(), max_bytes)
                 .collect()
                 .await
                 .map_err(|e| format!("GET /models: reading the answer: {e}"))?
@@ -525,7 +520,7 @@ impl Upstream {
                     error_summary(&body)
                 ));
             }
-            crate::models_check::parse_listing(&body)
+            Ok(body)
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
@@ -583,30 +578,13 @@ fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, StartupError> {
     Ok(roots)
 }
 
-/// The CA certificates of a PEM file (`upstream.ca_file`) as trust anchors. Other PEM sections
-/// (keys, CRLs) are skipped. Errors name the key and the path: the file cannot be read, is not
-/// PEM, holds no certificate, or holds one that cannot be a trust anchor.
+/// The CA certificates of a PEM file (`upstream.ca_file`) as trust anchors
+/// ([`crate::config::read_ca_file`]); the error names the key and the path.
 pub fn extra_roots(path: &Path) -> Result<RootCertStore, StartupError> {
-    let at = |detail: String| StartupError::CaFile {
+    crate::config::read_ca_file(path).map_err(|detail| StartupError::CaFile {
         path: path.to_path_buf(),
         detail,
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect())
-        .map_err(|e| match e {
-            rustls::pki_types::pem::Error::Io(io) => at(format!("cannot read: {io}")),
-            other => at(format!("not a PEM file: {other}")),
-        })?;
-    if certs.is_empty() {
-        return Err(at("holds no PEM certificate".into()));
-    }
-    let mut roots = RootCertStore::empty();
-    for (i, cert) in certs.into_iter().enumerate() {
-        roots
-            .add(cert)
-            .map_err(|e| at(format!("certificate {}: {e}", i + 1)))?;
-    }
-    Ok(roots)
+    })
 }
 
 fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {

@@ -52,7 +52,7 @@ fn ask(c: &Config) -> Check {
             Ok(u) => u,
             Err(e) => return Check::Failed(e.to_string()),
         };
-        match upstream.list_models(models_check::CHECK_TIMEOUT).await {
+        match models_check::fetch_listing(&upstream).await {
             Ok(listing) => Check::Listed(listing),
             Err(e) => Check::Failed(e),
         }

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use serde::Deserialize;
 
 use super::KeyHash;
-use crate::limits::spec::{ClientKind, QuotaSpec, RateSpec, UserOverride};
+use super::limits::{ClientKind, QuotaSpec, RateSpec, UserOverride};
 
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct ClientConfig {
@@ -86,9 +86,7 @@ pub(super) fn problems(
             (ClientKind::Personal, None) => p.push(format!(
                 "clients[{i}].user: a personal client needs its user's name"
             )),
-            (ClientKind::Personal, Some(u))
-                if crate::limits::normalize_user(u, max_user_chars).is_err() =>
-            {
+            (ClientKind::Personal, Some(u)) if !valid_user_name(u, max_user_chars) => {
                 p.push(format!("clients[{i}].user: not a valid user name"))
             }
             (ClientKind::App, Some(_)) => p.push(format!(
@@ -107,4 +105,10 @@ pub(super) fn problems(
         }
     }
     hashes
+}
+/// Whether `raw` is an end-user id `limits::normalize_user` accepts (trimmed: no control
+/// characters, at most `max_chars` characters; empty counts as absent, not as invalid).
+fn valid_user_name(raw: &str, max_chars: usize) -> bool {
+    let t = raw.trim();
+    !t.chars().any(char::is_control) && t.chars().count() <= max_chars
 }

@@ -5,13 +5,16 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Default of `ledger.stall_timeout`.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct LedgerConfig {
     /// SQLite database holding the usage ledger and quota use.
     pub path: PathBuf,
     /// `none`, `sha256` or `full`.
-    pub prompt: crate::ledger::PromptPolicy,
+    pub prompt: PromptPolicy,
     /// Records waiting for the writer; when full, requests wait (nothing is dropped).
     pub queue: usize,
     /// Where the ledger and the quota use live: `sqlite` (the file at `path`, one gateway
@@ -49,7 +52,7 @@ pub struct LedgerConfig {
     /// SQLite: `full` (default) makes every commit durable across a power loss (an fsync of
     /// the WAL per commit, two per forwarded request); `normal` across a process crash only
     /// (fsync at checkpoints), for less CPU and latency per request.
-    pub sqlite_synchronous: crate::ledger::Synchronous,
+    pub sqlite_synchronous: Synchronous,
 }
 
 /// `[ledger] backend`.
@@ -68,7 +71,7 @@ pub struct PgUrl(pub String);
 
 impl std::fmt::Debug for PgUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&crate::ledger::postgres::redact_url(&self.0))
+        f.write_str(&redact_pg_url(&self.0))
     }
 }
 
@@ -76,7 +79,7 @@ impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
             path: PathBuf::from("data/imagegate.db"),
-            prompt: crate::ledger::PromptPolicy::Sha256,
+            prompt: PromptPolicy::Sha256,
             queue: 1024,
             backend: LedgerBackend::Sqlite,
             postgres_url: None,
@@ -86,19 +89,19 @@ impl Default for LedgerConfig {
             replica_id: None,
             startup_wait: Duration::from_secs(30),
             health_interval: Duration::from_secs(5),
-            stall_timeout: crate::ledger::writer::DEFAULT_STALL_TIMEOUT,
-            sqlite_synchronous: crate::ledger::Synchronous::Full,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            sqlite_synchronous: Synchronous::Full,
         }
     }
 }
 
 impl LedgerConfig {
     /// The PostgreSQL settings, when `backend = "postgres"` and a URL is set.
-    pub fn postgres(&self) -> Option<crate::ledger::PgSettings> {
+    pub fn postgres(&self) -> Option<PgSettings> {
         if self.backend != LedgerBackend::Postgres {
             return None;
         }
-        Some(crate::ledger::PgSettings {
+        Some(PgSettings {
             url: self.postgres_url.as_ref()?.0.clone(),
             schema: self.postgres_schema.clone(),
             pool_size: self.pool_size,
@@ -123,9 +126,7 @@ impl LedgerConfig {
     /// Where the ledger is, for messages: the path, or the URL without its password.
     pub fn location(&self) -> PathBuf {
         match (&self.backend, &self.postgres_url) {
-            (LedgerBackend::Postgres, Some(u)) => {
-                PathBuf::from(crate::ledger::postgres::redact_url(&u.0))
-            }
+            (LedgerBackend::Postgres, Some(u)) => PathBuf::from(redact_pg_url(&u.0)),
             _ => self.path.clone(),
         }
     }
@@ -147,7 +148,7 @@ impl LedgerConfig {
                     if let Err(e) = u.0.parse::<postgres::Config>() {
                         p.push(format!(
                             "ledger.postgres_url {}: {e}",
-                            crate::ledger::postgres::redact_url(&u.0)
+                            redact_pg_url(&u.0)
                         ));
                     }
                 }
@@ -162,5 +163,101 @@ impl LedgerConfig {
         if self.stall_timeout.is_zero() {
             p.push("ledger.stall_timeout: must be greater than zero".into());
         }
+    }
+}
+
+/// What the ledger keeps of the prompt (`ledger.prompt`; `ledger::PromptPolicy::apply` applies it). Configured as `none`, `sha256` (default) or `full`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptPolicy {
+    /// Nothing.
+    None,
+    /// `sha256:` + 64 hex digits of the prompt's UTF-8 bytes: proves which prompt was sent
+    /// without keeping it.
+    #[default]
+    Sha256,
+    /// The prompt itself.
+    Full,
+}
+
+/// SQLite's `synchronous` setting for the ledger connection (`ledger.sqlite_synchronous`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    /// fsync the WAL at every commit: durable across power loss. The default.
+    #[default]
+    Full,
+    /// fsync only at checkpoints: durable across a process crash, not a power loss.
+    Normal,
+}
+
+/// How to reach PostgreSQL. `Debug` never shows the password.
+#[derive(Clone)]
+pub struct PgSettings {
+    /// `postgres://user:password@host:port/db?...` or `host=... user=...`.
+    pub url: String,
+    /// Tables live in this schema (`SET search_path` on every connection); `None`: the
+    /// server's default (`public`).
+    pub schema: Option<String>,
+    /// Connections of the quota store's pool (the ledger writer and each reader hold one more).
+    pub pool_size: usize,
+    /// Timeout of a connection attempt.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSettings")
+            .field("url", &redact_pg_url(&self.url))
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// `url` with any password replaced by `***` (URL and key=value forms).
+pub fn redact_pg_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (authority, tail) = match rest.find(['/', '?']) {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        let authority = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{host}"),
+                None => authority.to_owned(),
+            },
+            None => authority.to_owned(),
+        };
+        let tail = match tail.split_once('?') {
+            None => tail.to_owned(),
+            Some((path, query)) => {
+                let query = query
+                    .split('&')
+                    .map(|p| {
+                        if p.to_ascii_lowercase().starts_with("password=") {
+                            "password=***".to_owned()
+                        } else {
+                            p.to_owned()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("&");
+                format!("{path}?{query}")
+            }
+        };
+        format!("{scheme}://{authority}{tail}")
+    } else {
+        url.split_whitespace()
+            .map(|kv| {
+                if kv.to_ascii_lowercase().starts_with("password=") {
+                    "password=***".to_owned()
+                } else {
+                    kv.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }

@@ -9,16 +9,19 @@
 //! This module composes the sections, one file each, and reports their problems; each section's
 //! file holds its type, its defaults and its own checks. `load` reads the file and the
 //! environment; `keys` parses key hashes once; `secret` keeps secrets from being printed.
-//! `[limits]`, `[quotas]` and `[prices]` are the `limits` module's (`limits::spec`), `[models]`
-//! the `models` module's.
+//! `limits` holds `[limits]`, `[quotas]` and `[prices]` (re-exported as `limits::spec`),
+//! `models` the `[models]` section (re-exported as `crate::models`): configuration is plain
+//! data and imports no other module of the gateway but `tls`.
 
 mod admin;
 mod cache;
 mod clients;
 mod keys;
 mod ledger;
+pub mod limits;
 mod load;
 mod log;
+pub mod models;
 mod secret;
 mod server;
 mod upstream;
@@ -30,14 +33,21 @@ pub use admin::{AdminConfig, METRICS_TOKEN_ENV, MetricsAuth};
 pub use cache::CacheConfig;
 pub use clients::{ClientConfig, KeyPin};
 pub use keys::{KeyHash, hash_key};
-pub use ledger::{LedgerBackend, LedgerConfig, PgUrl};
+pub use ledger::{
+    DEFAULT_STALL_TIMEOUT, LedgerBackend, LedgerConfig, PgSettings, PgUrl, PromptPolicy,
+    Synchronous, redact_pg_url,
+};
 pub use log::{LogConfig, LogFormat};
 pub use secret::Secret;
 pub use server::ServerConfig;
-pub use upstream::{BreakerConfig, DEFAULT_KEY_NAME, UpstreamConfig, UpstreamKeyConfig};
-pub use validation::{TransparencyPolicy, ValidationConfig};
+pub use upstream::{
+    BreakerConfig, DEFAULT_KEY_NAME, UpstreamConfig, UpstreamKeyConfig, read_ca_file,
+};
+pub use validation::{
+    DEFAULT_MAX_CONVERSION_BYTES, DEFAULT_MAX_PIXELS, Size, TransparencyPolicy, ValidationConfig,
+};
 
-use crate::limits::spec::{LimitsConfig, Prices, QuotasConfig, default_prices};
+use limits::{LimitsConfig, Prices, QuotasConfig, default_prices};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -45,7 +55,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub validation: ValidationConfig,
-    pub models: crate::models::ModelsConfig,
+    pub models: models::ModelsConfig,
     pub log: LogConfig,
     pub limits: LimitsConfig,
     pub quotas: QuotasConfig,
@@ -69,7 +79,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             upstream: UpstreamConfig::default(),
             validation: ValidationConfig::default(),
-            models: crate::models::ModelsConfig::default(),
+            models: models::ModelsConfig::default(),
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
             quotas: QuotasConfig::default(),
@@ -112,7 +122,7 @@ impl Config {
         if self.limits.max_tracked_users_per_client == 0 {
             p.push("limits.max_tracked_users_per_client: must be at least 1".into());
         }
-        p.extend(crate::limits::rate_redis::problems(&self.limits));
+        p.extend(limits::redis_problems(&self.limits));
         p.extend(self.quotas.per_user.problems("quotas.per_user"));
         p.extend(self.quotas.per_client.problems("quotas.per_client"));
         if jiff::tz::TimeZone::get(&self.quotas.time_zone).is_err() {
@@ -136,7 +146,7 @@ impl Config {
             match self.prices.get(model) {
                 None => p.push(format!("prices: no prices for model '{model}'")),
                 Some(sizes) => {
-                    for size in crate::edit::Size::ALL {
+                    for size in Size::ALL {
                         match sizes.get(size.as_str()) {
                             Some(usd) if usd.is_finite() && *usd >= 0.0 => {}
                             Some(_) => p.push(format!(

@@ -1,9 +1,12 @@
 //! `[upstream]`: the OpenAI (or compatible) server, the key pool (`[[upstream.keys]]`) and its
 //! breaker (`[upstream.breaker]`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 
 use super::ClientConfig;
@@ -229,9 +232,9 @@ impl UpstreamConfig {
             }
         }
         if let Some(file) = &u.ca_file
-            && let Err(e) = crate::upstream::extra_roots(file)
+            && let Err(detail) = read_ca_file(file)
         {
-            p.push(e.to_string());
+            p.push(format!("upstream.ca_file {}: {detail}", file.display()));
         }
     }
 
@@ -325,4 +328,27 @@ impl UpstreamConfig {
             }
         }
     }
+}
+
+/// The CA certificates of a PEM file (`upstream.ca_file`) as trust anchors. Other PEM sections
+/// (keys, CRLs) are skipped. The error says what is wrong (the caller names the key and the
+/// path): the file cannot be read, is not PEM, holds no certificate, or holds one that cannot be
+/// a trust anchor.
+pub fn read_ca_file(path: &Path) -> Result<RootCertStore, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| match e {
+            rustls::pki_types::pem::Error::Io(io) => format!("cannot read: {io}"),
+            other => format!("not a PEM file: {other}"),
+        })?;
+    if certs.is_empty() {
+        return Err("holds no PEM certificate".into());
+    }
+    let mut roots = RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        roots
+            .add(cert)
+            .map_err(|e| format!("certificate {}: {e}", i + 1))?;
+    }
+    Ok(roots)
 }

@@ -47,7 +47,7 @@ impl Default for ValidationConfig {
             max_user_chars: 256,
             models: Vec::new(),
             max_parts: 16,
-            max_conversion_bytes: crate::edit::png_check::PngRules::DEFAULT_MAX_CONVERSION_BYTES,
+            max_conversion_bytes: DEFAULT_MAX_CONVERSION_BYTES,
         }
     }
 }
@@ -83,6 +83,40 @@ impl ValidationConfig {
         }
         if v.max_conversion_bytes == 0 {
             p.push("validation.max_conversion_bytes: must be at least 1".into());
+        }
+    }
+}
+
+/// 64 MiB: an 8-bit RGBA frame of 4096 × 4096; the default of
+/// `validation.max_conversion_bytes` (`edit::png_check::PngRules`).
+pub const DEFAULT_MAX_CONVERSION_BYTES: usize = 64 * 1024 * 1024;
+
+/// 89,478,485 pixels: Pillow's `MAX_IMAGE_PIXELS`, above which it warns of a decompression
+/// bomb (and refuses at twice that). Every image a Pillow-based upstream opens quietly
+/// passes, 48-megapixel phone photos included; a forged 65535 × 65535 header does not.
+/// The default pixel cap of the file checks (`edit::files::FileRules`).
+pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
+
+/// `size`: the three sizes dall-e-2 produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Size {
+    S256,
+    S512,
+    S1024,
+}
+
+impl Size {
+    pub const ALL: [Size; 3] = [Size::S256, Size::S512, Size::S1024];
+
+    pub fn parse(s: &str) -> Option<Size> {
+        Size::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Size::S256 => "256x256",
+            Size::S512 => "512x512",
+            Size::S1024 => "1024x1024",
         }
     }
 }

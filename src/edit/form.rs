@@ -10,7 +10,9 @@ use futures_util::stream;
 
 use super::{FilePart, ImageEdit, ResponseFormat, Size};
 
-/// Why a form was refused: the facts `crate::error` words OpenAI's 400 from (param and code
+mod error;
+
+/// Why a form was refused: the facts `error` (beside this file) words OpenAI's 400 from (param and code
 /// as OpenAI names them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FormError {

@@ -11,29 +11,7 @@ pub mod sniff;
 
 use bytes::Bytes;
 
-/// `size`: the three sizes dall-e-2 produces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Size {
-    S256,
-    S512,
-    S1024,
-}
-
-impl Size {
-    pub const ALL: [Size; 3] = [Size::S256, Size::S512, Size::S1024];
-
-    pub fn parse(s: &str) -> Option<Size> {
-        Size::ALL.into_iter().find(|v| v.as_str() == s)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Size::S256 => "256x256",
-            Size::S512 => "512x512",
-            Size::S1024 => "1024x1024",
-        }
-    }
-}
+pub use crate::config::Size;
 
 /// `response_format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,19 +14,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-/// What the ledger keeps of the prompt. Configured as `none`, `sha256` (default) or `full`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PromptPolicy {
-    /// Nothing.
-    None,
-    /// `sha256:` + 64 hex digits of the prompt's UTF-8 bytes: proves which prompt was sent
-    /// without keeping it.
-    #[default]
-    Sha256,
-    /// The prompt itself.
-    Full,
-}
+pub use crate::config::PromptPolicy;
 
 impl PromptPolicy {
     /// The prompt as the ledger stores it under this policy.

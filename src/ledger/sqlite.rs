@@ -48,16 +48,7 @@ use super::store::{
     UsageRow, VerifyReport,
 };
 
-/// SQLite's `synchronous` setting for the ledger connection (`ledger.sqlite_synchronous`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Synchronous {
-    /// fsync the WAL at every commit: durable across power loss. The default.
-    #[default]
-    Full,
-    /// fsync only at checkpoints: durable across a process crash, not a power loss.
-    Normal,
-}
+pub use crate::config::Synchronous;
 
 /// Version of the tables. 1: the first release. 2: the records columns `quality` to
 /// `cost_basis` (see [`migrate_1_to_2`]). 3: `upstream_key` (see [`migrate_2_to_3`]). The

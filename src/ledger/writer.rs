@@ -108,8 +108,7 @@ impl Drop for Busy<'_> {
 /// How often a waiter for a commit looks whether the store stalled.
 const STALL_POLL: Duration = Duration::from_millis(100);
 
-/// Default of `ledger.stall_timeout`.
-pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub use crate::config::DEFAULT_STALL_TIMEOUT;
 
 /// What the handles share. Holds the only sender: when the last handle goes (or `close` takes
 /// it), the channel closes and the writer drains it and exits.

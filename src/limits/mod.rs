@@ -7,12 +7,13 @@
 pub mod quota;
 pub mod rate;
 pub mod rate_redis;
-pub mod spec;
+mod refusal;
+pub use crate::config::limits as spec;
 
 use crate::config::ClientConfig;
 use spec::{ClientKind, MissingUser, UserMismatch};
 
-/// Why the end user of a request could not be resolved: the facts `crate::error` words the 400
+/// Why the end user of a request could not be resolved: the facts `refusal` words the 400
 /// (param `user`) from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndUserError {

@@ -70,10 +70,8 @@ pub struct FileRules {
 }
 
 impl FileRules {
-    /// 89,478,485 pixels: Pillow's `MAX_IMAGE_PIXELS`, above which it warns of a decompression
-    /// bomb (and refuses at twice that). Every image a Pillow-based upstream opens quietly
-    /// passes, 48-megapixel phone photos included; a forged 65535 × 65535 header does not.
-    pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
+    /// [`crate::config::DEFAULT_MAX_PIXELS`]: Pillow's `MAX_IMAGE_PIXELS`.
+    pub const DEFAULT_MAX_PIXELS: u64 = crate::config::DEFAULT_MAX_PIXELS;
 }
 
 impl Default for FileRules {

@@ -20,7 +20,7 @@
 //!
 //! Here: the rules, the public checks and steps 1-5; `walk` is the chunk walk (step 3),
 //! `decode` the complete decode and alpha scan (step 7), `convert` the tRNS conversion (step 8),
-//! `rejection` the refusals and their OpenAI messages.
+//! `crate::error::png` the refusals and their OpenAI messages.
 
 use bytes::Bytes;
 use png::BitDepth;
@@ -30,11 +30,10 @@ use crate::edit::cancel::Cancel;
 
 mod convert;
 mod decode;
-mod rejection;
 mod walk;
 
+pub use crate::error::PngRejection;
 use decode::{DecodeOutcome, RowLayout, check_row_count, decode, next_row, row_reader};
-pub use rejection::PngRejection;
 pub(crate) use walk::{Header, Trailing, walk};
 use walk::{SIGNATURE, walk_chunks};
 
@@ -70,8 +69,8 @@ pub struct PngRules {
 }
 
 impl PngRules {
-    /// 64 MiB: an 8-bit RGBA frame of 4096 × 4096.
-    pub const DEFAULT_MAX_CONVERSION_BYTES: usize = 64 * 1024 * 1024;
+    /// 64 MiB: an 8-bit RGBA frame of 4096 × 4096 ([`crate::config::DEFAULT_MAX_CONVERSION_BYTES`]).
+    pub const DEFAULT_MAX_CONVERSION_BYTES: usize = crate::config::DEFAULT_MAX_CONVERSION_BYTES;
 }
 
 /// A PNG that passed every check.
@@ -305,9 +304,9 @@ fn finish(
 
 #[cfg(test)]
 mod tests {
-    use super::rejection::mib;
     use super::walk::be_u32;
     use super::*;
+    use crate::error::png::mib;
     use crate::testkit::{RawPng as Img, assemble, chunk, iend, ihdr, zlib_stored};
     use png::ColorType;
     use std::io::Cursor;

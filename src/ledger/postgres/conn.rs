@@ -9,76 +9,7 @@ use postgres::{Client, NoTls};
 
 use crate::ledger::LedgerError;
 
-/// How to reach PostgreSQL. `Debug` never shows the password.
-#[derive(Clone)]
-pub struct PgSettings {
-    /// `postgres://user:password@host:port/db?...` or `host=... user=...`.
-    pub url: String,
-    /// Tables live in this schema (`SET search_path` on every connection); `None`: the
-    /// server's default (`public`).
-    pub schema: Option<String>,
-    /// Connections of the quota store's pool (the ledger writer and each reader hold one more).
-    pub pool_size: usize,
-    /// Timeout of a connection attempt.
-    pub connect_timeout: Duration,
-}
-
-impl std::fmt::Debug for PgSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgSettings")
-            .field("url", &redact_url(&self.url))
-            .field("schema", &self.schema)
-            .field("pool_size", &self.pool_size)
-            .field("connect_timeout", &self.connect_timeout)
-            .finish()
-    }
-}
-
-/// `url` with any password replaced by `***` (URL and key=value forms).
-pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let (authority, tail) = match rest.find(['/', '?']) {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        let authority = match authority.rsplit_once('@') {
-            Some((userinfo, host)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:***@{host}"),
-                None => authority.to_owned(),
-            },
-            None => authority.to_owned(),
-        };
-        let tail = match tail.split_once('?') {
-            None => tail.to_owned(),
-            Some((path, query)) => {
-                let query = query
-                    .split('&')
-                    .map(|p| {
-                        if p.to_ascii_lowercase().starts_with("password=") {
-                            "password=***".to_owned()
-                        } else {
-                            p.to_owned()
-                        }
-                    })
-                    .collect::<Vec<_>>()
-                    .join("&");
-                format!("{path}?{query}")
-            }
-        };
-        format!("{scheme}://{authority}{tail}")
-    } else {
-        url.split_whitespace()
-            .map(|kv| {
-                if kv.to_ascii_lowercase().starts_with("password=") {
-                    "password=***".to_owned()
-                } else {
-                    kv.to_owned()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-}
+pub use crate::config::{PgSettings, redact_pg_url as redact_url};
 
 pub(super) fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))

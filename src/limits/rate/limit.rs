@@ -1,6 +1,6 @@
 //! The numbers of one per-minute limit, the windows it reports in `x-ratelimit-*` and the
 //! refusals it answers with, shared by the in-memory and the Redis backends so both answer with
-//! the same windows, waits and messages. A refusal carries the facts; `crate::error` words the
+//! the same windows, waits and messages. A refusal carries the facts; `limits::refusal` words the
 //! 429 (or the 503 of an unreachable shared limiter) from them.
 
 use std::sync::Arc;

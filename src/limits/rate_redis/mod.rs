@@ -32,15 +32,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
+use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, IntoConnectionInfo};
 
 use super::EndUser;
 use super::rate::{
     Counted, LimitSpec, Limited, RateBackend, RateLimits, RateRefusal, RateStatus, UserCheck,
     Window,
 };
-use super::spec::{LimitsConfig, RateBackendKind, RedisFailure, redact_url};
+use super::spec::{RedisFailure, redact_url};
 use crate::clock::Clock;
 use crate::config::Config;
 
@@ -54,31 +54,6 @@ use script::{Outcome, decode, micros, remaining, wait};
 pub const RETRY_AFTER: Duration = Duration::from_millis(500);
 /// At most one "Redis unreachable" warning this often.
 pub const WARN_EVERY: Duration = Duration::from_secs(30);
-
-/// The configuration's problems with the Redis settings (for `check-config` and start-up).
-pub fn problems(l: &LimitsConfig) -> Vec<String> {
-    let mut p = Vec::new();
-    if l.backend == RateBackendKind::Redis {
-        match &l.redis_url {
-            None => p.push(
-                "limits.redis_url: required when limits.backend = \"redis\" (or set IMAGEGATE_REDIS_URL)"
-                    .into(),
-            ),
-            Some(url) => {
-                if let Err(e) = url.expose().as_str().into_connection_info() {
-                    p.push(format!(
-                        "limits.redis_url: '{}' is not a Redis URL: {e}",
-                        redact_url(url.expose())
-                    ));
-                }
-            }
-        }
-        if l.redis_timeout.is_zero() {
-            p.push("limits.redis_timeout: must be greater than zero".into());
-        }
-    }
-    p
-}
 
 /// Every client's limits under `config`.
 fn client_specs(config: &Config) -> HashMap<Arc<str>, ClientSpecs> {
@@ -465,40 +440,5 @@ impl RateBackend for RedisRates {
 
     fn reconfigured(&self, config: &Config) -> Arc<dyn RateBackend> {
         Arc::new(self.reconfigured_with(config))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("redis://127.0.0.1:6379/0"),
-            "redis://127.0.0.1:6379/0"
-        );
-        assert_eq!(redact_url("redis://:hunter2@h:6379"), "redis://:***@h:6379");
-        assert_eq!(redact_url("rediss://me:hunter2@h/1"), "rediss://me:***@h/1");
-        assert_eq!(redact_url("redis://hunter2@h"), "redis://***@h");
-    }
-
-    #[test]
-    fn a_bad_url_is_a_problem() {
-        let l = LimitsConfig {
-            backend: RateBackendKind::Redis,
-            redis_url: Some(crate::config::Secret::new("http://:pw@nowhere".into())),
-            ..Default::default()
-        };
-        let p = problems(&l);
-        assert_eq!(p.len(), 1, "{p:?}");
-        assert!(p[0].contains("limits.redis_url"), "{p:?}");
-        assert!(!p[0].contains("pw"), "the password is never shown: {p:?}");
-        let none = LimitsConfig {
-            backend: RateBackendKind::Redis,
-            ..Default::default()
-        };
-        assert_eq!(problems(&none).len(), 1);
-        assert!(problems(&LimitsConfig::default()).is_empty());
     }
 }

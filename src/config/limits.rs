@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use redis::IntoConnectionInfo;
 use serde::Deserialize;
 
-use crate::config::Secret;
+use super::Secret;
 
 /// Per-minute rate limits. A missing value means "inherit"; `0` means "no limit".
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -262,4 +263,64 @@ pub struct UserOverride {
     pub limits: RateSpec,
     #[serde(default)]
     pub quotas: QuotaSpec,
+}
+
+/// The configuration's problems with the Redis settings (for `check-config` and start-up).
+pub fn redis_problems(l: &LimitsConfig) -> Vec<String> {
+    let mut p = Vec::new();
+    if l.backend == RateBackendKind::Redis {
+        match &l.redis_url {
+            None => p.push(
+                "limits.redis_url: required when limits.backend = \"redis\" (or set IMAGEGATE_REDIS_URL)"
+                    .into(),
+            ),
+            Some(url) => {
+                if let Err(e) = url.expose().as_str().into_connection_info() {
+                    p.push(format!(
+                        "limits.redis_url: '{}' is not a Redis URL: {e}",
+                        redact_url(url.expose())
+                    ));
+                }
+            }
+        }
+        if l.redis_timeout.is_zero() {
+            p.push("limits.redis_timeout: must be greater than zero".into());
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+        assert_eq!(redact_url("redis://:hunter2@h:6379"), "redis://:***@h:6379");
+        assert_eq!(redact_url("rediss://me:hunter2@h/1"), "rediss://me:***@h/1");
+        assert_eq!(redact_url("redis://hunter2@h"), "redis://***@h");
+    }
+
+    #[test]
+    fn a_bad_url_is_a_problem() {
+        let l = LimitsConfig {
+            backend: RateBackendKind::Redis,
+            redis_url: Some(Secret::new("http://:pw@nowhere".into())),
+            ..Default::default()
+        };
+        let p = redis_problems(&l);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("limits.redis_url"), "{p:?}");
+        assert!(!p[0].contains("pw"), "the password is never shown: {p:?}");
+        let none = LimitsConfig {
+            backend: RateBackendKind::Redis,
+            ..Default::default()
+        };
+        assert_eq!(redis_problems(&none).len(), 1);
+        assert!(redis_problems(&LimitsConfig::default()).is_empty());
+    }
 }

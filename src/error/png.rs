@@ -197,7 +197,7 @@ pub(super) fn format_message(part: &str, limit: usize) -> String {
 
 /// `limit` in MiB without trailing zeros: 4194304 -> "4", 2621440 -> "2.5". The value is printed
 /// exactly (shortest round-trip form of the f64), so it never overstates the limit.
-pub(super) fn mib(limit: usize) -> String {
+pub(crate) fn mib(limit: usize) -> String {
     let value = limit as f64 / (1024.0 * 1024.0);
     format!("{value}")
 }
