@@ -44,8 +44,8 @@ use super::record::{
 };
 use super::report::UsageAggregator;
 use super::store::{
-    BrokenLink, ChainHead, ChainStatus, LedgerOp, LedgerStore, RecentQuery, UsageFact, UsageQuery,
-    UsageRow, VerifyReport,
+    BatchResults, BrokenLink, ChainHead, ChainStatus, LedgerOp, LedgerStore, RecentQuery,
+    SqliteTask, UsageFact, UsageQuery, UsageRow, VerifyReport,
 };
 
 /// SQLite's `synchronous` setting for the ledger connection (`ledger.sqlite_synchronous`).
@@ -336,6 +336,8 @@ pub struct SqliteStore {
     tip: Option<Tip>,
     read_only: bool,
     schema: Schema,
+    /// The connection's `synchronous` setting.
+    synchronous: Synchronous,
     /// The file this store opened for writing (path, device and inode), checked before each
     /// write: SQLite keeps writing through its open descriptor to a file that was deleted,
     /// replaced or made read-only, so the gateway would not notice otherwise.
@@ -434,6 +436,7 @@ impl SqliteStore {
             tip: None,
             read_only: true,
             schema,
+            synchronous: Synchronous::Full,
             file: None,
         })
     }
@@ -452,7 +455,8 @@ impl SqliteStore {
         // Create what is missing and upgrade an older ledger in one transaction: another
         // process opening the same file waits, then finds it current.
         conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE;{SCHEMA}{}",
+            "BEGIN IMMEDIATE;{SCHEMA}{}{}",
+            crate::limits::quota::SQLITE_USAGE,
             crate::limits::quota::SQLITE_HOLDS
         ))
         .inspect_err(|_| {
@@ -482,6 +486,7 @@ impl SqliteStore {
             tip: None,
             read_only: false,
             schema: Schema::Current,
+            synchronous: Synchronous::Full,
             file: None,
         };
         store.load_tip()?;
@@ -489,12 +494,13 @@ impl SqliteStore {
     }
 
     /// Durability of each commit (see the module doc). FULL unless changed.
-    pub fn set_synchronous(&self, mode: Synchronous) -> Result<(), LedgerError> {
+    pub fn set_synchronous(&mut self, mode: Synchronous) -> Result<(), LedgerError> {
         let v = match mode {
             Synchronous::Full => "FULL",
             Synchronous::Normal => "NORMAL",
         };
         self.conn.pragma_update(None, "synchronous", v)?;
+        self.synchronous = mode;
         Ok(())
     }
 
@@ -950,10 +956,26 @@ impl LedgerStore for SqliteStore {
         &mut self,
         ops: &[LedgerOp],
     ) -> Result<Vec<Result<(), LedgerError>>, LedgerError> {
-        if ops.is_empty() {
-            return Ok(Vec::new());
+        Ok(self.write_batch_with(ops, &mut [])?.0)
+    }
+
+    fn write_batch_with(
+        &mut self,
+        ops: &[LedgerOp],
+        tasks: &mut [Box<dyn SqliteTask>],
+    ) -> Result<BatchResults, LedgerError> {
+        if ops.is_empty() && tasks.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
         }
-        self.in_transaction(|tx, tip| {
+        // A batch of quota changes only commits without its own fsync (as the quota store's
+        // connection always did, `synchronous=NORMAL`): the WAL is written in order, so the
+        // next FULL commit (the request's `forwarding` or final record) makes it durable too,
+        // and a crash in between is what start-up recovery reconciles.
+        let relaxed = ops.is_empty() && self.synchronous == Synchronous::Full;
+        if relaxed {
+            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        let written = self.in_transaction(|tx, tip| {
             let mut results = Vec::with_capacity(ops.len());
             for op in ops {
                 match plan(tx, op)? {
@@ -972,8 +994,22 @@ impl LedgerStore for SqliteStore {
                     }
                 }
             }
-            Ok(results)
-        })
+            let mut done = Vec::with_capacity(tasks.len());
+            for task in tasks.iter_mut() {
+                tx.prepare_cached("SAVEPOINT ledger_task")?.execute([])?;
+                let result = task.run(tx);
+                if result.is_err() {
+                    tx.prepare_cached("ROLLBACK TO ledger_task")?.execute([])?;
+                }
+                tx.prepare_cached("RELEASE ledger_task")?.execute([])?;
+                done.push(result);
+            }
+            Ok((results, done))
+        });
+        if relaxed {
+            self.conn.pragma_update(None, "synchronous", "FULL")?;
+        }
+        written
     }
 
     fn get(&self, request_id: &str) -> Result<Option<Record>, LedgerError> {

@@ -43,7 +43,8 @@ use super::record::Record;
 use super::report::{ExportFormat, write_export};
 use super::sqlite::SqliteStore;
 use super::store::{
-    ChainHead, ChainStatus, LedgerOp, LedgerStore, RecentQuery, UsageQuery, UsageRow, VerifyReport,
+    BatchResults, ChainHead, ChainStatus, LedgerOp, LedgerStore, RecentQuery, SqliteTask,
+    UsageQuery, UsageRow, VerifyReport,
 };
 
 /// Most jobs in one transaction: the one waited for and up to 256 more already queued.
@@ -60,11 +61,15 @@ pub const LOST_TARGET: &str = "imagegate::ledger::lost";
 
 type Reply = oneshot::Sender<Result<(), LedgerError>>;
 
-struct Job {
-    op: LedgerOp,
-    reply: Option<Reply>,
-    /// Returned (dropped) when the writer takes the job.
-    permit: Option<OwnedSemaphorePermit>,
+enum Job {
+    Op {
+        op: LedgerOp,
+        reply: Option<Reply>,
+        /// Returned (dropped) when the writer takes the job.
+        permit: Option<OwnedSemaphorePermit>,
+    },
+    /// Work on the SQLite connection (the quota store's), run in the batch's transaction.
+    Task(Box<dyn SqliteTask>),
 }
 
 /// Counters shared with the writer thread.
@@ -118,6 +123,8 @@ struct Shared {
     permits: Arc<Semaphore>,
     stats: Arc<Stats>,
     exited: Mutex<Option<oneshot::Receiver<Result<(), LedgerError>>>>,
+    /// The SQLite file the writer writes, when it writes one.
+    sqlite_file: Option<std::path::PathBuf>,
 }
 
 /// The async handle to the ledger. Cheap to clone; all clones feed the same writer.
@@ -184,6 +191,15 @@ impl Ledger {
         queue: usize,
         probe: Option<Duration>,
     ) -> Result<Ledger, LedgerError> {
+        Self::start_on(store, queue, probe, None)
+    }
+
+    fn start_on(
+        store: Box<dyn LedgerStore>,
+        queue: usize,
+        probe: Option<Duration>,
+        sqlite_file: Option<std::path::PathBuf>,
+    ) -> Result<Ledger, LedgerError> {
         let (tx, rx) = mpsc::channel();
         let (exit_tx, exit_rx) = oneshot::channel();
         let stats = Arc::new(Stats {
@@ -211,6 +227,7 @@ impl Ledger {
                 permits: Arc::new(Semaphore::new(queue.clamp(1, Semaphore::MAX_PERMITS))),
                 stats,
                 exited: Mutex::new(Some(exit_rx)),
+                sqlite_file,
             }),
         })
     }
@@ -234,7 +251,8 @@ impl Ledger {
         if let Some(head) = store.head()? {
             tracing::info!(seq = head.seq, hash = %head.hash, path = %path.display(), "ledger opened");
         }
-        Ok((Ledger::start(Box::new(store), queue)?, recovered))
+        let ledger = Ledger::start_on(Box::new(store), queue, None, Some(path.to_path_buf()))?;
+        Ok((ledger, recovered))
     }
 
     /// Open the PostgreSQL ledger (running its migrations), turn what this replica left
@@ -279,7 +297,7 @@ impl Ledger {
             .await
             .map_err(|_| LedgerError::Closed)?;
         let (reply, done) = oneshot::channel();
-        self.send(Job {
+        self.send(Job::Op {
             op: LedgerOp::Begin(record),
             reply: Some(reply),
             permit: Some(permit),
@@ -310,7 +328,7 @@ impl Ledger {
             return Err(LedgerError::Closed);
         };
         let (reply, done) = oneshot::channel();
-        self.send(Job {
+        self.send(Job::Op {
             op,
             reply: Some(reply),
             permit: Some(permit),
@@ -341,11 +359,25 @@ impl Ledger {
             return;
         }
         // A refusal is logged and counted by `send`; there is no one to tell.
-        let _ = self.send(Job {
+        let _ = self.send(Job::Op {
             op,
             reply: None,
             permit: None,
         });
+    }
+
+    /// Run `task` on the writer's SQLite connection, in the transaction of its next batch (with
+    /// the records queued beside it: one commit for all). Never waits (like
+    /// [`Ledger::finish_detached`], it skips the queue bound: its caller waits for the answer,
+    /// so tasks are at most one per request in flight). A ledger that is closed, or whose
+    /// store is not SQLite, answers the task's `done` with the error.
+    pub fn run_task(&self, task: Box<dyn SqliteTask>) {
+        let _ = self.send(Job::Task(task));
+    }
+
+    /// The SQLite file this ledger's writer writes ([`Ledger::open_sqlite`]), if any.
+    pub fn sqlite_file(&self) -> Option<&Path> {
+        self.shared.sqlite_file.as_deref()
     }
 
     /// Jobs queued and not yet taken by the writer.
@@ -431,8 +463,10 @@ impl Ledger {
             }
         };
         drop(tx);
-        if !refused.op.is_begin() {
-            self.lose(&refused.op, "the ledger is closed");
+        match refused {
+            Job::Op { op, .. } if !op.is_begin() => self.lose(&op, "the ledger is closed"),
+            Job::Op { .. } => {}
+            Job::Task(task) => task.done(Err(LedgerError::Closed)),
         }
         Err(LedgerError::Closed)
     }
@@ -448,6 +482,7 @@ impl Ledger {
 struct Batch {
     ops: Vec<LedgerOp>,
     replies: Vec<Option<Reply>>,
+    tasks: Vec<Box<dyn SqliteTask>>,
 }
 
 impl Batch {
@@ -456,10 +491,19 @@ impl Batch {
         self.replies.push(reply);
     }
 
+    fn len(&self) -> usize {
+        self.ops.len() + self.tasks.len()
+    }
+
     fn take(&mut self, job: Job, stats: &Stats) {
         stats.depth.fetch_sub(1, Ordering::SeqCst);
-        drop(job.permit); // queue space for the next waiter
-        self.push(job.op, job.reply);
+        match job {
+            Job::Op { op, reply, permit } => {
+                drop(permit); // queue space for the next waiter
+                self.push(op, reply);
+            }
+            Job::Task(task) => self.tasks.push(task),
+        }
     }
 }
 
@@ -507,7 +551,7 @@ fn run(
         if let Some(job) = first {
             batch.take(job, stats);
         }
-        while batch.ops.len() < MAX_BATCH {
+        while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(job) => batch.take(job, stats),
                 Err(_) => break,
@@ -582,12 +626,13 @@ fn probe(store: &mut dyn LedgerStore, stats: &Stats) {
     }
 }
 
-/// `write_batch`, with a panic of the store turned into an error.
+/// `write_batch_with`, with a panic of the store turned into an error.
 fn guarded_write(
     store: &mut dyn LedgerStore,
     ops: &[LedgerOp],
-) -> Result<Vec<Result<(), LedgerError>>, LedgerError> {
-    catch_unwind(AssertUnwindSafe(|| store.write_batch(ops))).unwrap_or_else(|panic| {
+    tasks: &mut [Box<dyn SqliteTask>],
+) -> Result<BatchResults, LedgerError> {
+    catch_unwind(AssertUnwindSafe(|| store.write_batch_with(ops, tasks))).unwrap_or_else(|panic| {
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -606,10 +651,15 @@ fn commit(
     retained: &mut VecDeque<LedgerOp>,
     stats: &Stats,
 ) -> bool {
-    let Batch { ops, replies } = batch;
-    if ops.is_empty() {
+    let Batch {
+        ops,
+        replies,
+        mut tasks,
+    } = batch;
+    if ops.is_empty() && tasks.is_empty() {
         return false;
     }
+    let mut task_answers: Vec<Result<(), LedgerError>> = Vec::new();
     let mut answers = Vec::with_capacity(ops.len());
     let give_up = |op: &LedgerOp, why: &str| {
         if !op.is_begin() {
@@ -619,10 +669,11 @@ fn commit(
     };
     let written = {
         let _busy = Busy::start(stats);
-        guarded_write(store, &ops)
+        guarded_write(store, &ops, &mut tasks)
     };
     let failed = match written {
-        Ok(results) => {
+        Ok((results, done)) => {
+            task_answers = done;
             if let Some(head) = store.tip() {
                 *lock(&stats.head) = Some(head);
             }
@@ -650,6 +701,7 @@ fn commit(
             } else {
                 tracing::debug!(error = %e, records = ops.len(), "ledger write failed again");
             }
+            task_answers = tasks.iter().map(|_| Err(e.clone())).collect();
             for (op, to) in ops.into_iter().zip(replies) {
                 if op.is_begin() {
                     answers.push((to, Err(e.clone())));
@@ -663,7 +715,8 @@ fn commit(
             }
             true
         }
-        Err(e) if ops.len() == 1 => {
+        Err(e) if ops.len() + tasks.len() == 1 => {
+            task_answers = tasks.iter().map(|_| Err(e.clone())).collect();
             for (op, to) in ops.into_iter().zip(replies) {
                 give_up(&op, &e.to_string());
                 answers.push((to, Err(e.clone())));
@@ -679,6 +732,11 @@ fn commit(
                 single.push(op, to);
                 failed |= commit(store, single, retained, stats);
             }
+            for task in tasks.drain(..) {
+                let mut single = Batch::default();
+                single.tasks.push(task);
+                failed |= commit(store, single, retained, stats);
+            }
             failed
         }
     };
@@ -686,6 +744,10 @@ fn commit(
     stats.retained.store(retained.len(), Ordering::SeqCst);
     for (to, result) in answers {
         reply(to, result);
+    }
+    // Tasks handed to a one-by-one retry above were answered there.
+    for (task, result) in tasks.into_iter().zip(task_answers) {
+        task.done(result);
     }
     failed
 }

@@ -10,13 +10,16 @@
 
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc;
 
 use jiff::tz::TimeZone;
 use jiff::{ToSpan, ZonedDateTime as Zoned};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::ledger::LedgerError;
 use crate::ledger::postgres::{PgPool, PgSettings, redact_url};
+use crate::ledger::store::SqliteTask;
+use crate::ledger::{Ledger, LedgerError};
 use std::path::PathBuf;
 
 use super::EndUser;
@@ -89,7 +92,15 @@ pub struct QuotaStore {
     tz: TimeZone,
     clock: Clock,
     config: std::sync::Arc<Config>,
+    /// SQLite: the ledger whose writer thread runs this store's changes on its own connection
+    /// (the same file), so one connection holds the write lock and reservations share its
+    /// commits; `None`: this store's own connection writes (a quota store on its own).
+    writer: Option<Ledger>,
 }
+
+/// How long a change waits for the ledger's writer to take it (as the quota store's own
+/// connection waited for the file's write lock, `busy_timeout`).
+const WRITER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Scope key of a client.
 pub fn client_scope(client: &str) -> String {
@@ -142,13 +153,7 @@ impl QuotaStore {
         conn.execute_batch(&format!(
             "PRAGMA journal_mode=WAL;
              PRAGMA synchronous=NORMAL;
-             CREATE TABLE IF NOT EXISTS quota_usage (
-                 scope TEXT NOT NULL,
-                 period TEXT NOT NULL,
-                 images INTEGER NOT NULL DEFAULT 0,
-                 micros INTEGER NOT NULL DEFAULT 0,
-                 PRIMARY KEY (scope, period)
-             ) WITHOUT ROWID;
+             {SQLITE_USAGE}
              {SQLITE_HOLDS}"
         ))
         .map_err(|e| e.to_string())?;
@@ -160,6 +165,7 @@ impl QuotaStore {
             tz,
             clock,
             config,
+            writer: None,
         })
     }
 
@@ -185,6 +191,7 @@ impl QuotaStore {
             tz,
             clock,
             config,
+            writer: None,
         })
     }
 
@@ -213,7 +220,47 @@ impl QuotaStore {
             tz,
             clock: self.clock.clone(),
             config,
+            writer: self.writer.clone(),
         })
+    }
+
+    /// Let the writer thread of `ledger` run this store's changes, when `ledger` writes the
+    /// SQLite file this store uses (else, or on PostgreSQL, nothing changes). One connection
+    /// then writes the file: no second writer waiting for the write lock (`busy_timeout`
+    /// sleeps), and a reservation can share a commit with other requests' records.
+    pub fn with_ledger_writer(mut self, ledger: &Ledger) -> QuotaStore {
+        let same_file = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if let (Backend::Sqlite(_), Some(file)) = (&*self.backend, ledger.sqlite_file())
+            && same_file(file, &self.config.ledger.path)
+        {
+            self.writer = Some(ledger.clone());
+        }
+        self
+    }
+
+    /// Whether the ledger's writer runs this store's changes (see [`Self::with_ledger_writer`]).
+    pub fn uses_ledger_writer(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    /// Run `work` in one transaction: on the ledger's writer thread when there is one, else on
+    /// this store's connection (`BEGIN IMMEDIATE`, under its mutex).
+    fn transact<T: Send + 'static>(
+        &self,
+        work: impl FnMut(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let mut work = work;
+        if let Some(ledger) = &self.writer {
+            return run_on_writer(ledger, work);
+        }
+        let mut conn = self.sqlite().expect("sqlite backend");
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let out = work(&tx)?;
+        tx.commit()?;
+        Ok(out)
     }
 
     fn sqlite(&self) -> Option<std::sync::MutexGuard<'_, Connection>> {
@@ -291,68 +338,21 @@ impl QuotaStore {
         if let Backend::Postgres(pool) = &*self.backend {
             return self.reserve_pg(pool, request_id, scopes, day, month, images, micros, &now);
         }
-        let mut conn = self.sqlite().expect("sqlite backend");
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| store_error(&e))?;
-        for (scope, limits, label) in &scopes {
-            let (img_day, mic_day) = read(&tx, scope, &day).map_err(|e| store_error(&e))?;
-            let (img_month, mic_month) = read(&tx, scope, &month).map_err(|e| store_error(&e))?;
-            let checks: [(Option<i128>, i128, i128, &str, bool); 4] = [
-                (
-                    limits.images_day.map(i128::from),
-                    i128::from(img_day),
-                    i128::from(images),
-                    "images per day",
-                    false,
-                ),
-                (
-                    limits.images_month.map(i128::from),
-                    i128::from(img_month),
-                    i128::from(images),
-                    "images per month",
-                    true,
-                ),
-                (
-                    limits.micros_day.map(i128::from),
-                    i128::from(mic_day),
-                    i128::from(micros),
-                    "spend per day",
-                    false,
-                ),
-                (
-                    limits.micros_month.map(i128::from),
-                    i128::from(mic_month),
-                    i128::from(micros),
-                    "spend per month",
-                    true,
-                ),
-            ];
-            for (limit, used, add, name, monthly) in checks {
-                if let Some(limit) = limit
-                    && used + add > limit
-                {
-                    drop(tx);
-                    return Err(self.exhausted(label, name, limit, used, monthly, &now));
-                }
-            }
+        let id = request_id.to_owned();
+        let (d, m) = (day.clone(), month.clone());
+        let held = scopes.clone();
+        let refused = self
+            .transact(move |tx| sqlite_reserve(tx, &id, &held, &d, &m, images, micros))
+            .map_err(|e| {
+                tracing::error!(error = %e, "quota store failed");
+                GatewayError::LedgerUnavailable
+            })?;
+        if let Some((label, name, limit, used, monthly)) = refused {
+            return Err(self.exhausted(&label, name, limit, used, monthly, &now));
         }
-        for (scope, _, _) in &scopes {
-            for period in [&day, &month] {
-                add(&tx, scope, period, i64::from(images), micros).map_err(|e| store_error(&e))?;
-            }
-        }
-        let scopes: Vec<String> = scopes.into_iter().map(|s| s.0).collect();
-        tx.execute(
-            "INSERT INTO quota_holds (request_id, replica, scopes, day, month, reserved_images, reserved_micros, images, micros)
-             VALUES (?1, '', ?2, ?3, ?4, ?5, ?6, ?5, ?6)",
-            params![request_id, scopes_json(&scopes), day, month, images, micros],
-        )
-        .map_err(|e| store_error(&e))?;
-        tx.commit().map_err(|e| store_error(&e))?;
         Ok(Reservation {
             request_id: request_id.to_owned(),
-            scopes,
+            scopes: scopes.into_iter().map(|s| s.0).collect(),
             day,
             month,
             images,
@@ -436,35 +436,33 @@ impl QuotaStore {
                 })
                 .map_err(|e| e.to_string());
         }
-        let mut conn = self.sqlite().expect("sqlite backend");
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| e.to_string())?;
-        if d_images != 0 || d_micros != 0 {
-            for scope in &r.scopes {
-                for period in [&r.day, &r.month] {
-                    add(&tx, scope, period, d_images, d_micros).map_err(|e| e.to_string())?;
+        let r = r.clone();
+        self.transact(move |tx| {
+            if d_images != 0 || d_micros != 0 {
+                for scope in &r.scopes {
+                    for period in [&r.day, &r.month] {
+                        add(tx, scope, period, d_images, d_micros)?;
+                    }
                 }
             }
-        }
-        // Without a ledger in this database (a quota store alone) there is nothing to wait for.
-        let done = match record_outcome(&tx, &r.request_id).map_err(|e| e.to_string())? {
-            RecordState::Final | RecordState::NoLedger => true,
-            RecordState::Forwarding | RecordState::Missing => false,
-        };
-        if done {
-            tx.execute(
-                "DELETE FROM quota_holds WHERE request_id = ?1",
-                params![r.request_id],
-            )
-        } else {
-            tx.execute(
-                "UPDATE quota_holds SET images = ?2, micros = ?3, settled = 1 WHERE request_id = ?1",
-                params![r.request_id, img, micros],
-            )
-        }
-        .map_err(|e| e.to_string())?;
-        tx.commit().map_err(|e| e.to_string())
+            // Without a ledger in this database (a quota store alone) there is nothing to
+            // wait for.
+            let done = match record_outcome(tx, &r.request_id)? {
+                RecordState::Final | RecordState::NoLedger => true,
+                RecordState::Forwarding | RecordState::Missing => false,
+            };
+            if done {
+                tx.prepare_cached("DELETE FROM quota_holds WHERE request_id = ?1")?
+                    .execute(params![r.request_id])
+            } else {
+                tx.prepare_cached(
+                    "UPDATE quota_holds SET images = ?2, micros = ?3, settled = 1 WHERE request_id = ?1",
+                )?
+                .execute(params![r.request_id, img, micros])
+            }
+            .map(|_| ())
+        })
+        .map_err(|e| e.to_string())
     }
 
     /// Start-up recovery (after the ledger's, which turned `forwarding` records into
@@ -772,13 +770,12 @@ pub fn render_table(lines: &[QuotaLine]) -> String {
 }
 
 fn read(conn: &Connection, scope: &str, period: &str) -> rusqlite::Result<(u64, i64)> {
-    conn.query_row(
-        "SELECT images, micros FROM quota_usage WHERE scope = ?1 AND period = ?2",
-        params![scope, period],
-        |r| Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, i64>(1)?)),
-    )
-    .optional()
-    .map(|o| o.unwrap_or((0, 0)))
+    conn.prepare_cached("SELECT images, micros FROM quota_usage WHERE scope = ?1 AND period = ?2")?
+        .query_row(params![scope, period], |r| {
+            Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, i64>(1)?))
+        })
+        .optional()
+        .map(|o| o.unwrap_or((0, 0)))
 }
 
 fn add(
@@ -788,11 +785,11 @@ fn add(
     images: i64,
     micros: i64,
 ) -> rusqlite::Result<()> {
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO quota_usage (scope, period, images, micros) VALUES (?1, ?2, MAX(?3, 0), MAX(?4, 0))
          ON CONFLICT (scope, period) DO UPDATE SET images = MAX(images + ?3, 0), micros = MAX(micros + ?4, 0)",
-        params![scope, period, images, micros],
-    )
+    )?
+    .execute(params![scope, period, images, micros])
     .map(|_| ())
 }
 
@@ -904,6 +901,16 @@ impl QuotaStore {
     }
 }
 
+/// The table of quota use (SQLite), one row per (scope, period). Created by the quota store and
+/// by the ledger, whose writer runs the quota's changes when both share the file.
+pub const SQLITE_USAGE: &str = "CREATE TABLE IF NOT EXISTS quota_usage (
+    scope TEXT NOT NULL,
+    period TEXT NOT NULL,
+    images INTEGER NOT NULL DEFAULT 0,
+    micros INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, period)
+) WITHOUT ROWID;";
+
 /// The table of open reservations (SQLite), one row per request whose charge is not yet
 /// reconciled with its ledger record: `images`/`micros` are what the request adds to
 /// `quota_usage` now (the reservation, or once `settled` what it was settled to). Created by the
@@ -1006,11 +1013,10 @@ enum RecordState {
 }
 
 fn has_ledger(conn: &Connection) -> rusqlite::Result<bool> {
-    conn.query_row(
+    conn.prepare_cached(
         "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'records'",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
+    )?
+    .query_row([], |r| r.get::<_, i64>(0))
     .map(|n| n > 0)
 }
 
@@ -1020,11 +1026,8 @@ fn record_outcome(conn: &Connection, request_id: &str) -> rusqlite::Result<Recor
     }
     Ok(
         match conn
-            .query_row(
-                "SELECT outcome FROM records WHERE request_id = ?1",
-                [request_id],
-                |r| r.get::<_, String>(0),
-            )
+            .prepare_cached("SELECT outcome FROM records WHERE request_id = ?1")?
+            .query_row([request_id], |r| r.get::<_, String>(0))
             .optional()?
         {
             None => RecordState::Missing,
@@ -1072,9 +1075,149 @@ fn sqlite_holds(conn: &Connection) -> rusqlite::Result<Vec<Hold>> {
     rows.collect()
 }
 
-fn store_error(e: &rusqlite::Error) -> GatewayError {
-    tracing::error!(error = %e, "quota store failed");
-    GatewayError::LedgerUnavailable
+/// A refused reservation: `(label, quota name, limit, used, monthly)` (see `exhausted`).
+type Refusal = (String, &'static str, i128, i128, bool);
+
+/// The SQLite part of [`QuotaStore::reserve`], in the caller's transaction: read the use of
+/// every scope, refuse (changing nothing) if a limit would be exceeded, else add the charge to
+/// every scope and period and insert the request's hold row.
+fn sqlite_reserve(
+    tx: &Connection,
+    request_id: &str,
+    scopes: &[(String, ScopeLimits, String)],
+    day: &str,
+    month: &str,
+    images: u32,
+    micros: i64,
+) -> rusqlite::Result<Option<Refusal>> {
+    for (scope, limits, label) in scopes {
+        let (img_day, mic_day) = read(tx, scope, day)?;
+        let (img_month, mic_month) = read(tx, scope, month)?;
+        let checks: [(Option<i128>, i128, i128, &'static str, bool); 4] = [
+            (
+                limits.images_day.map(i128::from),
+                i128::from(img_day),
+                i128::from(images),
+                "images per day",
+                false,
+            ),
+            (
+                limits.images_month.map(i128::from),
+                i128::from(img_month),
+                i128::from(images),
+                "images per month",
+                true,
+            ),
+            (
+                limits.micros_day.map(i128::from),
+                i128::from(mic_day),
+                i128::from(micros),
+                "spend per day",
+                false,
+            ),
+            (
+                limits.micros_month.map(i128::from),
+                i128::from(mic_month),
+                i128::from(micros),
+                "spend per month",
+                true,
+            ),
+        ];
+        for (limit, used, add, name, monthly) in checks {
+            if let Some(limit) = limit
+                && used + add > limit
+            {
+                return Ok(Some((label.clone(), name, limit, used, monthly)));
+            }
+        }
+    }
+    for (scope, _, _) in scopes {
+        for period in [day, month] {
+            add(tx, scope, period, i64::from(images), micros)?;
+        }
+    }
+    let names: Vec<&str> = scopes.iter().map(|s| s.0.as_str()).collect();
+    tx.prepare_cached(
+        "INSERT INTO quota_holds (request_id, replica, scopes, day, month, reserved_images, reserved_micros, images, micros)
+         VALUES (?1, '', ?2, ?3, ?4, ?5, ?6, ?5, ?6)",
+    )?
+    .execute(params![request_id, scopes_json(&names), day, month, images, micros])?;
+    Ok(None)
+}
+
+/// States of a [`WriterTask`], shared with its waiter.
+const WAITING: u8 = 0;
+const RUNNING: u8 = 1;
+const CANCELLED: u8 = 2;
+
+/// A quota change run by the ledger's writer thread, its result sent back once committed.
+struct WriterTask<F, T> {
+    work: F,
+    out: Option<T>,
+    state: std::sync::Arc<AtomicU8>,
+    reply: mpsc::SyncSender<Result<T, LedgerError>>,
+}
+
+impl<F, T> SqliteTask for WriterTask<F, T>
+where
+    F: FnMut(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    fn run(&mut self, conn: &Connection) -> Result<(), LedgerError> {
+        // A waiter that gave up is told "unavailable": its change must not happen after all.
+        if let Err(CANCELLED) =
+            self.state
+                .compare_exchange(WAITING, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            self.out = None;
+            return Ok(());
+        }
+        self.out = Some((self.work)(conn)?);
+        Ok(())
+    }
+
+    fn done(self: Box<Self>, committed: Result<(), LedgerError>) {
+        let WriterTask { out, reply, .. } = *self;
+        let result = committed.and_then(|()| {
+            out.ok_or_else(|| LedgerError::Unavailable("the quota change was cancelled".into()))
+        });
+        // The waiter may have given up.
+        let _ = reply.send(result);
+    }
+}
+
+/// Run `work` on the ledger's writer thread in its next transaction and wait for the commit
+/// (a blocking call: from the blocking pool, a `Drop` or start-up). A change the writer has not
+/// started within [`WRITER_WAIT`] is cancelled and answered `Unavailable`.
+fn run_on_writer<T: Send + 'static>(
+    ledger: &Ledger,
+    work: impl FnMut(&Connection) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<T, LedgerError> {
+    let (reply, answer) = mpsc::sync_channel(1);
+    let state = std::sync::Arc::new(AtomicU8::new(WAITING));
+    ledger.run_task(Box::new(WriterTask {
+        work,
+        out: None,
+        state: state.clone(),
+        reply,
+    }));
+    match answer.recv_timeout(WRITER_WAIT) {
+        Ok(result) => result,
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(LedgerError::Closed),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            if state
+                .compare_exchange(WAITING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return Err(LedgerError::Unavailable(format!(
+                    "the ledger writer did not take the quota change within {} s",
+                    WRITER_WAIT.as_secs()
+                )));
+            }
+            // Started: its outcome is known only once its transaction ends.
+            answer.recv().unwrap_or(Err(LedgerError::Closed))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1268,6 +1411,98 @@ mod tests {
                 .unwrap()
                 .images_month,
             99
+        );
+    }
+
+    /// With the ledger's writer running the quota's changes (one connection on the file): the
+    /// same refusals and never an overspend under parallel callers, each hold row committed with
+    /// its charge and gone once settled and final, and a change after the ledger closed answered
+    /// "unavailable" (a 503 upstream of it), not lost silently.
+    #[test]
+    fn the_ledger_writer_runs_the_changes_on_its_connection() {
+        use crate::ledger::{Outcome, Record};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut c = Config::default();
+        c.ledger.path = path.clone();
+        c.quotas.per_user = QuotaSpec {
+            images_per_month: Some(100),
+            ..Default::default()
+        };
+        c.clients.push(ClientConfig {
+            name: "a".into(),
+            key_hash: hash_key("a"),
+            ..Default::default()
+        });
+        let clock = Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_993_200));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (ledger, _) = crate::ledger::Ledger::open_sqlite(&path, 64).unwrap();
+        let s = QuotaStore::open_configured(Arc::new(c), clock)
+            .unwrap()
+            .with_ledger_writer(&ledger);
+        assert!(s.uses_ledger_writer());
+
+        let admitted = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|t| {
+            for _ in 0..8 {
+                t.spawn(|| {
+                    for _ in 0..20 {
+                        if s.reserve(&rid(), &who("u"), 3, 0).is_ok() {
+                            admitted.fetch_add(3, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.into_inner(), 99, "33 reservations of 3 fit in 100");
+        assert_eq!(s.open_holds().unwrap(), 33, "one hold per reservation");
+        let err = s.reserve(&rid(), &who("u"), 2, 0).unwrap_err();
+        assert!(
+            err.parts().message.contains("images per month"),
+            "{}",
+            err.parts().message
+        );
+
+        // reserve, `forwarding` record, settle, final record: the hold goes with the record.
+        let id = rid();
+        let r = s.reserve(&id, &who("v"), 2, 0).unwrap();
+        let record = Record {
+            request_id: id.clone(),
+            received_at: "2026-11-29T23:00:00Z".parse().unwrap(),
+            client: Some("a".into()),
+            user: Some("v".into()),
+            ..Record::default()
+        };
+        rt.block_on(ledger.begin_forwarding(record.clone()))
+            .unwrap();
+        s.settle(&r, 1, 0).unwrap();
+        assert_eq!(s.open_holds().unwrap(), 34, "settled, record not final yet");
+        rt.block_on(ledger.finish(crate::ledger::LedgerOp::Complete(Record {
+            outcome: Outcome::Answered,
+            images_returned: Some(1),
+            ..record
+        })))
+        .unwrap();
+        assert_eq!(s.open_holds().unwrap(), 33, "deleted with the final record");
+        assert_eq!(
+            s.usage(&user_scope(&who("v")).unwrap())
+                .unwrap()
+                .images_month,
+            1
+        );
+
+        rt.block_on(ledger.clone().close()).unwrap();
+        assert!(matches!(
+            s.reserve(&rid(), &who("w"), 1, 0),
+            Err(GatewayError::LedgerUnavailable)
+        ));
+        assert_eq!(
+            s.open_holds().unwrap(),
+            33,
+            "nothing written after the close"
         );
     }
 
