@@ -1,24 +1,37 @@
 //! Daily and monthly quotas (images and USD), per end user and per client, persisted in SQLite
 //! beside the usage ledger so they survive restarts.
 //!
-//! `reserve` charges `n × price` before forwarding, in one `BEGIN IMMEDIATE` transaction under a
-//! mutex: it reads the current use of every scope the request touches, refuses if any quota
-//! would be exceeded, else adds the reservation everywhere. Concurrent requests therefore can
-//! never overspend. `settle` adjusts the same periods once the answer is known (a refund when
-//! the upstream failed or returned fewer images). Periods are days and months in the
-//! configured time zone.
+//! `reserve` charges `n × price` before forwarding, in one transaction: it reads the current use
+//! of every scope the request touches, refuses if any quota would be exceeded, else adds the
+//! reservation everywhere. On SQLite that transaction runs on the ledger's writer thread (its one
+//! connection to the file, see [`QuotaStore::with_ledger_writer`]) or, for a quota store on its
+//! own, as `BEGIN IMMEDIATE` under a mutex; on PostgreSQL as conditional UPDATEs. Concurrent
+//! requests therefore can never overspend. `settle` adjusts the same periods once the answer is
+//! known (a refund when the upstream failed or returned fewer images). Periods are days and
+//! months in the configured time zone.
+//!
+//! Files: this one (the store, its limits and its API), [`sqlite`] and [`postgres`] (the
+//! backends' statements), [`holds`] (the hold rows and their recovery), [`writer`] (changes run
+//! by the ledger's writer thread), [`show`] (`imagegate quota show`).
+
+mod holds;
+mod postgres;
+mod show;
+mod sqlite;
+mod writer;
+
+pub use holds::HoldRecovery;
+pub use show::{QuotaLine, render_table};
+pub use sqlite::{SQLITE_HOLDS, SQLITE_USAGE};
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::mpsc;
 
 use jiff::tz::TimeZone;
 use jiff::{ToSpan, ZonedDateTime as Zoned};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::Connection;
 
 use crate::ledger::postgres::{PgPool, PgSettings, redact_url};
-use crate::ledger::store::SqliteTask;
 use crate::ledger::{Ledger, LedgerError};
 use std::path::PathBuf;
 
@@ -28,6 +41,9 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::startup::StartupError;
+use postgres::pg_read;
+use sqlite::{read, sqlite_reserve};
+use writer::run_on_writer;
 
 /// A charge held against the quotas, to be settled once. Its hold row (`quota_holds`, keyed
 /// by request id) is committed in the same transaction as the charge.
@@ -97,10 +113,6 @@ pub struct QuotaStore {
     /// commits; `None`: this store's own connection writes (a quota store on its own).
     writer: Option<Ledger>,
 }
-
-/// How long a change waits for the ledger's writer to take it (as the quota store's own
-/// connection waited for the file's write lock, `busy_timeout`).
-const WRITER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Scope key of a client.
 pub fn client_scope(client: &str) -> String {
@@ -407,62 +419,12 @@ impl QuotaStore {
     /// record is final too (here if it already is, else by the ledger writer when it commits
     /// that record): until then start-up recovery can reconcile the two (see [`Self::recover`]).
     pub fn settle(&self, r: &Reservation, images: u32, micros: i64) -> Result<(), String> {
-        let d_images = i64::from(images) - i64::from(r.images);
-        let d_micros = micros - r.micros;
-        let img = i64::from(images);
         if let Backend::Postgres(pool) = &*self.backend {
-            return pool
-                .with(|c| {
-                    let mut tx = c.transaction()?;
-                    if d_images != 0 || d_micros != 0 {
-                        for scope in &r.scopes {
-                            for period in [&r.day, &r.month] {
-                                tx.execute(PG_ADD, &[scope, period, &d_images, &d_micros])?;
-                            }
-                        }
-                    }
-                    tx.execute(
-                        "UPDATE quota_holds SET images = $2, micros = $3, settled = TRUE WHERE request_id = $1",
-                        &[&r.request_id, &img, &micros],
-                    )?;
-                    // Final already: the writer has been and gone.
-                    tx.execute(
-                        "DELETE FROM quota_holds h USING records r
-                         WHERE h.request_id = $1 AND r.request_id = h.request_id AND r.outcome <> 'forwarding'",
-                        &[&r.request_id],
-                    )?;
-                    tx.commit()?;
-                    Ok(())
-                })
-                .map_err(|e| e.to_string());
+            return postgres::settle(pool, r, images, micros);
         }
         let r = r.clone();
-        self.transact(move |tx| {
-            if d_images != 0 || d_micros != 0 {
-                for scope in &r.scopes {
-                    for period in [&r.day, &r.month] {
-                        add(tx, scope, period, d_images, d_micros)?;
-                    }
-                }
-            }
-            // Without a ledger in this database (a quota store alone) there is nothing to
-            // wait for.
-            let done = match record_outcome(tx, &r.request_id)? {
-                RecordState::Final | RecordState::NoLedger => true,
-                RecordState::Forwarding | RecordState::Missing => false,
-            };
-            if done {
-                tx.prepare_cached("DELETE FROM quota_holds WHERE request_id = ?1")?
-                    .execute(params![r.request_id])
-            } else {
-                tx.prepare_cached(
-                    "UPDATE quota_holds SET images = ?2, micros = ?3, settled = 1 WHERE request_id = ?1",
-                )?
-                .execute(params![r.request_id, img, micros])
-            }
-            .map(|_| ())
-        })
-        .map_err(|e| e.to_string())
+        self.transact(move |tx| sqlite::settle(tx, &r, images, micros))
+            .map_err(|e| e.to_string())
     }
 
     /// Start-up recovery (after the ledger's, which turned `forwarding` records into
@@ -474,82 +436,13 @@ impl QuotaStore {
     /// replica's holds are touched. Call before serving.
     pub fn recover(&self) -> Result<HoldRecovery, String> {
         match &*self.backend {
-            Backend::Postgres(pool) => pool
-                .with(|c| {
-                    let mut tx = c.transaction()?;
-                    let rows = tx.query(
-                        "SELECT h.request_id, h.scopes, h.day, h.month, h.reserved_images, h.reserved_micros,
-                                h.images, h.micros, h.settled, r.outcome, r.cost_settled_micros, r.images_returned
-                         FROM quota_holds h LEFT JOIN records r ON r.request_id = h.request_id
-                         WHERE h.replica = $1 ORDER BY h.request_id FOR UPDATE OF h",
-                        &[&self.replica],
-                    )?;
-                    let holds: Vec<Hold> = rows
-                        .iter()
-                        .map(|row| Hold {
-                            request_id: row.get(0),
-                            scopes: parse_scopes(row.get(1)),
-                            day: row.get(2),
-                            month: row.get(3),
-                            reserved_images: row.get(4),
-                            reserved_micros: row.get(5),
-                            images: row.get(6),
-                            micros: row.get(7),
-                            settled: row.get(8),
-                            record: row.get::<_, Option<String>>(9).map(|o| {
-                                (
-                                    o,
-                                    row.get::<_, Option<i64>>(10).unwrap_or(0),
-                                    row.get::<_, Option<i64>>(11),
-                                )
-                            }),
-                        })
-                        .collect();
-                    let mut report = HoldRecovery::default();
-                    for h in &holds {
-                        let Some((d_img, d_mic)) = h.correction(&mut report) else {
-                            continue;
-                        };
-                        if d_img != 0 || d_mic != 0 {
-                            for scope in &h.scopes {
-                                for period in [&h.day, &h.month] {
-                                    tx.execute(PG_ADD, &[scope, period, &d_img, &d_mic])?;
-                                }
-                            }
-                        }
-                        tx.execute(
-                            "DELETE FROM quota_holds WHERE request_id = $1",
-                            &[&h.request_id],
-                        )?;
-                    }
-                    tx.commit()?;
-                    Ok(report)
-                })
-                .map_err(|e| e.to_string()),
+            Backend::Postgres(pool) => postgres::recover(pool, &self.replica),
             Backend::Sqlite(_) => {
                 let mut conn = self.sqlite().expect("sqlite backend");
                 let tx = conn
                     .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                     .map_err(|e| e.to_string())?;
-                let holds = sqlite_holds(&tx).map_err(|e| e.to_string())?;
-                let mut report = HoldRecovery::default();
-                for h in &holds {
-                    let Some((d_img, d_mic)) = h.correction(&mut report) else {
-                        continue;
-                    };
-                    if d_img != 0 || d_mic != 0 {
-                        for scope in &h.scopes {
-                            for period in [&h.day, &h.month] {
-                                add(&tx, scope, period, d_img, d_mic).map_err(|e| e.to_string())?;
-                            }
-                        }
-                    }
-                    tx.execute(
-                        "DELETE FROM quota_holds WHERE request_id = ?1",
-                        params![h.request_id],
-                    )
-                    .map_err(|e| e.to_string())?;
-                }
+                let report = sqlite::recover(&tx).map_err(|e| e.to_string())?;
                 tx.commit().map_err(|e| e.to_string())?;
                 Ok(report)
             }
@@ -604,619 +497,6 @@ impl QuotaStore {
             micros_day,
             micros_month,
         })
-    }
-
-    /// Every user scope of a client seen this month.
-    pub fn users_of(&self, client: &str) -> Result<Vec<String>, String> {
-        let (_, month) = Self::periods(&self.now());
-        let pattern = format!(
-            "user:{}\u{1f}%",
-            client
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_")
-        );
-        if let Backend::Postgres(pool) = &*self.backend {
-            return pool
-                .with(|c| {
-                    Ok(c.query(
-                        "SELECT scope FROM quota_usage WHERE period = $1 AND scope LIKE $2 ESCAPE '\\' ORDER BY scope",
-                        &[&month, &pattern],
-                    )?
-                    .iter()
-                    .map(|r| r.get::<_, String>(0))
-                    .collect())
-                })
-                .map_err(|e| e.to_string());
-        }
-        let conn = self.sqlite().expect("sqlite backend");
-        let mut stmt = conn
-            .prepare("SELECT scope FROM quota_usage WHERE period = ?1 AND scope LIKE ?2 ESCAPE '\\' ORDER BY scope")
-            .map_err(|e| e.to_string())?;
-        let rows = stmt
-            .query_map(params![month, pattern], |r| r.get::<_, String>(0))
-            .map_err(|e| e.to_string())?;
-        rows.collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())
-    }
-}
-
-/// One line of `imagegate quota show`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct QuotaLine {
-    pub scope: String,
-    pub period: String,
-    pub images_used: u64,
-    pub images_limit: Option<u64>,
-    pub images_remaining: Option<u64>,
-    pub usd_used: String,
-    pub usd_limit: Option<String>,
-    pub usd_remaining: Option<String>,
-}
-
-impl QuotaStore {
-    /// Use and remaining quota per period for the clients and users asked for.
-    pub fn show(&self, client: Option<&str>, user: Option<&str>) -> Result<Vec<QuotaLine>, String> {
-        let mut lines = Vec::new();
-        for c in &self.config.clients {
-            if client.is_some_and(|want| want != c.name) {
-                continue;
-            }
-            let mut whos: Vec<EndUser> = Vec::new();
-            if user.is_none() {
-                whos.push(EndUser {
-                    client: c.name.as_str().into(),
-                    user: None,
-                });
-            }
-            let mut users: Vec<String> = self
-                .users_of(&c.name)?
-                .into_iter()
-                .filter_map(|s| s.split_once('\u{1f}').map(|(_, u)| u.to_owned()))
-                .collect();
-            if let Some(u) = user {
-                users.retain(|x| x == u);
-                if users.is_empty() {
-                    users.push(u.to_owned());
-                }
-            }
-            whos.extend(users.into_iter().map(|u| EndUser {
-                client: c.name.as_str().into(),
-                user: Some(u),
-            }));
-            for who in whos {
-                let (client_limits, user_limits) = self.limits_for(&who);
-                let (scope, limits, label) = match user_scope(&who) {
-                    Some(s) => (s, user_limits, who.label()),
-                    None => (
-                        client_scope(&who.client),
-                        client_limits,
-                        format!("client '{}'", who.client),
-                    ),
-                };
-                let u = self.usage(&scope)?;
-                for (period, images, micros, img_limit, mic_limit) in [
-                    (
-                        &u.day,
-                        u.images_day,
-                        u.micros_day,
-                        limits.images_day,
-                        limits.micros_day,
-                    ),
-                    (
-                        &u.month,
-                        u.images_month,
-                        u.micros_month,
-                        limits.images_month,
-                        limits.micros_month,
-                    ),
-                ] {
-                    lines.push(QuotaLine {
-                        scope: label.clone(),
-                        period: period.clone(),
-                        images_used: images,
-                        images_limit: img_limit,
-                        images_remaining: img_limit.map(|l| l.saturating_sub(images)),
-                        usd_used: micros_to_usd(micros),
-                        usd_limit: mic_limit.map(micros_to_usd),
-                        usd_remaining: mic_limit.map(|l| micros_to_usd((l - micros).max(0))),
-                    });
-                }
-            }
-        }
-        Ok(lines)
-    }
-}
-
-/// Render `quota show` as an aligned table.
-pub fn render_table(lines: &[QuotaLine]) -> String {
-    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "unlimited".into());
-    let mut rows = vec![[
-        "SCOPE".to_string(),
-        "PERIOD".into(),
-        "IMAGES USED".into(),
-        "IMAGES LIMIT".into(),
-        "IMAGES LEFT".into(),
-        "USD USED".into(),
-        "USD LIMIT".into(),
-        "USD LEFT".into(),
-    ]];
-    for l in lines {
-        rows.push([
-            l.scope.clone(),
-            l.period.clone(),
-            l.images_used.to_string(),
-            opt(&l.images_limit.map(|v| v.to_string())),
-            opt(&l.images_remaining.map(|v| v.to_string())),
-            l.usd_used.clone(),
-            opt(&l.usd_limit),
-            opt(&l.usd_remaining),
-        ]);
-    }
-    let widths: Vec<usize> = (0..8)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let cells: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
-}
-
-fn read(conn: &Connection, scope: &str, period: &str) -> rusqlite::Result<(u64, i64)> {
-    conn.prepare_cached("SELECT images, micros FROM quota_usage WHERE scope = ?1 AND period = ?2")?
-        .query_row(params![scope, period], |r| {
-            Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, i64>(1)?))
-        })
-        .optional()
-        .map(|o| o.unwrap_or((0, 0)))
-}
-
-fn add(
-    conn: &Connection,
-    scope: &str,
-    period: &str,
-    images: i64,
-    micros: i64,
-) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO quota_usage (scope, period, images, micros) VALUES (?1, ?2, MAX(?3, 0), MAX(?4, 0))
-         ON CONFLICT (scope, period) DO UPDATE SET images = MAX(images + ?3, 0), micros = MAX(micros + ?4, 0)",
-    )?
-    .execute(params![scope, period, images, micros])
-    .map(|_| ())
-}
-
-/// Add (or, negative, remove) use; never below 0.
-const PG_ADD: &str = "INSERT INTO quota_usage (scope, period, images, micros) VALUES ($1, $2, GREATEST($3::BIGINT, 0), GREATEST($4::BIGINT, 0))
-     ON CONFLICT (scope, period) DO UPDATE SET images = GREATEST(quota_usage.images + $3::BIGINT, 0), micros = GREATEST(quota_usage.micros + $4::BIGINT, 0)";
-
-/// Add a reservation to one (scope, period) only if no limit is exceeded, in ONE statement: the
-/// row lock the UPDATE takes serializes concurrent reservations of every replica, and the
-/// condition is re-checked against the row as the previous holder committed it. No row: a
-/// limit would be exceeded.
-const PG_RESERVE: &str = "UPDATE quota_usage SET images = images + $3, micros = micros + $4
-     WHERE scope = $1 AND period = $2
-       AND ($5::BIGINT IS NULL OR images + $3 <= $5)
-       AND ($6::BIGINT IS NULL OR micros + $4 <= $6)
-     RETURNING images";
-
-fn pg_read(
-    c: &mut impl postgres::GenericClient,
-    scope: &str,
-    period: &str,
-) -> Result<(u64, i64), LedgerError> {
-    Ok(c.query_opt(
-        "SELECT images, micros FROM quota_usage WHERE scope = $1 AND period = $2",
-        &[&scope, &period],
-    )?
-    .map_or((0, 0), |r| (r.get::<_, i64>(0).max(0) as u64, r.get(1))))
-}
-
-impl QuotaStore {
-    /// [`QuotaStore::reserve`] on PostgreSQL: for each scope (user first, then client: one
-    /// order for everyone, so no deadlock) and period, make sure the row exists, then the
-    /// conditional UPDATE. All in one transaction: one refusal rolls back the others.
-    #[allow(clippy::too_many_arguments)]
-    fn reserve_pg(
-        &self,
-        pool: &PgPool,
-        request_id: &str,
-        scopes: Vec<(String, ScopeLimits, String)>,
-        day: String,
-        month: String,
-        images: u32,
-        micros: i64,
-        now: &Zoned,
-    ) -> Result<Reservation, GatewayError> {
-        let img = i64::from(images);
-        let refused = pool
-            .with(|c| {
-                let mut tx = c.transaction()?;
-                for (scope, limits, label) in &scopes {
-                    for (period, monthly) in [(&day, false), (&month, true)] {
-                        let (img_limit, mic_limit) = if monthly {
-                            (limits.images_month, limits.micros_month)
-                        } else {
-                            (limits.images_day, limits.micros_day)
-                        };
-                        let img_limit = img_limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX));
-                        tx.execute(
-                            "INSERT INTO quota_usage (scope, period) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                            &[scope, period],
-                        )?;
-                        let admitted = tx
-                            .query_opt(PG_RESERVE, &[scope, period, &img, &micros, &img_limit, &mic_limit])?
-                            .is_some();
-                        if !admitted {
-                            // Which limit was hit, for the message (as committed now).
-                            let (used_img, used_mic) = pg_read(&mut tx, scope, period)?;
-                            drop(tx);
-                            let (name, limit, used) = match img_limit {
-                                Some(l) if i128::from(used_img) + i128::from(img) > i128::from(l) => (
-                                    if monthly { "images per month" } else { "images per day" },
-                                    i128::from(l),
-                                    i128::from(used_img),
-                                ),
-                                _ => (
-                                    if monthly { "spend per month" } else { "spend per day" },
-                                    i128::from(mic_limit.unwrap_or(0)),
-                                    i128::from(used_mic),
-                                ),
-                            };
-                            return Ok(Some((label.clone(), name, limit, used, monthly)));
-                        }
-                    }
-                }
-                let names: Vec<&str> = scopes.iter().map(|s| s.0.as_str()).collect();
-                tx.execute(
-                    "INSERT INTO quota_holds (request_id, replica, scopes, day, month, reserved_images, reserved_micros, images, micros)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $6, $7)",
-                    &[&request_id, &self.replica, &scopes_json(&names), &day, &month, &img, &micros],
-                )?;
-                tx.commit()?;
-                Ok(None)
-            })
-            .map_err(|e| {
-                tracing::error!(error = %e, "quota store failed");
-                GatewayError::LedgerUnavailable
-            })?;
-        if let Some((label, name, limit, used, monthly)) = refused {
-            return Err(self.exhausted(&label, name, limit, used, monthly, now));
-        }
-        Ok(Reservation {
-            request_id: request_id.to_owned(),
-            scopes: scopes.into_iter().map(|s| s.0).collect(),
-            day,
-            month,
-            images,
-            micros,
-        })
-    }
-}
-
-/// The table of quota use (SQLite), one row per (scope, period). Created by the quota store and
-/// by the ledger, whose writer runs the quota's changes when both share the file.
-pub const SQLITE_USAGE: &str = "CREATE TABLE IF NOT EXISTS quota_usage (
-    scope TEXT NOT NULL,
-    period TEXT NOT NULL,
-    images INTEGER NOT NULL DEFAULT 0,
-    micros INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (scope, period)
-) WITHOUT ROWID;";
-
-/// The table of open reservations (SQLite), one row per request whose charge is not yet
-/// reconciled with its ledger record: `images`/`micros` are what the request adds to
-/// `quota_usage` now (the reservation, or once `settled` what it was settled to). Created by the
-/// quota store and by the ledger (whose writer deletes settled holds with their final record).
-pub const SQLITE_HOLDS: &str = "CREATE TABLE IF NOT EXISTS quota_holds (
-    request_id TEXT PRIMARY KEY,
-    replica TEXT NOT NULL DEFAULT '',
-    scopes TEXT NOT NULL,
-    day TEXT NOT NULL,
-    month TEXT NOT NULL,
-    reserved_images INTEGER NOT NULL,
-    reserved_micros INTEGER NOT NULL,
-    images INTEGER NOT NULL,
-    micros INTEGER NOT NULL,
-    settled INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;";
-
-/// What start-up recovery did with the holds a crash left.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HoldRecovery {
-    /// Holds of requests that have no record (never forwarded): refunded.
-    pub refunded: u64,
-    /// Holds whose record is final: set to what the record charges.
-    pub reconciled: u64,
-    /// Micro-dollars the corrections added (negative: removed) in all.
-    pub micros_delta: i64,
-    /// Holds left alone (their record is still `forwarding`).
-    pub left: u64,
-}
-
-impl HoldRecovery {
-    pub fn is_empty(&self) -> bool {
-        self.refunded == 0 && self.reconciled == 0 && self.left == 0
-    }
-}
-
-/// One hold row with its record, if any: `(outcome, cost_settled_micros, images_returned)`.
-struct Hold {
-    request_id: String,
-    scopes: Vec<String>,
-    day: String,
-    month: String,
-    reserved_images: i64,
-    reserved_micros: i64,
-    images: i64,
-    micros: i64,
-    settled: bool,
-    record: Option<(String, i64, Option<i64>)>,
-}
-
-impl Hold {
-    /// What to add to the quota so this request counts what its record charges; `None`: leave
-    /// the hold (its record is still `forwarding`).
-    fn correction(&self, report: &mut HoldRecovery) -> Option<(i64, i64)> {
-        let (images, micros) = match &self.record {
-            None => {
-                report.refunded += 1;
-                (0, 0)
-            }
-            Some((outcome, _, _)) if outcome == "forwarding" => {
-                report.left += 1;
-                return None;
-            }
-            Some((outcome, charged, returned)) => {
-                report.reconciled += 1;
-                let images = if outcome == "unknown" {
-                    self.reserved_images
-                } else if self.settled && self.micros == *charged {
-                    self.images
-                } else if *charged == 0 {
-                    0
-                } else if *charged >= self.reserved_micros {
-                    self.reserved_images
-                } else {
-                    returned.unwrap_or(0).clamp(0, self.reserved_images)
-                };
-                (images, *charged)
-            }
-        };
-        report.micros_delta += micros - self.micros;
-        Some((images - self.images, micros - self.micros))
-    }
-}
-
-fn scopes_json<S: serde::Serialize>(scopes: &[S]) -> String {
-    serde_json::to_string(scopes).unwrap_or_else(|_| "[]".into())
-}
-
-fn parse_scopes(json: String) -> Vec<String> {
-    serde_json::from_str(&json).unwrap_or_default()
-}
-
-/// The ledger's state of a request, as seen from the quota store's connection.
-enum RecordState {
-    /// This database has no ledger (a quota store on its own).
-    NoLedger,
-    Missing,
-    Forwarding,
-    Final,
-}
-
-fn has_ledger(conn: &Connection) -> rusqlite::Result<bool> {
-    conn.prepare_cached(
-        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'records'",
-    )?
-    .query_row([], |r| r.get::<_, i64>(0))
-    .map(|n| n > 0)
-}
-
-fn record_outcome(conn: &Connection, request_id: &str) -> rusqlite::Result<RecordState> {
-    if !has_ledger(conn)? {
-        return Ok(RecordState::NoLedger);
-    }
-    Ok(
-        match conn
-            .prepare_cached("SELECT outcome FROM records WHERE request_id = ?1")?
-            .query_row([request_id], |r| r.get::<_, String>(0))
-            .optional()?
-        {
-            None => RecordState::Missing,
-            Some(o) if o == "forwarding" => RecordState::Forwarding,
-            Some(_) => RecordState::Final,
-        },
-    )
-}
-
-fn sqlite_holds(conn: &Connection) -> rusqlite::Result<Vec<Hold>> {
-    let ledger = has_ledger(conn)?;
-    let sql = if ledger {
-        "SELECT h.request_id, h.scopes, h.day, h.month, h.reserved_images, h.reserved_micros,
-                h.images, h.micros, h.settled, r.outcome, r.cost_settled_micros, r.images_returned
-         FROM quota_holds h LEFT JOIN records r ON r.request_id = h.request_id ORDER BY h.request_id"
-    } else {
-        "SELECT request_id, scopes, day, month, reserved_images, reserved_micros,
-                images, micros, settled, NULL, NULL, NULL
-         FROM quota_holds ORDER BY request_id"
-    };
-    let mut stmt = conn.prepare(sql)?;
-    let rows = stmt.query_map([], |row| {
-        Ok(Hold {
-            request_id: row.get(0)?,
-            scopes: parse_scopes(row.get(1)?),
-            day: row.get(2)?,
-            month: row.get(3)?,
-            reserved_images: row.get(4)?,
-            reserved_micros: row.get(5)?,
-            images: row.get(6)?,
-            micros: row.get(7)?,
-            settled: row.get::<_, i64>(8)? != 0,
-            record: row
-                .get::<_, Option<String>>(9)?
-                .map(|o| -> rusqlite::Result<_> {
-                    Ok((
-                        o,
-                        row.get::<_, Option<i64>>(10)?.unwrap_or(0),
-                        row.get::<_, Option<i64>>(11)?,
-                    ))
-                })
-                .transpose()?,
-        })
-    })?;
-    rows.collect()
-}
-
-/// A refused reservation: `(label, quota name, limit, used, monthly)` (see `exhausted`).
-type Refusal = (String, &'static str, i128, i128, bool);
-
-/// The SQLite part of [`QuotaStore::reserve`], in the caller's transaction: read the use of
-/// every scope, refuse (changing nothing) if a limit would be exceeded, else add the charge to
-/// every scope and period and insert the request's hold row.
-fn sqlite_reserve(
-    tx: &Connection,
-    request_id: &str,
-    scopes: &[(String, ScopeLimits, String)],
-    day: &str,
-    month: &str,
-    images: u32,
-    micros: i64,
-) -> rusqlite::Result<Option<Refusal>> {
-    for (scope, limits, label) in scopes {
-        let (img_day, mic_day) = read(tx, scope, day)?;
-        let (img_month, mic_month) = read(tx, scope, month)?;
-        let checks: [(Option<i128>, i128, i128, &'static str, bool); 4] = [
-            (
-                limits.images_day.map(i128::from),
-                i128::from(img_day),
-                i128::from(images),
-                "images per day",
-                false,
-            ),
-            (
-                limits.images_month.map(i128::from),
-                i128::from(img_month),
-                i128::from(images),
-                "images per month",
-                true,
-            ),
-            (
-                limits.micros_day.map(i128::from),
-                i128::from(mic_day),
-                i128::from(micros),
-                "spend per day",
-                false,
-            ),
-            (
-                limits.micros_month.map(i128::from),
-                i128::from(mic_month),
-                i128::from(micros),
-                "spend per month",
-                true,
-            ),
-        ];
-        for (limit, used, add, name, monthly) in checks {
-            if let Some(limit) = limit
-                && used + add > limit
-            {
-                return Ok(Some((label.clone(), name, limit, used, monthly)));
-            }
-        }
-    }
-    for (scope, _, _) in scopes {
-        for period in [day, month] {
-            add(tx, scope, period, i64::from(images), micros)?;
-        }
-    }
-    let names: Vec<&str> = scopes.iter().map(|s| s.0.as_str()).collect();
-    tx.prepare_cached(
-        "INSERT INTO quota_holds (request_id, replica, scopes, day, month, reserved_images, reserved_micros, images, micros)
-         VALUES (?1, '', ?2, ?3, ?4, ?5, ?6, ?5, ?6)",
-    )?
-    .execute(params![request_id, scopes_json(&names), day, month, images, micros])?;
-    Ok(None)
-}
-
-/// States of a [`WriterTask`], shared with its waiter.
-const WAITING: u8 = 0;
-const RUNNING: u8 = 1;
-const CANCELLED: u8 = 2;
-
-/// A quota change run by the ledger's writer thread, its result sent back once committed.
-struct WriterTask<F, T> {
-    work: F,
-    out: Option<T>,
-    state: std::sync::Arc<AtomicU8>,
-    reply: mpsc::SyncSender<Result<T, LedgerError>>,
-}
-
-impl<F, T> SqliteTask for WriterTask<F, T>
-where
-    F: FnMut(&Connection) -> rusqlite::Result<T> + Send + 'static,
-    T: Send + 'static,
-{
-    fn run(&mut self, conn: &Connection) -> Result<(), LedgerError> {
-        // A waiter that gave up is told "unavailable": its change must not happen after all.
-        if let Err(CANCELLED) =
-            self.state
-                .compare_exchange(WAITING, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
-        {
-            self.out = None;
-            return Ok(());
-        }
-        self.out = Some((self.work)(conn)?);
-        Ok(())
-    }
-
-    fn done(self: Box<Self>, committed: Result<(), LedgerError>) {
-        let WriterTask { out, reply, .. } = *self;
-        let result = committed.and_then(|()| {
-            out.ok_or_else(|| LedgerError::Unavailable("the quota change was cancelled".into()))
-        });
-        // The waiter may have given up.
-        let _ = reply.send(result);
-    }
-}
-
-/// Run `work` on the ledger's writer thread in its next transaction and wait for the commit
-/// (a blocking call: from the blocking pool, a `Drop` or start-up). A change the writer has not
-/// started within [`WRITER_WAIT`] is cancelled and answered `Unavailable`.
-fn run_on_writer<T: Send + 'static>(
-    ledger: &Ledger,
-    work: impl FnMut(&Connection) -> rusqlite::Result<T> + Send + 'static,
-) -> Result<T, LedgerError> {
-    let (reply, answer) = mpsc::sync_channel(1);
-    let state = std::sync::Arc::new(AtomicU8::new(WAITING));
-    ledger.run_task(Box::new(WriterTask {
-        work,
-        out: None,
-        state: state.clone(),
-        reply,
-    }));
-    match answer.recv_timeout(WRITER_WAIT) {
-        Ok(result) => result,
-        Err(mpsc::RecvTimeoutError::Disconnected) => Err(LedgerError::Closed),
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            if state
-                .compare_exchange(WAITING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-            {
-                return Err(LedgerError::Unavailable(format!(
-                    "the ledger writer did not take the quota change within {} s",
-                    WRITER_WAIT.as_secs()
-                )));
-            }
-            // Started: its outcome is known only once its transaction ends.
-            answer.recv().unwrap_or(Err(LedgerError::Closed))
-        }
     }
 }
 
