@@ -116,7 +116,7 @@ pub struct SqliteStore {
     read_only: bool,
     schema: Schema,
     /// The connection's `synchronous` setting.
-    synchronous: Synchronous,
+    synchronous: std::cell::Cell<Synchronous>,
     /// The file this store opened for writing (path, device and inode), checked before each
     /// write: SQLite keeps writing through its open descriptor to a file that was deleted,
     /// replaced or made read-only, so the gateway would not notice otherwise.
@@ -175,7 +175,7 @@ impl SqliteStore {
             tip: None,
             read_only: true,
             schema,
-            synchronous: Synchronous::Full,
+            synchronous: std::cell::Cell::new(Synchronous::Full),
             file: None,
         })
     }
@@ -227,7 +227,7 @@ impl SqliteStore {
             tip: None,
             read_only: false,
             schema: Schema::Current,
-            synchronous: Synchronous::Full,
+            synchronous: std::cell::Cell::new(Synchronous::Full),
             file: None,
         };
         store.load_tip()?;
@@ -235,13 +235,13 @@ impl SqliteStore {
     }
 
     /// Durability of each commit (see the module doc). FULL unless changed.
-    pub fn set_synchronous(&mut self, mode: Synchronous) -> Result<(), LedgerError> {
+    pub fn set_synchronous(&self, mode: Synchronous) -> Result<(), LedgerError> {
         let v = match mode {
             Synchronous::Full => "FULL",
             Synchronous::Normal => "NORMAL",
         };
         self.conn.pragma_update(None, "synchronous", v)?;
-        self.synchronous = mode;
+        self.synchronous.set(mode);
         Ok(())
     }
 
@@ -431,7 +431,7 @@ impl LedgerStore for SqliteStore {
         // connection always did, `synchronous=NORMAL`): the WAL is written in order, so the
         // next FULL commit (the request's `forwarding` or final record) makes it durable too,
         // and a crash in between is what start-up recovery reconciles.
-        let relaxed = ops.is_empty() && self.synchronous == Synchronous::Full;
+        let relaxed = ops.is_empty() && self.synchronous.get() == Synchronous::Full;
         if relaxed {
             self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         }

@@ -61,6 +61,8 @@ pub const LOST_TARGET: &str = "imagegate::ledger::lost";
 
 type Reply = oneshot::Sender<Result<(), LedgerError>>;
 
+// Records are the common job and were never boxed; a task is a pointer.
+#[allow(clippy::large_enum_variant)]
 enum Job {
     Op {
         op: LedgerOp,
