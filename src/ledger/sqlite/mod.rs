@@ -646,6 +646,75 @@ mod tests {
         assert!(s.verify().unwrap().is_ok());
     }
 
+    /// A task that writes a hold row, then (if told to) fails.
+    struct Hold {
+        id: &'static str,
+        fail: bool,
+        done: std::sync::Arc<std::sync::Mutex<Vec<(String, bool)>>>,
+    }
+
+    impl SqliteTask for Hold {
+        fn run(&mut self, conn: &Connection) -> Result<(), LedgerError> {
+            conn.execute(
+                "INSERT INTO quota_holds (request_id, scopes, day, month, reserved_images, reserved_micros, images, micros)
+                 VALUES (?1, '[]', 'd', 'm', 1, 1, 1, 1)",
+                [self.id],
+            )?;
+            if self.fail {
+                return Err(LedgerError::Store("told to fail".into()));
+            }
+            Ok(())
+        }
+
+        fn done(self: Box<Self>, committed: Result<(), LedgerError>) {
+            self.done
+                .lock()
+                .unwrap()
+                .push((self.id.to_owned(), committed.is_ok()));
+        }
+    }
+
+    /// Tasks share the batch's transaction, each under its own savepoint: a failing task
+    /// undoes only its own writes, and neither the records nor the other tasks are lost.
+    #[test]
+    fn tasks_commit_with_the_records_and_a_failing_task_undoes_only_itself() {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let task = |id, fail| -> Box<dyn SqliteTask> {
+            Box::new(Hold {
+                id,
+                fail,
+                done: done.clone(),
+            })
+        };
+        let mut tasks = vec![task("h1", false), task("h2", true), task("h3", false)];
+        let (ops, results) = s
+            .write_batch_with(&[LedgerOp::Begin(begun("a"))], &mut tasks)
+            .unwrap();
+        ok(ops);
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert!(matches!(results[1], Err(LedgerError::Store(_))));
+        let holds: Vec<String> = s
+            .conn
+            .prepare("SELECT request_id FROM quota_holds ORDER BY request_id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(holds, ["h1", "h3"], "h2's insert was rolled back");
+        assert_eq!(s.get("a").unwrap().unwrap().outcome, Outcome::Forwarding);
+        // A batch of tasks alone commits too, and leaves the connection's setting as it was.
+        let mut alone = vec![task("h4", false)];
+        let (ops, results) = s.write_batch_with(&[], &mut alone).unwrap();
+        assert!(ops.is_empty() && results[0].is_ok());
+        let sync: i64 = s
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "FULL again after a batch of tasks alone");
+    }
+
     #[test]
     fn recovery_turns_forwarding_into_unknown_and_verifies() {
         let dir = tempfile::tempdir().unwrap();
