@@ -8,7 +8,9 @@
 //!   for). One entry per state change, `seq` 1, 2, 3, ... without gaps.
 //! - `records`: the current state of each request (one row per `request_id`, upserted), with
 //!   `seq` pointing at the chain entry that holds the same state. Indexed by `received_at_us`,
-//!   `(client, received_at_us)` and `(end_user, received_at_us)` for reports.
+//!   `(client, received_at_us)`, `(end_user, received_at_us)` and `(outcome, received_at_us)`
+//!   for reports, the admin pages and start-up recovery (each index is a page written per
+//!   commit, so there is no other: the former partial `records_forwarding` is dropped).
 //! - `ledger_meta(key, value)`: `schema_version`, now 3. A version 1 ledger (the first release)
 //!   or 2 is upgraded in place when a writer opens it: the records columns added since
 //!   (`ADDED_IN_2`, `ADDED_IN_3`) are added, all `NULL` in existing rows, in the transaction
