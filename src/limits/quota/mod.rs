@@ -437,15 +437,7 @@ impl QuotaStore {
     pub fn recover(&self) -> Result<HoldRecovery, String> {
         match &*self.backend {
             Backend::Postgres(pool) => postgres::recover(pool, &self.replica),
-            Backend::Sqlite(_) => {
-                let mut conn = self.sqlite().expect("sqlite backend");
-                let tx = conn
-                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                    .map_err(|e| e.to_string())?;
-                let report = sqlite::recover(&tx).map_err(|e| e.to_string())?;
-                tx.commit().map_err(|e| e.to_string())?;
-                Ok(report)
-            }
+            Backend::Sqlite(_) => self.transact(sqlite::recover).map_err(|e| e.to_string()),
         }
     }
 
