@@ -117,8 +117,10 @@ pub struct SqliteStore {
     tip: Option<Tip>,
     read_only: bool,
     schema: Schema,
-    /// The connection's `synchronous` setting.
+    /// The `synchronous` setting of the ledger's commits.
     synchronous: std::cell::Cell<Synchronous>,
+    /// The setting the connection has now (NORMAL after a batch of quota tasks alone).
+    applied: std::cell::Cell<Synchronous>,
     /// The file this store opened for writing (path, device and inode), checked before each
     /// write: SQLite keeps writing through its open descriptor to a file that was deleted,
     /// replaced or made read-only, so the gateway would not notice otherwise.
@@ -178,6 +180,7 @@ impl SqliteStore {
             read_only: true,
             schema,
             synchronous: std::cell::Cell::new(Synchronous::Full),
+            applied: std::cell::Cell::new(Synchronous::Full),
             file: None,
         })
     }
@@ -230,6 +233,7 @@ impl SqliteStore {
             read_only: false,
             schema: Schema::Current,
             synchronous: std::cell::Cell::new(Synchronous::Full),
+            applied: std::cell::Cell::new(Synchronous::Full),
             file: None,
         };
         store.load_tip()?;
@@ -238,12 +242,20 @@ impl SqliteStore {
 
     /// Durability of each commit (see the module doc). FULL unless changed.
     pub fn set_synchronous(&self, mode: Synchronous) -> Result<(), LedgerError> {
-        let v = match mode {
-            Synchronous::Full => "FULL",
-            Synchronous::Normal => "NORMAL",
-        };
-        self.conn.pragma_update(None, "synchronous", v)?;
         self.synchronous.set(mode);
+        self.apply_synchronous(mode)
+    }
+
+    /// Give the connection `mode` unless it has it already.
+    fn apply_synchronous(&self, mode: Synchronous) -> Result<(), LedgerError> {
+        if self.applied.get() != mode {
+            let v = match mode {
+                Synchronous::Full => "FULL",
+                Synchronous::Normal => "NORMAL",
+            };
+            self.conn.pragma_update(None, "synchronous", v)?;
+            self.applied.set(mode);
+        }
         Ok(())
     }
 
@@ -352,6 +364,7 @@ fn at(path: &Path, e: rusqlite::Error) -> LedgerError {
 
 impl LedgerStore for SqliteStore {
     fn recover(&mut self) -> Result<usize, LedgerError> {
+        self.apply_synchronous(self.synchronous.get())?;
         self.in_transaction(|tx, tip| {
             let stuck: Vec<Record> = tx
                 .prepare(&format!(
@@ -405,6 +418,7 @@ impl LedgerStore for SqliteStore {
 
     fn try_write(&mut self) -> Result<(), LedgerError> {
         // Rewrites a row as it is: a real page write and commit (fails on a full disk too).
+        self.apply_synchronous(self.synchronous.get())?;
         self.in_transaction(|tx, _| {
             tx.execute(
                 "UPDATE ledger_meta SET value = value WHERE key = 'schema_version'",
@@ -433,11 +447,14 @@ impl LedgerStore for SqliteStore {
         // connection always did, `synchronous=NORMAL`): the WAL is written in order, so the
         // next FULL commit (the request's `forwarding` or final record) makes it durable too,
         // and a crash in between is what start-up recovery reconciles.
-        let relaxed = ops.is_empty() && self.synchronous.get() == Synchronous::Full;
-        if relaxed {
-            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
-        }
-        let written = self.in_transaction(|tx, tip| {
+        // Set before each transaction (not restored after one), so that a store call that
+        // panicked cannot leave the ledger's records committed without their fsync.
+        self.apply_synchronous(if ops.is_empty() {
+            Synchronous::Normal
+        } else {
+            self.synchronous.get()
+        })?;
+        self.in_transaction(|tx, tip| {
             let mut results = Vec::with_capacity(ops.len());
             for op in ops {
                 match plan(tx, op)? {
@@ -467,11 +484,7 @@ impl LedgerStore for SqliteStore {
                 done.push(result);
             }
             Ok((results, done))
-        });
-        if relaxed {
-            self.conn.pragma_update(None, "synchronous", "FULL")?;
-        }
-        written
+        })
     }
 
     fn get(&self, request_id: &str) -> Result<Option<Record>, LedgerError> {
@@ -706,15 +719,19 @@ mod tests {
             .unwrap();
         assert_eq!(holds, ["h1", "h3"], "h2's insert was rolled back");
         assert_eq!(s.get("a").unwrap().unwrap().outcome, Outcome::Forwarding);
-        // A batch of tasks alone commits too, and leaves the connection's setting as it was.
+        // A batch of tasks alone commits too, without an fsync of its own (NORMAL); the next
+        // batch with records commits FULL again.
+        let sync = |s: &SqliteStore| -> i64 {
+            s.conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap()
+        };
         let mut alone = vec![task("h4", false)];
         let (ops, results) = s.write_batch_with(&[], &mut alone).unwrap();
         assert!(ops.is_empty() && results[0].is_ok());
-        let sync: i64 = s
-            .conn
-            .query_row("PRAGMA synchronous", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(sync, 2, "FULL again after a batch of tasks alone");
+        assert_eq!(sync(&s), 1, "NORMAL for a batch of tasks alone");
+        ok(s.write_batch(&[LedgerOp::Begin(begun("b"))]).unwrap());
+        assert_eq!(sync(&s), 2, "FULL again for the records");
     }
 
     #[test]
