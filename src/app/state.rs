@@ -134,7 +134,8 @@ impl Live {
                 .quotas
                 .reconfigured(config.clone())
                 .map_err(|e| StartupError::Config(vec![e]))?,
-            None => QuotaStore::open_configured(config.clone(), fixed.clock.clone())?,
+            None => QuotaStore::open_configured(config.clone(), fixed.clock.clone())?
+                .with_ledger_writer(&fixed.ledger),
         });
         let upstream = match previous {
             Some(p) if same_upstream(&p.config, &config) => p.upstream.clone(),

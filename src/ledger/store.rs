@@ -69,6 +69,24 @@ pub trait LedgerStore: Send + 'static {
         ops: &[LedgerOp],
     ) -> Result<Vec<Result<(), LedgerError>>, LedgerError>;
 
+    /// [`LedgerStore::write_batch`], and in the same transaction the `tasks`: work on the
+    /// store's own SQLite connection (the quota store's changes, see [`SqliteTask`]), each
+    /// under its own savepoint so that its failure undoes only its own changes. `Ok` holds one
+    /// result per op and one per task; `Err` means nothing was written, tasks included. Only
+    /// the SQLite store runs tasks; the default refuses a batch that has any.
+    fn write_batch_with(
+        &mut self,
+        ops: &[LedgerOp],
+        tasks: &mut [Box<dyn SqliteTask>],
+    ) -> Result<BatchResults, LedgerError> {
+        if !tasks.is_empty() {
+            return Err(LedgerError::Store(
+                "this ledger store does not run SQLite tasks".into(),
+            ));
+        }
+        Ok((self.write_batch(ops)?, Vec::new()))
+    }
+
     /// A cheap check, without writing, that the store can still be written (the idle writer
     /// runs it each second while healthy, so readiness falls without traffic).
     /// [`LedgerError::Unavailable`] when it cannot.
@@ -136,6 +154,23 @@ pub trait LedgerStore: Send + 'static {
             "this store cannot report its chain".into(),
         ))
     }
+}
+
+/// What [`LedgerStore::write_batch_with`] returns: one result per op, one per task.
+pub type BatchResults = (Vec<Result<(), LedgerError>>, Vec<Result<(), LedgerError>>);
+
+/// Work that the ledger's writer thread runs on its SQLite connection, inside the transaction
+/// of a batch (see [`super::Ledger::run_task`]): this is how the quota store's changes share
+/// the ledger's one connection, one write lock and one commit instead of contending for the
+/// file from a second connection.
+pub trait SqliteTask: Send + 'static {
+    /// Do the work in the open transaction (under a savepoint). May run again if the batch
+    /// failed and is retried; an `Err` rolls back this task's changes only.
+    fn run(&mut self, conn: &rusqlite::Connection) -> Result<(), LedgerError>;
+
+    /// Called once: with `Ok` once the transaction holding the work committed, else with why
+    /// it did not (nothing of it was written).
+    fn done(self: Box<Self>, committed: Result<(), LedgerError>);
 }
 
 /// Filters and page of [`LedgerStore::recent`] (all filters optional, combined with AND).

@@ -28,11 +28,15 @@
 //!   the retained records a few times, logs any it still cannot write, and waits for the
 //!   writer to exit.
 
-use std::collections::VecDeque;
-use std::panic::{AssertUnwindSafe, catch_unwind};
+mod reader;
+mod thread;
+
+pub use reader::LedgerReader;
+use thread::run;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -40,11 +44,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::LedgerError;
 use super::record::Record;
-use super::report::{ExportFormat, write_export};
 use super::sqlite::SqliteStore;
-use super::store::{
-    ChainHead, ChainStatus, LedgerOp, LedgerStore, RecentQuery, UsageQuery, UsageRow, VerifyReport,
-};
+use super::store::{ChainHead, LedgerOp, LedgerStore, SqliteTask};
 
 /// Most jobs in one transaction: the one waited for and up to 256 more already queued.
 pub const MAX_BATCH: usize = 257;
@@ -60,11 +61,17 @@ pub const LOST_TARGET: &str = "imagegate::ledger::lost";
 
 type Reply = oneshot::Sender<Result<(), LedgerError>>;
 
-struct Job {
-    op: LedgerOp,
-    reply: Option<Reply>,
-    /// Returned (dropped) when the writer takes the job.
-    permit: Option<OwnedSemaphorePermit>,
+// Records are the common job and were never boxed; a task is a pointer.
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    Op {
+        op: LedgerOp,
+        reply: Option<Reply>,
+        /// Returned (dropped) when the writer takes the job.
+        permit: Option<OwnedSemaphorePermit>,
+    },
+    /// Work on the SQLite connection (the quota store's), run in the batch's transaction.
+    Task(Box<dyn SqliteTask>),
 }
 
 /// Counters shared with the writer thread.
@@ -117,6 +124,8 @@ struct Shared {
     permits: Arc<Semaphore>,
     stats: Arc<Stats>,
     exited: Mutex<Option<oneshot::Receiver<Result<(), LedgerError>>>>,
+    /// The SQLite file the writer writes, when it writes one.
+    sqlite_file: Option<std::path::PathBuf>,
 }
 
 /// The async handle to the ledger. Cheap to clone; all clones feed the same writer.
@@ -183,6 +192,15 @@ impl Ledger {
         queue: usize,
         probe: Option<Duration>,
     ) -> Result<Ledger, LedgerError> {
+        Self::start_on(store, queue, probe, None)
+    }
+
+    fn start_on(
+        store: Box<dyn LedgerStore>,
+        queue: usize,
+        probe: Option<Duration>,
+        sqlite_file: Option<std::path::PathBuf>,
+    ) -> Result<Ledger, LedgerError> {
         let (tx, rx) = mpsc::channel();
         let (exit_tx, exit_rx) = oneshot::channel();
         let stats = Arc::new(Stats {
@@ -210,6 +228,7 @@ impl Ledger {
                 permits: Arc::new(Semaphore::new(queue.clamp(1, Semaphore::MAX_PERMITS))),
                 stats,
                 exited: Mutex::new(Some(exit_rx)),
+                sqlite_file,
             }),
         })
     }
@@ -233,7 +252,8 @@ impl Ledger {
         if let Some(head) = store.head()? {
             tracing::info!(seq = head.seq, hash = %head.hash, path = %path.display(), "ledger opened");
         }
-        Ok((Ledger::start(Box::new(store), queue)?, recovered))
+        let ledger = Ledger::start_on(Box::new(store), queue, None, Some(path.to_path_buf()))?;
+        Ok((ledger, recovered))
     }
 
     /// Open the PostgreSQL ledger (running its migrations), turn what this replica left
@@ -278,7 +298,7 @@ impl Ledger {
             .await
             .map_err(|_| LedgerError::Closed)?;
         let (reply, done) = oneshot::channel();
-        self.send(Job {
+        self.send(Job::Op {
             op: LedgerOp::Begin(record),
             reply: Some(reply),
             permit: Some(permit),
@@ -309,7 +329,7 @@ impl Ledger {
             return Err(LedgerError::Closed);
         };
         let (reply, done) = oneshot::channel();
-        self.send(Job {
+        self.send(Job::Op {
             op,
             reply: Some(reply),
             permit: Some(permit),
@@ -340,11 +360,25 @@ impl Ledger {
             return;
         }
         // A refusal is logged and counted by `send`; there is no one to tell.
-        let _ = self.send(Job {
+        let _ = self.send(Job::Op {
             op,
             reply: None,
             permit: None,
         });
+    }
+
+    /// Run `task` on the writer's SQLite connection, in the transaction of its next batch (with
+    /// the records queued beside it: one commit for all). Never waits (like
+    /// [`Ledger::finish_detached`], it skips the queue bound: its caller waits for the answer,
+    /// so tasks are at most one per request in flight). A ledger that is closed, or whose
+    /// store is not SQLite, answers the task's `done` with the error.
+    pub fn run_task(&self, task: Box<dyn SqliteTask>) {
+        let _ = self.send(Job::Task(task));
+    }
+
+    /// The SQLite file this ledger's writer writes ([`Ledger::open_sqlite`]), if any.
+    pub fn sqlite_file(&self) -> Option<&Path> {
+        self.shared.sqlite_file.as_deref()
     }
 
     /// Jobs queued and not yet taken by the writer.
@@ -430,8 +464,10 @@ impl Ledger {
             }
         };
         drop(tx);
-        if !refused.op.is_begin() {
-            self.lose(&refused.op, "the ledger is closed");
+        match refused {
+            Job::Op { op, .. } if !op.is_begin() => self.lose(&op, "the ledger is closed"),
+            Job::Op { .. } => {}
+            Job::Task(task) => task.done(Err(LedgerError::Closed)),
         }
         Err(LedgerError::Closed)
     }
@@ -442,334 +478,11 @@ impl Ledger {
     }
 }
 
-/// Jobs of one transaction.
-#[derive(Default)]
-struct Batch {
-    ops: Vec<LedgerOp>,
-    replies: Vec<Option<Reply>>,
-}
-
-impl Batch {
-    fn push(&mut self, op: LedgerOp, reply: Option<Reply>) {
-        self.ops.push(op);
-        self.replies.push(reply);
-    }
-
-    fn take(&mut self, job: Job, stats: &Stats) {
-        stats.depth.fetch_sub(1, Ordering::SeqCst);
-        drop(job.permit); // queue space for the next waiter
-        self.push(job.op, job.reply);
-    }
-}
-
-fn reply(to: Option<Reply>, result: Result<(), LedgerError>) {
-    if let Some(to) = to {
-        // The waiter may be gone (its request was dropped); the write stands anyway.
-        let _ = to.send(result);
-    }
-}
-
-/// The writer thread: batches until every sender is gone, then a last try for what it keeps.
-fn run(
-    mut store: Box<dyn LedgerStore>,
-    rx: mpsc::Receiver<Job>,
-    stats: &Stats,
-    probe_every: Option<Duration>,
-) -> Result<(), LedgerError> {
-    // An idle writer checks its store this often (`ledger.health_interval` for PostgreSQL,
-    // else PROBE_EVERY), so readiness follows the store between writes.
-    let probe_every = probe_every.unwrap_or(PROBE_EVERY);
-    let mut retained: VecDeque<LedgerOp> = VecDeque::new();
-    let mut backoff = RETRY_MIN;
-    loop {
-        let first = if retained.is_empty() {
-            match rx.recv_timeout(probe_every) {
-                Ok(job) => Some(job),
-                Err(RecvTimeoutError::Timeout) => {
-                    probe(store.as_mut(), stats);
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-        } else {
-            match rx.recv_timeout(backoff) {
-                Ok(job) => Some(job),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-        };
-        let mut batch = Batch::default();
-        let old = retained.len().min(MAX_BATCH);
-        for op in retained.drain(..old) {
-            batch.push(op, None);
-        }
-        if let Some(job) = first {
-            batch.take(job, stats);
-        }
-        while batch.ops.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.take(job, stats),
-                Err(_) => break,
-            }
-        }
-        let failed = commit(store.as_mut(), batch, &mut retained, stats);
-        backoff = if failed {
-            (backoff * 2).min(RETRY_MAX)
-        } else {
-            RETRY_MIN
-        };
-    }
-
-    // Closed, and everything queued has been through `commit`. Retry what is retained.
-    let mut attempts = 0;
-    while !retained.is_empty() && attempts < CLOSE_ATTEMPTS {
-        attempts += 1;
-        let mut batch = Batch::default();
-        let n = retained.len().min(MAX_BATCH);
-        for op in retained.drain(..n) {
-            batch.push(op, None);
-        }
-        if commit(store.as_mut(), batch, &mut retained, stats) {
-            std::thread::sleep(RETRY_MIN * attempts);
-        } else {
-            attempts = 0;
-        }
-    }
-    stats.retained.store(0, Ordering::SeqCst);
-    if retained.is_empty() {
-        return Ok(());
-    }
-    let n = retained.len();
-    for op in &retained {
-        stats.lost.fetch_add(1, Ordering::SeqCst);
-        log_lost(op, "the ledger closed while its store was failing");
-    }
-    Err(LedgerError::Unavailable(format!(
-        "{n} records could not be written before the ledger closed (logged under {LOST_TARGET})"
-    )))
-}
-
-/// How often an idle writer checks that its store can still be written.
-const PROBE_EVERY: Duration = Duration::from_secs(1);
-
-/// An idle writer's check of its store: while healthy, a cheap check that readiness falls
-/// when the store can no longer be written (a deleted or read-only ledger file); while not, a
-/// write that changes nothing, so readiness comes back only once writes succeed again.
-fn probe(store: &mut dyn LedgerStore, stats: &Stats) {
-    let healthy = stats.healthy.load(Ordering::SeqCst);
-    let _busy = Busy::start(stats);
-    match catch_unwind(AssertUnwindSafe(|| {
-        if healthy {
-            store.check()
-        } else {
-            store.try_write()
-        }
-    })) {
-        Ok(Ok(())) => {
-            if !stats.healthy.swap(true, Ordering::SeqCst) {
-                tracing::info!("ledger writable again");
-            }
-        }
-        Ok(Err(e)) => {
-            if stats.healthy.swap(false, Ordering::SeqCst) {
-                tracing::error!(error = %e, "ledger cannot be written; forwarding stops until it can");
-            }
-        }
-        Err(_) => {
-            stats.healthy.store(false, Ordering::SeqCst);
-        }
-    }
-}
-
-/// `write_batch`, with a panic of the store turned into an error.
-fn guarded_write(
-    store: &mut dyn LedgerStore,
-    ops: &[LedgerOp],
-) -> Result<Vec<Result<(), LedgerError>>, LedgerError> {
-    catch_unwind(AssertUnwindSafe(|| store.write_batch(ops))).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        Err(LedgerError::Store(format!(
-            "the ledger store panicked: {what}"
-        )))
-    })
-}
-
-/// Write one batch and answer its waiters. Returns whether the store failed transiently.
-fn commit(
-    store: &mut dyn LedgerStore,
-    batch: Batch,
-    retained: &mut VecDeque<LedgerOp>,
-    stats: &Stats,
-) -> bool {
-    let Batch { ops, replies } = batch;
-    if ops.is_empty() {
-        return false;
-    }
-    let mut answers = Vec::with_capacity(ops.len());
-    let give_up = |op: &LedgerOp, why: &str| {
-        if !op.is_begin() {
-            stats.lost.fetch_add(1, Ordering::SeqCst);
-        }
-        log_lost(op, why);
-    };
-    let written = {
-        let _busy = Busy::start(stats);
-        guarded_write(store, &ops)
-    };
-    let failed = match written {
-        Ok(results) => {
-            if let Some(head) = store.tip() {
-                *lock(&stats.head) = Some(head);
-            }
-            if !stats.healthy.swap(true, Ordering::SeqCst) {
-                tracing::info!("ledger writes succeed again");
-            }
-            let mut results = results.into_iter();
-            for (op, to) in ops.into_iter().zip(replies) {
-                let result = results.next().unwrap_or_else(|| {
-                    Err(LedgerError::Store(
-                        "the store returned too few results".into(),
-                    ))
-                });
-                if let Err(e) = &result {
-                    give_up(&op, &e.to_string());
-                }
-                answers.push((to, result));
-            }
-            false
-        }
-        Err(e) if e.is_transient() => {
-            // Once per outage at error level; the retries of an outage at debug.
-            if stats.healthy.swap(false, Ordering::SeqCst) {
-                tracing::error!(error = %e, records = ops.len(), "ledger write failed; forwarding stops until it succeeds");
-            } else {
-                tracing::debug!(error = %e, records = ops.len(), "ledger write failed again");
-            }
-            for (op, to) in ops.into_iter().zip(replies) {
-                if op.is_begin() {
-                    answers.push((to, Err(e.clone())));
-                } else if retained.len() < MAX_RETAINED {
-                    retained.push_back(op);
-                    answers.push((to, Err(LedgerError::Deferred(e.to_string()))));
-                } else {
-                    give_up(&op, "too many records are waiting for the failing store");
-                    answers.push((to, Err(e.clone())));
-                }
-            }
-            true
-        }
-        Err(e) if ops.len() == 1 => {
-            for (op, to) in ops.into_iter().zip(replies) {
-                give_up(&op, &e.to_string());
-                answers.push((to, Err(e.clone())));
-            }
-            false
-        }
-        Err(e) => {
-            // Maybe one op's fault: isolate it by writing them one by one.
-            tracing::warn!(error = %e, records = ops.len(), "ledger batch failed; retrying its records one by one");
-            let mut failed = false;
-            for (op, to) in ops.into_iter().zip(replies) {
-                let mut single = Batch::default();
-                single.push(op, to);
-                failed |= commit(store, single, retained, stats);
-            }
-            failed
-        }
-    };
-    // Counters first, so a waiter that wakes up sees them current.
-    stats.retained.store(retained.len(), Ordering::SeqCst);
-    for (to, result) in answers {
-        reply(to, result);
-    }
-    failed
-}
-
-/// Queries for the admin listener and the CLI, run on tokio's blocking pool over a store of
-/// their own (normally [`SqliteStore::open_reader`]: WAL lets it read while the writer
-/// writes). Cloneable; clones share the store, one query at a time.
-#[derive(Clone)]
-pub struct LedgerReader {
-    store: Arc<Mutex<Box<dyn LedgerStore>>>,
-}
-
-impl std::fmt::Debug for LedgerReader {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("LedgerReader")
-    }
-}
-
-impl LedgerReader {
-    pub fn new(store: Box<dyn LedgerStore>) -> LedgerReader {
-        LedgerReader {
-            store: Arc::new(Mutex::new(store)),
-        }
-    }
-
-    /// A reader over the SQLite ledger at `path` (which must exist). Blocking.
-    pub fn open_sqlite(path: &Path) -> Result<LedgerReader, LedgerError> {
-        Ok(LedgerReader::new(Box::new(SqliteStore::open_reader(path)?)))
-    }
-
-    /// A reader over the ledger a configuration names (SQLite: the file must exist;
-    /// PostgreSQL: connects on first query).
-    pub fn open(config: &crate::config::LedgerConfig) -> Result<LedgerReader, LedgerError> {
-        Ok(LedgerReader::new(super::open_reader(config)?))
-    }
-
-    async fn with<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn LedgerStore) -> Result<T, LedgerError> + Send + 'static,
-    ) -> Result<T, LedgerError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(lock(&store).as_ref()))
-            .await
-            .unwrap_or_else(|e| Err(LedgerError::Store(format!("ledger query failed: {e}"))))
-    }
-
-    pub async fn get(&self, request_id: String) -> Result<Option<Record>, LedgerError> {
-        self.with(move |s| s.get(&request_id)).await
-    }
-
-    pub async fn usage(&self, q: UsageQuery) -> Result<Vec<UsageRow>, LedgerError> {
-        self.with(move |s| s.usage(&q)).await
-    }
-
-    /// The export in memory: set `q.limit` for anything reachable over HTTP.
-    pub async fn export(
-        &self,
-        q: UsageQuery,
-        format: ExportFormat,
-    ) -> Result<Vec<u8>, LedgerError> {
-        self.with(move |s| {
-            let mut out = Vec::new();
-            write_export(s, &q, format, &mut out)?;
-            Ok(out)
-        })
-        .await
-    }
-
-    pub async fn verify(&self) -> Result<VerifyReport, LedgerError> {
-        self.with(|s| s.verify()).await
-    }
-
-    pub async fn recent(&self, q: RecentQuery) -> Result<Vec<Record>, LedgerError> {
-        self.with(move |s| s.recent(&q)).await
-    }
-
-    pub async fn chain_status(&self) -> Result<ChainStatus, LedgerError> {
-        self.with(|s| s.chain_status()).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ledger::record::Outcome;
+    use crate::ledger::store::{UsageQuery, UsageRow, VerifyReport};
     use crate::ledger::test_support::{rec, sample};
     use std::time::Instant;
 
@@ -1247,27 +960,5 @@ mod tests {
         let e = ledger.close().await.unwrap_err();
         assert!(e.to_string().contains("1 records"), "{e}");
         assert_eq!(clone.lost_records(), 1);
-    }
-
-    #[tokio::test]
-    async fn reader_answers_off_the_runtime() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("l.db");
-        let (ledger, _) = Ledger::open_sqlite(&path, 16).unwrap();
-        ledger.finish(rejected("x")).await.unwrap();
-        let reader = LedgerReader::open_sqlite(&path).unwrap();
-        assert_eq!(
-            reader.get("x".into()).await.unwrap().unwrap().outcome,
-            Outcome::Rejected
-        );
-        let rows = reader.usage(UsageQuery::default()).await.unwrap();
-        assert_eq!(rows[0].rejections["rate_limit_exceeded"], 1);
-        let jsonl = reader
-            .export(UsageQuery::default(), ExportFormat::Jsonl)
-            .await
-            .unwrap();
-        assert_eq!(jsonl.iter().filter(|b| **b == b'\n').count(), 1);
-        assert!(reader.verify().await.unwrap().is_ok());
-        ledger.close().await.unwrap();
     }
 }
