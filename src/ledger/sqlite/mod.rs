@@ -42,6 +42,7 @@ mod file;
 mod query;
 mod rows;
 mod schema;
+pub use schema::{SQLITE_HOLDS, SQLITE_USAGE};
 mod verify;
 
 pub(crate) use verify::{differing_fields, kind_fits};
@@ -193,8 +194,8 @@ impl SqliteStore {
         // process opening the same file waits, then finds it current.
         conn.execute_batch(&format!(
             "BEGIN IMMEDIATE;{SCHEMA}{}{}",
-            crate::limits::quota::SQLITE_USAGE,
-            crate::limits::quota::SQLITE_HOLDS
+            schema::SQLITE_USAGE,
+            schema::SQLITE_HOLDS
         ))
         .inspect_err(|_| {
             let _ = conn.execute_batch("ROLLBACK");

@@ -12,6 +12,33 @@ use crate::ledger::LedgerError;
 /// chain entry format is unchanged.
 pub(super) const SCHEMA_VERSION: &str = "3";
 
+/// The table of quota use (SQLite), one row per (scope, period). Created by the ledger store with
+/// its own tables (and by a quota store alone); the ledger's writer runs the quota's changes.
+pub const SQLITE_USAGE: &str = "CREATE TABLE IF NOT EXISTS quota_usage (
+    scope TEXT NOT NULL,
+    period TEXT NOT NULL,
+    images INTEGER NOT NULL DEFAULT 0,
+    micros INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, period)
+) WITHOUT ROWID;";
+
+/// The table of open reservations (SQLite), one row per request whose charge is not yet
+/// reconciled with its ledger record: `images`/`micros` are what the request adds to
+/// `quota_usage` now (the reservation, or once `settled` what it was settled to). Created by the
+/// quota store and by the ledger (whose writer deletes settled holds with their final record).
+pub const SQLITE_HOLDS: &str = "CREATE TABLE IF NOT EXISTS quota_holds (
+    request_id TEXT PRIMARY KEY,
+    replica TEXT NOT NULL DEFAULT '',
+    scopes TEXT NOT NULL,
+    day TEXT NOT NULL,
+    month TEXT NOT NULL,
+    reserved_images INTEGER NOT NULL,
+    reserved_micros INTEGER NOT NULL,
+    images INTEGER NOT NULL,
+    micros INTEGER NOT NULL,
+    settled INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;";
+
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS ledger_meta (
     key TEXT PRIMARY KEY,

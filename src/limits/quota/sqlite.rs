@@ -6,32 +6,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::holds::{Hold, HoldRecovery, parse_scopes, scopes_json};
 use super::{Reservation, ScopeLimits};
 
-/// The table of quota use (SQLite), one row per (scope, period). Created by the quota store and
-/// by the ledger, whose writer runs the quota's changes when both share the file.
-pub const SQLITE_USAGE: &str = "CREATE TABLE IF NOT EXISTS quota_usage (
-    scope TEXT NOT NULL,
-    period TEXT NOT NULL,
-    images INTEGER NOT NULL DEFAULT 0,
-    micros INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (scope, period)
-) WITHOUT ROWID;";
-
-/// The table of open reservations (SQLite), one row per request whose charge is not yet
-/// reconciled with its ledger record: `images`/`micros` are what the request adds to
-/// `quota_usage` now (the reservation, or once `settled` what it was settled to). Created by the
-/// quota store and by the ledger (whose writer deletes settled holds with their final record).
-pub const SQLITE_HOLDS: &str = "CREATE TABLE IF NOT EXISTS quota_holds (
-    request_id TEXT PRIMARY KEY,
-    replica TEXT NOT NULL DEFAULT '',
-    scopes TEXT NOT NULL,
-    day TEXT NOT NULL,
-    month TEXT NOT NULL,
-    reserved_images INTEGER NOT NULL,
-    reserved_micros INTEGER NOT NULL,
-    images INTEGER NOT NULL,
-    micros INTEGER NOT NULL,
-    settled INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;";
+/// The quota's tables are part of the ledger file's schema (its store creates them with its own).
+pub use crate::ledger::sqlite::{SQLITE_HOLDS, SQLITE_USAGE};
 
 pub(super) fn read(conn: &Connection, scope: &str, period: &str) -> rusqlite::Result<(u64, i64)> {
     conn.prepare_cached("SELECT images, micros FROM quota_usage WHERE scope = ?1 AND period = ?2")?

@@ -8,7 +8,6 @@
 //! it only after a 429 rate limit or a connection that never opened (hyper itself only re-sends
 //! a request that never left because its pooled connection was already closed).
 
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -24,7 +23,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::RootCertStore;
 
 use crate::body::ChunkedBody;
 use crate::body::gate::Gate;
@@ -35,18 +33,14 @@ use crate::error::GatewayError;
 use crate::keypool::{KeyPool, Pick, Verdict, is_rate_limit_body, rate_limit_wait};
 use crate::startup::StartupError;
 
-/// Response headers passed back to the caller (names are lowercase; `x-ratelimit-` is a prefix).
-const PASS_THROUGH: [&str; 9] = [
-    "content-type",
-    "x-request-id",
-    "openai-processing-ms",
-    "openai-version",
-    "openai-organization",
-    "openai-model",
-    "retry-after",
-    "retry-after-ms",
-    "x-should-retry",
-];
+mod headers;
+mod listing;
+mod tls;
+
+use headers::is_timeout;
+pub use headers::{error_chain, passed_headers};
+pub use tls::extra_roots;
+use tls::tls_config;
 
 /// One key of the pool as sent: its URLs and identifying headers.
 struct Endpoint {
@@ -73,6 +67,18 @@ pub struct Upstream {
 const MAX_REFUSAL_BYTES: usize = 64 * 1024;
 
 impl Upstream {
+    /// The upstream key, organization and project headers.
+    fn identify(&self, endpoint: &Endpoint, req: &mut Request<ChunkedBody>, auth: HeaderValue) {
+        let h = req.headers_mut();
+        h.insert(header::AUTHORIZATION, auth);
+        if let Some(org) = &endpoint.organization {
+            h.insert("openai-organization", org.clone());
+        }
+        if let Some(project) = &endpoint.project {
+            h.insert("openai-project", project.clone());
+        }
+    }
+
     /// The upstream on the system clock.
     pub fn new(config: &Config) -> Result<Upstream, StartupError> {
         Upstream::with_clock(config, Clock::system())
@@ -471,165 +477,12 @@ impl Failure {
     }
 }
 
-impl Upstream {
-    /// The upstream key, organization and project headers.
-    fn identify(&self, endpoint: &Endpoint, req: &mut Request<ChunkedBody>, auth: HeaderValue) {
-        let h = req.headers_mut();
-        h.insert(header::AUTHORIZATION, auth);
-        if let Some(org) = &endpoint.organization {
-            h.insert("openai-organization", org.clone());
-        }
-        if let Some(project) = &endpoint.project {
-            h.insert("openai-project", project.clone());
-        }
-    }
-
-    /// `GET {base_url}/models` with the first key of the pool that is loaded: the body of a
-    /// successful answer, for `models_check` to read the ids and shutdown dates from. The whole
-    /// exchange (connect, answer, body of at most `max_bytes`) must end within `timeout`; the
-    /// connect timeout of `upstream.connect_timeout` applies too. Errors are one line for the
-    /// operator and never carry the key.
-    pub async fn list_models(&self, timeout: Duration, max_bytes: usize) -> Result<Bytes, String> {
-        use http_body_util::Limited;
-        let (endpoint, auth) = self
-            .endpoints
-            .iter()
-            .find_map(|e| Some((e, e.authorization.clone()?)))
-            .ok_or_else(|| "no upstream key is configured".to_string())?;
-        let mut req = Request::get(endpoint.models_uri.clone())
-            .header(header::ACCEPT, "application/json")
-            .header(header::USER_AGENT, self.user_agent.clone())
-            .body(ChunkedBody::default())
-            .expect("a request built from valid parts");
-        self.identify(endpoint, &mut req, auth);
-        let exchange = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| format!("GET /models failed: {}", error_chain(&e)))?;
-            let status = resp.status();
-            let body = Limited::new(resp.into_body(), max_bytes)
-                .collect()
-                .await
-                .map_err(|e| format!("GET /models: reading the answer: {e}"))?
-                .to_bytes();
-            if !status.is_success() {
-                return Err(format!(
-                    "GET /models answered {status}{}",
-                    error_summary(&body)
-                ));
-            }
-            Ok(body)
-        };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(format!(
-                "GET /models: no complete answer within {}s",
-                timeout.as_secs_f64()
-            )),
-        }
-    }
-}
-
-/// `: <type/code>: <message>` of an OpenAI error body, for a log line; words that look like an
-/// API key (even masked, as OpenAI echoes them) are replaced.
-fn error_summary(body: &[u8]) -> String {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return String::new();
-    };
-    let e = &v["error"];
-    let kind = e["code"].as_str().or_else(|| e["type"].as_str());
-    let message = e["message"].as_str().map(|m| {
-        m.split(' ')
-            .map(|w| if w.contains("sk-") { "[redacted]" } else { w })
-            .collect::<Vec<_>>()
-            .join(" ")
-    });
-    match (kind, message) {
-        (Some(k), Some(m)) => format!(": {k}: {m}"),
-        (Some(k), None) => format!(": {k}"),
-        (None, Some(m)) => format!(": {m}"),
-        (None, None) => String::new(),
-    }
-}
-
-/// The TLS client config: the webpki (Mozilla) roots plus the CAs of `ca_file`, on the ring
-/// provider, rustls' safe default protocol versions. ALPN (h2, http/1.1) is left to the
-/// connector builder, which refuses a config that already names protocols.
-fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, StartupError> {
-    let roots = root_store(ca_file)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StartupError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
-/// The webpki roots, plus the CAs of `ca_file` when set.
-fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, StartupError> {
-    let mut roots = RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    if let Some(path) = ca_file {
-        roots.roots.extend(extra_roots(path)?.roots);
-    }
-    Ok(roots)
-}
-
-/// The CA certificates of a PEM file (`upstream.ca_file`) as trust anchors
-/// ([`crate::config::read_ca_file`]); the error names the key and the path.
-pub fn extra_roots(path: &Path) -> Result<RootCertStore, StartupError> {
-    crate::config::read_ca_file(path).map_err(|detail| StartupError::CaFile {
-        path: path.to_path_buf(),
-        detail,
-    })
-}
-
-fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return true;
-        }
-        if err.to_string().contains("timed out") {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
-/// An error and its sources on one line, for logs.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        out.push_str(": ");
-        out.push_str(&err.to_string());
-        cur = err.source();
-    }
-    out
-}
-
-/// The upstream response headers that go back to the caller.
-pub fn passed_headers(upstream: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::new();
-    for (name, value) in upstream {
-        let n = name.as_str();
-        if PASS_THROUGH.contains(&n) || n.starts_with("x-ratelimit-") {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use super::listing::error_summary;
+    use super::tls::root_store;
     use super::*;
+    use http::HeaderMap;
 
     #[test]
     fn only_allowlisted_headers_pass() {
