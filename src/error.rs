@@ -458,6 +458,22 @@ pub fn mask_key(key: &str) -> String {
     format!("{head}***{tail}")
 }
 
+/// (status, type, param, code, message) as the envelope carries them: what the unit tests of the
+/// domain's conversions compare.
+#[cfg(test)]
+pub(crate) fn rendered(
+    e: impl Into<GatewayError>,
+) -> (u16, &'static str, Option<String>, String, String) {
+    let p = e.into().parts();
+    (
+        p.status.as_u16(),
+        p.kind,
+        p.param,
+        p.code.unwrap_or("-").to_owned(),
+        p.message,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

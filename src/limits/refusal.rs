@@ -79,17 +79,7 @@ mod tests {
     use crate::limits::EndUser;
     use crate::limits::rate::{Counted, Exhausted};
 
-    /// (status, type, param, code, message) as the envelope carries them.
-    fn rendered(e: impl Into<GatewayError>) -> (u16, &'static str, Option<String>, String, String) {
-        let p = e.into().parts();
-        (
-            p.status.as_u16(),
-            p.kind,
-            p.param,
-            p.code.unwrap_or("-").to_owned(),
-            p.message,
-        )
-    }
+    use crate::error::rendered;
 
     fn field(
         param: &str,
