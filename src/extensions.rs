@@ -6,3 +6,12 @@
 /// layer for the record.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub std::net::SocketAddr);
+
+/// An authenticated caller. Inserted by the auth layer; read by the client limit, the usage
+/// record and the edits phases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub client: std::sync::Arc<str>,
+    /// Index of the client in `config.clients`.
+    pub index: usize,
+}

@@ -2,6 +2,9 @@
 //!
 //! The binary (`src/main.rs`) and the integration tests share this library.
 
+/// A boxed, sendable future: the response future of the layers and phases.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+
 pub mod admin;
 pub mod answer;
 pub mod app;
@@ -21,6 +24,7 @@ pub mod middleware;
 pub mod models;
 pub mod models_check;
 pub mod pricing;
+pub mod record;
 pub mod reload;
 pub mod server;
 pub mod startup;

@@ -5,7 +5,7 @@
 //! 1. `server`: accept, first-bytes deadline, hyper (HTTP/1.1 + h2), header-read timeout.
 //! 2. [`RequestIdLayer`]: `x-request-id` / `x-imagegate-request-id` and the request's span.
 //! 3. `SetSensitiveRequestHeaders`: the caller's `Authorization` is never logged.
-//! 4. [`UsageLayer`]: opens the request's ledger record (the [`Trail`](crate::middleware::usage::Trail)),
+//! 4. [`UsageLayer`]: opens the request's ledger record (the [`Trail`](crate::record::Trail)),
 //!    writes it for every outcome that was not forwarded.
 //! 5. `CatchPanic`: a panic below becomes a JSON 500.
 //! 6. [`Router`]: path then method (404/405 in the JSON envelope); `/healthz` and `/readyz` are
@@ -35,9 +35,12 @@
 //! Request extensions (who inserts → who reads):
 //! - [`ClientAddr`]: `server` → the usage layer.
 //! - `RequestId`: the request-id layer → the usage layer.
-//! - `Trail`: the usage layer → auth (client), the edits phases (every field), the forwarding
-//!   task (which takes the record over).
-//! - `Caller`: auth → the client limit, the edits phases.
+//! - `Trail` (`crate::record`): the usage layer → auth (client), the edits phases (every field),
+//!   the forwarding task (which takes the record over).
+//! - `Caller` (`crate::extensions`): auth → the client limit, the edits phases.
+//!
+//! The edits phases import no layer: what they share with the layers (`Caller`, `Trail` and the
+//! one place a finished record is written, `record::commit`) lives in neutral modules.
 //!
 //! Response extensions: `ErrorParts` and `CallerLeft` (set by `GatewayError::into_response`) →
 //! the usage layer, which records why a request was refused.

@@ -28,6 +28,7 @@ use super::forward::{Expect, Forwarder};
 use super::read_body::BudgetHold;
 use super::reserve::ReservationGuard;
 use super::validated::ValidatedCache;
+use crate::BoxFuture;
 use crate::body::Body;
 use crate::body::gate::gate;
 use crate::edit::ImageEdit;
@@ -35,8 +36,7 @@ use crate::edit::canonical::{self, CanonicalBody};
 use crate::edit::png_check::PngRules;
 use crate::error::GatewayError;
 use crate::ledger::{Outcome, Record};
-use crate::middleware::BoxFuture;
-use crate::middleware::usage::{Trail, note_error};
+use crate::record::{Trail, note_error};
 use crate::upstream::{SendError, Sent};
 
 /// The check-images phase: its result, or (cut-through) the check still running while the body

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use super::cut_through::Verdict;
 use super::relay::{ChannelBody, ImageCounter, Observed, RelayTimeouts, Watch, pump};
 use super::reserve::ReservationGuard;
+use crate::BoxFuture;
 use crate::answer::{JsonAnswerScanner, SseScanner};
 use crate::body::Body;
 use crate::edit::canonical::CanonicalBody;
@@ -25,9 +26,8 @@ use crate::error::GatewayError;
 use crate::ledger::CostBasis;
 use crate::ledger::store::LedgerOp;
 use crate::ledger::{Ledger, Outcome, Record};
-use crate::middleware::BoxFuture;
-use crate::middleware::usage::{Trail, commit, commit_detached, note_error};
 use crate::pricing::{Usage, cost_micros_sum};
+use crate::record::{Trail, commit, commit_detached, note_error};
 use crate::upstream::{SendError, Sent, Upstream, passed_headers};
 
 /// What forwarding needs, built once at start.

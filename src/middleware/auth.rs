@@ -21,13 +21,7 @@ use crate::body::Body;
 use crate::config::Config;
 use crate::error::{GatewayError, mask_key};
 
-/// An authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    pub client: Arc<str>,
-    /// Index of the client in `config.clients`.
-    pub index: usize,
-}
+pub use crate::extensions::Caller;
 
 /// The configured clients, keyed by the SHA-256 of their gateway key.
 #[derive(Debug, Clone)]

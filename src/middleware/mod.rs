@@ -7,11 +7,7 @@ pub mod overload;
 pub mod request_id;
 pub mod usage;
 
-use std::future::Future;
-use std::pin::Pin;
-
-/// The future type of the gateway's services: boxed, `Send`, never failing (errors are responses).
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+pub use crate::BoxFuture;
 
 /// Take the inner service that `poll_ready` drove to readiness, leaving a fresh clone behind
 /// (tower's rule: the clone that was made ready is the one to call).
