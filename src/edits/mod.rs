@@ -54,7 +54,7 @@ use cut_through::{Checking, check_or_start, forward_dall_e_2};
 use forward::{Expect, Forwarder};
 use read_body::BudgetHold;
 use read_body::{BodyLimits, BufferBudget, read_body};
-use reserve::{Pricing, reserve};
+use reserve::{Pricing, ReservationGuard, reserve};
 
 /// How the end user of a request is found.
 #[derive(Debug, Clone)]
@@ -254,20 +254,15 @@ impl Edits {
             // reserve quota (before any decoding)
             let n = u32::from(edit.n);
             let each = this.quotas.price(&edit.model, edit.size.as_str(), 1);
-            // A ledger whose store neither answers nor fails: refuse now, before reserving.
-            if this.forwarder.ledger.stalled() {
-                return Err(GatewayError::LedgerUnavailable);
-            }
-            let reservation = reserve(
-                &this.quotas,
-                &trail.request_id(),
-                &who,
-                n,
-                each * i64::from(n),
-                Pricing::PerImage(each),
-            )
-            .await?;
-            trail.update(|r| r.cost_reserved_micros = reservation.reserved_micros());
+            let reservation = this
+                .reserve_quota(
+                    &trail,
+                    &who,
+                    n,
+                    each * i64::from(n),
+                    Pricing::PerImage(each),
+                )
+                .await?;
             // check images (cut-through: the body goes upstream while they are checked)
             let cut_through = this.forwarder.cut_through;
             let checking = check_or_start(
@@ -390,20 +385,15 @@ impl Edits {
                 .prices(&edit.model)
                 .ok_or(GatewayError::Internal)?;
             let bound = reservation_micros(&gpt::reservation_params(&edit), &prices);
-            // A ledger whose store neither answers nor fails: refuse now, before reserving.
-            if this.forwarder.ledger.stalled() {
-                return Err(GatewayError::LedgerUnavailable);
-            }
-            let reservation = reserve(
-                &this.quotas,
-                &trail.request_id(),
-                &who,
-                u32::from(edit.n_or_default()),
-                i64::try_from(bound).unwrap_or(i64::MAX),
-                Pricing::Tokens(prices),
-            )
-            .await?;
-            trail.update(|r| r.cost_reserved_micros = reservation.reserved_micros());
+            let reservation = this
+                .reserve_quota(
+                    &trail,
+                    &who,
+                    u32::from(edit.n_or_default()),
+                    i64::try_from(bound).unwrap_or(i64::MAX),
+                    Pricing::Tokens(prices),
+                )
+                .await?;
             // check files: by structure, on the blocking pool
             let checked = check_files(
                 &this.decode_permits,
@@ -443,6 +433,32 @@ impl Edits {
                 .await
         });
         Ok(Admitted { rate, rest })
+    }
+
+    /// The reserve-quota phase of both profiles: refused at once while the ledger's store is
+    /// stalled (it neither answers nor fails), else reserved and written into the record.
+    async fn reserve_quota(
+        &self,
+        trail: &Trail,
+        who: &EndUser,
+        images: u32,
+        micros: i64,
+        pricing: Pricing,
+    ) -> Result<ReservationGuard, GatewayError> {
+        if self.forwarder.ledger.stalled() {
+            return Err(GatewayError::LedgerUnavailable);
+        }
+        let reservation = reserve(
+            &self.quotas,
+            &trail.request_id(),
+            who,
+            images,
+            micros,
+            pricing,
+        )
+        .await?;
+        trail.update(|r| r.cost_reserved_micros = reservation.reserved_micros());
+        Ok(reservation)
     }
 
     fn end_user(&self, caller: &Caller, sent: Option<&str>) -> Result<EndUser, GatewayError> {
