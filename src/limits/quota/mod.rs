@@ -659,12 +659,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn parallel_reservations_never_overspend() {
-        let (s, _) = store(QuotaSpec {
-            images_per_month: Some(100),
-            ..Default::default()
-        });
+    /// 8 threads each try 20 reservations of 3 images for user "u": the images admitted.
+    fn reserve_threes_from_8_threads(s: &QuotaStore) -> u32 {
         let admitted = std::sync::atomic::AtomicU32::new(0);
         std::thread::scope(|t| {
             for _ in 0..8 {
@@ -677,7 +673,20 @@ mod tests {
                 });
             }
         });
-        assert_eq!(admitted.into_inner(), 99, "33 reservations of 3 fit in 100");
+        admitted.into_inner()
+    }
+
+    #[test]
+    fn parallel_reservations_never_overspend() {
+        let (s, _) = store(QuotaSpec {
+            images_per_month: Some(100),
+            ..Default::default()
+        });
+        assert_eq!(
+            reserve_threes_from_8_threads(&s),
+            99,
+            "33 reservations of 3 fit in 100"
+        );
         assert_eq!(
             s.usage(&user_scope(&who("u")).unwrap())
                 .unwrap()
@@ -717,19 +726,11 @@ mod tests {
             .with_ledger_writer(&ledger);
         assert!(s.uses_ledger_writer());
 
-        let admitted = std::sync::atomic::AtomicU32::new(0);
-        std::thread::scope(|t| {
-            for _ in 0..8 {
-                t.spawn(|| {
-                    for _ in 0..20 {
-                        if s.reserve(&rid(), &who("u"), 3, 0).is_ok() {
-                            admitted.fetch_add(3, std::sync::atomic::Ordering::SeqCst);
-                        }
-                    }
-                });
-            }
-        });
-        assert_eq!(admitted.into_inner(), 99, "33 reservations of 3 fit in 100");
+        assert_eq!(
+            reserve_threes_from_8_threads(&s),
+            99,
+            "33 reservations of 3 fit in 100"
+        );
         assert_eq!(s.open_holds().unwrap(), 33, "one hold per reservation");
         let err = s.reserve(&rid(), &who("u"), 2, 0).unwrap_err();
         assert!(
