@@ -14,6 +14,7 @@ use crate::edit::ImageEdit;
 use crate::edit::png_check::{self, CheckedPng, PngRejection, PngRules};
 use crate::edit::sniff::ImageFormat;
 use crate::error::GatewayError;
+use crate::ledger::Record;
 
 /// What the ledger keeps of an uploaded file: digest and size always, dimensions once known.
 #[derive(Debug, Clone)]
@@ -42,6 +43,17 @@ impl FileDigest {
     pub fn fields(&self) -> (Option<String>, Option<u64>, Option<u32>, Option<u32>) {
         let (w, h) = self.dims.unzip();
         (Some(hex::encode(self.sha256)), Some(self.bytes), w, h)
+    }
+}
+
+/// The record's file fields (digest, size, dimensions) of the image and mask: the one place
+/// both profiles and cut-through write them.
+pub fn note_files(r: &mut Record, image: Option<&FileDigest>, mask: Option<&FileDigest>) {
+    if let Some(image) = image {
+        (r.image_sha256, r.image_bytes, r.image_width, r.image_height) = image.fields();
+    }
+    if let Some(mask) = mask {
+        (r.mask_sha256, r.mask_bytes, r.mask_width, r.mask_height) = mask.fields();
     }
 }
 

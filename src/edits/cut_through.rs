@@ -23,7 +23,9 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use super::check_images::{Checked, Early, FileDigest, check_images, start_check_images};
+use super::check_images::{
+    Checked, Early, FileDigest, check_images, note_files, start_check_images,
+};
 use super::forward::{Expect, Forwarder};
 use super::read_body::BudgetHold;
 use super::reserve::ReservationGuard;
@@ -96,7 +98,7 @@ pub async fn forward_dall_e_2(
     started: std::time::Instant,
 ) -> Result<http::Response<Body>, GatewayError> {
     let Running { image, mask, check } = running;
-    trail.update(|r| note_files(r, &image, mask.as_ref()));
+    trail.update(|r| note_files(r, Some(&image), mask.as_ref()));
     let mut canonical = canonical::encode(
         &edit,
         edit.image.bytes.clone(),
@@ -114,7 +116,7 @@ pub async fn forward_dall_e_2(
             result: checked.result.map(drop),
             note: Box::new(move |r: &mut Record| {
                 if let Some((image, mask)) = &checked.digests {
-                    note_files(r, image, mask.as_ref());
+                    note_files(r, Some(image), mask.as_ref());
                 }
             }),
         }
@@ -122,14 +124,6 @@ pub async fn forward_dall_e_2(
     forwarder
         .forward_checking(canonical, Expect::Images, reservation, trail, Some(verdict))
         .await
-}
-
-/// The record's file fields, as the normal path writes them.
-fn note_files(r: &mut Record, image: &FileDigest, mask: Option<&FileDigest>) {
-    (r.image_sha256, r.image_bytes, r.image_width, r.image_height) = image.fields();
-    if let Some(mask) = mask {
-        (r.mask_sha256, r.mask_bytes, r.mask_width, r.mask_height) = mask.fields();
-    }
 }
 
 /// The end of a check that ran while its body went upstream.

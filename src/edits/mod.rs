@@ -23,6 +23,8 @@ pub mod relay;
 pub mod reserve;
 pub mod validated;
 
+use check_images::note_files;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -282,12 +284,7 @@ impl Edits {
                 }
             };
             if let Some((image, mask)) = &checked.digests {
-                trail.update(|r| {
-                    (r.image_sha256, r.image_bytes, r.image_width, r.image_height) = image.fields();
-                    if let Some(mask) = mask {
-                        (r.mask_sha256, r.mask_bytes, r.mask_width, r.mask_height) = mask.fields();
-                    }
-                });
+                trail.update(|r| note_files(r, Some(image), mask.as_ref()));
             }
             let (image, mask) = match checked.result {
                 Ok(checked) => checked,
@@ -402,14 +399,7 @@ impl Edits {
                 gpt::files_of(&edit),
             )
             .await;
-            trail.update(|r| {
-                if let Some(d) = &checked.first_image {
-                    (r.image_sha256, r.image_bytes, r.image_width, r.image_height) = d.fields();
-                }
-                if let Some(d) = &checked.mask {
-                    (r.mask_sha256, r.mask_bytes, r.mask_width, r.mask_height) = d.fields();
-                }
-            });
+            trail.update(|r| note_files(r, checked.first_image.as_ref(), checked.mask.as_ref()));
             let files = match checked.result {
                 Ok(files) => files,
                 Err(e) => {
